@@ -1,0 +1,160 @@
+"""The Python API: one verb (`quantize`) with a config object, plus `save` and `load`."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import calib as calib_text
+from . import io
+from .errors import LowbitError
+from .eval import EvalResult, ModelSize, evaluate, model_size
+from .methods import MethodConfig, quantize_weight
+from .models import load_any, load_source
+from .runtime import GenerationStats, QuantEmbedding, QuantLinear, generate
+
+
+def _targets(model: nn.Module, lm_head: bool, embeddings: bool) -> list[tuple[str, nn.Module]]:
+    """The modules to quantize: every nn.Linear (the output head only if asked), the input embedding if asked."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and (lm_head or m is not head):
+            out.append((name, m))
+        elif embeddings and isinstance(m, nn.Embedding) and m is embed:
+            out.append((name, m))
+    return out
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise LowbitError(f"weights of {name} contain NaN or Inf: the source model is damaged")
+
+
+def _check_fits(name: str, weight: torch.Tensor, config: MethodConfig) -> None:
+    cols = weight.shape[1]
+    if config.group_size > cols:
+        raise LowbitError(f"group size {config.group_size} does not fit layer {name} with "
+                          f"{cols} input features (use a smaller group or -1 for whole rows)")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: MethodConfig,
+             calib: str | os.PathLike | None = None, *, lm_head: bool = False,
+             embeddings: bool = False, progress: bool = True) -> nn.Module:
+    """Quantize every linear layer of a torch module (or of a source loaded by name) in place.
+
+    `model_or_source`: any nn.Module holding nn.Linear layers, or a source for `lowbit.models`
+    (HF directory, .gguf file, None/'default' for the embedded model). `lm_head` and `embeddings`
+    also quantize the output head and the input embedding (off by default: they are accuracy-critical).
+    """
+    if not isinstance(config, MethodConfig):
+        raise LowbitError(f"config must be a method config such as lowbit.RTN(bits=4), got {config!r}")
+    if calib is not None:
+        calib_text.load("calib", calib)  # validate early even when the method uses none
+    if isinstance(model_or_source, nn.Module):
+        model, source = model_or_source, None
+    else:
+        loaded = load_source(model_or_source)
+        model, source = loaded.model, loaded.source
+        model.lowbit_tokenizer = loaded.tokenizer
+    targets = _targets(model, lm_head, embeddings)
+    if not targets:
+        raise LowbitError("the model has no nn.Linear layers to quantize")
+    _check_finite(model)
+    for name, m in targets:
+        _check_fits(name, m.weight, config)
+    for name, m in tqdm(targets, desc=f"quantizing {config.name} {config.scheme}", unit="layer",
+                        disable=not progress):
+        with torch.no_grad():
+            qt = quantize_weight(m.weight.detach(), None, config)
+        if isinstance(m, nn.Embedding):
+            new = QuantEmbedding(qt, m.padding_idx, m.weight.dtype)
+        else:
+            new = QuantLinear(qt, m.bias)
+        _set_module(model, name, new)
+    if (lm_head or embeddings) and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # head and embedding are now stored separately
+    model.lowbit_info = {"method": config.to_dict(), "source": source,
+                         "lm_head": lm_head, "embeddings": embeddings}
+    return model
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+         max_shard_size: int | str = "2GB"):
+    """Write a quantized transformers model (and its tokenizer) to a directory, atomically."""
+    return io.save(model, out_dir, tokenizer or getattr(model, "lowbit_tokenizer", None),
+                   overwrite=overwrite, max_shard_size=max_shard_size)
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """A quantized model from `save`'s directory (tokenizer at `.lowbit_tokenizer`), or any source."""
+    loaded = load_any(path)
+    loaded.model.lowbit_tokenizer = loaded.tokenizer
+    return loaded.model
+
+
+def evaluate_model(spec: str | os.PathLike | None, kld: bool = False, text: str | os.PathLike | None = None,
+                   ctx: int = 512, stride: int | None = None, max_windows: int | None = None,
+                   progress: bool = True) -> EvalResult:
+    """Perplexity of a quantized directory or any source on the evaluation text; with `kld`, also the
+    KL divergence from the source model the quantized one records."""
+    eval_text = calib_text.load("eval", text)
+    loaded = load_any(spec)
+    source = None
+    if kld:
+        origin = getattr(loaded.model, "lowbit_info", {}).get("source") if loaded.quantized else None
+        if origin is None:
+            raise LowbitError("--kld compares a quantized model with its source: "
+                              f"{spec or 'default'} is not a lowbit model that records its source")
+        source = load_source(origin).model
+    return evaluate(loaded.model, loaded.tokenizer, eval_text, ctx, stride, max_windows, source, progress)
+
+
+SAMPLE_PROMPT = "Once upon a time"
+
+
+@dataclass
+class QuantizeReport:
+    out: Path
+    size: ModelSize
+    disk_bytes: int
+    check: EvalResult | None = None
+    sample: str | None = None
+    generation: GenerationStats | None = None
+
+
+def quantize_to(source: str | os.PathLike | None, out: str | os.PathLike, config: MethodConfig,
+                calib: str | os.PathLike | None = None, *, lm_head: bool = False, embeddings: bool = False,
+                overwrite: bool = False, check_windows: int | None = 0, progress: bool = True) -> QuantizeReport:
+    """Load, quantize, save; then (check_windows != 0) measure perplexity and KLD against the source on
+    the held-out text (None = every window) and time a short generation from the saved model."""
+    io.check_destination(Path(out).absolute(), overwrite)  # fail before any expensive work
+    if calib is not None:
+        calib_text.load("calib", calib)
+    loaded = load_source(source)
+    reference = copy.deepcopy(loaded.model) if check_windows != 0 else None
+    model = quantize(loaded.model, config, calib, lm_head=lm_head, embeddings=embeddings, progress=progress)
+    model.lowbit_info["source"] = loaded.source
+    io.save(model, out, loaded.tokenizer, overwrite=overwrite)
+    report = QuantizeReport(Path(out), model_size(model), io.dir_size(out))
+    if check_windows != 0:
+        report.check = evaluate(model, loaded.tokenizer, calib_text.load("eval"), max_windows=check_windows,
+                                source=reference, progress=progress)
+        del reference
+        saved = load(out)
+        report.sample, report.generation = generate(saved, saved.lowbit_tokenizer, SAMPLE_PROMPT,
+                                                    max_new_tokens=32)
+    return report

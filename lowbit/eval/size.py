@@ -1,0 +1,43 @@
+"""What a quantized model costs in memory: bytes and bits per weight, per layer and in total."""
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class LayerSize:
+    name: str
+    meta: dict
+    params: int  # weights represented
+    nbytes: int  # bytes stored for them (codes, scales, zeros)
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.nbytes / self.params
+
+
+@dataclass
+class ModelSize:
+    layers: list[LayerSize]
+    total_bytes: int  # every tensor the model holds (float ones included), tied ones once
+    total_params: int  # weights represented, quantized or not
+
+    @property
+    def quantized_bpw(self) -> float:
+        """Bits per weight over the quantized layers only."""
+        params = sum(s.params for s in self.layers)
+        return 8 * sum(s.nbytes for s in self.layers) / params if params else 0.0
+
+    @property
+    def model_bpw(self) -> float:
+        return 8 * self.total_bytes / self.total_params
+
+
+def model_size(model: nn.Module) -> ModelSize:
+    layers = [LayerSize(name, dict(m.meta), m.qtensor.shape[0] * m.qtensor.shape[1], m.qtensor.nbytes)
+              for name, m in model.named_modules() if hasattr(m, "qtensor")]
+    params = list(model.parameters())  # shared (tied) parameters appear once
+    return ModelSize(layers,
+                     sum(p.numel() * p.element_size() for p in params) + sum(s.nbytes for s in layers),
+                     sum(p.numel() for p in params) + sum(s.params for s in layers))

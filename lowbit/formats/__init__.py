@@ -1,0 +1,14 @@
+"""Quantized tensor kinds: one table, like ggml's quant types. A new format = one entry here."""
+
+from .qtensor import QTensor
+from .uniform import BITS, GROUP_SIZES, UniformQ, check_spec
+
+KINDS: dict[str, type[QTensor]] = {UniformQ.kind: UniformQ}
+
+
+def from_tensors(meta: dict, tensors) -> QTensor:
+    """Rebuild any stored QTensor from its config.json entry and its tensors."""
+    return KINDS[meta["kind"]].from_tensors(meta, tensors)
+
+
+__all__ = ["BITS", "GROUP_SIZES", "KINDS", "QTensor", "UniformQ", "check_spec", "from_tensors"]

@@ -1,0 +1,9 @@
+"""The only module that reads or writes files: lowbit directories, and checks of foreign weight files."""
+
+from .atomic import atomic_dir, check_destination, dir_size
+from .check import check_gguf, check_safetensors
+from .load import is_lowbit_dir, load, read_config
+from .save import quantization_config, save
+
+__all__ = ["atomic_dir", "check_destination", "dir_size", "check_gguf", "check_safetensors", "is_lowbit_dir",
+           "load", "quantization_config", "read_config", "save"]

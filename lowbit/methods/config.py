@@ -1,0 +1,30 @@
+"""Config objects: one typed dataclass per method, like torchao's `Int4WeightOnlyConfig`.
+
+Every method shares the target format fields (bits, group size, symmetry) and adds its own knobs.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+from ..formats import check_spec
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    bits: int = 4
+    group_size: int = 128  # -1 = whole row
+    sym: bool = True
+    name: ClassVar[str]
+    needs_calib: ClassVar[bool] = False
+
+    def __post_init__(self):
+        check_spec(self.bits, self.group_size)
+
+    def to_dict(self) -> dict:
+        return {"method": self.name, **asdict(self)}
+
+    @property
+    def scheme(self) -> str:
+        """Short human name, e.g. 'W4-g128-sym'."""
+        group = "row" if self.group_size == -1 else f"g{self.group_size}"
+        return f"W{self.bits}-{group}-{'sym' if self.sym else 'asym'}"

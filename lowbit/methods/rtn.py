@@ -1,0 +1,18 @@
+"""Round-to-nearest: no calibration data; optionally an MSE-optimal clipping range per group."""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import UniformQ
+from .config import MethodConfig
+
+
+@dataclass(frozen=True)
+class RTN(MethodConfig):
+    mse_clip: bool = False  # search a shrink factor per group that minimises its squared error
+    name = "rtn"
+
+
+def quantize(w: torch.Tensor, stats, spec: RTN) -> UniformQ:
+    return UniformQ.from_float(w, spec.bits, spec.group_size, spec.sym, mse_clip=spec.mse_clip)

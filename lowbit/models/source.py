@@ -1,0 +1,95 @@
+"""Load a source model (HF directory, .gguf file, or the embedded default) as a torch module + tokenizer."""
+
+import contextlib
+import io as _stdio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LowbitError
+from ..io import check_gguf, check_safetensors, is_lowbit_dir, load, read_config
+from .default import NAME as DEFAULT, default_gguf
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # "default" or an absolute path: how to find this source again (for KLD)
+    quantized: bool = False
+
+
+def _check_architecture(model_type: str | None, where) -> None:
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type is None:
+        raise LowbitError(f"{where}: config has no model_type, cannot tell the architecture")
+    if model_type not in CONFIG_MAPPING:
+        raise LowbitError(f"{where}: unknown architecture '{model_type}'")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LowbitError(f"{where}: architecture '{model_type}' is not a causal language model")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers prints GGUF conversion bars and notices to stdout/stderr; keep our output clean."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with contextlib.redirect_stderr(_stdio.StringIO()):
+            yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except LowbitError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LowbitError(f"cannot load {path / gguf_file if gguf_file else path}: {first}") from None
+    return model.eval(), tokenizer
+
+
+def load_source(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load an unquantized source: None/'default', a .gguf file, or an HF directory with safetensors."""
+    if source is None or str(source) == DEFAULT:
+        path = default_gguf()
+        check_gguf(path)
+        return Loaded(*_from_pretrained(path.parent, dtype, path.name), DEFAULT)
+    path = Path(source).absolute()
+    if not path.exists():
+        raise LowbitError(f"source not found: {source}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LowbitError(f"{source} is not a model: expected a .gguf file or a model directory")
+        check_gguf(path)
+        return Loaded(*_from_pretrained(path.parent, dtype, path.name), str(path))
+    config = read_config(path)
+    _check_architecture(config.get("model_type"), path)
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise LowbitError(f"{path} has no .safetensors weights (pickled .bin files are never loaded)")
+    for shard in shards:
+        check_safetensors(shard)
+    return Loaded(*_from_pretrained(path, dtype), str(path))
+
+
+def load_any(spec: str | os.PathLike | None, dtype: torch.dtype = torch.float32) -> Loaded:
+    """A lowbit directory, or any source accepted by `load_source`."""
+    if spec is not None and str(spec) != DEFAULT and is_lowbit_dir(spec):
+        model, tokenizer = load(spec)
+        return Loaded(model, tokenizer, str(Path(spec).absolute()), quantized=True)
+    return load_source(spec, dtype)
