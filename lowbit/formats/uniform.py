@@ -4,7 +4,8 @@ Each row is cut into groups of `group_size` input columns (-1 = the whole row; a
 shorter when the group size does not divide the row). A group has an fp16 scale `s` and either
   sym:  w = (q - 2^(b-1)) * s               (llama.cpp Q4_0 style: the largest-magnitude value maps
                                              exactly to -2^(b-1), so all 2^b levels are used)
-  asym: w = (q - z) * s, z an integer code  (GPTQ style zero point, stored as uint8)
+  asym: w = (q - z) * s, z an integer code  (GPTQ style zero point, stored as uint8; the range
+                                             [min(w, 0), max(w, 0)] always holds 0 exactly)
 with codes q in [0, 2^b) packed exactly (see packing.py).
 """
 
@@ -59,7 +60,8 @@ def group_params(wg: torch.Tensor, bits: int, sym: bool, shrink: torch.Tensor | 
         scale = m / -(2 ** (bits - 1))
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
-        lo, hi = wg.amin(-1) * shrink, wg.amax(-1) * shrink
+        # the range must hold 0: the zero point is an integer code in [0, 2^b)
+        lo, hi = wg.amin(-1).clamp(max=0) * shrink, wg.amax(-1).clamp(min=0) * shrink
         scale = (hi - lo) / maxq
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero = torch.clamp(torch.round(-lo / safe), 0, maxq)
