@@ -76,7 +76,7 @@ def cmd_inspect(a) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p = argparse.ArgumentParser(prog="lowbit", description=__doc__, parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -127,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.debug = getattr(args, "debug", False)
     try:
         args.func(args)
     except LowbitError as e:

@@ -4,7 +4,6 @@ and leaves nothing behind. Tiny random models only (see conftest.py); nothing he
 import json
 import pickle
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,9 +64,10 @@ def truncate(path: Path, keep: int | None = None) -> None:
 
 
 def quantize_fails(capsys, tmp_path, source, *extra, needles=()) -> str:
-    """`lowbit quantize SOURCE -o OUT ...` must fail with one line containing `needles`, writing nothing."""
+    """`lowbit quantize SOURCE -o OUT ...` must fail with one line containing `needles`, writing nothing.
+    (--check-windows 1 keeps the accuracy check on but bounds its cost should a case wrongly succeed.)"""
     out = tmp_path / "out"
-    rc, stdout, err = run(capsys, "quantize", source, "-o", out, *extra)
+    rc, stdout, err = run(capsys, "quantize", source, "-o", out, "--check-windows", "1", *extra)
     line = assert_one_line_error(rc, stdout, err, *needles)
     assert_no_output(out)
     return line
@@ -165,8 +165,10 @@ def test_unsupported_bits_or_group(capsys, tmp_path, tiny, flags, needles):
     quantize_fails(capsys, tmp_path, tiny, *flags, needles=needles)
 
 
-def test_group_larger_than_layer(capsys, tmp_path, tiny):
-    # The tiny model's attention projections have 64 input features: a 128-column group cannot fit.
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma"])
+def test_group_larger_than_layer(capsys, tmp_path, tiny_model_dir, model_type):
+    # The tiny models' attention projections have 64 input features: a 128-column group cannot fit.
+    tiny = tiny_model_dir(model_type)
     line = quantize_fails(capsys, tmp_path, tiny, "--group-size", "128", needles=("group size 128", "64"))
     assert "q_proj" in line or "k_proj" in line or "v_proj" in line or "gate_proj" in line, line
 
@@ -191,16 +193,39 @@ def test_truncated_safetensors(capsys, tmp_path, tiny):
     quantize_fails(capsys, tmp_path, tiny, "--group-size", "32", needles=(str(f), "truncated"))
 
 
+def _header(table: dict, data: bytes = b"") -> bytes:
+    raw = json.dumps(table).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
 @pytest.mark.parametrize("content", [
     random.Random(0).randbytes(4096),                   # random bytes: absurd header length
     (16).to_bytes(8, "little") + b"\xff" * 16 + b"x" * 64,  # plausible length, header not JSON
     (2).to_bytes(8, "little") + b"[]",                   # JSON, but not a table
     b"\x01\x02",                                         # shorter than the length prefix
-], ids=["random", "header-not-json", "header-not-table", "tiny"])
+    _header({"w": {"dtype": "F32"}}),                    # entry without data_offsets
+    _header({"w": 1}),                                   # entry that is not a table
+    _header({"w": {"dtype": "XX", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),  # unknown dtype
+], ids=["random", "header-not-json", "header-not-table", "tiny", "entry-without-offsets", "entry-not-table",
+        "unknown-dtype"])
 def test_foreign_safetensors(capsys, tmp_path, tiny, content):
     f = tiny / "model.safetensors"
     f.write_bytes(content)
-    quantize_fails(capsys, tmp_path, tiny, "--group-size", "32", needles=(str(f), "not a safetensors file"))
+    quantize_fails(capsys, tmp_path, tiny, "--group-size", "32", needles=(str(f),))
+
+
+def test_safetensors_of_another_model(capsys, tmp_path, tiny):
+    """A well-formed safetensors file holding none of the model's tensors must not become a random model."""
+    save_file({"encoder.weight": torch.zeros(4, 4)}, tiny / "model.safetensors", metadata={"format": "pt"})
+    quantize_fails(capsys, tmp_path, tiny, "--group-size", "32", needles=(str(tiny),))
+
+
+def test_safetensors_missing_a_tensor(capsys, tmp_path, tiny):
+    f = tiny / "model.safetensors"
+    state = load_file(f)
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, f, metadata={"format": "pt"})
+    quantize_fails(capsys, tmp_path, tiny, "--group-size", "32", needles=(str(tiny), "down_proj"))
 
 
 def test_pickle_only_checkpoint_is_refused_unopened(capsys, tmp_path, tiny):
@@ -296,6 +321,16 @@ def test_truncated_quantized_dir(capsys, quantized, command):
     args = [command, quantized] + (["hello", "--max-new-tokens", "2"] if command == "generate" else []) \
         + (["--max-windows", "1"] if command == "eval" else [])
     assert_one_line_error(*run(capsys, *args), str(f), "truncated")
+
+
+@pytest.mark.parametrize("content", [
+    random.Random(3).randbytes(4096),
+    _header({"w": {"dtype": "XX", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+], ids=["random", "unknown-dtype"])
+def test_foreign_safetensors_in_quantized_dir(capsys, quantized, content):
+    f = quantized / "model.safetensors"
+    f.write_bytes(content)
+    assert_one_line_error(*run(capsys, "eval", quantized, "--max-windows", "1"), str(f))
 
 
 # ----------------------------------------------------------------------------------- output directory

@@ -5,6 +5,8 @@ import json
 import struct
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ..errors import LowbitError
 
 GGUF_MAGIC = b"GGUF"
@@ -24,12 +26,18 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise LowbitError(f"{path} is not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise LowbitError(f"{path} is not a safetensors file (header is not a table)")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    entries = [v for k, v in header.items() if k != "__metadata__"] if isinstance(header, dict) else None
+    if entries is None or not all(isinstance(v, dict) and "data_offsets" in v for v in entries):
+        raise LowbitError(f"{path} is not a safetensors file (header does not list tensors)")
+    end = max((v["data_offsets"][1] for v in entries), default=0)
     if 8 + n + end != size:
         raise LowbitError(f"{path} is truncated or damaged: header lists {8 + n + end} bytes, "
                           f"file has {size}")
+    try:  # the library's own validation: dtypes, shapes against offsets
+        with safe_open(path, "pt"):
+            pass
+    except Exception as e:  # SafetensorError and friends
+        raise LowbitError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0][:120]})") from None
 
 
 def check_gguf(path: Path) -> None:

@@ -54,12 +54,18 @@ def _from_pretrained(path: Path, dtype: torch.dtype, gguf_file: str | None = Non
     try:
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                               **kwargs)
     except LowbitError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LowbitError(f"cannot load {path / gguf_file if gguf_file else path}: {first}") from None
+    missing = info.get("missing_keys") or []
+    if missing:  # transformers would fill them with random values and only warn
+        where = path / gguf_file if gguf_file else path
+        raise LowbitError(f"{where} lacks weights for {len(missing)} tensors "
+                          f"(e.g. {sorted(missing)[0]}): not this model's checkpoint or incomplete")
     return model.eval(), tokenizer
 
 

@@ -1,0 +1,57 @@
+"""RTN accuracy on the embedded SmolLM2-135M: perplexity, KLD, size and bits per weight per scheme.
+
+Evaluates every window of the built-in held-out split (ctx 512, disjoint windows) against the source.
+Usage: python benchmarks/rtn_accuracy.py [--schemes W8-g128 W4-g128 ...] [--max-windows N]
+"""
+
+import argparse
+import copy
+import platform
+import subprocess
+import time
+
+import torch
+
+import lowbit
+from lowbit.calib import load as load_text
+from lowbit.eval import evaluate, model_size
+from lowbit.models import load_source
+
+
+def parse(scheme: str) -> lowbit.RTN:
+    """'W4-g128[-asym][-clip]' -> RTN config."""
+    parts = scheme.split("-")
+    group = -1 if parts[1] == "row" else int(parts[1][1:])
+    return lowbit.RTN(bits=int(parts[0][1:]), group_size=group, sym="asym" not in parts, mse_clip="clip" in parts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--schemes", nargs="+", default=["W8-g128", "W4-g32", "W4-g128", "W4-g128-clip",
+                                                      "W3-g128", "W3-g128-clip", "W2-g64-clip"])
+    ap.add_argument("--max-windows", type=int)
+    ap.add_argument("--ctx", type=int, default=512)
+    a = ap.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"# machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+          f"commit {commit}, python {platform.python_version()}")
+    src = load_source()
+    text = load_text("eval")
+    base = evaluate(src.model, src.tokenizer, text, a.ctx, max_windows=a.max_windows, progress=False)
+    print(f"source: ppl {base.ppl:.4f} on {base.tokens} tokens ({base.windows} windows of {a.ctx})")
+    print(f"| scheme | ppl | Δppl | KLD (nats/tok) | bpw (quantized layers) | model bytes | quantize s |")
+    print(f"|---|---|---|---|---|---|---|")
+    print(f"| fp32 source | {base.ppl:.4f} | — | 0 | 32 | {model_size(src.model).total_bytes:,} | — |")
+    for scheme in a.schemes:
+        t = time.perf_counter()
+        q = lowbit.quantize(copy.deepcopy(src.model), parse(scheme), progress=False)
+        took = time.perf_counter() - t
+        r = evaluate(q, src.tokenizer, text, a.ctx, max_windows=a.max_windows, source=src.model, progress=False)
+        size = model_size(q)
+        print(f"| RTN {scheme} | {r.ppl:.4f} | {100 * (r.ppl / base.ppl - 1):+.2f}% | {r.kld:.5f} | "
+              f"{size.quantized_bpw:.3f} | {size.total_bytes:,} | {took:.1f} |", flush=True)
+        del q
+
+
+if __name__ == "__main__":
+    main()
