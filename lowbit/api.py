@@ -46,11 +46,6 @@ def _check_fits(name: str, weight: torch.Tensor, config: MethodConfig) -> None:
                           f"{cols} input features (use a smaller group or -1 for whole rows)")
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: MethodConfig,
              calib: str | os.PathLike | None = None, *, lm_head: bool = False,
              embeddings: bool = False, progress: bool = True) -> nn.Module:
@@ -84,7 +79,7 @@ def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: Meth
             new = QuantEmbedding(qt, m.padding_idx, m.weight.dtype)
         else:
             new = QuantLinear(qt, m.bias)
-        _set_module(model, name, new)
+        model.set_submodule(name, new)
     if (lm_head or embeddings) and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # head and embedding are now stored separately
     model.lowbit_info = {"method": config.to_dict(), "source": source,

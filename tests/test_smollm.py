@@ -13,7 +13,8 @@ import lowbit
 from lowbit.calib import load as load_text
 from lowbit.cli import main
 from lowbit.eval import evaluate, model_size
-from lowbit.models import load_source
+from lowbit.models import default_gguf, load_source
+from lowbit.models.source import _from_pretrained
 
 pytestmark = pytest.mark.slow
 WINDOWS = 3
@@ -38,6 +39,17 @@ def test_default_model_is_smollm2(smollm):
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == ("llama", 30, 576, 49152)
     assert smollm.source == "default"
     assert smollm.tokenizer.decode(smollm.tokenizer("Hello, world").input_ids) == "Hello, world"
+
+
+def test_cached_conversion_equals_the_gguf(smollm, eval_text):
+    """The default loads from a safetensors copy of the dequantized GGUF: it must be the same model."""
+    gguf = default_gguf()
+    model, tokenizer = _from_pretrained(gguf.parent, torch.float32, gguf.name)
+    ids = tokenizer(eval_text).input_ids
+    assert smollm.tokenizer(eval_text).input_ids == ids
+    x = torch.tensor([ids[:128]])
+    with torch.inference_mode():
+        assert torch.equal(model(x).logits, smollm.model(x).logits)
 
 
 def test_source_perplexity_is_sane(smollm, eval_text):

