@@ -15,7 +15,8 @@ from . import calib as calib_text
 from . import io
 from .errors import LowbitError
 from .eval import EvalResult, ModelSize, evaluate, model_size
-from .methods import MethodConfig, quantize_weight
+from .calib.runner import calibration_batches, quantize_blocks
+from .methods import RTN, MethodConfig, quantize_weight
 from .models import load_any, load_source
 from .runtime import GenerationStats, QuantEmbedding, QuantLinear, generate
 
@@ -46,19 +47,47 @@ def _check_fits(name: str, weight: torch.Tensor, config: MethodConfig) -> None:
                           f"{cols} input features (use a smaller group or -1 for whole rows)")
 
 
+def _replace(model: nn.Module, name: str, module: nn.Module, qt) -> None:
+    if isinstance(module, nn.Embedding):
+        model.set_submodule(name, QuantEmbedding(qt, module.padding_idx, module.weight.dtype))
+    else:
+        model.set_submodule(name, QuantLinear(qt, module.bias))
+
+
+def _layerwise_block(config: MethodConfig, targets: set[int]):
+    """Block quantizer for layer-wise methods: each targeted linear from its own input statistics."""
+    def run(block, inputs, kwargs, fp_outputs, stats):
+        errors = {}
+        for name, m in list(block.named_modules()):
+            if id(m) in targets:
+                qt = quantize_weight(m.weight.detach(), stats[name], config)
+                errors[name] = stats[name].relative_error(m.weight.detach(), qt.dequantize())
+                _replace(block, name, m, qt)
+        return errors
+    return run
+
+
+def _rtn_like(config: MethodConfig) -> RTN:
+    return RTN(bits=config.bits, group_size=config.group_size, sym=config.sym)
+
+
 def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: MethodConfig,
              calib: str | os.PathLike | None = None, *, lm_head: bool = False,
-             embeddings: bool = False, progress: bool = True) -> nn.Module:
+             embeddings: bool = False, calib_samples: int = 128, calib_seq_len: int = 512,
+             tokenizer=None, progress: bool = True) -> nn.Module:
     """Quantize every linear layer of a torch module (or of a source loaded by name) in place.
 
     `model_or_source`: any nn.Module holding nn.Linear layers, or a source for `lowbit.models`
     (HF directory, .gguf file, None/'default' for the embedded model). `lm_head` and `embeddings`
     also quantize the output head and the input embedding (off by default: they are accuracy-critical).
+    Calibrated methods (GPTQ, ...) need a transformers decoder model and its tokenizer; they run
+    block by block on `calib_samples` windows of `calib_seq_len` tokens of `calib` (a .txt/.jsonl
+    file; default: the built-in calibration split). Layers outside the decoder blocks (a quantized
+    head or embedding) are rounded to nearest in the same format.
     """
     if not isinstance(config, MethodConfig):
         raise LowbitError(f"config must be a method config such as lowbit.RTN(bits=4), got {config!r}")
-    if calib is not None:
-        calib_text.load("calib", calib)  # validate early even when the method uses none
+    text = calib_text.load("calib", calib) if calib is not None or config.needs_calib else None
     if isinstance(model_or_source, nn.Module):
         model, source = model_or_source, None
     else:
@@ -71,19 +100,28 @@ def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: Meth
     _check_finite(model)
     for name, m in targets:
         _check_fits(name, m.weight, config)
-    for name, m in tqdm(targets, desc=f"quantizing {config.name} {config.scheme}", unit="layer",
-                        disable=not progress):
+    if config.needs_calib:
+        tokenizer = tokenizer or getattr(model, "lowbit_tokenizer", None)
+        if tokenizer is None:
+            raise LowbitError(f"{config.name} needs calibration text: pass the model's tokenizer")
+        batches = calibration_batches(tokenizer, text, calib_samples, calib_seq_len)
+        layer_ids = {id(m) for _, m in targets}
+        quantize_blocks(model, batches, _layerwise_block(config, layer_ids), progress)
+        targets = [(n, m) for n, m in targets if isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding))]
+        config_rest = _rtn_like(config)
+    else:
+        config_rest = config
+    for name, m in tqdm(targets, desc=f"quantizing {config_rest.name} {config.scheme}", unit="layer",
+                        disable=not progress or not targets):
         with torch.no_grad():
-            qt = quantize_weight(m.weight.detach(), None, config)
-        if isinstance(m, nn.Embedding):
-            new = QuantEmbedding(qt, m.padding_idx, m.weight.dtype)
-        else:
-            new = QuantLinear(qt, m.bias)
-        model.set_submodule(name, new)
+            _replace(model, name, m, quantize_weight(m.weight.detach(), None, config_rest))
     if (lm_head or embeddings) and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # head and embedding are now stored separately
     model.lowbit_info = {"method": config.to_dict(), "source": source,
                          "lm_head": lm_head, "embeddings": embeddings}
+    if config.needs_calib:
+        model.lowbit_info["calibration"] = {"samples": calib_samples, "seq_len": calib_seq_len,
+                                            "text": str(calib) if calib else "builtin"}
     return model
 
 
@@ -132,16 +170,17 @@ class QuantizeReport:
 
 
 def quantize_to(source: str | os.PathLike | None, out: str | os.PathLike, config: MethodConfig,
-                calib: str | os.PathLike | None = None, *, lm_head: bool = False, embeddings: bool = False,
-                overwrite: bool = False, check_windows: int | None = 0, progress: bool = True) -> QuantizeReport:
-    """Load, quantize, save; then (check_windows != 0) measure perplexity and KLD against the source on
-    the held-out text (None = every window) and time a short generation from the saved model."""
+                calib: str | os.PathLike | None = None, *, overwrite: bool = False,
+                check_windows: int | None = 0, progress: bool = True, **options) -> QuantizeReport:
+    """Load, quantize (`options` go to `quantize`), save; then (check_windows != 0) measure perplexity
+    and KLD against the source on the held-out text (None = every window) and time a short generation
+    from the saved model."""
     io.check_destination(Path(out).absolute(), overwrite)  # fail before any expensive work
     if calib is not None:
         calib_text.load("calib", calib)
     loaded = load_source(source)
     reference = copy.deepcopy(loaded.model) if check_windows != 0 else None
-    model = quantize(loaded.model, config, calib, lm_head=lm_head, embeddings=embeddings, progress=progress)
+    model = quantize(loaded.model, config, calib, tokenizer=loaded.tokenizer, progress=progress, **options)
     model.lowbit_info["source"] = loaded.source
     io.save(model, out, loaded.tokenizer, overwrite=overwrite)
     report = QuantizeReport(Path(out), model_size(model), io.dir_size(out))

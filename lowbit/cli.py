@@ -19,10 +19,12 @@ def _human(n: float) -> str:
 
 
 def cmd_quantize(a) -> None:
-    config = config_for(a.method, bits=a.bits, group_size=a.group_size, sym=a.sym,
-                        **({"mse_clip": True} if a.mse_clip else {}))
+    extra = {k: v for k, v in (("mse_clip", a.mse_clip), ("act_order", a.act_order), ("damp", a.damp))
+             if v not in (None, False)}
+    config = config_for(a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, **extra)
     r = api.quantize_to(a.source, a.output, config, a.calib, lm_head=a.lm_head, embeddings=a.embeddings,
-                        overwrite=a.overwrite, check_windows=0 if a.no_check else (a.check_windows or None))
+                        calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len, overwrite=a.overwrite,
+                        check_windows=0 if a.no_check else (a.check_windows or None))
     print(f"saved {r.out}  ({a.method} {config.scheme}, {len(r.size.layers)} layers quantized)")
     print(f"size: {r.disk_bytes:,} bytes on disk ({_human(r.disk_bytes)}); "
           f"{r.size.quantized_bpw:.3f} bits/weight in quantized layers, "
@@ -91,7 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     sym.add_argument("--sym", dest="sym", action="store_true", default=True)
     sym.add_argument("--asym", dest="sym", action="store_false")
     q.add_argument("--mse-clip", action="store_true", help="rtn: search the clipping range per group")
+    q.add_argument("--act-order", action="store_true", help="gptq: visit columns by decreasing activation")
+    q.add_argument("--damp", type=float, help="gptq: Hessian dampening, fraction of mean diagonal (0.01)")
     q.add_argument("--calib", help="calibration text (.txt or .jsonl); default: built-in corpus")
+    q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (calibrated methods)")
+    q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
     q.add_argument("--lm-head", action="store_true", help="also quantize the output head")
     q.add_argument("--embeddings", action="store_true", help="also quantize the input embedding")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")

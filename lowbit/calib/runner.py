@@ -1,0 +1,173 @@
+"""Block-by-block calibration (GPTQ's sequential scheme), memory bounded by one decoder block.
+
+1. Tokenize the calibration text into `n_samples` windows of `seq_len` tokens.
+2. Run the model once with every decoder block replaced by a recorder: this captures block 0's input
+   hidden states per sample and, per block, the keyword arguments the model passes it (masks,
+   rotary embeddings, which differ between sliding and full attention blocks).
+3. For each block i: run it in float over the samples while hooks gather, per linear layer, the
+   statistics a method needs (H = Σ x xᵀ, mean |x|, a sample of inputs); let the method quantize the
+   block's linears; re-run the quantized block to produce block i+1's inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import LowbitError
+
+SAMPLE_TOKENS = 4096  # input rows kept per layer for methods that search on activations (AWQ, TEQ)
+
+
+@dataclass
+class LayerStats:
+    """What calibration measured at one linear layer's input (K = in_features)."""
+    hessian: torch.Tensor  # Σ x xᵀ over all calibration tokens, fp32 [K, K]
+    abs_sum: torch.Tensor  # Σ |x| per input channel [K]
+    tokens: int = 0
+    sample: list[torch.Tensor] = field(default_factory=list)  # up to SAMPLE_TOKENS rows of x
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+    def inputs(self) -> torch.Tensor:
+        return torch.cat(self.sample) if self.sample else torch.empty(0, self.hessian.shape[0])
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.hessian.addmm_(x.T, x)
+        self.abs_sum += x.abs().sum(0)
+        self.tokens += x.shape[0]
+        kept = sum(s.shape[0] for s in self.sample)
+        if kept < SAMPLE_TOKENS:
+            self.sample.append(x[: SAMPLE_TOKENS - kept].clone())
+
+    def relative_error(self, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+        """‖(W − Ŵ)X‖ / ‖WX‖ over all calibration tokens, computed from H alone."""
+        dw = (w - w_hat).float()
+        num = (dw @ self.hessian * dw).sum()
+        den = (w.float() @ self.hessian * w.float()).sum()
+        return (num / den).clamp(min=0).sqrt().item() if den > 0 else 0.0
+
+
+def calibration_batches(tokenizer, text: str, n_samples: int, seq_len: int) -> list[torch.Tensor]:
+    """`n_samples` windows of `seq_len` tokens, spread evenly over the text (deterministic)."""
+    if n_samples < 1 or seq_len < 2:
+        raise LowbitError(f"need at least one calibration sample of 2+ tokens (got {n_samples} × {seq_len})")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    windows = len(ids) // seq_len
+    if windows == 0:
+        raise LowbitError(f"calibration text is too short: {len(ids)} tokens, need {seq_len} per sample")
+    if windows < n_samples:
+        raise LowbitError(f"calibration text has {len(ids)} tokens: enough for {windows} samples of "
+                          f"{seq_len}, not {n_samples} (use fewer samples, shorter ones, or more text)")
+    starts = torch.linspace(0, windows - 1, n_samples).round().long() * seq_len
+    return [ids[s: s + seq_len].unsqueeze(0) for s in starts.tolist()]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise LowbitError(f"calibrated methods need a decoder-only transformers model with `.layers`; "
+                          f"{type(model).__name__} has none")
+    return layers
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Block 0's input hidden states per sample, and each block's keyword arguments (same for every
+    sample: same length, no padding)."""
+    layers = decoder_layers(model)
+    inputs, kwargs = [], [None] * len(layers)
+    originals = [layer.forward for layer in layers]
+
+    def recorder(i):
+        def forward(hidden_states, *args, **kw):
+            if i == 0:
+                inputs.append(hidden_states.detach())
+            if kwargs[i] is None:
+                kwargs[i] = {k: v for k, v in kw.items() if k not in ("past_key_values", "use_cache")}
+            if i == len(layers) - 1:
+                raise _Stop  # the rest of the model (final norm, head) is not needed
+            return hidden_states
+        return forward
+
+    decoder = model.get_decoder()
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)
+        for ids in batches:
+            try:
+                decoder(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for layer, forward in zip(layers, originals):
+            layer.forward = forward
+    return inputs, kwargs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    outs = []
+    for x in inputs:
+        out = block(x, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+@torch.no_grad()
+def gather_stats(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> tuple[dict[str, LayerStats], list]:
+    """Run the float block over the samples; per linear layer, the statistics of its inputs."""
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    stats = {name: LayerStats(torch.zeros(m.in_features, m.in_features), torch.zeros(m.in_features))
+             for name, m in linears.items()}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.add(args[0]))
+             for name, m in linears.items()]
+    try:
+        outputs = run_block(block, inputs, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats, outputs
+
+
+BlockQuantizer = Callable[[nn.Module, list, dict, list, dict], dict]
+
+
+def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_block: BlockQuantizer,
+                    progress: bool = True) -> dict[str, float]:
+    """Quantize the model block by block. `quantize_block(block, inputs, kwargs, fp_outputs, stats)`
+    replaces the block's linears in place and returns {layer name: ‖WX−ŴX‖/‖WX‖}; the returned
+    errors add, per block, "i.block": the relative error of the quantized block's output."""
+    layers = decoder_layers(model)
+    inputs, layer_kwargs = capture_inputs(model, batches)
+    errors = {}
+    bar = tqdm(list(enumerate(layers)), desc="quantizing blocks", unit="block", disable=not progress)
+    for i, block in bar:
+        stats, fp_outputs = gather_stats(block, inputs, layer_kwargs[i])
+        block_errors = quantize_block(block, inputs, layer_kwargs[i], fp_outputs, stats)
+        errors.update({f"{i}.{k}": v for k, v in block_errors.items()})
+        inputs = run_block(block, inputs, layer_kwargs[i])
+        errors[f"{i}.block"] = relative_error(fp_outputs, inputs)
+        worst = max(block_errors, key=block_errors.get) if block_errors else None
+        bar.set_postfix_str((f"worst layer {worst} {block_errors[worst]:.4f}, " if worst else "")
+                            + f"block output {errors[f'{i}.block']:.4f}")
+    return errors
+
+
+def relative_error(reference: list[torch.Tensor], approx: list[torch.Tensor]) -> float:
+    """‖Ŷ − Y‖ / ‖Y‖ over all samples."""
+    num = sum(((a.float() - r.float()) ** 2).sum() for r, a in zip(reference, approx))
+    den = sum((r.float() ** 2).sum() for r in reference)
+    return float((num / den).sqrt()) if den > 0 else 0.0

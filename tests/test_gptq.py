@@ -1,0 +1,104 @@
+"""GPTQ and the block-by-block calibration runner."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.calib import builtin
+from lowbit.calib.runner import LayerStats, calibration_batches, capture_inputs, decoder_layers, run_block
+from lowbit.errors import LowbitError
+from lowbit.methods import GPTQ, RTN, quantize_weight
+
+
+def _correlated_stats(k=256, tokens=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g) @ (torch.randn(k, k, generator=g) / k**0.5)
+    x[:, :4] *= 8  # a few outlier channels, as in real activations
+    stats = LayerStats(torch.zeros(k, k), torch.zeros(k))
+    for chunk in x.split(1000):
+        stats.add(chunk)
+    return stats
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_beats_rtn_on_output_error(bits, group_size, sym):
+    stats = _correlated_stats()
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(1))
+    rtn = quantize_weight(w, None, RTN(bits=bits, group_size=group_size, sym=sym))
+    for act_order in (False, True):
+        gptq = quantize_weight(w, stats, GPTQ(bits=bits, group_size=group_size, sym=sym, act_order=act_order))
+        assert gptq.meta() == rtn.meta()  # same format and layout, act-order or not
+        assert {k: v.shape for k, v in gptq.tensors().items()} == {k: v.shape for k, v in rtn.tensors().items()}
+        assert stats.relative_error(w, gptq.dequantize()) < 0.8 * stats.relative_error(w, rtn.dequantize())
+
+
+def test_relative_error_matches_direct_computation():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 64, generator=g)
+    stats = LayerStats(torch.zeros(64, 64), torch.zeros(64))
+    stats.add(x)
+    w, w_hat = torch.randn(10, 64, generator=g), torch.randn(10, 64, generator=g)
+    direct = ((x @ (w - w_hat).T).norm() / (x @ w.T).norm()).item()
+    assert stats.relative_error(w, w_hat) == pytest.approx(direct, rel=1e-4)
+    assert torch.allclose(stats.abs_mean, x.abs().mean(0), rtol=1e-5)
+
+
+def test_gptq_is_exact_on_grid_weights():
+    """Weights already representable with static groups are the optimum: GPTQ must keep them."""
+    stats = _correlated_stats(k=128)
+    grid = quantize_weight(torch.randn(32, 128), None, RTN(bits=3, group_size=32)).dequantize()
+    out = quantize_weight(grid, stats, GPTQ(bits=3, group_size=32, act_order=True))
+    assert torch.equal(out.dequantize(), grid)
+
+
+def test_gptq_handles_dead_inputs_and_ragged_groups():
+    stats = _correlated_stats(k=100)
+    stats.hessian[:, 7] = 0
+    stats.hessian[7, :] = 0  # an input channel that is always zero
+    w = torch.randn(20, 100)
+    qt = quantize_weight(w, stats, GPTQ(bits=4, group_size=64))
+    assert torch.isfinite(qt.dequantize()).all() and qt.scales.shape == (20, 2)
+
+
+
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("qwen2", {}), ("gemma", {}),
+                                              ("gemma2", {"sliding_window": 8})])
+def test_runner_reproduces_the_float_model(tiny_model_dir, tiny_tokenizer, model_type, extra):
+    model = lowbit.load(tiny_model_dir(model_type, **extra))
+    batches = calibration_batches(tiny_tokenizer, builtin("calib"), 3, 40)
+    assert [b.shape for b in batches] == [(1, 40)] * 3
+    again = calibration_batches(tiny_tokenizer, builtin("calib"), 3, 40)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))  # deterministic
+    inputs, kwargs = capture_inputs(model, batches)
+    for block, kw in zip(decoder_layers(model), kwargs):
+        inputs = run_block(block, inputs, kw)
+    with torch.no_grad():
+        for x, ids in zip(inputs, batches):
+            expected = model.get_decoder()(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            torch.testing.assert_close(model.get_decoder().norm(x), expected)
+
+
+def test_calibration_text_too_short(tiny_tokenizer):
+    with pytest.raises(LowbitError, match="not 50"):
+        calibration_batches(tiny_tokenizer, "a few words only " * 100, 50, 64)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])
+def test_gptq_model_end_to_end(tiny_model_dir, tiny_tokenizer, tmp_path, model_type):
+    path = tiny_model_dir(model_type)
+    ids = calibration_batches(tiny_tokenizer, builtin("eval"), 2, 64)[0]
+    with torch.no_grad():
+        ref = lowbit.load(path)(ids).logits
+        err = {}
+        for cfg in (RTN(bits=3, group_size=32), GPTQ(bits=3, group_size=32)):
+            q = lowbit.quantize(path, cfg, calib_samples=8, calib_seq_len=64, progress=False)
+            err[cfg.name] = (q(ids).logits - ref).pow(2).mean().item()
+    assert err["gptq"] < err["rtn"]
+    lowbit.save(q, tmp_path / "q")
+    loaded = lowbit.load(tmp_path / "q")
+    assert loaded.lowbit_info["method"]["method"] == "gptq"
+    assert loaded.lowbit_info["calibration"] == {"samples": 8, "seq_len": 64, "text": "builtin"}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, q(ids).logits)
