@@ -16,7 +16,7 @@ from . import io
 from .errors import LowbitError
 from .eval import EvalResult, ModelSize, evaluate, model_size
 from .calib.runner import calibration_batches, quantize_blocks
-from .methods import RTN, MethodConfig, quantize_weight
+from .methods import METHODS, RTN, MethodConfig, quantize_weight
 from .models import load_any, load_source
 from .runtime import GenerationStats, QuantEmbedding, QuantLinear, generate
 
@@ -54,15 +54,21 @@ def _replace(model: nn.Module, name: str, module: nn.Module, qt) -> None:
         model.set_submodule(name, QuantLinear(qt, module.bias))
 
 
-def _layerwise_block(config: MethodConfig, targets: set[int]):
-    """Block quantizer for layer-wise methods: each targeted linear from its own input statistics."""
+def _block_quantizer(config: MethodConfig, targets: set[int]):
+    """Quantizes the targeted linears of one block with the method, layer by layer or as a block."""
+    method = METHODS[config.name]
+
     def run(block, inputs, kwargs, fp_outputs, stats):
+        mine = {name: m for name, m in block.named_modules() if id(m) in targets}
+        if hasattr(method, "quantize_block"):
+            qts = method.quantize_block(block, mine, stats, config, inputs=inputs, kwargs=kwargs,
+                                        fp_outputs=fp_outputs)
+        else:
+            qts = {name: method.quantize(m.weight.detach(), stats[name], config) for name, m in mine.items()}
         errors = {}
-        for name, m in list(block.named_modules()):
-            if id(m) in targets:
-                qt = quantize_weight(m.weight.detach(), stats[name], config)
-                errors[name] = stats[name].relative_error(m.weight.detach(), qt.dequantize())
-                _replace(block, name, m, qt)
+        for name, qt in qts.items():
+            errors[name] = stats[name].relative_error(mine[name].weight.detach(), qt.dequantize())
+            _replace(block, name, mine[name], qt)
         return errors
     return run
 
@@ -106,7 +112,7 @@ def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: Meth
             raise LowbitError(f"{config.name} needs calibration text: pass the model's tokenizer")
         batches = calibration_batches(tokenizer, text, calib_samples, calib_seq_len)
         layer_ids = {id(m) for _, m in targets}
-        quantize_blocks(model, batches, _layerwise_block(config, layer_ids), progress)
+        quantize_blocks(model, batches, _block_quantizer(config, layer_ids), progress)
         targets = [(n, m) for n, m in targets if isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding))]
         config_rest = _rtn_like(config)
     else:

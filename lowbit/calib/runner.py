@@ -47,6 +47,12 @@ class LayerStats:
         if kept < SAMPLE_TOKENS:
             self.sample.append(x[: SAMPLE_TOKENS - kept].clone())
 
+    def rescale_inputs(self, s: torch.Tensor) -> None:
+        """The layer's inputs became x / s (AWQ folding): update the statistics to match."""
+        self.hessian /= s[:, None] * s[None, :]
+        self.abs_sum /= s
+        self.sample = [x / s for x in self.sample]
+
     def relative_error(self, w: torch.Tensor, w_hat: torch.Tensor) -> float:
         """‖(W − Ŵ)X‖ / ‖WX‖ over all calibration tokens, computed from H alone."""
         dw = (w - w_hat).float()

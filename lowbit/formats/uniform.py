@@ -75,7 +75,23 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
-SHRINK_GRID = torch.linspace(1.0, 0.5, 26)  # clipping candidates for the MSE search (1.0 = no clip)
+SHRINK_GRID = torch.linspace(1.0, 0.5, 26)  # clipping candidates (1.0 = no clip)
+
+
+def clip_search(w: torch.Tensor, bits: int, group_size: int, sym: bool, group_error) -> torch.Tensor:
+    """Per-group shrink factor [N, G] from SHRINK_GRID minimising `group_error(wg, dequantized)`,
+    both [N, G, g] (the ragged tail padded), which returns one error per group [N, G]."""
+    wg, _ = _grouped(w.float(), effective_group(group_size, w.shape[1]))
+    best = torch.full(wg.shape[:2], float("inf"))
+    shrink = torch.ones(wg.shape[:2])
+    for p in SHRINK_GRID:
+        s, z = group_params(wg, bits, sym, p)
+        dq = (quantize_codes(wg, s[..., None], z[..., None], bits) - z[..., None]) * s[..., None]
+        err = group_error(wg, dq)
+        better = err < best
+        best = torch.where(better, err, best)
+        shrink = torch.where(better, p, shrink)
+    return shrink
 
 
 @dataclass
@@ -94,22 +110,14 @@ class UniformQ(QTensor):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bits: int, group_size: int, sym: bool,
-                   mse_clip: bool = False) -> UniformQ:
-        """Round-to-nearest; with `mse_clip`, each group's range is shrunk to minimise its squared error."""
+                   mse_clip: bool = False, shrink: torch.Tensor | None = None) -> UniformQ:
+        """Round-to-nearest. `shrink` [N, G] narrows each group's range; `mse_clip` chooses it to
+        minimise each group's squared weight error."""
         check_spec(bits, group_size)
-        n, k = w.shape
-        wg, mask = _grouped(w.float(), effective_group(group_size, k))
-        shrink = torch.ones(wg.shape[:2])
+        wg, mask = _grouped(w.float(), effective_group(group_size, w.shape[1]))
         if mse_clip:
-            best = torch.full(wg.shape[:2], float("inf"))
-            for p in SHRINK_GRID:
-                s, z = group_params(wg, bits, sym, p)
-                err = (((quantize_codes(wg, s[..., None], z[..., None], bits) - z[..., None])
-                        * s[..., None] - wg) ** 2 * mask).sum(-1)
-                better = err < best
-                best = torch.where(better, err, best)
-                shrink = torch.where(better, p, shrink)
-        scale, zero = group_params(wg, bits, sym, shrink)
+            shrink = clip_search(w, bits, group_size, sym, lambda wg, dq: ((dq - wg) ** 2 * mask).sum(-1))
+        scale, zero = group_params(wg, bits, sym, 1.0 if shrink is None else shrink)
         return cls.from_params(w, scale, None if sym else zero, bits, group_size)
 
     @classmethod

@@ -1,22 +1,27 @@
-"""PTQ methods: one file each, one signature `quantize(W, stats, spec) -> QTensor`.
+"""PTQ methods: one file each. A method module defines `CONFIG` (its config dataclass) and either
+`quantize(W, stats, spec) -> QTensor` (layer by layer) or `quantize_block(block, targets, stats, spec,
+inputs=, kwargs=, fp_outputs=) -> {name: QTensor}` (methods that transform or optimise a whole block).
 
-`stats` carries what calibration measured for the layer (None for methods that need none).
+`stats` carries what calibration measured at each layer's input (None for methods that need none).
 """
 
-from . import gptq, rtn
-from .config import MethodConfig
+from types import ModuleType
+
 from ..errors import LowbitError
+from . import awq, gptq, rtn
+from .awq import AWQ
+from .config import MethodConfig
 from .gptq import GPTQ
 from .rtn import RTN
 
-METHODS = {RTN.name: (RTN, rtn.quantize), GPTQ.name: (GPTQ, gptq.quantize)}
+METHODS: dict[str, ModuleType] = {m.CONFIG.name: m for m in (rtn, gptq, awq)}
 
 
 def config_for(name: str, **kwargs) -> MethodConfig:
     """Build a method's config from its name (the CLI's --method)."""
     if name not in METHODS:
         raise LowbitError(f"unknown method '{name}' (choose one of {', '.join(METHODS)})")
-    cls = METHODS[name][0]
+    cls = METHODS[name].CONFIG
     unknown = set(kwargs) - set(cls.__dataclass_fields__)
     if unknown:
         raise LowbitError(f"method '{name}' has no option {', '.join(sorted(unknown))}")
@@ -24,7 +29,7 @@ def config_for(name: str, **kwargs) -> MethodConfig:
 
 
 def quantize_weight(w, stats, spec: MethodConfig):
-    return METHODS[spec.name][1](w, stats, spec)
+    return METHODS[spec.name].quantize(w, stats, spec)
 
 
-__all__ = ["GPTQ", "METHODS", "MethodConfig", "RTN", "config_for", "quantize_weight"]
+__all__ = ["AWQ", "GPTQ", "METHODS", "MethodConfig", "RTN", "config_for", "quantize_weight"]

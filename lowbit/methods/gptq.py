@@ -25,6 +25,9 @@ class GPTQ(MethodConfig):
     needs_calib = True
 
 
+CONFIG = GPTQ
+
+
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ (dampened until positive definite)."""
     h = h.double()

@@ -14,5 +14,8 @@ class RTN(MethodConfig):
     name = "rtn"
 
 
+CONFIG = RTN
+
+
 def quantize(w: torch.Tensor, stats, spec: RTN) -> UniformQ:
     return UniformQ.from_float(w, spec.bits, spec.group_size, spec.sym, mse_clip=spec.mse_clip)
