@@ -48,10 +48,13 @@ def _grouped(w: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w.reshape(n, n_groups, g), mask.reshape(n_groups, g)
 
 
-def group_params(wg: torch.Tensor, bits: int, sym: bool, shrink: torch.Tensor | float = 1.0):
+def group_params(wg: torch.Tensor, bits: int, sym: bool, shrink: torch.Tensor | float = 1.0,
+                 lo_shrink: torch.Tensor | float | None = None):
     """Scale (fp16-representable, float32) and integer zero code for groups on the last dim of `wg`.
 
-    `shrink` (broadcast over the groups) narrows the range: the clipping knob of MSE search.
+    `shrink` (broadcast over the groups) narrows the range: the clipping knob of MSE search; for asym,
+    `lo_shrink` narrows the lower end separately (SignRound's min/max factors). Differentiable in
+    `wg` and the shrink factors (the zero code is rounded).
     """
     maxq = 2**bits - 1
     if sym:
@@ -61,7 +64,8 @@ def group_params(wg: torch.Tensor, bits: int, sym: bool, shrink: torch.Tensor | 
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         # the range must hold 0: the zero point is an integer code in [0, 2^b)
-        lo, hi = wg.amin(-1).clamp(max=0) * shrink, wg.amax(-1).clamp(min=0) * shrink
+        lo = wg.amin(-1).clamp(max=0) * (shrink if lo_shrink is None else lo_shrink)
+        hi = wg.amax(-1).clamp(min=0) * shrink
         scale = (hi - lo) / maxq
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero = torch.clamp(torch.round(-lo / safe), 0, maxq)

@@ -8,13 +8,14 @@ inputs=, kwargs=, fp_outputs=) -> {name: QTensor}` (methods that transform or op
 from types import ModuleType
 
 from ..errors import LowbitError
-from . import awq, gptq, rtn
+from . import awq, gptq, rtn, signround
 from .awq import AWQ
 from .config import MethodConfig
 from .gptq import GPTQ
 from .rtn import RTN
+from .signround import SignRound
 
-METHODS: dict[str, ModuleType] = {m.CONFIG.name: m for m in (rtn, gptq, awq)}
+METHODS: dict[str, ModuleType] = {m.CONFIG.name: m for m in (rtn, gptq, awq, signround)}
 
 
 def config_for(name: str, **kwargs) -> MethodConfig:
@@ -32,4 +33,4 @@ def quantize_weight(w, stats, spec: MethodConfig):
     return METHODS[spec.name].quantize(w, stats, spec)
 
 
-__all__ = ["AWQ", "GPTQ", "METHODS", "MethodConfig", "RTN", "config_for", "quantize_weight"]
+__all__ = ["AWQ", "GPTQ", "METHODS", "MethodConfig", "RTN", "SignRound", "config_for", "quantize_weight"]
