@@ -10,7 +10,7 @@ from .api import evaluate_model, load, quantize, quantize_to, save
 from .runtime import generate
 from .errors import LowbitError
 from .formats import QTensor, UniformQ
-from .methods import AWQ, GPTQ, RTN, MethodConfig, SignRound
+from .methods import AWQ, GPTQ, RTN, TEQ, MethodConfig, SignRound
 
-__all__ = ["AWQ", "GPTQ", "RTN", "SignRound", "LowbitError", "MethodConfig", "QTensor", "UniformQ", "evaluate_model", "generate", "load",
+__all__ = ["AWQ", "GPTQ", "RTN", "SignRound", "TEQ", "LowbitError", "MethodConfig", "QTensor", "UniformQ", "evaluate_model", "generate", "load",
            "quantize", "quantize_to", "save"]

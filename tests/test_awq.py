@@ -63,3 +63,20 @@ def test_awq_model_end_to_end(tiny_model_dir, tiny_tokenizer, tmp_path):
     lowbit.save(q, tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path / "q")(ids).logits, q(ids).logits)
+
+
+def test_teq_lowers_block_error(tiny_model_dir, tiny_tokenizer):
+    """Trained scales must lower the quantized blocks' output error below untrained ones (= RTN)."""
+    from lowbit.api import _block_quantizer, _targets
+    from lowbit.calib.runner import quantize_blocks
+
+    path = tiny_model_dir("llama", num_key_value_heads=4)
+    batches = calibration_batches(tiny_tokenizer, builtin("calib"), 8, 48)
+    total = {}
+    for steps in (0, 40):
+        model = lowbit.load(path)
+        targets = {id(m) for _, m in _targets(model, False, False)}
+        spec = lowbit.TEQ(bits=2, group_size=32, sym=False, steps=steps, lr=2e-2)
+        errors = quantize_blocks(model, batches, _block_quantizer(spec, targets), progress=False)
+        total[steps] = sum(v for k, v in errors.items() if k.endswith("block"))
+    assert total[40] < 0.99 * total[0]

@@ -8,14 +8,15 @@ inputs=, kwargs=, fp_outputs=) -> {name: QTensor}` (methods that transform or op
 from types import ModuleType
 
 from ..errors import LowbitError
-from . import awq, gptq, rtn, signround
+from . import awq, gptq, rtn, signround, teq
 from .awq import AWQ
 from .config import MethodConfig
 from .gptq import GPTQ
 from .rtn import RTN
 from .signround import SignRound
+from .teq import TEQ
 
-METHODS: dict[str, ModuleType] = {m.CONFIG.name: m for m in (rtn, gptq, awq, signround)}
+METHODS: dict[str, ModuleType] = {m.CONFIG.name: m for m in (rtn, gptq, awq, teq, signround)}
 
 
 def config_for(name: str, **kwargs) -> MethodConfig:
@@ -33,4 +34,4 @@ def quantize_weight(w, stats, spec: MethodConfig):
     return METHODS[spec.name].quantize(w, stats, spec)
 
 
-__all__ = ["AWQ", "GPTQ", "METHODS", "MethodConfig", "RTN", "SignRound", "config_for", "quantize_weight"]
+__all__ = ["AWQ", "GPTQ", "METHODS", "MethodConfig", "RTN", "SignRound", "TEQ", "config_for", "quantize_weight"]

@@ -1,0 +1,99 @@
+"""TEQ (Cheng et al. 2023): trainable equivalent transformation. Per group of linears sharing an input
+(as in AWQ), learn per-channel scales s with Adam on the block's output MSE against the float block,
+the layers computing Q(W·diag(s))·(x/s) with straight-through rounding; then fold 1/s into the
+producer exactly as AWQ does and round to nearest.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import UniformQ
+from ..formats.uniform import _grouped, effective_group, group_params
+from .awq import GROUPS, _producer, fold_scales
+from .config import MethodConfig
+
+
+@dataclass(frozen=True)
+class TEQ(MethodConfig):
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 8
+    seed: int = 0
+    name = "teq"
+    needs_calib = True
+
+
+CONFIG = TEQ
+
+
+def fake_quantize(w: torch.Tensor, spec: MethodConfig) -> torch.Tensor:
+    """Quantize-dequantize with straight-through rounding (gradients reach w and its scales)."""
+    n, k = w.shape
+    g = effective_group(spec.group_size, k)
+    wg, _ = _grouped(w, g)
+    scale, zero = group_params(wg, spec.bits, spec.sym)
+    x = wg / scale[..., None]
+    q = torch.clamp(x + (torch.round(x) - x).detach() + zero[..., None], 0, 2**spec.bits - 1)
+    return ((q - zero[..., None]) * scale[..., None]).reshape(n, -1)[:, :k]
+
+
+class _Scaled(nn.Module):
+    def __init__(self, linear: nn.Linear, s: nn.Parameter, spec: TEQ):
+        super().__init__()
+        self.linear, self.s, self.spec = linear, s, spec
+
+    def forward(self, x):
+        w = fake_quantize(self.linear.weight.detach().float() * self.s, self.spec)
+        return F.linear(x / self.s.to(x.dtype), w.to(x.dtype), self.linear.bias)
+
+
+def quantize_block(block: nn.Module, targets: dict[str, nn.Linear], stats, spec: TEQ, *,
+                   inputs, kwargs, fp_outputs) -> dict:
+    groups = []
+    for producer_names, consumer_names in GROUPS:
+        producer = _producer(block, producer_names)
+        consumers = [n for n in consumer_names if n in targets]
+        if producer is None or not consumers or (isinstance(producer, nn.Linear)
+                                                 and producer.out_features != targets[consumers[0]].in_features):
+            continue
+        groups.append((producer, consumers, nn.Parameter(torch.ones(targets[consumers[0]].in_features))))
+    if spec.steps > 0 and groups:
+        _train(block, targets, groups, spec, inputs, kwargs, fp_outputs)
+    with torch.no_grad():
+        for producer, consumers, s in groups:
+            fold_scales(producer, [targets[n] for n in consumers], s.detach())
+    return {name: UniformQ.from_float(m.weight.detach(), spec.bits, spec.group_size, spec.sym)
+            for name, m in targets.items()}
+
+
+def _train(block, targets, groups, spec, inputs, kwargs, fp_outputs):
+    scales = [s for _, _, s in groups]
+    for _, consumers, s in groups:
+        for n in consumers:
+            block.set_submodule(n, _Scaled(targets[n], s, spec))
+    frozen = [(p, p.requires_grad) for p in block.parameters() if all(p is not s for s in scales)]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(scales, lr=spec.lr)
+    gen = torch.Generator().manual_seed(spec.seed)
+    try:
+        for _ in range(spec.steps):
+            idx = torch.randperm(len(inputs), generator=gen)[: spec.batch_size].tolist()
+            with torch.enable_grad():
+                out = block(torch.cat([inputs[i] for i in idx]), **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                loss = F.mse_loss(out.float(), torch.cat([fp_outputs[i] for i in idx]).float())
+                opt.zero_grad()
+                loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for s in scales:
+                    s.clamp_(min=1e-2)
+    finally:
+        for name, m in targets.items():
+            block.set_submodule(name, m)
+        for p, was in frozen:
+            p.requires_grad_(was)
