@@ -11,6 +11,7 @@ from .runtime import generate
 from .errors import LowbitError
 from .formats import QTensor, UniformQ
 from .methods import AWQ, GPTQ, RTN, TEQ, MethodConfig, SignRound
+from .recipes import Auto
 
-__all__ = ["AWQ", "GPTQ", "RTN", "SignRound", "TEQ", "LowbitError", "MethodConfig", "QTensor", "UniformQ", "evaluate_model", "generate", "load",
+__all__ = ["AWQ", "Auto", "GPTQ", "RTN", "SignRound", "TEQ", "LowbitError", "MethodConfig", "QTensor", "UniformQ", "evaluate_model", "generate", "load",
            "quantize", "quantize_to", "save"]

@@ -11,13 +11,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import calib as calib_text
+from . import calib as texts
+from . import recipes
 from . import io
 from .errors import LowbitError
 from .eval import EvalResult, ModelSize, evaluate, model_size
 from .calib.runner import calibration_batches, quantize_blocks
 from .methods import METHODS, RTN, MethodConfig, quantize_weight
 from .models import load_any, load_source
+from .recipes import Auto
 from .runtime import GenerationStats, QuantEmbedding, QuantLinear, generate
 
 
@@ -80,7 +82,7 @@ def _rtn_like(config: MethodConfig) -> RTN:
 def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: MethodConfig,
              calib: str | os.PathLike | None = None, *, lm_head: bool = False,
              embeddings: bool = False, calib_samples: int = 128, calib_seq_len: int = 512,
-             tokenizer=None, progress: bool = True) -> nn.Module:
+             tokenizer=None, calib_text: str | None = None, progress: bool = True) -> nn.Module:
     """Quantize every linear layer of a torch module (or of a source loaded by name) in place.
 
     `model_or_source`: any nn.Module holding nn.Linear layers, or a source for `lowbit.models`
@@ -88,18 +90,26 @@ def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: Meth
     also quantize the output head and the input embedding (off by default: they are accuracy-critical).
     Calibrated methods (GPTQ, ...) need a transformers decoder model and its tokenizer; they run
     block by block on `calib_samples` windows of `calib_seq_len` tokens of `calib` (a .txt/.jsonl
-    file; default: the built-in calibration split). Layers outside the decoder blocks (a quantized
-    head or embedding) are rounded to nearest in the same format.
+    file; default: the built-in calibration split; or the text itself as `calib_text`). Layers outside
+    the decoder blocks (a quantized head or embedding) are rounded to nearest in the same format.
+    `lowbit.Auto(...)` tries several methods and keeps the best (see recipes/auto.py).
     """
     if not isinstance(config, MethodConfig):
         raise LowbitError(f"config must be a method config such as lowbit.RTN(bits=4), got {config!r}")
-    text = calib_text.load("calib", calib) if calib is not None or config.needs_calib else None
+    text = calib_text if calib_text is not None else \
+        texts.load("calib", calib) if calib is not None or config.needs_calib else None
     if isinstance(model_or_source, nn.Module):
         model, source = model_or_source, None
     else:
         loaded = load_source(model_or_source)
         model, source = loaded.model, loaded.source
         model.lowbit_tokenizer = loaded.tokenizer
+    if isinstance(config, Auto):
+        q = recipes.select(model, config, tokenizer or getattr(model, "lowbit_tokenizer", None), text,
+                           quantize, progress, lm_head=lm_head, embeddings=embeddings,
+                           calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+        q.lowbit_info["source"] = source
+        return q
     targets = _targets(model, lm_head, embeddings)
     if not targets:
         raise LowbitError("the model has no nn.Linear layers to quantize")
@@ -150,7 +160,7 @@ def evaluate_model(spec: str | os.PathLike | None, kld: bool = False, text: str 
                    progress: bool = True) -> EvalResult:
     """Perplexity of a quantized directory or any source on the evaluation text; with `kld`, also the
     KL divergence from the source model the quantized one records."""
-    eval_text = calib_text.load("eval", text)
+    eval_text = texts.load("eval", text)
     loaded = load_any(spec)
     source = None
     if kld:
@@ -170,6 +180,8 @@ class QuantizeReport:
     out: Path
     size: ModelSize
     disk_bytes: int
+    method: str = ""
+    auto_report: str | None = None
     check: EvalResult | None = None
     sample: str | None = None
     generation: GenerationStats | None = None
@@ -183,15 +195,17 @@ def quantize_to(source: str | os.PathLike | None, out: str | os.PathLike, config
     from the saved model."""
     io.check_destination(Path(out).absolute(), overwrite)  # fail before any expensive work
     if calib is not None:
-        calib_text.load("calib", calib)
+        texts.load("calib", calib)
     loaded = load_source(source)
     reference = copy.deepcopy(loaded.model) if check_windows != 0 else None
     model = quantize(loaded.model, config, calib, tokenizer=loaded.tokenizer, progress=progress, **options)
     model.lowbit_info["source"] = loaded.source
-    io.save(model, out, loaded.tokenizer, overwrite=overwrite)
-    report = QuantizeReport(Path(out), model_size(model), io.dir_size(out))
+    extra = {"auto_report.md": recipes.report(model.lowbit_info["auto"])} if "auto" in model.lowbit_info else {}
+    io.save(model, out, loaded.tokenizer, overwrite=overwrite, extra_files=extra)
+    report = QuantizeReport(Path(out), model_size(model), io.dir_size(out), model.lowbit_info["method"]["method"],
+                            extra.get("auto_report.md"))
     if check_windows != 0:
-        report.check = evaluate(model, loaded.tokenizer, calib_text.load("eval"), max_windows=check_windows,
+        report.check = evaluate(model, loaded.tokenizer, texts.load("eval"), max_windows=check_windows,
                                 source=reference, progress=progress)
         del reference
         saved = load(out)

@@ -19,13 +19,15 @@ def _human(n: float) -> str:
 
 
 def cmd_quantize(a) -> None:
-    extra = {k: v for k, v in (("mse_clip", a.mse_clip), ("act_order", a.act_order), ("damp", a.damp))
-             if v not in (None, False)}
+    extra = {k: v for k, v in (("mse_clip", a.mse_clip), ("act_order", a.act_order), ("damp", a.damp),
+                               ("budget_minutes", a.budget_minutes)) if v is not None and v is not False}
     config = config_for(a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, **extra)
     r = api.quantize_to(a.source, a.output, config, a.calib, lm_head=a.lm_head, embeddings=a.embeddings,
                         calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len, overwrite=a.overwrite,
                         check_windows=0 if a.no_check else (a.check_windows or None))
-    print(f"saved {r.out}  ({a.method} {config.scheme}, {len(r.size.layers)} layers quantized)")
+    print(f"saved {r.out}  ({r.method} {config.scheme}, {len(r.size.layers)} layers quantized)")
+    if r.auto_report:
+        print(r.auto_report)
     print(f"size: {r.disk_bytes:,} bytes on disk ({_human(r.disk_bytes)}); "
           f"{r.size.quantized_bpw:.3f} bits/weight in quantized layers, "
           f"{r.size.model_bpw:.3f} over the whole model")
@@ -86,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("source", nargs="?", default=None,
                    help="HF model directory, .gguf file, or omitted/'default' for SmolLM2-135M-Instruct")
     q.add_argument("-o", "--output", required=True, help="output directory")
-    q.add_argument("--method", default="rtn", choices=sorted(METHODS))
+    q.add_argument("--method", default="rtn", choices=sorted(METHODS) + ["auto"],
+                   help="auto: try the methods that fit --budget-minutes and keep the best")
+    q.add_argument("--budget-minutes", type=float, help="auto: time budget (default 30)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or -1 for whole rows")
     sym = q.add_mutually_exclusive_group()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LowbitError
 
-SAMPLE_TOKENS = 4096  # input rows kept per layer for methods that search on activations (AWQ, TEQ)
+SAMPLE_TOKENS = 2048  # input rows kept per layer for methods that search on activations (AWQ, TEQ)
 
 
 @dataclass

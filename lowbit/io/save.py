@@ -43,7 +43,8 @@ def _tensors_to_store(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_model_dir(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
-                    max_shard_size: int | str = "2GB", quantization: dict | None = None) -> Path:
+                    max_shard_size: int | str = "2GB", quantization: dict | None = None,
+                    extra_files: dict[str, str] | None = None) -> Path:
     """Weights, config.json (with `quantization` as its quantization_config, if given), tokenizer and
     generation config of a transformers model, written atomically."""
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
@@ -62,6 +63,8 @@ def write_model_dir(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -71,9 +74,9 @@ def write_model_dir(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
 
 
 def save(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
-         max_shard_size: int | str = "2GB") -> Path:
+         max_shard_size: int | str = "2GB", extra_files: dict[str, str] | None = None) -> Path:
     """Write `model` (quantized by lowbit.quantize) to `out_dir` atomically."""
     quantization = quantization_config(model)
     if not quantization["modules"]:
         raise LowbitError("model has no quantized modules: run lowbit.quantize first")
-    return write_model_dir(model, out_dir, tokenizer, overwrite, max_shard_size, quantization)
+    return write_model_dir(model, out_dir, tokenizer, overwrite, max_shard_size, quantization, extra_files)

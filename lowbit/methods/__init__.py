@@ -21,9 +21,12 @@ METHODS: dict[str, ModuleType] = {m.CONFIG.name: m for m in (rtn, gptq, awq, teq
 
 def config_for(name: str, **kwargs) -> MethodConfig:
     """Build a method's config from its name (the CLI's --method)."""
-    if name not in METHODS:
-        raise LowbitError(f"unknown method '{name}' (choose one of {', '.join(METHODS)})")
-    cls = METHODS[name].CONFIG
+    if name == "auto":
+        from ..recipes import Auto as cls
+    elif name not in METHODS:
+        raise LowbitError(f"unknown method '{name}' (choose one of {', '.join(METHODS)}, auto)")
+    else:
+        cls = METHODS[name].CONFIG
     unknown = set(kwargs) - set(cls.__dataclass_fields__)
     if unknown:
         raise LowbitError(f"method '{name}' has no option {', '.join(sorted(unknown))}")
