@@ -82,7 +82,8 @@ def _rtn_like(config: MethodConfig) -> RTN:
 def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: MethodConfig,
              calib: str | os.PathLike | None = None, *, lm_head: bool = False,
              embeddings: bool = False, calib_samples: int = 128, calib_seq_len: int = 512,
-             tokenizer=None, calib_text: str | None = None, progress: bool = True) -> nn.Module:
+             tokenizer=None, calib_text: str | None = None, progress: bool = True,
+             checkpoint=None) -> nn.Module:
     """Quantize every linear layer of a torch module (or of a source loaded by name) in place.
 
     `model_or_source`: any nn.Module holding nn.Linear layers, or a source for `lowbit.models`
@@ -92,7 +93,8 @@ def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: Meth
     block by block on `calib_samples` windows of `calib_seq_len` tokens of `calib` (a .txt/.jsonl
     file; default: the built-in calibration split; or the text itself as `calib_text`). Layers outside
     the decoder blocks (a quantized head or embedding) are rounded to nearest in the same format.
-    `lowbit.Auto(...)` tries several methods and keeps the best (see recipes/auto.py).
+    `lowbit.Auto(...)` tries several methods and keeps the best (see recipes/auto.py). A
+    `checkpoint` (io.BlockCheckpoint) makes a calibrated run resumable block by block.
     """
     if not isinstance(config, MethodConfig):
         raise LowbitError(f"config must be a method config such as lowbit.RTN(bits=4), got {config!r}")
@@ -122,7 +124,7 @@ def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: Meth
             raise LowbitError(f"{config.name} needs calibration text: pass the model's tokenizer")
         batches = calibration_batches(tokenizer, text, calib_samples, calib_seq_len)
         layer_ids = {id(m) for _, m in targets}
-        quantize_blocks(model, batches, _block_quantizer(config, layer_ids), progress)
+        quantize_blocks(model, batches, _block_quantizer(config, layer_ids), progress, checkpoint)
         targets = [(n, m) for n, m in targets if isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding))]
         config_rest = _rtn_like(config)
     else:
@@ -192,16 +194,24 @@ def quantize_to(source: str | os.PathLike | None, out: str | os.PathLike, config
                 check_windows: int | None = 0, progress: bool = True, **options) -> QuantizeReport:
     """Load, quantize (`options` go to `quantize`), save; then (check_windows != 0) measure perplexity
     and KLD against the source on the held-out text (None = every window) and time a short generation
-    from the saved model."""
+    from the saved model. Calibrated methods keep per-block progress in `.OUT.progress` beside the
+    output: the same call after a crash resumes from the last finished block."""
     io.check_destination(Path(out).absolute(), overwrite)  # fail before any expensive work
     if calib is not None:
         texts.load("calib", calib)
     loaded = load_source(source)
     reference = copy.deepcopy(loaded.model) if check_windows != 0 else None
-    model = quantize(loaded.model, config, calib, tokenizer=loaded.tokenizer, progress=progress, **options)
+    checkpoint = None
+    if config.needs_calib and not isinstance(config, Auto):
+        checkpoint = io.BlockCheckpoint.beside(out, {"config": config.to_dict(), "source": loaded.source,
+                                                     "calib": str(calib), **options})
+    model = quantize(loaded.model, config, calib, tokenizer=loaded.tokenizer, progress=progress,
+                     checkpoint=checkpoint, **options)
     model.lowbit_info["source"] = loaded.source
     extra = {"auto_report.md": recipes.report(model.lowbit_info["auto"])} if "auto" in model.lowbit_info else {}
     io.save(model, out, loaded.tokenizer, overwrite=overwrite, extra_files=extra)
+    if checkpoint is not None:
+        checkpoint.clear()
     report = QuantizeReport(Path(out), model_size(model), io.dir_size(out), model.lowbit_info["method"]["method"],
                             extra.get("auto_report.md"))
     if check_windows != 0:

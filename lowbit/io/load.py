@@ -47,11 +47,33 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def install_quantized(model: torch.nn.Module, modules: dict[str, dict], state: dict[str, torch.Tensor],
+                      dtype: torch.dtype, where) -> None:
+    """Replace each listed module of `model` by its quantized form, taking (popping) its tensors
+    from `state`."""
+    from ..runtime import QuantEmbedding, QuantLinear
+
+    for name, meta in modules.items():
+        if meta.get("kind") not in KINDS:
+            raise LowbitError(f"{where}: module {name} has unknown format {meta.get('kind')!r}")
+        prefix = name + "."
+        try:
+            qt = from_tensors(meta, {k[len(prefix):]: state.pop(k) for k in list(state)
+                                     if k.startswith(prefix) and "." not in k[len(prefix):]
+                                     and k[len(prefix):] != "bias"})
+        except KeyError as e:
+            raise LowbitError(f"{where} is incomplete: {name} lacks tensor {e}") from None
+        old = model.get_submodule(name)
+        if isinstance(old, torch.nn.Embedding):
+            new = QuantEmbedding(qt, old.padding_idx, dtype)
+        else:
+            new = QuantLinear(qt, state.pop(prefix + "bias", None))
+        model.set_submodule(name, new)
+
+
 def load(path: str | Path):
     """(model, tokenizer) from a lowbit directory; the model is in eval mode and generates."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from ..runtime import QuantEmbedding, QuantLinear
 
     path = Path(path)
     raw = read_config(path)
@@ -67,22 +89,7 @@ def load(path: str | Path):
         raise LowbitError(f"{path}: unknown architecture ({e})") from None
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    for name, meta in qc["modules"].items():
-        if meta.get("kind") not in KINDS:
-            raise LowbitError(f"{path}: module {name} has unknown format {meta.get('kind')!r}")
-        prefix = name + "."
-        try:
-            qt = from_tensors(meta, {k[len(prefix):]: state.pop(k) for k in list(state)
-                                     if k.startswith(prefix) and "." not in k[len(prefix):]
-                                     and k[len(prefix):] != "bias"})
-        except KeyError as e:
-            raise LowbitError(f"{path} is incomplete: {name} lacks tensor {e}") from None
-        old = model.get_submodule(name)
-        if isinstance(old, torch.nn.Embedding):
-            new = QuantEmbedding(qt, old.padding_idx, config.dtype or torch.float32)
-        else:
-            new = QuantLinear(qt, state.pop(prefix + "bias", None))
-        model.set_submodule(name, new)
+    install_quantized(model, qc["modules"], state, config.dtype or torch.float32, path)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise LowbitError(f"{path} holds tensors the model does not have: {', '.join(unexpected[:3])}")
