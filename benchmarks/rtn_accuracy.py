@@ -39,8 +39,8 @@ def main():
     text = load_text("eval")
     base = evaluate(src.model, src.tokenizer, text, a.ctx, max_windows=a.max_windows, progress=False)
     print(f"source: ppl {base.ppl:.4f} on {base.tokens} tokens ({base.windows} windows of {a.ctx})")
-    print(f"| scheme | ppl | Δppl | KLD (nats/tok) | bpw (quantized layers) | model bytes | quantize s |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| scheme | ppl | Δppl | KLD (nats/tok) | bpw (quantized layers) | model bytes | quantize s |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| fp32 source | {base.ppl:.4f} | — | 0 | 32 | {model_size(src.model).total_bytes:,} | — |")
     for scheme in a.schemes:
         t = time.perf_counter()

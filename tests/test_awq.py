@@ -50,21 +50,6 @@ def test_scale_search_finds_the_salient_channels():
     assert err(s) < 0.9 * err(torch.ones(128))
 
 
-def test_awq_model_end_to_end(tiny_model_dir, tiny_tokenizer, tmp_path):
-    path = tiny_model_dir("llama")
-    ids = calibration_batches(tiny_tokenizer, builtin("eval"), 2, 64)[0]
-    with torch.no_grad():
-        ref = lowbit.load(path)(ids).logits
-        err = {}
-        for cfg in (RTN(bits=3, group_size=32), AWQ(bits=3, group_size=32)):
-            q = lowbit.quantize(path, cfg, calib_samples=8, calib_seq_len=64, progress=False)
-            err[cfg.name] = (q(ids).logits - ref).pow(2).mean().item()
-    assert err["awq"] < err["rtn"]
-    lowbit.save(q, tmp_path / "q")
-    with torch.no_grad():
-        assert torch.equal(lowbit.load(tmp_path / "q")(ids).logits, q(ids).logits)
-
-
 def test_teq_lowers_block_error(tiny_model_dir, tiny_tokenizer):
     """Trained scales must lower the quantized blocks' output error below untrained ones (= RTN)."""
     from lowbit.api import _block_quantizer, _targets

@@ -83,22 +83,3 @@ def test_runner_reproduces_the_float_model(tiny_model_dir, tiny_tokenizer, model
 def test_calibration_text_too_short(tiny_tokenizer):
     with pytest.raises(LowbitError, match="not 50"):
         calibration_batches(tiny_tokenizer, "a few words only " * 100, 50, 64)
-
-
-@pytest.mark.parametrize("model_type", ["llama", "gemma"])
-def test_gptq_model_end_to_end(tiny_model_dir, tiny_tokenizer, tmp_path, model_type):
-    path = tiny_model_dir(model_type)
-    ids = calibration_batches(tiny_tokenizer, builtin("eval"), 2, 64)[0]
-    with torch.no_grad():
-        ref = lowbit.load(path)(ids).logits
-        err = {}
-        for cfg in (RTN(bits=3, group_size=32), GPTQ(bits=3, group_size=32)):
-            q = lowbit.quantize(path, cfg, calib_samples=8, calib_seq_len=64, progress=False)
-            err[cfg.name] = (q(ids).logits - ref).pow(2).mean().item()
-    assert err["gptq"] < err["rtn"]
-    lowbit.save(q, tmp_path / "q")
-    loaded = lowbit.load(tmp_path / "q")
-    assert loaded.lowbit_info["method"]["method"] == "gptq"
-    assert loaded.lowbit_info["calibration"] == {"samples": 8, "seq_len": 64, "text": "builtin"}
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, q(ids).logits)

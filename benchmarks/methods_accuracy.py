@@ -1,0 +1,55 @@
+"""Calibrated methods vs RTN on the embedded SmolLM2-135M: perplexity, KLD and quantization time.
+
+Same calibration data (built-in calibration split), same held-out evaluation text (ctx 512) for all.
+Usage: python benchmarks/methods_accuracy.py [--schemes W3-g128 W4-g128] [--methods rtn gptq awq ...]
+       [--samples 32] [--seq-len 512] [--max-windows N] [--signround-iters 200] [--teq-steps 200]
+"""
+
+import argparse
+import copy
+import platform
+import subprocess
+import time
+
+import torch
+
+import lowbit
+from lowbit.calib import load as load_text
+from lowbit.eval import evaluate
+from lowbit.models import load_source
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--schemes", nargs="+", default=["W3-g128", "W4-g128"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq", "teq", "signround"])
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-windows", type=int)
+    ap.add_argument("--signround-iters", type=int, default=200)
+    ap.add_argument("--teq-steps", type=int, default=200)
+    a = ap.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"# {platform.machine()}, torch threads {torch.get_num_threads()}, commit {commit}; calibration "
+          f"{a.samples} x {a.seq_len} tokens; signround iters {a.signround_iters}; teq steps {a.teq_steps}")
+    src = load_source()
+    text = load_text("eval")
+    print("| scheme | method | ppl | KLD (nats/tok) | quantize s |\n|---|---|---|---|---|", flush=True)
+    for scheme in a.schemes:
+        bits, group = int(scheme.split("-")[0][1:]), scheme.split("-")[1]
+        group = -1 if group == "row" else int(group[1:])
+        for method in a.methods:
+            extra = {"signround": {"iters": a.signround_iters}, "teq": {"steps": a.teq_steps}}.get(method, {})
+            cfg = lowbit.methods.config_for(method, bits=bits, group_size=group, **extra)
+            t = time.perf_counter()
+            q = lowbit.quantize(copy.deepcopy(src.model), cfg, tokenizer=src.tokenizer, calib_samples=a.samples,
+                                calib_seq_len=a.seq_len, progress=False)
+            took = time.perf_counter() - t
+            r = evaluate(q, src.tokenizer, text, max_windows=a.max_windows, source=src.model, progress=False)
+            print(f"| {scheme} | {method} | {r.ppl:.4f} | {r.kld:.5f} | {took:.0f} |", flush=True)
+            del q
+    print(f"source ppl {r.source_ppl:.4f} on {r.tokens} tokens")
+
+
+if __name__ == "__main__":
+    main()
