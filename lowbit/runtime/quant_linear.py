@@ -33,9 +33,23 @@ class QuantLinear(_QuantModule):
         super().__init__(qt)
         self.out_features, self.in_features = qt.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._prepared, self._prepared_key = None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.qtensor, self.bias)
+        # The kernel's own layout of the weights is built once (kernels.prepare) and kept here; it is
+        # rebuilt when the buffers move or are reloaded, or the kernel choice changes.
+        key = (x.device.type, kernels.generation())
+        if self._prepared_key != key:
+            self._prepared, self._prepared_key = kernels.prepare(self.qtensor, x.device.type), key
+        return self._prepared(x, self.bias)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._prepared_key = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._prepared_key = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
 
 class QuantEmbedding(_QuantModule):

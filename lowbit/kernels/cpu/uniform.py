@@ -1,0 +1,103 @@
+"""UniformQ on the CPU through the generated kernels: repack once per layer, then one C call per matmul.
+
+Decode (one token) can run on int8 activations, as llama.cpp (Q8_0) and Intel's runtimes do: the
+token is quantized per 32-block (`quantize_activations` is the exact scheme) and codes × activations
+become u8 × s8 integer dot products (maddubs / VNNI), ~2.5× less work per weight than fp32, which is
+what a 2–4-bit GEMV needs to keep up with DRAM. It changes the numbers (activation rounding), so it
+is opt-in: `set_int8_activations(True)` or LOWBIT_INT8_ACT=1; 8-bit weights and the scalar fallback
+always use fp32 activations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from ...formats import UniformQ
+from ...formats.packing import BLOCK
+from .. import reference
+from . import build, isa as isa_mod, perf_model, threads
+from .layout import repack
+
+
+_INT8 = {"on": os.environ.get("LOWBIT_INT8_ACT", "") not in ("", "0")}
+
+
+def set_int8_activations(on: bool = True) -> None:
+    _INT8["on"] = on
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the int8 path computes with, in float: x rounded to s8 per 32-block, scale amax/127."""
+    k = x.shape[-1]
+    xb = torch.nn.functional.pad(x.float(), (0, -k % BLOCK)).unflatten(-1, (-1, BLOCK))
+    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv) * d).flatten(-2)[..., :k]
+
+
+class PackedUniform:
+    """A UniformQ in the SIMD layout of one ISA, callable as linear(x, bias). Built once per layer."""
+
+    def __init__(self, qt: UniformQ, isa: str, lib: ctypes.CDLL):
+        n, k = qt.shape
+        self.isa, self.n, self.k = isa, n, k
+        self.nblocks = -(-k // BLOCK)
+        self.groups = qt.scales.shape[1]
+        self.bpg = self.nblocks if qt.group_size == -1 else qt.group_size // BLOCK
+        self.qweight = repack(qt.qweight.contiguous(), qt.bits, k, perf_model.VECTOR_LANES[isa])
+        self.scales = qt.scales.to(torch.float16).contiguous()
+        self.zeros = None if qt.zeros is None else qt.zeros.to(torch.uint8).contiguous()
+        self.zdef = 2 ** (qt.bits - 1)
+        self.bytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros)
+                         if t is not None)
+        self.fn = getattr(lib, f"lb_linear_b{qt.bits}")
+        self.qfn = getattr(lib, f"lb_linear_q_b{qt.bits}", None)
+        self._plans: dict[tuple[bool, int], perf_model.Plan] = {}
+
+    def plan(self, m: int) -> perf_model.Plan:
+        key = (m == 1, threads.get())
+        if key not in self._plans:
+            self._plans[key] = perf_model.plan(isa_mod.detect(), self.isa, self.n, self.nblocks * BLOCK,
+                                               self.bytes, m, key[1])
+        return self._plans[key]
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # kept lean: a decode step calls this hundreds of times for microseconds of work each
+        kp = self.nblocks * BLOCK
+        x32 = x if x.dtype == torch.float32 else x.float()
+        if self.k != kp:
+            x32 = torch.nn.functional.pad(x32, (0, kp - self.k))
+        if not x32.is_contiguous():
+            x32 = x32.contiguous()
+        m = x32.numel() // kp
+        y = torch.empty(*x.shape[:-1], self.n, dtype=torch.float32)
+        if m:
+            if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+                bias = bias.float().contiguous()
+            p = self.plan(m)
+            args = build.Args(self.qweight.data_ptr(), self.scales.data_ptr(),
+                              None if self.zeros is None else self.zeros.data_ptr(), self.zdef, self.n,
+                              self.nblocks, self.groups, self.bpg, m, x32.data_ptr(),
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), p.threads, p.nb, p.kc)
+            fn = self.qfn if m == 1 and _INT8["on"] and self.qfn is not None else self.fn
+            fn(ctypes.byref(args))
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def prepare(qt: UniformQ, isa: str | None = None) -> PackedUniform | None:
+    """The packed layer for the best ISA this CPU runs (or `isa`); None when no kernel can be built."""
+    isa = isa or isa_mod.selected()
+    lib = build.load(isa)
+    if lib is None:
+        return None
+    threads.apply(lib)
+    return PackedUniform(qt, isa, lib)
+
+
+def linear(x: torch.Tensor, qt: UniformQ, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One-off call (repacks every time): for callers without a place to keep the packed layer."""
+    packed = prepare(qt)
+    return packed(x, bias) if packed is not None else reference.linear(x, qt, bias)

@@ -1,0 +1,176 @@
+"""The generated CPU kernels against the reference kernel: every bits × group × sym, GEMV and GEMM,
+odd shapes and tails, 1 and 2 threads, every ISA this CPU runs (others skip; they must still compile)."""
+
+import warnings
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import kernels
+from lowbit.formats import BITS, GROUP_SIZES, UniformQ
+from lowbit.kernels import reference
+from lowbit.kernels.cpu import build, isa, perf_model, threads, uniform
+
+ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
+needs_cc = pytest.mark.skipif(build.compiler() is None, reason="no C compiler")
+
+
+def _isa(name: str) -> str:
+    if build.compiler() is None:
+        pytest.skip("no C compiler")
+    if not isa.detect().supports(name):
+        pytest.skip(f"this CPU lacks {name}")
+    return name
+
+
+def _close(got, expected, k):
+    # fp32 sums in another order: error grows with the length of the dot product and its magnitude
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * k ** 0.5 * expected.abs().max().item())
+
+
+@pytest.fixture
+def thread_count():
+    before = threads.get()
+    yield threads.set_threads
+    threads.set_threads(before)
+
+
+@pytest.mark.parametrize("name", ISAS)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("sym", [True, False])
+def test_matches_reference(name, bits, group_size, sym, thread_count):
+    name = _isa(name)
+    g = torch.Generator().manual_seed(bits * 7 + group_size)
+    n, k = 37, 200  # N odd, K neither a multiple of 32 nor of the group: ragged last group and block
+    qt = UniformQ.from_float(torch.randn(n, k, generator=g), bits, group_size, sym)
+    packed = uniform.prepare(qt, name)
+    bias = torch.randn(n, generator=g)
+    for t in (1, 2):
+        thread_count(t)
+        for batch in ((1,), (2, 3), (9,)):  # GEMV, GEMM with [..., K] input, GEMM with an M tail
+            x = torch.randn(*batch, k, generator=g)
+            _close(packed(x, bias), reference.linear(x, qt, bias), k)
+            _close(packed(x), reference.linear(x, qt), k)
+
+
+@pytest.mark.parametrize("name", ISAS)
+@pytest.mark.parametrize("bits", [3, 4])
+def test_tiles_and_threads(name, bits, thread_count):
+    """Big enough for several K chunks, row tiles and thread bands, with every tail non-empty."""
+    name = _isa(name)
+    g = torch.Generator().manual_seed(bits)
+    n, k = 203, 2100
+    qt = UniformQ.from_float(torch.randn(n, k, generator=g), bits, 64, False)
+    packed = uniform.prepare(qt, name)
+    x = torch.randn(13, k, generator=g)
+    expected = reference.linear(x, qt)
+    for t in (1, 2, 3):
+        thread_count(t)
+        _close(packed(x), expected, k)
+        _close(packed(x[:1]), expected[:1], k)
+
+
+@pytest.fixture
+def int8_activations():
+    uniform.set_int8_activations(True)
+    yield
+    uniform.set_int8_activations(False)
+
+
+@pytest.mark.parametrize("name", ("avx2", "avx512", "avx512vnni"))
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("sym", [True, False])
+def test_int8_activation_gemv(name, bits, group_size, sym, thread_count, int8_activations):
+    """u8 codes × s8 activations (maddubs on AVX2/AVX-512, VNNI dpbusd) vs the reference on the same
+    rounded activations; GEMM keeps fp32 activations."""
+    name = _isa(name)
+    g = torch.Generator().manual_seed(bits * 5 + group_size)
+    n, k = 45, 232
+    qt = UniformQ.from_float(torch.randn(n, k, generator=g), bits, group_size, sym)
+    packed = uniform.prepare(qt, name)
+    assert packed.qfn is not None
+    x, bias = torch.randn(1, k, generator=g) * 3, torch.randn(n, generator=g)
+    x[0, 5] = 40.0  # an outlier only changes its own block's scale
+    for t in (1, 2):
+        thread_count(t)
+        _close(packed(x, bias), reference.linear(uniform.quantize_activations(x), qt, bias), k)
+    xs = torch.randn(4, k, generator=g)
+    _close(packed(xs), reference.linear(xs, qt), k)
+
+
+@needs_cc
+def test_sixteen_lane_layout_through_portable_c(monkeypatch, thread_count):
+    """AVX-512's 16-lane bit layout, run through the portable C built for 16 lanes, so it is checked
+    even on CPUs without AVX-512."""
+    monkeypatch.setitem(perf_model.VECTOR_LANES, "scalar", 16)
+    lib = build.open_library(build.compile_isa("scalar"))
+    threads.apply(lib)
+    g = torch.Generator().manual_seed(16)
+    for bits in BITS:
+        qt = UniformQ.from_float(torch.randn(19, 200, generator=g), bits, 64, bits % 2 == 0)
+        packed = uniform.PackedUniform(qt, "scalar", lib)
+        for m in (1, 5):
+            x = torch.randn(m, 200, generator=g)
+            _close(packed(x), reference.linear(x, qt), 200)
+
+
+@pytest.mark.parametrize("name", ("avx512", "avx512vnni"))
+@needs_cc
+def test_avx512_sources_compile(name):
+    """Even where they cannot run: a CPU with AVX-512 must never meet a source that fails to build."""
+    assert build.compile_isa(name).is_file()
+
+
+@needs_cc
+def test_registry_uses_generated_kernel_and_bf16(thread_count):
+    qt = UniformQ.from_float(torch.randn(24, 96), 4, 32, True)
+    bound = kernels.prepare(qt, "cpu")
+    assert isinstance(bound, uniform.PackedUniform)
+    x = torch.randn(3, 96)
+    _close(kernels.linear(x, qt), reference.linear(x, qt), 96)
+    y = bound(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference.linear(x.bfloat16().float(), qt), rtol=2e-2, atol=2e-2)
+
+
+def test_force_reference():
+    qt = UniformQ.from_float(torch.randn(8, 64), 4, 32, True)
+    try:
+        kernels.use_reference()
+        assert kernels.lookup("uniform", "cpu") is reference.linear
+        assert not isinstance(kernels.prepare(qt, "cpu"), uniform.PackedUniform)
+    finally:
+        kernels.use_reference(False)
+
+
+def test_no_compiler_falls_back(monkeypatch):
+    monkeypatch.setattr(build, "compiler", lambda: None)
+    build.load.cache_clear()
+    try:
+        qt = UniformQ.from_float(torch.randn(8, 64), 4, 32, True)
+        with pytest.warns(RuntimeWarning, match="reference kernel"):
+            bound = kernels.prepare(qt, "cpu")
+        x = torch.randn(2, 64)
+        torch.testing.assert_close(bound(x), reference.linear(x, qt))
+    finally:
+        build.load.cache_clear()
+
+
+@needs_cc
+def test_quant_linear_model_logits(tiny_model_dir):
+    """The real path: QuantLinear layers of a quantized model, prefill (GEMM) and one decode step (GEMV)."""
+    q = lowbit.quantize(str(tiny_model_dir()), lowbit.RTN(bits=4, group_size=32))
+    ids = torch.randint(0, 200, (1, 11))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fast = q(ids).logits, q(ids[:, :1]).logits
+        kernels.use_reference()
+        try:
+            ref = q(ids).logits, q(ids[:, :1]).logits
+        finally:
+            kernels.use_reference(False)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
