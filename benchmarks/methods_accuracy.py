@@ -7,16 +7,12 @@ Usage: python benchmarks/methods_accuracy.py [--schemes W3-g128 W4-g128] [--meth
 
 import argparse
 import copy
-import platform
-import subprocess
 import time
 
-import torch
 
 import lowbit
-from lowbit.calib import load as load_text
+from common import start
 from lowbit.eval import evaluate
-from lowbit.models import load_source
 
 
 def main():
@@ -29,11 +25,8 @@ def main():
     ap.add_argument("--signround-iters", type=int, default=200)
     ap.add_argument("--teq-steps", type=int, default=200)
     a = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"# {platform.machine()}, torch threads {torch.get_num_threads()}, commit {commit}; calibration "
-          f"{a.samples} x {a.seq_len} tokens; signround iters {a.signround_iters}; teq steps {a.teq_steps}")
-    src = load_source()
-    text = load_text("eval")
+    src, text = start(f"calibration {a.samples} x {a.seq_len} tokens; signround iters {a.signround_iters}; "
+                      f"teq steps {a.teq_steps}")
     print("| scheme | method | ppl | KLD (nats/tok) | quantize s |\n|---|---|---|---|---|", flush=True)
     for scheme in a.schemes:
         bits, group = int(scheme.split("-")[0][1:]), scheme.split("-")[1]

@@ -6,16 +6,12 @@ Usage: python benchmarks/rtn_accuracy.py [--schemes W8-g128 W4-g128 ...] [--max-
 
 import argparse
 import copy
-import platform
-import subprocess
 import time
 
-import torch
 
 import lowbit
-from lowbit.calib import load as load_text
+from common import start
 from lowbit.eval import evaluate, model_size
-from lowbit.models import load_source
 
 
 def parse(scheme: str) -> lowbit.RTN:
@@ -32,11 +28,7 @@ def main():
     ap.add_argument("--max-windows", type=int)
     ap.add_argument("--ctx", type=int, default=512)
     a = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"# machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"commit {commit}, python {platform.python_version()}")
-    src = load_source()
-    text = load_text("eval")
+    src, text = start()
     base = evaluate(src.model, src.tokenizer, text, a.ctx, max_windows=a.max_windows, progress=False)
     print(f"source: ppl {base.ppl:.4f} on {base.tokens} tokens ({base.windows} windows of {a.ctx})")
     print("| scheme | ppl | Δppl | KLD (nats/tok) | bpw (quantized layers) | model bytes | quantize s |")
