@@ -197,16 +197,15 @@ def quantize_to(source: str | os.PathLike | None, out: str | os.PathLike, config
     from the saved model. Calibrated methods keep per-block progress in `.OUT.progress` beside the
     output: the same call after a crash resumes from the last finished block."""
     io.check_destination(Path(out).absolute(), overwrite)  # fail before any expensive work
-    if calib is not None:
-        texts.load("calib", calib)
+    text = texts.load("calib", calib) if calib is not None else None  # bad text fails before loading
     loaded = load_source(source)
     reference = copy.deepcopy(loaded.model) if check_windows != 0 else None
     checkpoint = None
     if config.needs_calib and not isinstance(config, Auto):
         checkpoint = io.BlockCheckpoint.beside(out, {"config": config.to_dict(), "source": loaded.source,
                                                      "calib": str(calib), **options})
-    model = quantize(loaded.model, config, calib, tokenizer=loaded.tokenizer, progress=progress,
-                     checkpoint=checkpoint, **options)
+    model = quantize(loaded.model, config, calib, tokenizer=loaded.tokenizer, calib_text=text,
+                     progress=progress, checkpoint=checkpoint, **options)
     model.lowbit_info["source"] = loaded.source
     extra = {"auto_report.md": recipes.report(model.lowbit_info["auto"])} if "auto" in model.lowbit_info else {}
     io.save(model, out, loaded.tokenizer, overwrite=overwrite, extra_files=extra)

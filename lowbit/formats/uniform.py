@@ -36,7 +36,7 @@ def effective_group(group_size: int, cols: int) -> int:
     return cols if group_size == -1 else group_size
 
 
-def _grouped(w: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped(w: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] -> [N, G, g] (the ragged tail padded by repeating its last column) and a validity mask."""
     n, k = w.shape
     n_groups = -(-k // g)
@@ -85,7 +85,7 @@ SHRINK_GRID = torch.linspace(1.0, 0.5, 26)  # clipping candidates (1.0 = no clip
 def clip_search(w: torch.Tensor, bits: int, group_size: int, sym: bool, group_error) -> torch.Tensor:
     """Per-group shrink factor [N, G] from SHRINK_GRID minimising `group_error(wg, dequantized)`,
     both [N, G, g] (the ragged tail padded), which returns one error per group [N, G]."""
-    wg, _ = _grouped(w.float(), effective_group(group_size, w.shape[1]))
+    wg, _ = grouped(w.float(), effective_group(group_size, w.shape[1]))
     best = torch.full(wg.shape[:2], float("inf"))
     shrink = torch.ones(wg.shape[:2])
     for p in SHRINK_GRID:
@@ -118,7 +118,7 @@ class UniformQ(QTensor):
         """Round-to-nearest. `shrink` [N, G] narrows each group's range; `mse_clip` chooses it to
         minimise each group's squared weight error."""
         check_spec(bits, group_size)
-        wg, mask = _grouped(w.float(), effective_group(group_size, w.shape[1]))
+        wg, mask = grouped(w.float(), effective_group(group_size, w.shape[1]))
         if mse_clip:
             shrink = clip_search(w, bits, group_size, sym, lambda wg, dq: ((dq - wg) ** 2 * mask).sum(-1))
         scale, zero = group_params(wg, bits, sym, 1.0 if shrink is None else shrink)
@@ -129,7 +129,7 @@ class UniformQ(QTensor):
                     bits: int, group_size: int) -> UniformQ:
         """Quantize `w` [N, K] with given per-group scale [N, G] and zero [N, G] (None = symmetric)."""
         n, k = w.shape
-        wg, _ = _grouped(w.float(), effective_group(group_size, k))
+        wg, _ = grouped(w.float(), effective_group(group_size, k))
         z = torch.full_like(scale, 2 ** (bits - 1)) if zero is None else zero
         q = quantize_codes(wg, scale[..., None].float(), z[..., None].float(), bits)
         q = q.reshape(n, -1)[:, :k].to(torch.uint8)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..formats import UniformQ
-from ..formats.uniform import _grouped, clip_search, effective_group
+from ..formats.uniform import clip_search, effective_group, grouped
 from .config import MethodConfig
 
 # (input producer, consumers) inside a decoder block; the first match of each entry that exists is used.
@@ -84,7 +84,7 @@ def _producer(block: nn.Module, names: str):
 
 def _output_error(x: torch.Tensor, group_size: int):
     """Per (row, group) error of the layer's output over tokens x: Σ_t (Σ_{j∈g} Δw_j x_tj)²."""
-    xg, _ = _grouped(x, effective_group(group_size, x.shape[1]))  # [T, G, g]
+    xg, _ = grouped(x, effective_group(group_size, x.shape[1]))  # [T, G, g]
 
     def error(wg, dq):
         return torch.cat([torch.einsum("ngk,tgk->ngt", d, xg).pow(2).sum(-1)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import UniformQ
-from ..formats.uniform import _grouped, effective_group, group_params
+from ..formats.uniform import effective_group, group_params, grouped
 from .config import MethodConfig
 
 
@@ -48,19 +48,22 @@ class _Learnable(nn.Module):
         self.min_factor = nn.Parameter(torch.ones(w.shape[0], n_groups))
 
     def params(self):
-        """(scale, zero, weight shifted by V·scale) such that round-to-nearest gives the learned codes."""
+        """Per-group (scale, zero) under the learned range factors."""
         w = self.linear.weight.detach().float()
-        wg, _ = _grouped(w, self.g)
+        wg, _ = grouped(w, self.g)
         scale, zero = group_params(wg, self.spec.bits, self.spec.sym, self.max_factor,
                                    None if self.spec.sym else self.min_factor)
         return scale, zero
+
+    def _columns(self, per_group: torch.Tensor, cols: int) -> torch.Tensor:
+        """[N, G] -> [N, cols]: each group's value repeated over its columns."""
+        return per_group.repeat_interleave(self.g, dim=1)[:, :cols]
 
     def dequantized(self) -> torch.Tensor:
         w = self.linear.weight.detach().float()
         n, k = w.shape
         scale, zero = self.params()
-        s = scale.repeat_interleave(self.g, dim=1)[:, :k]
-        z = zero.repeat_interleave(self.g, dim=1)[:, :k]
+        s, z = self._columns(scale, k), self._columns(zero, k)
         q = torch.clamp(_round_ste(w / s + self.v) + z, 0, 2**self.spec.bits - 1)
         return (q - z) * s
 
@@ -80,8 +83,7 @@ class _Learnable(nn.Module):
         with torch.no_grad():
             w = self.linear.weight.detach().float()
             scale, zero = self.params()
-            s = scale.repeat_interleave(self.g, dim=1)[:, : w.shape[1]]
-            return UniformQ.from_params(w + self.v * s, scale, None if self.spec.sym else zero,
+            return UniformQ.from_params(w + self.v * self._columns(scale, w.shape[1]), scale, None if self.spec.sym else zero,
                                         self.spec.bits, self.spec.group_size)
 
 

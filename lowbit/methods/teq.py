@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import UniformQ
-from ..formats.uniform import _grouped, effective_group, group_params
+from ..formats.uniform import effective_group, group_params, grouped
 from .awq import GROUPS, _producer, fold_scales
 from .config import MethodConfig
 
@@ -33,7 +33,7 @@ def fake_quantize(w: torch.Tensor, spec: MethodConfig) -> torch.Tensor:
     """Quantize-dequantize with straight-through rounding (gradients reach w and its scales)."""
     n, k = w.shape
     g = effective_group(spec.group_size, k)
-    wg, _ = _grouped(w, g)
+    wg, _ = grouped(w, g)
     scale, zero = group_params(wg, spec.bits, spec.sym)
     x = wg / scale[..., None]
     q = torch.clamp(x + (torch.round(x) - x).detach() + zero[..., None], 0, 2**spec.bits - 1)
