@@ -1,9 +1,10 @@
 """Quantized tensor kinds: one table, like ggml's quant types. A new format = one entry here."""
 
+from .codebook import CODEBOOK_BITS, CodebookQ, check_codebook_spec
 from .qtensor import QTensor
 from .uniform import BITS, GROUP_SIZES, UniformQ, check_spec
 
-KINDS: dict[str, type[QTensor]] = {UniformQ.kind: UniformQ}
+KINDS: dict[str, type[QTensor]] = {UniformQ.kind: UniformQ, CodebookQ.kind: CodebookQ}
 
 
 def from_tensors(meta: dict, tensors) -> QTensor:
@@ -11,4 +12,4 @@ def from_tensors(meta: dict, tensors) -> QTensor:
     return KINDS[meta["kind"]].from_tensors(meta, tensors)
 
 
-__all__ = ["BITS", "GROUP_SIZES", "KINDS", "QTensor", "UniformQ", "check_spec", "from_tensors"]
+__all__ = ["BITS", "CODEBOOK_BITS", "CodebookQ", "check_codebook_spec", "GROUP_SIZES", "KINDS", "QTensor", "UniformQ", "check_spec", "from_tensors"]
