@@ -79,6 +79,22 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, offset: torch.Tensor | None = None,
+                  shrink: torch.Tensor | float = 1.0, lo_shrink: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Quantize-dequantize `w` [N, K] with straight-through rounding, for methods that learn by
+    gradient: gradients reach `w`, a rounding `offset` [N, K] (in units of the scale, SignRound's V)
+    and the range factors (`shrink`, `lo_shrink` [N, G], see group_params)."""
+    n, k = w.shape
+    g = effective_group(group_size, k)
+    wg, _ = grouped(w, g)
+    scale, zero = group_params(wg, bits, sym, shrink, lo_shrink)
+    x = wg / scale[..., None]
+    if offset is not None:
+        x = x + grouped(offset, g)[0]
+    q = torch.clamp(x + (torch.round(x) - x).detach() + zero[..., None], 0, 2**bits - 1)
+    return ((q - zero[..., None]) * scale[..., None]).reshape(n, -1)[:, :k]
+
+
 SHRINK_GRID = torch.linspace(1.0, 0.5, 26)  # clipping candidates (1.0 = no clip)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import UniformQ
-from ..formats.uniform import effective_group, group_params, grouped
+from ..formats.uniform import effective_group, fake_quantize, group_params, grouped
 from .config import MethodConfig
 
 
@@ -28,10 +28,6 @@ class SignRound(MethodConfig):
 
 
 CONFIG = SignRound
-
-
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
 
 
 class _Learnable(nn.Module):
@@ -60,12 +56,8 @@ class _Learnable(nn.Module):
         return per_group.repeat_interleave(self.g, dim=1)[:, :cols]
 
     def dequantized(self) -> torch.Tensor:
-        w = self.linear.weight.detach().float()
-        n, k = w.shape
-        scale, zero = self.params()
-        s, z = self._columns(scale, k), self._columns(zero, k)
-        q = torch.clamp(_round_ste(w / s + self.v) + z, 0, 2**self.spec.bits - 1)
-        return (q - z) * s
+        return fake_quantize(self.linear.weight.detach().float(), self.spec.bits, self.spec.group_size,
+                             self.spec.sym, self.v, self.max_factor, None if self.spec.sym else self.min_factor)
 
     def forward(self, x):
         return F.linear(x, self.dequantized().to(x.dtype), self.linear.bias)

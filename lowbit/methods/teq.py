@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import UniformQ
-from ..formats.uniform import effective_group, group_params, grouped
+from ..formats.uniform import fake_quantize
 from .awq import GROUPS, _producer, fold_scales
 from .config import MethodConfig
 
@@ -29,24 +29,14 @@ class TEQ(MethodConfig):
 CONFIG = TEQ
 
 
-def fake_quantize(w: torch.Tensor, spec: MethodConfig) -> torch.Tensor:
-    """Quantize-dequantize with straight-through rounding (gradients reach w and its scales)."""
-    n, k = w.shape
-    g = effective_group(spec.group_size, k)
-    wg, _ = grouped(w, g)
-    scale, zero = group_params(wg, spec.bits, spec.sym)
-    x = wg / scale[..., None]
-    q = torch.clamp(x + (torch.round(x) - x).detach() + zero[..., None], 0, 2**spec.bits - 1)
-    return ((q - zero[..., None]) * scale[..., None]).reshape(n, -1)[:, :k]
-
-
 class _Scaled(nn.Module):
     def __init__(self, linear: nn.Linear, s: nn.Parameter, spec: TEQ):
         super().__init__()
         self.linear, self.s, self.spec = linear, s, spec
 
     def forward(self, x):
-        w = fake_quantize(self.linear.weight.detach().float() * self.s, self.spec)
+        w = fake_quantize(self.linear.weight.detach().float() * self.s, self.spec.bits, self.spec.group_size,
+                          self.spec.sym)
         return F.linear(x / self.s.to(x.dtype), w.to(x.dtype), self.linear.bias)
 
 

@@ -1,0 +1,82 @@
+"""Runs one reference implementation in its own environment (never lowbit's): auto-round (SignRound),
+llm-compressor (GPTQ, AWQ). Called by benchmarks/reference_methods.py with the peer venv's python.
+
+Reads the float model (HF dir) and the calibration windows (safetensors `input_ids` [n, seq]), quantizes
+with the given bits/group/sym, and writes the quantize-dequantized weight of every quantized linear to a
+safetensors file, plus the wall time, so the caller evaluates both sides with the same code.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def weights_spec(bits, group, sym):
+    return {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group}
+
+
+def llmcompressor(model, ids, a):
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    groups = {"group_0": {"targets": ["Linear"], "weights": weights_spec(a.bits, a.group_size, a.sym)}}
+    if a.method == "gptq":
+        recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128,
+                               actorder=None)]
+    else:
+        recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1],
+            num_calibration_samples=ids.shape[0])
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and hasattr(m, "weight_scale"):
+            from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+            args = m.quantization_scheme.weights
+            zp = getattr(m, "weight_zero_point", None)
+            out[name + ".weight"] = fake_quantize(m.weight.data, m.weight_scale.data, zp.data if zp is not None
+                                                  else None, args).float().contiguous()
+    return out
+
+
+def autoround(model, tok, ids, a):
+    from auto_round import AutoRound
+
+    ar = AutoRound(model, tok, bits=a.bits, group_size=a.group_size, sym=a.sym, iters=a.iters,
+                   nsamples=ids.shape[0], seqlen=ids.shape[1], batch_size=8,
+                   dataset=[ids[i:i + 1] for i in range(ids.shape[0])], device_map="cpu")
+    model, _ = ar.quantize()
+    return {n + ".weight": m.weight.data.float().contiguous() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("impl", choices=["llmcompressor", "autoround"])
+    ap.add_argument("method", choices=["gptq", "awq", "signround"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--bits", type=int, required=True)
+    ap.add_argument("--group-size", type=int, required=True)
+    ap.add_argument("--sym", action="store_true")
+    ap.add_argument("--iters", type=int, default=200)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    ids = load_file(a.calib)["input_ids"]
+    t = time.perf_counter()
+    weights = autoround(model, tok, ids, a) if a.impl == "autoround" else llmcompressor(model, ids, a)
+    took = time.perf_counter() - t
+    save_file(weights, a.out, metadata={"seconds": json.dumps(took)})
+
+
+if __name__ == "__main__":
+    main()

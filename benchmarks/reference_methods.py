@@ -1,0 +1,106 @@
+"""Our GPTQ / AWQ / SignRound vs their reference implementations, same model, data, eval and settings.
+
+Theirs: llm-compressor (GPTQ, AWQ) and auto-round (SignRound), each installed by this script into its own
+scratch venv under ~/.cache/lowbit/peers (with the system torch, never a CUDA build; never a lowbit
+dependency), run through benchmarks/peers/run_peer.py. Both sides get the same calibration windows of
+the built-in calibration split, the same float SmolLM2-135M (embedded default), and are scored by
+lowbit.eval on the same held-out text. Prints one table: scheme × method → ppl ours / theirs, time.
+Usage: python benchmarks/reference_methods.py [--schemes W4-g128 W3-g128 W2-g64] [--methods gptq awq signround]
+       [--samples 32] [--seq-len 512] [--iters 200] [--max-windows N]
+"""
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lowbit
+from common import start
+from lowbit.calib import load as load_text
+from lowbit.calib.runner import calibration_batches
+from lowbit.eval import evaluate
+
+PEERS = Path.home() / ".cache" / "lowbit" / "peers"
+IMPL = {"gptq": ("llmcompressor", "llmcompressor==0.14.0.1"), "awq": ("llmcompressor", "llmcompressor==0.14.0.1"),
+        "signround": ("autoround", "auto-round==0.16.1")}
+SYM = {"gptq": True, "awq": False, "signround": True}  # each method's customary default, same on both sides
+RUNNER = Path(__file__).parent / "peers" / "run_peer.py"
+
+
+def peer_python(venv: str, requirement: str) -> Path:
+    """The peer's interpreter, creating its venv (system torch visible, pinned) on first use."""
+    py = PEERS / venv / "bin" / "python"
+    if not py.exists():
+        PEERS.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(PEERS / venv)], check=True)
+        pin = PEERS / "constraints.txt"
+        pin.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(pin), requirement], check=True)
+    return py
+
+
+def theirs(method, bits, group, a, model_dir, calib_file, work):
+    venv, requirement = IMPL[method]
+    out = work / f"{method}-{bits}-{group}.safetensors"
+    cmd = [str(peer_python(venv, requirement)), str(RUNNER), venv, method, "--model", str(model_dir),
+           "--calib", str(calib_file), "--out", str(out), "--bits", str(bits), "--group-size", str(group),
+           "--iters", str(a.iters)] + (["--sym"] if SYM[method] else [])
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(work / "peer.log", "a"))
+    with safe_open(str(out), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["seconds"])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--schemes", nargs="+", default=["W4-g128", "W3-g128", "W2-g64"])
+    ap.add_argument("--methods", nargs="+", default=["gptq", "awq", "signround"], choices=list(IMPL))
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=200, help="SignRound iterations (both sides)")
+    ap.add_argument("--max-windows", type=int)
+    a = ap.parse_args()
+    src, text = start(f"calibration {a.samples} x {a.seq_len}; signround iters {a.iters}; "
+                      f"peers: {', '.join(sorted({r for _, r in IMPL.values()}))}")
+    work = Path(tempfile.mkdtemp(prefix="lowbit-peers-"))
+    src.model.save_pretrained(work / "model")
+    src.tokenizer.save_pretrained(work / "model")
+    ids = torch.cat(calibration_batches(src.tokenizer, load_text("calib"), a.samples, a.seq_len))
+    save_file({"input_ids": ids.contiguous()}, str(work / "calib.safetensors"))
+    print("| scheme | method | ppl ours | ppl theirs | ours/theirs | time ours s | time theirs s |\n"
+          "|---|---|---|---|---|---|---|", flush=True)
+    for scheme in a.schemes:
+        bits, group = int(scheme.split("-")[0][1:]), int(scheme.split("-")[1][1:])
+        for method in a.methods:
+            extra = {"iters": a.iters} if method == "signround" else {}
+            cfg = lowbit.methods.config_for(method, bits=bits, group_size=group, sym=SYM[method], **extra)
+            t = time.perf_counter()
+            ours = lowbit.quantize(copy.deepcopy(src.model), cfg, tokenizer=src.tokenizer,
+                                   calib_samples=a.samples, calib_seq_len=a.seq_len, progress=False)
+            t_ours = time.perf_counter() - t
+            r_ours = evaluate(ours, src.tokenizer, text, max_windows=a.max_windows, progress=False)
+            del ours
+            weights, t_theirs = theirs(method, bits, group, a, work / "model", work / "calib.safetensors", work)
+            model = copy.deepcopy(src.model)
+            missing = set(weights) - set(model.state_dict())
+            if missing:
+                raise SystemExit(f"peer returned unknown tensors: {sorted(missing)[:3]}")
+            model.load_state_dict(weights, strict=False)
+            r_theirs = evaluate(model, src.tokenizer, text, max_windows=a.max_windows, progress=False)
+            del model
+            print(f"| {scheme} {'sym' if SYM[method] else 'asym'} | {method} | {r_ours.ppl:.3f} | "
+                  f"{r_theirs.ppl:.3f} | {r_ours.ppl / r_theirs.ppl:.3f} | {t_ours:.0f} | {t_theirs:.0f} |",
+                  flush=True)
+    print(f"float source ppl on the same windows: "
+          f"{evaluate(src.model, src.tokenizer, text, max_windows=a.max_windows, progress=False).ppl:.3f}")
+
+
+if __name__ == "__main__":
+    main()
