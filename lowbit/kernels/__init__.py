@@ -67,3 +67,4 @@ def linear(x: torch.Tensor, qt: QTensor, bias: torch.Tensor | None = None) -> to
 
 
 from . import cpu  # noqa: E402  (registers the generated CPU kernels)
+from . import gpu  # noqa: E402  (registers the Triton kernels; imports triton only on first use)
