@@ -7,7 +7,11 @@ kernel (`_weight_int4pack_mm_for_cpu`, 4-bit asym, same group) at the same threa
 timed with fp32 activations and with int8 activations (`act`, see kernels/cpu/uniform.py).
 Batch 128 is compute-bound: its GB/s only says how far from the memory limit it is, so no % is given.
 
+A second table times the CodebookQ (LUT) kernels against the UniformQ kernel of the same bits (the
+first of --bits) in the same run, shape by shape: tables per row (GANQ's format) and per group.
+
     python benchmarks/kernels.py [--threads 1 2] [--bits 4 3 2] [--group 128] [--quick]
+                                 [--tables uniform codebook]
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lowbit.formats import UniformQ
-from lowbit.kernels.cpu import isa, threads, uniform
+from lowbit.formats import CodebookQ, UniformQ
+from lowbit.kernels.cpu import codebook, isa, threads, uniform
 
 SMOL = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 LLAMA = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -67,6 +71,30 @@ def int4pack(w: torch.Tensor, group: int):
         return None
 
 
+def random_codebook(shape: tuple[int, int], bits: int, group: int) -> CodebookQ:
+    n, k = shape
+    groups = 1 if group == -1 else -(-k // group)
+    return CodebookQ.from_indices(torch.randint(0, 2**bits, shape), torch.randn(n, groups, 2**bits) / k**0.5,
+                                  bits, group)
+
+
+def codebook_table(packed: dict, luts: dict, bits: int, group: int, batches: list[int], bw: float) -> None:
+    """LUT GEMV/GEMM (tables per row and per group) vs the UniformQ kernel, timed back to back."""
+    print(f"\n{bits}-bit CodebookQ (LUT) vs UniformQ g{group} sym, same run\n")
+    print(f"| shape (N×K) | batch | uniform ms | LUT per-row ms | LUT / uniform | LUT GB/s | % of DRAM bw | "
+          f"LUT g{group} ms | LUT g{group} / uniform |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape, (rows, groups) in luts.items():
+        p = packed[(shape, bits)]
+        for m in batches:
+            x = torch.randn(m, shape[1])
+            base, lut, lutg = (timeit(lambda q=q, x=x: q(x)) for q in (p, rows, groups))
+            moved = rows.bytes + 4 * m * sum(shape)
+            print(f"| {shape[0]}×{shape[1]} | {m} | {base * 1e3:.3f} | {lut * 1e3:.3f} | {lut / base:.2f}× | "
+                  f"{moved / lut / 1e9:.1f} | {f'{100 * moved / lut / bw:.0f}%' if m == 1 else '—'} | "
+                  f"{lutg * 1e3:.3f} | {lutg / base:.2f}× |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -74,6 +102,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 128])
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes and 4096x4096 only")
+    ap.add_argument("--tables", nargs="+", choices=["uniform", "codebook"], default=["uniform", "codebook"])
     args = ap.parse_args()
     shapes = SMOL + (LLAMA[:1] if args.quick else LLAMA)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -83,11 +112,17 @@ def main() -> None:
     weights = {shape: torch.randn(shape) / shape[1] ** 0.5 for shape in shapes}
     packed = {(shape, bits): uniform.prepare(UniformQ.from_float(w, bits, args.group, True))
               for shape, w in weights.items() for bits in args.bits}
+    luts = {shape: tuple(codebook.prepare(random_codebook(shape, args.bits[0], g)) for g in (-1, args.group))
+            for shape in shapes} if "codebook" in args.tables else {}
     for t in args.threads:
         threads.set_threads(t)
         torch.set_num_threads(t)
         bw = stream_bandwidth()
         print(f"\n### {t} thread{'s' * (t > 1)}: STREAM-like read {bw / 1e9:.1f} GB/s\n")
+        if "codebook" in args.tables:
+            codebook_table(packed, luts, args.bits[0], args.group, args.batches, bw)
+        if "uniform" not in args.tables:
+            continue
         print("| shape (N×K) | batch | bits | act | ours ms | bytes moved | GB/s | % of DRAM bw | torch fp32 ms | "
               "torch bf16 ms | torch int4 ms | bf16 / ours |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")

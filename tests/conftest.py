@@ -54,3 +54,31 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
         return out
 
     return make
+
+
+# A ChatML template for the tiny tokenizer (its markers are plain text there): lets chat paths run.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def tiny_quantized_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny llama quantized (RTN 4-bit g32) and saved by lowbit, its tokenizer with a chat template."""
+    import lowbit
+
+    loaded = lowbit.load(tiny_model_dir("llama"))
+    tokenizer = loaded.lowbit_tokenizer
+    tokenizer.chat_template = CHATML
+    out = tmp_path_factory.mktemp("tiny-w4") / "tiny-w4"
+    lowbit.save(lowbit.quantize(loaded, lowbit.RTN(bits=4, group_size=32), progress=False), out, tokenizer)
+    return out
+
+
+@pytest.fixture
+def thread_count():
+    """Set the generated CPU kernels' thread count within a test; the old count comes back after."""
+    from lowbit.kernels.cpu import threads
+
+    before = threads.get()
+    yield threads.set_threads
+    threads.set_threads(before)

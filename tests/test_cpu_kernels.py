@@ -29,11 +29,18 @@ def _close(got, expected, k):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * k ** 0.5 * expected.abs().max().item())
 
 
-@pytest.fixture
-def thread_count():
-    before = threads.get()
-    yield threads.set_threads
-    threads.set_threads(before)
+def check_gemv_gemm(packed, qt, thread_count, counts, seed: int) -> None:
+    """`packed` against the reference at each thread count: GEMV, GEMM with [..., K] input, GEMM with an
+    M tail, with and without bias."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = qt.shape
+    bias = torch.randn(n, generator=g)
+    for t in counts:
+        thread_count(t)
+        for batch in ((1,), (2, 3), (9,)):
+            x = torch.randn(*batch, k, generator=g)
+            _close(packed(x, bias), reference.linear(x, qt, bias), k)
+            _close(packed(x), reference.linear(x, qt), k)
 
 
 @pytest.mark.parametrize("name", ISAS)
@@ -45,14 +52,7 @@ def test_matches_reference(name, bits, group_size, sym, thread_count):
     g = torch.Generator().manual_seed(bits * 7 + group_size)
     n, k = 37, 200  # N odd, K neither a multiple of 32 nor of the group: ragged last group and block
     qt = UniformQ.from_float(torch.randn(n, k, generator=g), bits, group_size, sym)
-    packed = uniform.prepare(qt, name)
-    bias = torch.randn(n, generator=g)
-    for t in (1, 2):
-        thread_count(t)
-        for batch in ((1,), (2, 3), (9,)):  # GEMV, GEMM with [..., K] input, GEMM with an M tail
-            x = torch.randn(*batch, k, generator=g)
-            _close(packed(x, bias), reference.linear(x, qt, bias), k)
-            _close(packed(x), reference.linear(x, qt), k)
+    check_gemv_gemm(uniform.prepare(qt, name), qt, thread_count, (1, 2), seed=bits)
 
 
 @pytest.mark.parametrize("name", ISAS)

@@ -8,12 +8,14 @@
     build.py      compile + cache by hash + ctypes
     threads.py    the thread count ($LOWBIT_THREADS)
     uniform.py    UniformQ: prepare (repack) once per layer, then one C call per matmul
+    codebook.py   CodebookQ: the same, with a table lookup for "scale × (q − zero)" and CSR outliers
 """
 
 from .. import register
-from . import uniform
+from . import codebook, uniform
 from .threads import set_threads
 
 register("uniform", "cpu", prepare=uniform.prepare)(uniform.linear)
+register("codebook", "cpu", prepare=codebook.prepare)(codebook.linear)
 
 __all__ = ["set_threads"]

@@ -31,7 +31,9 @@ class Args(ctypes.Structure):
                 ("n", ctypes.c_int), ("nblocks", ctypes.c_int), ("groups", ctypes.c_int), ("bpg", ctypes.c_int),
                 ("m", ctypes.c_int), ("x", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("y", ctypes.c_void_p),
                 ("threads", ctypes.c_int), ("nb", ctypes.c_int), ("kc", ctypes.c_int), ("xsum", ctypes.c_void_p),
-                ("xq", ctypes.c_void_p), ("xd", ctypes.c_void_p), ("xs", ctypes.c_void_p)]
+                ("xq", ctypes.c_void_p), ("xd", ctypes.c_void_p), ("xs", ctypes.c_void_p),
+                # appended for CodebookQ (lb_linear_lut_b*): sparse outliers in CSR, NULL when none
+                ("orp", ctypes.c_void_p), ("ocol", ctypes.c_void_p), ("oval", ctypes.c_void_p)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +90,8 @@ def load(isa: str) -> ctypes.CDLL | None:
 
 def open_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    for name in [f"lb_linear_b{b}" for b in codegen.BITS] + [f"lb_linear_q_b{b}" for b in codegen.INT8_BITS]:
+    for name in ([f"lb_linear_b{b}" for b in codegen.BITS] + [f"lb_linear_q_b{b}" for b in codegen.INT8_BITS]
+                 + [f"lb_linear_lut_b{b}" for b in codegen.CODEBOOK_BITS]):
         fn = getattr(lib, name, None)
         if fn is not None:
             fn.argtypes, fn.restype = [ctypes.POINTER(Args)], None

@@ -1,4 +1,5 @@
-"""Python writes the C: one source per ISA holding GEMV and GEMM for every bit width of UniformQ.
+"""Python writes the C: one source per ISA holding GEMV and GEMM for every bit width of UniformQ and
+CodebookQ.
 
 The generator knows three things and emits straight-line C from them:
   - the ISA's vector operations (`OPS`: one table of C templates per ISA, like ggml's type table);
@@ -14,12 +15,19 @@ so GEMV accumulates raw codes × x per group, scales once per group, and subtrac
 through per-group sums of x (computed once per call). GEMM dequantizes (q − z)·s, exactly as the
 reference does, into an fp32 tile and runs a register-blocked dot-product micro-kernel over it.
 The int8 GEMV (2–4 bits, x86) does the same sums as u8 × s8 integer dot products per 32-block.
+
+CodebookQ's indices are packed like UniformQ's codes, so both share the unpacking and the loops; only
+the dequantization differs: "s·(q − z)" becomes "T[q]", a lookup in the row's (or group's) table held
+in registers, never a branch (`lut{bits}` in `OPS`: a permute of 4, 8 or 16 fp32 entries; AVX2's
+4-bit GEMV instead looks 32 codes up at once in three byte planes of the table, see `lb_lut32`).
+Its sparse outliers are one CSR pass per thread band after the dense part (`lb_outliers`).
 """
 
 from __future__ import annotations
 
 import functools
 
+from ...formats import CODEBOOK_BITS
 from .layout import plane_bits, pre_shifts
 from .perf_model import GEMV_ROWS, MICRO_TILE, VECTOR_LANES
 from .pool import POOL_C
@@ -95,6 +103,61 @@ OPS["avx2"].update(loadi="_mm256_loadu_si256((const __m256i *)({a}))",
                    dot8="_mm256_madd_epi16(_mm256_maddubs_epi16({a}, {b}), _mm256_set1_epi16(1))")
 OPS["avx512"].update(loadi="_mm512_loadu_si512((const void *)({a}))",
                      dot8="_mm512_madd_epi16(_mm512_maddubs_epi16({a}, {b}), _mm512_set1_epi16(1))")
+# Codebook lookups: lutload{b} puts a table of 2^b fp16 entries into registers as t, lut{b} looks
+# the codes of an int vector up in it. Only the low bits of each lane are read, so codes need no mask
+# (2- and 3-bit tables are repeated to fill the 4-, 8- or 16-entry permute).
+_CVT_H = "_mm_loadu_si128((const __m128i *)({a}))"
+OPS["avx2"].update(
+    lutload2="__m256 {t} = _mm256_cvtph_ps(_mm_set1_epi64x((long long)lb_ld64((const uint32_t *)({a}))));",
+    lut2="_mm256_permutevar_ps({t}, {a})",
+    lutload3=f"__m256 {{t}} = _mm256_cvtph_ps({_CVT_H});",
+    lut3="_mm256_permutevar8x32_ps({t}, {a})",
+    lutload4=f"__m256 {{t}}0 = _mm256_cvtph_ps({_CVT_H}), {{t}}1 = _mm256_cvtph_ps({_CVT_H.replace('{a}', '{a} + 8')});",
+    lut4="_mm256_blendv_ps(_mm256_permutevar8x32_ps({t}0, {a}), _mm256_permutevar8x32_ps({t}1, {a}), "
+         "_mm256_castsi256_ps(_mm256_slli_epi32({a}, 28)))",
+    planes="__m256i {t}[3]; lb_planes({a}, {t});")
+OPS["avx2"]["helpers"] += """
+/* The three non-zero bytes of a 16-entry fp32 table (fp16 values: byte 0 is always 0), each as a
+   16-byte plane in both 128-bit lanes, ready for vpshufb. */
+static inline void lb_planes(const uint16_t *cb, __m256i t[3]) {
+    const __m256i gather = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i a = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)cb)));
+    __m256i b = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cb + 8))));
+    a = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a, gather), order);  /* qword j: byte j of 0-7 */
+    b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(b, gather), order);  /* ... of entries 8-15 */
+    __m256i even = _mm256_unpacklo_epi64(a, b), odd = _mm256_unpackhi_epi64(a, b);  /* bytes 0, 2 | 1, 3 */
+    t[0] = _mm256_permute2x128_si256(odd, odd, 0x00);
+    t[1] = _mm256_permute2x128_si256(even, even, 0x11);
+    t[2] = _mm256_permute2x128_si256(odd, odd, 0x11);
+}
+
+/* 32 codes (one per byte, see _unpack_bytes) -> their 32 fp32 table values: three byte lookups
+   (vpshufb) and two interleaves, in the order of LUT32_XPERM. */
+static inline void lb_lut32(const __m256i t[3], __m256i c, __m256 w[4]) {
+    __m256i z = _mm256_setzero_si256();
+    __m256i p1 = _mm256_shuffle_epi8(t[0], c), p2 = _mm256_shuffle_epi8(t[1], c), p3 = _mm256_shuffle_epi8(t[2], c);
+    __m256i lo1 = _mm256_unpacklo_epi8(z, p1), lo23 = _mm256_unpacklo_epi8(p2, p3);
+    __m256i hi1 = _mm256_unpackhi_epi8(z, p1), hi23 = _mm256_unpackhi_epi8(p2, p3);
+    w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo1, lo23));
+    w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo1, lo23));
+    w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi1, hi23));
+    w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi1, hi23));
+}"""
+_PERMX = "_mm512_permutexvar_ps({a}, {t})"
+OPS["avx512"].update(
+    lutload2="__m512 {t} = _mm512_cvtph_ps(_mm256_set1_epi64x((long long)lb_ld64((const uint32_t *)({a}))));",
+    lutload3=f"__m512 {{t}} = _mm512_cvtph_ps(_mm256_broadcastsi128_si256({_CVT_H}));",
+    lutload4="__m512 {t} = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)({a})));",
+    lut2=_PERMX, lut3=_PERMX, lut4=_PERMX)
+for _b in CODEBOOK_BITS:
+    OPS["scalar"][f"lutload{_b}"] = f"float {{t}}[16]; for (int j = 0; j < 16; j++) {{t}}[j] = lb_h2f(({{a}})[j % {1 << _b}]);"
+    OPS["scalar"][f"lut{_b}"] = f"lb_lut({{t}}, {{a}}, {(1 << _b) - 1})"
+OPS["scalar"]["helpers"] += """
+static inline lb_vf lb_lut(const float *t, lb_vi i, uint32_t mask) {
+    lb_vf v; for (int l = 0; l < LB_LANES; l++) v[l] = t[i[l] & mask]; return v;
+}"""
 OPS["avx512vnni"] = {**OPS["avx512"], "dot8": "_mm512_dpbusd_epi32(_mm512_setzero_si512(), {a}, {b})"}
 INT8_BITS = (2, 3, 4)  # u8 × s8 pairs stay below int16 saturation (maddubs) only up to 4-bit codes
 FLAGS = {"avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"],
@@ -114,49 +177,66 @@ class _Emit:
                                               **dict(zip("abc", args)), **kw)
 
 
-def _unpack_block(e: _Emit, bits: int, src: str, name: str) -> tuple[list[str], list[str]]:
-    """C statements that prepare the block at `src`, and one int-vector expression per field."""
-    lanes, stmts, fields = e.lanes, [], []
+def _load_planes(e: _Emit, bits: int, src: str, name: str) -> list[str]:
+    """C statements that broadcast each bit plane of the block at `src` to {name}p{plane}, lane l
+    shifted right by its pre-shift (see layout.py)."""
+    stmts = []
     for plane, (pb, word) in enumerate(plane_bits(bits)):
-        v = f"{name}p{plane}"
         load = getattr(e, f"bcast{pb}")(f"{src} + {word}")
-        shifts = pre_shifts(pb, lanes)
+        shifts = pre_shifts(pb, e.lanes)
         if any(shifts):
             load = e.srlv(load, e.setr(", ".join(map(str, shifts))))
-        stmts.append(f"{e.ops['vi']} {v} = {load};")
-    for f in range(32 // lanes):
-        parts = []
-        for plane, (pb, _) in enumerate(plane_bits(bits)):
-            v, shift = f"{name}p{plane}", lanes * f
-            if plane == 0:
-                shifted = e.srli(v, shift) if shift else v
-                parts.append(shifted if shift + pb == 32 and pb == lanes else e.band(shifted, e.seti((1 << pb) - 1)))
-            else:  # 3-bit: the high bit, moved to bit 2
-                shifted = e.srli(v, shift - 2) if shift >= 2 else e.slli(v, 2 - shift)
-                parts.append(e.band(shifted, e.seti(4)))
-        fields.append(parts[0] if len(parts) == 1 else e.bor(*parts))
+        stmts.append(f"{e.ops['vi']} {name}p{plane} = {load};")
+    return stmts
+
+
+def _unpack_block(e: _Emit, bits: int, src: str, name: str, mask: bool = True) -> tuple[list[str], list[str]]:
+    """C statements that prepare the block at `src`, and one int-vector expression per field (field f:
+    codes f·L .. f·L + L − 1); with mask=False a code keeps the higher fields above it (lookups read
+    only the low bits). 3-bit planes are merged once per block (_unpack_bytes), not once per field."""
+    lanes, top = e.lanes, 32 // e.lanes - 1
+    if bits == 3:
+        stmts, merged = _unpack_bytes(e, 3, src, name)
+        stmts.append(f"{e.ops['vi']} {name} = {merged};")
+        v = name
+    else:
+        stmts, v = _load_planes(e, bits, src, name), f"{name}p0"
+    fields = []
+    for f in range(top + 1):
+        shifted = e.srli(v, lanes * f) if f else v
+        clean = f == top and (bits == 3 or lanes * f + bits == 32)  # nothing left above the code
+        fields.append(shifted if clean or not mask else e.band(shifted, e.seti((1 << bits) - 1)))
     return stmts, fields
 
 
 def _in_place_shifts(bits: int, lanes: int) -> list[list[int]]:
-    """[field][lane] bit offset at which _fields_in_place leaves each code (2, 4, 8 bits)."""
+    """[field][lane] bit offset at which _fields_in_place leaves each code."""
     top = 32 // lanes - 1
+    if bits == 3:  # _unpack_bytes' merged planes: the variable shift has aligned the lanes already
+        return [[lanes * f] * lanes for f in range(top + 1)]
     return [[(0 if f == top else lanes * f) + s for s in pre_shifts(bits, lanes)] for f in range(top + 1)]
 
 
 def _fields_in_place(e: _Emit, bits: int, src: str, name: str) -> tuple[list[str], list[str]]:
     """Like _unpack_block, but each code is only masked where it lies: cvt gives q·2^offset exactly,
     and the GEMV scales x by 2^-offset once per call (XSCALE), which saves the shifts (one AND per
-    field instead of variable shift + shift + AND). The top field is shifted down so bit 31 stays
-    clear (cvt is signed)."""
-    lanes, top = e.lanes, 32 // e.lanes - 1
-    stmts = [f"{e.ops['vi']} {name} = {getattr(e, f'bcast{bits}')(src)};"]
+    field instead of variable shift + shift + AND). 2-, 4- and 8-bit codes are masked as packed (the
+    top field shifted down so bit 31 stays clear: cvt is signed); 3-bit codes after their two planes
+    are merged once per block (_unpack_bytes), so no field pays for the planes."""
+    lanes, top, vi = e.lanes, 32 // e.lanes - 1, e.ops["vi"]
+    if bits == 3:
+        stmts, merged = _unpack_bytes(e, 3, src, name)
+        stmts.append(f"{vi} {name} = {merged};")
+    else:
+        stmts = [f"{vi} {name} = {getattr(e, f'bcast{bits}')(src)};"]
     fields = []
     for f, offsets in enumerate(_in_place_shifts(bits, lanes)):
-        v = e.srli(name, lanes * f) if f == top else name
+        down = f == top and bits != 3
+        v = e.srli(name, lanes * f) if down else name
         masks = ", ".join(f"(int){((1 << bits) - 1) << o:#x}u" for o in offsets)
-        fields.append(v if f == top and bits == lanes else e.band(v, e.setr(masks)))
+        fields.append(v if down and bits == lanes else e.band(v, e.setr(masks)))
     return stmts, fields
+
 
 
 def _xscale(bits: int, lanes: int) -> str:
@@ -167,7 +247,7 @@ def _xscale(bits: int, lanes: int) -> str:
 
 def _unpack_bytes(e: _Emit, bits: int, src: str, name: str) -> tuple[list[str], str]:
     """All 32 codes of a block as u8 in one vector: byte 4·l + f·L/8 of it holds code f·L + l."""
-    stmts, _ = _unpack_block(e, bits, src, name)
+    stmts = _load_planes(e, bits, src, name)
     lanes, parts = e.lanes, []
     for plane, (pb, _) in enumerate(plane_bits(bits)):
         fields = range(32 // lanes)
@@ -180,6 +260,15 @@ def _unpack_bytes(e: _Emit, bits: int, src: str, name: str) -> tuple[list[str], 
     return stmts, parts[0] if len(parts) == 1 else e.bor(*parts)
 
 
+def _lut32_xperm(lanes: int) -> str:
+    """Which code of a block each activation meets after lb_lut32: its output vector j, element e
+    holds the code at byte 16·(e // 4) + 4·j + e % 4 of the _unpack_bytes vector."""
+    def code(byte: int) -> int:  # _unpack_bytes: byte 4·l + f·L/8 holds code f·L + l
+        return (byte % 4) // (lanes // 8) * lanes + byte // 4
+    order = [code(16 * (e // 4) + 4 * j + e % 4) for j in range(4) for e in range(8)]
+    return f"static const uint8_t LUT32_XPERM[32] = {{{', '.join(map(str, order))}}};\n"
+
+
 def _gemv_int8(e: _Emit, bits: int, rows: int) -> str:
     """GEMV on int8 activations (one scale per 32-block): u8 codes · s8 x summed in int32 per block."""
     vf, vi = e.ops["vf"], e.ops["vi"]
@@ -190,24 +279,64 @@ def _gemv_int8(e: _Emit, bits: int, rows: int) -> str:
     return _gemv_frame(e, bits, rows, "gemvq", body, 1)
 
 
-def _gemv(e: _Emit, bits: int, rows: int) -> str:
-    """GEMV on fp32 activations: codes × x per group (two accumulators per row to hide FMA latency)."""
+def _lut32(e: _Emit, bits: int) -> bool:
+    """Whether the codebook GEMV looks codes up 32 at a time in byte planes (AVX2, 4 bits)."""
+    return bits == 4 and "planes" in e.ops
+
+
+def _gemv(e: _Emit, bits: int, rows: int, lut: bool = False) -> str:
+    """GEMV on fp32 activations: codes (or, with lut, their table values) × x per group (two
+    accumulators per row to hide FMA latency)."""
     vf, lanes = e.ops["vf"], e.lanes
-    unpack = _unpack_block if bits == 3 else _fields_in_place
+    if lut and _lut32(e, bits):
+        return _gemv_lut32(e, rows)
+    if lut:
+        unpack = functools.partial(_unpack_block, mask=False)
+        weight = lambda r, code: getattr(e, f"lut{bits}")(code, t=f"t{r}")  # noqa: E731
+    else:
+        unpack = _fields_in_place
+        weight = lambda r, code: e.cvt(code)  # noqa: E731
     blocks = [unpack(e, bits, f"q{r} + (size_t)blk * {bits}", f"u{r}") for r in range(rows)]
     body = [s for stmts, _ in blocks for s in stmts]
     for f in range(32 // lanes):  # one activation vector live at a time, shared by all rows
         body.append(f"{{ {vf} xf = {e.load(f'a->xs + (size_t)blk * 32 + {f * lanes}')}; "
-                    + " ".join(f"g{r}{f % 2} = {e.fma(e.cvt(fields[f]), 'xf', f'g{r}{f % 2}')};"
+                    + " ".join(f"g{r}{f % 2} = {e.fma(weight(r, fields[f]), 'xf', f'g{r}{f % 2}')};"
                                for r, (_, fields) in enumerate(blocks)) + " }")
+    if lut:
+        return _gemv_frame(e, bits, rows, "gemvlut", body, 2, f"lutload{bits}")
     return _gemv_frame(e, bits, rows, "gemv", body, 2)
 
 
-def _gemv_frame(e: _Emit, bits: int, rows: int, name: str, body: list[str], accs: int) -> str:
+def _gemv_lut32(e: _Emit, rows: int) -> str:
+    """4-bit codebook GEMV on AVX2: a block's 32 codes as bytes, looked up by lb_lut32 against x in
+    LUT32_XPERM order (the driver permutes x once per call)."""
+    vf = e.ops["vf"]
+    blocks = [_unpack_bytes(e, 4, f"q{r} + (size_t)blk * 4", f"u{r}") for r in range(rows)]
+    body = [s for stmts, _ in blocks for s in stmts]
+    body.append(" ".join(f"{vf} x{j} = {e.load(f'a->xs + (size_t)blk * 32 + {8 * j}')};" for j in range(4)))
+    body += [f"{{ {vf} w[4]; lb_lut32(t{r}, {codes}, w); "
+             + " ".join(f"g{r}{j % 2} = {e.fma(f'w[{j}]', f'x{j}', f'g{r}{j % 2}')};" for j in range(4)) + " }"
+             for r, (_, codes) in enumerate(blocks)]
+    return _gemv_frame(e, 4, rows, "gemvlut", body, 2, "planes")
+
+
+def _gemv_frame(e: _Emit, bits: int, rows: int, name: str, body: list[str], accs: int,
+                table: str | None = None) -> str:
     """The loop over groups and blocks around `body`, which adds row r's block into g{r}0..g{r}{accs-1};
-    per group: one scale FMA and the zero-point fold through the group's sum of activations."""
+    per group: one scale FMA and the zero-point fold through the group's sum of activations, or for a
+    codebook (`table`: the OPS template that loads row r's table of the group as t{r}) a plain sum."""
     vf, rr = e.ops["vf"], range(rows)
     gsum = lambda r: functools.reduce(e.add, [f"g{r}{j}" for j in range(accs)])  # noqa: E731
+    if table:
+        start = " ".join(getattr(e, table)(f"a->sc + ((size_t)(row + {r}) * a->groups + g) * {1 << bits}", t=f"t{r}")
+                         for r in rr)
+        fold = " ".join(f"acc{r} = {e.add(gsum(r), f'acc{r}')};" for r in rr)
+    else:
+        start = ""
+        fold = " ".join(f'{{ size_t i = (size_t)(row + {r}) * a->groups + g; float s = {e.h2f("a->sc[i]")};'
+                        f' float z = a->zp ? (float)a->zp[i] : (float)a->zdef;'
+                        f' acc{r} = {e.fma(gsum(r), e.setf("s"), f"acc{r}")}; corr{r} += s * z * a->xsum[g]; }}'
+                        for r in rr)
     return f"""
 static void {name}_b{bits}_r{rows}(const lb_args *a, int row) {{
     size_t stride = (size_t)a->nblocks * {bits};
@@ -215,14 +344,11 @@ static void {name}_b{bits}_r{rows}(const lb_args *a, int row) {{
     {' '.join(f'{vf} acc{r} = {e.zero()}; float corr{r} = 0;' for r in rr)}
     for (int g = 0; g < a->groups; g++) {{
         int b0 = g * a->bpg, b1 = b0 + a->bpg < a->nblocks ? b0 + a->bpg : a->nblocks;
-        {' '.join(f'{vf} g{r}{j} = {e.zero()};' for r in rr for j in range(accs))}
+        {' '.join(f'{vf} g{r}{j} = {e.zero()};' for r in rr for j in range(accs))} {start}
         for (int blk = b0; blk < b1; blk++) {{
             {(chr(10) + ' ' * 12).join(body)}
         }}
-        {' '.join(f'{{ size_t i = (size_t)(row + {r}) * a->groups + g; float s = {e.h2f("a->sc[i]")};'
-                  f' float z = a->zp ? (float)a->zp[i] : (float)a->zdef;'
-                  f' acc{r} = {e.fma(gsum(r), e.setf("s"), f"acc{r}")}; corr{r} += s * z * a->xsum[g]; }}'
-                  for r in rr)}
+        {fold}
     }}
     {' '.join(f'a->y[row + {r}] = {e.hsum(f"acc{r}")} - corr{r} + (a->bias ? a->bias[row + {r}] : 0.0f);'
               for r in rr)}
@@ -230,20 +356,25 @@ static void {name}_b{bits}_r{rows}(const lb_args *a, int row) {{
 """
 
 
-def _dequant(e: _Emit, bits: int) -> str:
-    """Blocks [kb, kb + nkb) of one row to fp32 (q - z)·s, exactly the reference's values."""
-    stmts, fields = _unpack_block(e, bits, f"q + (size_t)blk * {bits}", "u")
+def _dequant(e: _Emit, bits: int, lut: bool = False) -> str:
+    """Blocks [kb, kb + nkb) of one row to fp32 (q - z)·s, or T[q] with lut: the reference's values."""
+    stmts, fields = _unpack_block(e, bits, f"q + (size_t)blk * {bits}", "u", mask=not lut)
     lanes = e.lanes
-    stores = [e.store(f"out + (size_t)(blk - kb) * 32 + {f * lanes}", e.fma(e.cvt(c), "vs", "vz"))
-              for f, c in enumerate(fields)]
+    if lut:
+        setup = getattr(e, f"lutload{bits}")(f"a->sc + i * {1 << bits}", t="t")
+        values = [getattr(e, f"lut{bits}")(c, t="t") for c in fields]
+    else:
+        setup = (f"float s = {e.h2f('a->sc[i]')}, z = a->zp ? (float)a->zp[i] : (float)a->zdef; "
+                 f"{e.ops['vf']} vs = {e.setf('s')}, vz = {e.setf('-z * s')};")
+        values = [e.fma(e.cvt(c), "vs", "vz") for c in fields]
+    stores = [e.store(f"out + (size_t)(blk - kb) * 32 + {f * lanes}", v) for f, v in enumerate(values)]
     nl = "\n        "
     return f"""
-static void dequant_b{bits}(const lb_args *a, int row, int kb, int nkb, float *out) {{
+static void dequant{'lut' * lut}_b{bits}(const lb_args *a, int row, int kb, int nkb, float *out) {{
     const uint32_t *q = a->qw + (size_t)row * a->nblocks * {bits};
     for (int blk = kb; blk < kb + nkb; blk++) {{
         size_t i = (size_t)row * a->groups + blk / a->bpg;
-        float s = {e.h2f("a->sc[i]")}, z = a->zp ? (float)a->zp[i] : (float)a->zdef;
-        {e.ops['vf']} vs = {e.setf("s")}, vz = {e.setf("-z * s")};
+        {setup}
         {nl.join(stmts)}
         {(';' + nl).join(stores)};
     }}
@@ -269,7 +400,7 @@ static void micro_{mr}x{nr}(const float *x, int ldx, const float *w, int ldw, in
 """
 
 
-def _gemv_task(name: str, bits: int) -> str:
+def _gemv_task(name: str, bits: int, after: str = "") -> str:
     return f"""
 static void {name}_task_b{bits}(void *p, int tid, int nthr) {{
     const lb_args *a = p;
@@ -277,6 +408,7 @@ static void {name}_task_b{bits}(void *p, int tid, int nthr) {{
     int row = lo;
     for (; row + {GEMV_ROWS} <= hi; row += {GEMV_ROWS}) {name}_b{bits}_r{GEMV_ROWS}(a, row);
     for (; row < hi; row++) {name}_b{bits}_r1(a, row);
+    {after}
     (void)nthr;
 }}
 """
@@ -288,12 +420,15 @@ LB_EXPORT void lb_linear_q_b{bits}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bi
 """
 
 
-def _per_bits(bits: int) -> str:
-    """The thread tasks and the exported entry point for one bit width."""
+def _per_bits(bits: int, lut: bool = False, lut32: bool = False) -> str:
+    """The thread tasks and the exported entry point for one bit width (lut: of the codebook kind,
+    whose outliers each thread adds to its own band of rows)."""
+    kind, after = ("lut", "lb_outliers(a, lo, hi);") if lut else ("", "")
+    xform = ("NULL, LUT32_XPERM" if lut32 else "NULL, NULL") if lut else f"XSCALE_B{bits}, NULL"
     return f"""
-{_gemv_task("gemv", bits)}
+{_gemv_task(f"gemv{kind}", bits, after)}
 
-static void gemm_task_b{bits}(void *p, int tid, int nthr) {{
+static void gemm{kind}_task_b{bits}(void *p, int tid, int nthr) {{
     const lb_args *a = p;
     int lo, hi; lb_band(a, tid, MICRO_NR, &lo, &hi);
     if (lo >= hi) return;
@@ -302,16 +437,17 @@ static void gemm_task_b{bits}(void *p, int tid, int nthr) {{
         int rows = hi - nt < a->nb ? hi - nt : a->nb;
         for (int kb = 0; kb < a->nblocks; kb += a->kc / 32) {{
             int nkb = a->nblocks - kb < a->kc / 32 ? a->nblocks - kb : a->kc / 32;
-            for (int r = 0; r < rows; r++) dequant_b{bits}(a, nt + r, kb, nkb, buf + (size_t)r * a->kc);
+            for (int r = 0; r < rows; r++) dequant{kind}_b{bits}(a, nt + r, kb, nkb, buf + (size_t)r * a->kc);
             lb_gemm_tile(a, buf, nt, rows, kb, nkb);
         }}
     }}
     free(buf);
+    {after}
     (void)nthr;
 }}
 
-LB_EXPORT void lb_linear_b{bits}(lb_args *a) {{
-    lb_linear(a, gemv_task_b{bits}, gemm_task_b{bits}, {f"XSCALE_B{bits}" if bits != 3 else "NULL"});
+LB_EXPORT void lb_linear{"_" * lut}{kind}_b{bits}(lb_args *a) {{
+    lb_linear(a, gemv{kind}_task_b{bits}, gemm{kind}_task_b{bits}, {xform});
 }}
 """
 
@@ -329,7 +465,9 @@ typedef struct {
     int threads, nb, kc;
     float *xsum;
     int8_t *xq; float *xd;  /* int8 path: activations per 32-block (SIMD byte order) and their scales */
-    const float *xs;        /* fp32 GEMV: x times 2^-(bit offset of its code), see _fields_in_place */
+    const float *xs;        /* fp32 GEMV: x times 2^-(bit offset of its code), see _fields_in_place,
+                               or in the order of the codebook lookups (LUT32_XPERM) */
+    const int32_t *orp; const int32_t *ocol; const float *oval;  /* codebook outliers (CSR), or NULL */
 } lb_args;
 
 /* Thread `tid`'s contiguous band of output rows, in multiples of `align` rows. */
@@ -364,13 +502,57 @@ static void lb_gemm_tile(const lb_args *a, const float *buf, int nt, int rows, i
     }
 }
 
-static void lb_linear(lb_args *a, lb_task gemv, lb_task gemm, const float *xscale) {
+/* Codebook kernels: rows [lo, hi) of y += S·x for every token, S the sparse outliers (CSR). For
+   several tokens x is transposed, 64 tokens at a time, so each entry meets 8 tokens' x as one
+   contiguous vector. */
+typedef float lb_f8 __attribute__((vector_size(32)));
+
+__attribute__((unused)) static void lb_outliers(const lb_args *a, int lo, int hi) {
+    if (!a->orp || lo >= hi) return;
+    int ldx = a->nblocks * 32;
+    if (a->m == 1) {
+        for (int r = lo; r < hi; r++) {
+            float s = 0;
+            for (int p = a->orp[r]; p < a->orp[r + 1]; p++) s += a->oval[p] * a->x[a->ocol[p]];
+            a->y[r] += s;
+        }
+        return;
+    }
+    enum { CHUNK = 64 };  /* tokens per transposed chunk (a multiple of 8) */
+    float *xt = lb_alloc((size_t)ldx * CHUNK);
+    for (int m0 = 0; m0 < a->m; m0 += CHUNK) {
+        int mc = a->m - m0 < CHUNK ? a->m - m0 : CHUNK, w = (mc + 7) & ~7;  /* xt rows: w tokens, 0-padded */
+        for (int m = 0; m < w; m++)
+            for (int k = 0; k < ldx; k++) xt[(size_t)k * w + m] = m < mc ? a->x[(size_t)(m0 + m) * ldx + k] : 0.0f;
+        for (int r = lo; r < hi; r++)
+            for (int m8 = 0; m8 < mc; m8 += 8) {  /* 8 tokens in a register, two chains of entries */
+                lb_f8 s0 = {0}, s1 = {0}, x0, x1;
+                int p = a->orp[r], end = a->orp[r + 1];
+                for (; p + 1 < end; p += 2) {
+                    memcpy(&x0, xt + (size_t)a->ocol[p] * w + m8, sizeof x0);
+                    memcpy(&x1, xt + (size_t)a->ocol[p + 1] * w + m8, sizeof x1);
+                    s0 += a->oval[p] * x0; s1 += a->oval[p + 1] * x1;
+                }
+                if (p < end) { memcpy(&x0, xt + (size_t)a->ocol[p] * w + m8, sizeof x0); s0 += a->oval[p] * x0; }
+                s0 += s1;
+                for (int j = 0; j < 8 && m8 + j < mc; j++) a->y[(size_t)(m0 + m8 + j) * a->n + r] += s0[j];
+            }
+    }
+    free(xt);
+}
+
+/* The GEMV reads x scaled per position in its block (xscale, see _fields_in_place), permuted within
+   its block (xperm, see lb_lut32) or as it is (both NULL). */
+static void lb_linear(lb_args *a, lb_task gemv, lb_task gemm, const float *xscale, const uint8_t *xperm) {
     if (a->threads > lb_pool.n) a->threads = lb_pool.n;
     if (a->m == 1) {  /* per-group sums of x, for the zero-point fold */
         float xs[a->groups], *scaled = NULL;
         if (xscale) {
             scaled = lb_alloc((size_t)a->nblocks * 32);
             for (int k = 0; k < a->nblocks * 32; k++) scaled[k] = a->x[k] * xscale[k % 32];
+        } else if (xperm) {
+            scaled = lb_alloc((size_t)a->nblocks * 32);
+            for (int k = 0; k < a->nblocks * 32; k++) scaled[k] = a->x[k - k % 32 + xperm[k % 32]];
         }
         a->xs = scaled ? scaled : a->x;
         for (int g = 0; g < a->groups; g++) {
@@ -419,15 +601,19 @@ __attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq) {
 
 
 def generate(isa: str) -> str:
-    """The complete C source for `isa`."""
+    """The complete C source for `isa`: UniformQ (lb_linear_b*, lb_linear_q_b*) and CodebookQ
+    (lb_linear_lut_b*) kernels."""
     e = _Emit(isa)
     mr, nr = MICRO_TILE[isa]
     micro = "".join(_micro(e, m, n) for m in range(1, mr + 1) for n in range(1, nr + 1))
     table = ", ".join("{" + ", ".join(f"micro_{m}x{n}" for n in range(1, nr + 1)) + "}" for m in range(1, mr + 1))
-    kernels = "".join(_xscale(b, e.lanes) for b in BITS if b != 3)
+    kernels = "".join(_xscale(b, e.lanes) for b in BITS)
     kernels += "".join(_gemv(e, b, GEMV_ROWS) + _gemv(e, b, 1) + _dequant(e, b) for b in BITS)
     int8 = [b for b in INT8_BITS if "dot8" in e.ops]
     kernels += "".join(_gemv_int8(e, b, GEMV_ROWS) + _gemv_int8(e, b, 1) + _per_bits_int8(b) for b in int8)
+    kernels += _lut32_xperm(e.lanes) if "planes" in e.ops else ""
+    kernels += "".join(_gemv(e, b, GEMV_ROWS, True) + _gemv(e, b, 1, True) + _dequant(e, b, True) + _per_bits(b, True, _lut32(e, b))
+                       for b in CODEBOOK_BITS)
     return "\n".join([
         f"/* Generated by lowbit.kernels.cpu.codegen for {isa}; do not edit. */",
         "#include <math.h>\n#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>", e.ops["include"],

@@ -111,4 +111,9 @@ static void lb_pool_run(lb_task fn, void *arg, int want) {
     while (atomic_load_explicit(&lb_pool.pending, memory_order_acquire) > 0) LB_RELAX();
     pthread_mutex_unlock(&one_job);
 }
+
+/* The pool for other native code in the process (the decode engine): one set of threads in all. */
+__attribute__((visibility("default"))) void lb_parallel(lb_task fn, void *arg, int want) {
+    lb_pool_run(fn, arg, want);
+}
 """

@@ -15,8 +15,9 @@ import os
 
 import torch
 
-from ...formats import UniformQ
+from ...formats import QTensor, UniformQ
 from ...formats.packing import BLOCK
+from ...formats.uniform import effective_group
 from .. import reference
 from . import build, isa as isa_mod, perf_model, threads
 from .layout import repack
@@ -42,20 +43,27 @@ class PackedUniform:
     """A UniformQ in the SIMD layout of one ISA, callable as linear(x, bias). Built once per layer."""
 
     def __init__(self, qt: UniformQ, isa: str, lib: ctypes.CDLL):
-        n, k = qt.shape
-        self.isa, self.n, self.k = isa, n, k
-        self.nblocks = -(-k // BLOCK)
-        self.groups = qt.scales.shape[1]
-        self.bpg = self.nblocks if qt.group_size == -1 else qt.group_size // BLOCK
-        self.qweight = repack(qt.qweight.contiguous(), qt.bits, k, perf_model.VECTOR_LANES[isa])
+        self._layout(qt, isa)
         self.scales = qt.scales.to(torch.float16).contiguous()
         self.zeros = None if qt.zeros is None else qt.zeros.to(torch.uint8).contiguous()
         self.zdef = 2 ** (qt.bits - 1)
-        self.bytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros)
-                         if t is not None)
         self.fn = getattr(lib, f"lb_linear_b{qt.bits}")
         self.qfn = getattr(lib, f"lb_linear_q_b{qt.bits}", None)
+
+    def _layout(self, qt: QTensor, isa: str) -> None:
+        """What every packed kind shares: shape, blocks, groups and the codes repacked for the ISA."""
+        n, k = qt.shape
+        self.isa, self.n, self.k = isa, n, k
+        self.nblocks = -(-k // BLOCK)
+        self.groups = -(-k // effective_group(qt.group_size, k))
+        self.bpg = self.nblocks if qt.group_size == -1 else qt.group_size // BLOCK
+        self.qweight = repack(qt.qweight.contiguous(), qt.bits, k, perf_model.VECTOR_LANES[isa])
         self._plans: dict[tuple[bool, int], perf_model.Plan] = {}
+
+    @property
+    def bytes(self) -> int:
+        """Bytes the kernel reads per call for the weights (codes, scales or tables, ...)."""
+        return sum(t.numel() * t.element_size() for t in (getattr(self, a) for a in self.WEIGHTS) if t is not None)
 
     def plan(self, m: int) -> perf_model.Plan:
         key = (m == 1, threads.get())
@@ -63,6 +71,23 @@ class PackedUniform:
             self._plans[key] = perf_model.plan(isa_mod.detect(), self.isa, self.n, self.nblocks * BLOCK,
                                                self.bytes, m, key[1])
         return self._plans[key]
+
+    WEIGHTS = ("qweight", "scales", "zeros")  # the tensors `native` points at (the engine may move them)
+
+    def _call(self, m: int, bias: torch.Tensor | None):
+        """The kernel for m tokens and its Args, x and y still NULL."""
+        p = self.plan(m)
+        args = build.Args(self.qweight.data_ptr(), self.scales.data_ptr(),
+                          None if self.zeros is None else self.zeros.data_ptr(), self.zdef, self.n,
+                          self.nblocks, self.groups, self.bpg, m, None,
+                          None if bias is None else bias.data_ptr(), None, p.threads, p.nb, p.kc)
+        return self.qfn if m == 1 and _INT8["on"] and self.qfn is not None else self.fn, args
+
+    def native(self, m: int, bias: torch.Tensor | None = None) -> tuple[int, build.Args]:
+        """(address of the C kernel, its Args) for m tokens of padded width nblocks·32: a native
+        caller (the decode engine) fills in x, y and m and calls it without Python."""
+        fn, args = self._call(m, bias)
+        return ctypes.cast(fn, ctypes.c_void_p).value, args
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # kept lean: a decode step calls this hundreds of times for microseconds of work each
@@ -77,24 +102,21 @@ class PackedUniform:
         if m:
             if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
                 bias = bias.float().contiguous()
-            p = self.plan(m)
-            args = build.Args(self.qweight.data_ptr(), self.scales.data_ptr(),
-                              None if self.zeros is None else self.zeros.data_ptr(), self.zdef, self.n,
-                              self.nblocks, self.groups, self.bpg, m, x32.data_ptr(),
-                              None if bias is None else bias.data_ptr(), y.data_ptr(), p.threads, p.nb, p.kc)
-            fn = self.qfn if m == 1 and _INT8["on"] and self.qfn is not None else self.fn
+            fn, args = self._call(m, bias)
+            args.x, args.y = x32.data_ptr(), y.data_ptr()
             fn(ctypes.byref(args))
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def prepare(qt: UniformQ, isa: str | None = None) -> PackedUniform | None:
-    """The packed layer for the best ISA this CPU runs (or `isa`); None when no kernel can be built."""
+def prepare(qt: UniformQ, isa: str | None = None, cls: type[PackedUniform] = PackedUniform) -> PackedUniform | None:
+    """The packed layer (a `cls`) for the best ISA this CPU runs (or `isa`); None when no kernel can
+    be built."""
     isa = isa or isa_mod.selected()
     lib = build.load(isa)
     if lib is None:
         return None
     threads.apply(lib)
-    return PackedUniform(qt, isa, lib)
+    return cls(qt, isa, lib)
 
 
 def linear(x: torch.Tensor, qt: UniformQ, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,500 @@
+"""The decode engine's C: one call runs the whole decoder for a chunk of tokens (see engine.py).
+
+Plain C with GCC/Clang vector extensions (8 floats), so the compiler emits AVX2/FMA/F16C code with
+the kernels' flags and portable code elsewhere. What it does not know is how a quantized linear is
+stored: each one is a kernel address from the generated library plus a prefilled `lb_args` (its
+weights, tiles, threads), and the engine only fills in x, y and m, so every format the kernel
+library supports runs here unchanged. Weights the engine reads itself (an unquantized head) are
+fp16 or bf16. Parallel work (attention over heads, fp GEMV over rows) runs on the kernel library's
+own thread pool (`lb_parallel`), so the process keeps one set of threads.
+
+Layer semantics, all taken from the HF model by engine.py: norms IN (before attention), ATTN_OUT
+(Gemma's sandwich norm after attention, optional), FFN_IN (before the MLP), FFN_OUT (optional), QN/KN
+(per-head QK-norm, optional); fused qkv / gate_up projections write one [m, q|k|v] row per token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from ..kernels.cpu.build import Args
+
+_CTYPES = {ctypes.c_void_p: "void *", ctypes.c_int: "int"}
+
+
+def args_struct() -> str:
+    """The C mirror of build.Args, generated from its ctypes fields so the two cannot drift."""
+    fields = " ".join(f"{_CTYPES[t]} {name};" for name, t in Args._fields_)
+    return f"typedef struct {{ {fields} }} lb_args;"
+
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#define EX __attribute__((visibility("default")))
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint16_t v8u __attribute__((vector_size(16)));
+
+@ARGS@
+typedef void (*lb_kernel)(lb_args *);
+typedef void (*lb_task)(void *arg, int tid, int nthr);
+typedef void (*lb_par)(lb_task fn, void *arg, int want);
+
+enum { Q, K, V, O, GATE, UP, DOWN, NLIN };            /* fused: Q = qkv, GATE = gate_up; K/V/UP unused */
+enum { IN, ATTN_OUT, FFN_IN, FFN_OUT, QN, KN, NNORM };
+enum { ACT_SILU, ACT_GELU_TANH, ACT_GELU };
+enum { DT_F32, DT_F16, DT_BF16 };
+enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, NPROF };
+#define MIN_PAR_WORK (1 << 18)  /* multiply-adds below which waking the pool costs more than it saves */
+
+static inline v8 ld8(const float *p) { v8 v; memcpy(&v, p, 32); return v; }
+static inline void st8(float *p, v8 v) { memcpy(p, &v, 32); }
+#ifdef __F16C__
+#include <immintrin.h>  /* GCC scalarizes vector conversions from _Float16: use the F16C instruction */
+static inline v8 ldh8(const _Float16 *p) { return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#else
+static inline v8 ldh8(const _Float16 *p) { v8 v; for (int i = 0; i < 8; i++) v[i] = (float)p[i]; return v; }
+#endif
+static inline v8 ldb8(const uint16_t *p) { v8u h; memcpy(&h, p, 16); return (v8)(__builtin_convertvector(h, v8i) << 16); }
+static inline float hsum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {  /* round to nearest even */
+    uint32_t u; memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+static double now_s(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+
+static inline v8 vmin8(v8 a, v8 b) { v8i m = a < b; return (v8)(((v8i)a & m) | ((v8i)b & ~m)); }
+static inline v8 vmax8(v8 a, v8 b) { v8i m = a > b; return (v8)(((v8i)a & m) | ((v8i)b & ~m)); }
+
+/* exp for 8 lanes: Cephes' expf (x = n ln2 + r, degree-6 polynomial), ~1 ulp on [-87, 88]. */
+static inline v8 exp8(v8 x) {
+    const v8 hi = {88.3f, 88.3f, 88.3f, 88.3f, 88.3f, 88.3f, 88.3f, 88.3f};
+    x = vmin8(vmax8(x, -hi), hi);
+    v8 t = x * 1.44269504088896341f + 12582912.0f;  /* round to nearest through the float mantissa */
+    v8 n = t - 12582912.0f;
+    v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v8 p = r * 1.9875691500E-4f + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f; p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f; p = p * r + 5.0000001201E-1f;
+    p = p * r * r + r + 1.0f;
+    v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
+    return p * (v8)e;
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+    v8 s0 = {0}, s1 = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16) { s0 += ld8(a + i) * ld8(b + i); s1 += ld8(a + i + 8) * ld8(b + i + 8); }
+    for (; i + 8 <= n; i += 8) s0 += ld8(a + i) * ld8(b + i);
+    float s = hsum8(s0 + s1);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+typedef struct {
+    int n, k, kp;                   /* outputs, inputs, inputs padded to the kernel's row stride */
+    lb_kernel gemv_fn, gemm_fn;     /* quantized kernels (NULL: fp weights below) */
+    lb_args gemv, gemm;             /* their argument templates for 1 and for many tokens */
+    const void *w; int wdt;         /* fp weights [n][k], DT_F16 or DT_BF16 */
+    const float *bias;
+} eng_lin;
+
+typedef struct {
+    eng_lin lin[NLIN];
+    const float *norm[NNORM]; float eps[NNORM];
+    int fused_qkv, fused_gate_up, window, rope;
+    float scale, softcap;
+} eng_layer;
+
+typedef struct {
+    int layers, hidden, heads, kvh, hd, inter, vocab, max_ctx, half, act, kvdt, chunk, threads, max_threads;
+    float embed_scale, final_cap;
+    const float *embed;
+    eng_lin head; const float *final_norm; float final_eps;
+    const float *cos[2], *sin[2];   /* [max_ctx][half] per RoPE table (Gemma 3: local and global) */
+    char *kc, *vc; size_t kv_bytes; /* [layer][kv head][max_ctx][hd] */
+    eng_layer *L;
+    lb_par par;
+    int profile; double prof[NPROF];
+    float *x, *t, *qkv, *att, *o, *gu, *pad, *scores;
+} eng;
+
+/* ---------- fp GEMV/GEMM over fp16 or bf16 weights, 4 rows at a time, rows split over threads ---------- */
+typedef struct { const eng_lin *L; const float *x; int m; float *y; } fp_job;
+
+#define FP_TASK(NAME, T, LD8, LD1)                                                                  \
+static void NAME(void *p, int tid, int nthr) {                                                      \
+    const fp_job *J = p; const eng_lin *L = J->L; const T *w = L->w; int n = L->n, k = L->k;        \
+    int per = ((n + 3) / 4 + nthr - 1) / nthr * 4, lo = tid * per, hi = lo + per < n ? lo + per : n; \
+    for (int r = lo; r < hi; r += 4) {                                                              \
+        const T *w0 = w + (size_t)r * k, *w1 = w0 + (r + 1 < hi ? k : 0),                           \
+                *w2 = w0 + (r + 2 < hi ? 2 * (size_t)k : 0), *w3 = w0 + (r + 3 < hi ? 3 * (size_t)k : 0); \
+        for (int i = 0; i < J->m; i++) {                                                            \
+            const float *x = J->x + (size_t)i * k;                                                  \
+            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                              \
+            int c = 0;                                                                              \
+            for (; c + 8 <= k; c += 8) {                                                            \
+                v8 xv = ld8(x + c);                                                                 \
+                a0 += xv * LD8(w0 + c); a1 += xv * LD8(w1 + c); a2 += xv * LD8(w2 + c); a3 += xv * LD8(w3 + c); \
+            }                                                                                       \
+            float s[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};                              \
+            for (; c < k; c++) { s[0] += x[c] * LD1(w0[c]); s[1] += x[c] * LD1(w1[c]);              \
+                                 s[2] += x[c] * LD1(w2[c]); s[3] += x[c] * LD1(w3[c]); }            \
+            for (int j = 0; j < 4 && r + j < hi; j++)                                               \
+                J->y[(size_t)i * n + r + j] = s[j] + (L->bias ? L->bias[r + j] : 0.0f);             \
+        }                                                                                           \
+    }                                                                                               \
+}
+#define H1(v) ((float)(v))
+FP_TASK(fp_task_f16, _Float16, ldh8, H1)
+FP_TASK(fp_task_bf16, uint16_t, ldb8, bf2f)
+
+/* y[m][n] = x[m][k] · W^T + bias; x rows have stride k (padded to kp for the quantized kernels). */
+static void linear(eng *E, const eng_lin *L, const float *x, int m, float *y) {
+    if (L->gemv_fn) {
+        if (L->kp != L->k) {
+            for (int i = 0; i < m; i++) {
+                memcpy(E->pad + (size_t)i * L->kp, x + (size_t)i * L->k, sizeof(float) * L->k);
+                memset(E->pad + (size_t)i * L->kp + L->k, 0, sizeof(float) * (L->kp - L->k));
+            }
+            x = E->pad;
+        }
+        lb_args a = m == 1 ? L->gemv : L->gemm;
+        a.m = m; a.x = (void *)x; a.y = y;
+        (m == 1 ? L->gemv_fn : L->gemm_fn)(&a);
+        return;
+    }
+    fp_job J = {L, x, m, y};
+    long work = (long)L->n * L->k * m;
+    E->par(L->wdt == DT_BF16 ? fp_task_bf16 : fp_task_f16, &J, work >= MIN_PAR_WORK ? E->threads : 1);
+}
+
+/* ---------- elementwise ---------- */
+static void rmsnorm(const float *x, const float *w, float eps, int n, float *y) {
+    v8 acc = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) { v8 v = ld8(x + i); acc += v * v; }
+    float ss = hsum8(acc);
+    for (; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / n + eps);
+    for (i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
+
+static void rope(float *v, const float *c, const float *s, int half) {
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i] + a * s[i];
+    }
+}
+
+/* out[i] = act(g[i]) * u[i] for n values (n padded to 8 through a small tail buffer) */
+static inline v8 act8(int act, v8 x) {
+    if (act == ACT_SILU) return x / (1.0f + exp8(-x));
+    if (act == ACT_GELU_TANH) {
+        v8 z = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        return 0.5f * x * (1.0f + (1.0f - 2.0f / (exp8(2.0f * z) + 1.0f)));
+    }
+    for (int j = 0; j < 8; j++) x[j] = 0.5f * x[j] * (1.0f + erff(x[j] * 0.70710678118654752f));
+    return x;
+}
+
+static void gated(int act, const float *g, const float *u, int n, float *out) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) st8(out + i, act8(act, ld8(g + i)) * ld8(u + i));
+    if (i < n) {  /* the tail through a zero-padded block */
+        float gb[8] = {0}, ub[8] = {0}, ob[8];
+        memcpy(gb, g + i, sizeof(float) * (n - i)); memcpy(ub, u + i, sizeof(float) * (n - i));
+        st8(ob, act8(act, ld8(gb)) * ld8(ub));
+        memcpy(out + i, ob, sizeof(float) * (n - i));
+    }
+}
+
+/* ---------- attention over the KV cache ---------- */
+typedef struct { eng *E; int layer, m, pos0; const float *q; int ldq; float *out; } att_job;
+
+#define KTILE 16  /* keys per Q·K^T tile */
+
+/* One token's `nh` query heads (one KV group: they share every K and V row, converted to fp32 once)
+   at position p against cached positions [lo, p]; sc holds nh rows of max_ctx scores. */
+#define ATTEND(NAME, T, LD8, LD1)                                                                   \
+static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int p, const float *q, \
+                 int nh, float *out, float *sc) {                                                   \
+    int hd = E->hd, lo = Y->window > 0 && p - Y->window + 1 > 0 ? p - Y->window + 1 : 0, len = p - lo + 1; \
+    float tile[KTILE * hd], sum[nh];                                                                \
+    for (int t0 = 0; t0 < len; t0 += KTILE) {  /* Q·K^T: KTILE keys converted once, 4 dots at a time */ \
+        int nt = len - t0 < KTILE ? len - t0 : KTILE;                                               \
+        const T *kr = kb + (size_t)(lo + t0) * hd;                                                  \
+        int c = 0;                                                                                  \
+        for (; c + 8 <= nt * hd; c += 8) st8(tile + c, LD8(kr + c));                                \
+        for (; c < nt * hd; c++) tile[c] = LD1(kr[c]);                                              \
+        for (int h = 0; h < nh; h++) {                                                              \
+            const float *qh = q + (size_t)h * hd; float *sh = sc + (size_t)h * E->max_ctx + t0;     \
+            int j = 0;                                                                              \
+            for (; hd % 8 == 0 && j + 4 <= nt; j += 4) {                                            \
+                const float *k0 = tile + (size_t)j * hd;                                            \
+                v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                          \
+                for (int d = 0; d < hd; d += 8) {                                                   \
+                    v8 x = ld8(qh + d);                                                             \
+                    a0 += x * ld8(k0 + d); a1 += x * ld8(k0 + hd + d);                              \
+                    a2 += x * ld8(k0 + 2 * hd + d); a3 += x * ld8(k0 + 3 * hd + d);                 \
+                }                                                                                   \
+                sh[j] = hsum8(a0); sh[j + 1] = hsum8(a1); sh[j + 2] = hsum8(a2); sh[j + 3] = hsum8(a3); \
+            }                                                                                       \
+            for (; j < nt; j++) sh[j] = dot(qh, tile + (size_t)j * hd, hd);                         \
+        }                                                                                           \
+    }                                                                                               \
+    for (int h = 0; h < nh; h++) {  /* scale, soft-cap, softmax (normalised after P·V) */           \
+        float *sh = sc + (size_t)h * E->max_ctx, mx = -INFINITY; int t;                            \
+        for (t = 0; t < len; t++) {                                                                 \
+            float v = sh[t] * Y->scale;                                                             \
+            if (Y->softcap > 0) v = tanhf(v / Y->softcap) * Y->softcap;                             \
+            sh[t] = v; mx = v > mx ? v : mx;                                                        \
+        }                                                                                           \
+        sum[h] = 0;                                                                                 \
+        for (t = 0; t + 8 <= len; t += 8) { v8 e = exp8(ld8(sh + t) - mx); st8(sh + t, e); sum[h] += hsum8(e); } \
+        for (; t < len; t++) { sh[t] = expf(sh[t] - mx); sum[h] += sh[t]; }                         \
+    }                                                                                               \
+    for (int h = 0; h < nh; h++) {  /* P·V, 32 output dims at a time in registers */              \
+        const float *sh = sc + (size_t)h * E->max_ctx; float *o = out + (size_t)h * hd, inv = 1.0f / sum[h]; \
+        int d0 = 0;                                                                                 \
+        for (; d0 + 32 <= hd; d0 += 32) {                                                           \
+            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                              \
+            const T *vr = vb + (size_t)lo * hd + d0;                                                \
+            for (int t = 0; t < len; t++, vr += hd) {                                               \
+                v8 w = {0}; w += sh[t];                                                             \
+                a0 += w * LD8(vr); a1 += w * LD8(vr + 8); a2 += w * LD8(vr + 16); a3 += w * LD8(vr + 24); \
+            }                                                                                       \
+            st8(o + d0, a0 * inv); st8(o + d0 + 8, a1 * inv); st8(o + d0 + 16, a2 * inv); st8(o + d0 + 24, a3 * inv); \
+        }                                                                                           \
+        for (int d = d0; d < hd; d++) {                                                             \
+            float a = 0;                                                                            \
+            for (int t = 0; t < len; t++) a += sh[t] * LD1(vb[(size_t)(lo + t) * hd + d]);          \
+            o[d] = a * inv;                                                                         \
+        }                                                                                           \
+    }                                                                                               \
+}
+#define F1(v) (v)
+ATTEND(attend_f32, float, ld8, F1)
+ATTEND(attend_f16, _Float16, ldh8, H1)
+ATTEND(attend_bf16, uint16_t, ldb8, bf2f)
+
+static size_t kv_elt(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+static void att_task(void *p, int tid, int nthr) {
+    const att_job *J = p; const eng *E = J->E; const eng_layer *Y = &E->L[J->layer];
+    int nt = nthr < E->max_threads ? nthr : E->max_threads;  /* one scores block per thread */
+    if (tid >= nt) return;
+    int items = J->m * E->kvh, per = (items + nt - 1) / nt, hd = E->hd, grp = E->heads / E->kvh;
+    float *sc = E->scores + (size_t)tid * grp * E->max_ctx;
+    for (int it = tid * per; it < items && it < (tid + 1) * per; it++) {
+        int i = it / E->kvh, g = it % E->kvh;
+        size_t off = ((size_t)J->layer * E->kvh + g) * E->max_ctx * hd * kv_elt(E->kvdt);
+        const float *q = J->q + (size_t)i * J->ldq + (size_t)g * grp * hd;
+        float *out = J->out + ((size_t)i * E->heads + (size_t)g * grp) * hd;
+        if (E->kvdt == DT_F32) attend_f32(E, Y, (const float *)(E->kc + off), (const float *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
+        else if (E->kvdt == DT_F16) attend_f16(E, Y, (const _Float16 *)(E->kc + off), (const _Float16 *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
+        else attend_bf16(E, Y, (const uint16_t *)(E->kc + off), (const uint16_t *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
+    }
+}
+
+static void kv_store(const eng *E, char *base, int layer, int g, int pos, const float *v) {
+    size_t idx = (((size_t)layer * E->kvh + g) * E->max_ctx + pos) * E->hd;
+    if (E->kvdt == DT_F32) memcpy((float *)base + idx, v, sizeof(float) * E->hd);
+    else if (E->kvdt == DT_F16) {
+        int d = 0;
+#ifdef __F16C__
+        for (; d + 8 <= E->hd; d += 8)
+            _mm_storeu_si128((__m128i *)((_Float16 *)base + idx + d), _mm256_cvtps_ph(_mm256_loadu_ps(v + d), 0));
+#endif
+        for (; d < E->hd; d++) ((_Float16 *)base)[idx + d] = (_Float16)v[d];
+    }
+    else for (int d = 0; d < E->hd; d++) ((uint16_t *)base)[idx + d] = f2bf(v[d]);
+}
+
+/* ---------- the model ---------- */
+#define TIC double t0_ = E->profile ? now_s() : 0
+#define TOC(slot) do { if (E->profile) { double t1_ = now_s(); E->prof[slot] += t1_ - t0_; t0_ = t1_; } } while (0)
+
+static void norm_rows(const eng_layer *Y, int slot, float *x, int m, int n, float *y) {
+    for (int i = 0; i < m; i++) rmsnorm(x + (size_t)i * n, Y->norm[slot], Y->eps[slot], n, y + (size_t)i * n);
+}
+
+static void layer_forward(eng *E, int l, int m, int pos0) {
+    eng_layer *Y = &E->L[l];
+    int H = E->hidden, hd = E->hd, nq = E->heads * hd, nk = E->kvh * hd, I = E->inter;
+    TIC;
+    norm_rows(Y, IN, E->x, m, H, E->t);
+    TOC(P_NORM);
+    float *q, *k, *v; int ldq, ldk;
+    if (Y->fused_qkv) {
+        linear(E, &Y->lin[Q], E->t, m, E->qkv);
+        q = E->qkv; k = q + nq; v = k + nk; ldq = ldk = nq + 2 * nk;
+    } else {
+        q = E->qkv; k = q + (size_t)m * nq; v = k + (size_t)m * nk; ldq = nq; ldk = nk;
+        linear(E, &Y->lin[Q], E->t, m, q);
+        linear(E, &Y->lin[K], E->t, m, k);
+        linear(E, &Y->lin[V], E->t, m, v);
+    }
+    TOC(P_QKV);
+    const float *cs = E->cos[Y->rope], *sn = E->sin[Y->rope];
+    for (int i = 0; i < m; i++) {
+        int p = pos0 + i;
+        for (int h = 0; h < E->heads; h++) {
+            float *qh = q + (size_t)i * ldq + (size_t)h * hd;
+            if (Y->norm[QN]) rmsnorm(qh, Y->norm[QN], Y->eps[QN], hd, qh);
+            rope(qh, cs + (size_t)p * E->half, sn + (size_t)p * E->half, E->half);
+        }
+        for (int g = 0; g < E->kvh; g++) {
+            float *kh = k + (size_t)i * ldk + (size_t)g * hd;
+            if (Y->norm[KN]) rmsnorm(kh, Y->norm[KN], Y->eps[KN], hd, kh);
+            rope(kh, cs + (size_t)p * E->half, sn + (size_t)p * E->half, E->half);
+            kv_store(E, E->kc, l, g, p, kh);
+            kv_store(E, E->vc, l, g, p, v + (size_t)i * ldk + (size_t)g * hd);
+        }
+    }
+    TOC(P_ROPE);
+    att_job J = {E, l, m, pos0, q, ldq, E->att};
+    long work = (long)m * E->heads * (pos0 + m) * hd;
+    E->par(att_task, &J, work >= MIN_PAR_WORK ? E->threads : 1);
+    TOC(P_ATTN);
+    linear(E, &Y->lin[O], E->att, m, E->o);
+    if (Y->norm[ATTN_OUT]) norm_rows(Y, ATTN_OUT, E->o, m, H, E->o);
+    for (size_t i = 0; i < (size_t)m * H; i++) E->x[i] += E->o[i];
+    TOC(P_O);
+    norm_rows(Y, FFN_IN, E->x, m, H, E->t);
+    TOC(P_NORM);
+    float *g, *u; int ldg;
+    if (Y->fused_gate_up) {
+        linear(E, &Y->lin[GATE], E->t, m, E->gu);
+        g = E->gu; u = g + I; ldg = 2 * I;
+    } else {
+        g = E->gu; u = g + (size_t)m * I; ldg = I;
+        linear(E, &Y->lin[GATE], E->t, m, g);
+        linear(E, &Y->lin[UP], E->t, m, u);
+    }
+    TOC(P_GATEUP);
+    for (int i = 0; i < m; i++) gated(E->act, g + (size_t)i * ldg, u + (size_t)i * ldg, I, E->t + (size_t)i * I);
+    TOC(P_ACT);
+    linear(E, &Y->lin[DOWN], E->t, m, E->o);
+    if (Y->norm[FFN_OUT]) norm_rows(Y, FFN_OUT, E->o, m, H, E->o);
+    for (size_t i = 0; i < (size_t)m * H; i++) E->x[i] += E->o[i];
+    TOC(P_DOWN);
+}
+
+/* Append n tokens at positions pos0.. (the caller checked pos0 + n <= max_ctx); logits of the last. */
+EX void eng_forward(eng *E, const int32_t *ids, int n, int pos0, float *logits) {
+    int H = E->hidden;
+    for (int c0 = 0; c0 < n; c0 += E->chunk) {
+        int m = n - c0 < E->chunk ? n - c0 : E->chunk;
+        for (int i = 0; i < m; i++) {
+            const float *row = E->embed + (size_t)ids[c0 + i] * H;
+            for (int j = 0; j < H; j++) E->x[(size_t)i * H + j] = row[j] * E->embed_scale;
+        }
+        for (int l = 0; l < E->layers; l++) layer_forward(E, l, m, pos0 + c0);
+        if (c0 + m == n) {
+            TIC;
+            rmsnorm(E->x + (size_t)(m - 1) * H, E->final_norm, E->final_eps, H, E->t);
+            linear(E, &E->head, E->t, 1, logits);
+            if (E->final_cap > 0)
+                for (int j = 0; j < E->vocab; j++) logits[j] = tanhf(logits[j] / E->final_cap) * E->final_cap;
+            TOC(P_HEAD);
+        }
+    }
+}
+
+/* ---------- building ---------- */
+static void *huge_alloc(size_t bytes) {
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
+/* Anonymous memory in transparent huge pages (weights read at ~2x the bandwidth of 4 KiB pages). */
+EX void *eng_arena(size_t bytes) { return huge_alloc(bytes); }
+EX void eng_arena_free(void *p, size_t bytes) { if (p) munmap(p, bytes); }
+
+EX void eng_free(eng *E) {
+    if (!E) return;
+    if (E->kc) munmap(E->kc, E->kv_bytes);
+    if (E->vc) munmap(E->vc, E->kv_bytes);
+    free(E->L); free(E->x); free(E->t); free(E->qkv); free(E->att); free(E->o); free(E->gu); free(E->pad);
+    free(E->scores); free(E);
+}
+
+EX eng *eng_new(int layers, int hidden, int heads, int kvh, int hd, int inter, int vocab, int max_ctx,
+                int half, int act, int kvdt, int chunk, int max_kp, int max_threads, float embed_scale,
+                float final_cap, const float *embed, void *par) {
+    eng *E = calloc(1, sizeof(eng));
+    if (!E) return NULL;
+    *E = (eng){.layers = layers, .hidden = hidden, .heads = heads, .kvh = kvh, .hd = hd, .inter = inter,
+               .vocab = vocab, .max_ctx = max_ctx, .half = half, .act = act, .kvdt = kvdt, .chunk = chunk,
+               .threads = 1, .max_threads = max_threads, .embed_scale = embed_scale, .final_cap = final_cap, .embed = embed, .par = (lb_par)par};
+    E->L = calloc(layers, sizeof(eng_layer));
+    E->kv_bytes = (size_t)layers * kvh * max_ctx * hd * kv_elt(kvdt);
+    E->kc = huge_alloc(E->kv_bytes); E->vc = huge_alloc(E->kv_bytes);
+    size_t nq = (size_t)heads * hd, nk = (size_t)kvh * hd, big = hidden > inter ? hidden : inter;
+    E->x = malloc(sizeof(float) * chunk * hidden);
+    E->t = malloc(sizeof(float) * chunk * (big > nq ? big : nq));
+    E->qkv = malloc(sizeof(float) * chunk * (nq + 2 * nk));
+    E->att = malloc(sizeof(float) * chunk * nq);
+    E->o = malloc(sizeof(float) * chunk * hidden);
+    E->gu = malloc(sizeof(float) * chunk * 2 * inter);
+    E->pad = malloc(sizeof(float) * chunk * max_kp);
+    E->scores = malloc(sizeof(float) * max_threads * (heads / kvh) * max_ctx);
+    if (!E->L || !E->kc || !E->vc || !E->x || !E->t || !E->qkv || !E->att || !E->o || !E->gu || !E->pad || !E->scores) {
+        eng_free(E);
+        return NULL;
+    }
+    return E;
+}
+
+/* layer -1 = the output head (slot ignored) */
+EX void eng_set_linear(eng *E, int layer, int slot, int n, int k, int kp, void *gemv_fn, const lb_args *gemv,
+                       void *gemm_fn, const lb_args *gemm, const void *w, int wdt, const float *bias) {
+    eng_lin *L = layer < 0 ? &E->head : &E->L[layer].lin[slot];
+    *L = (eng_lin){.n = n, .k = k, .kp = kp, .gemv_fn = (lb_kernel)gemv_fn, .gemm_fn = (lb_kernel)gemm_fn,
+                   .w = w, .wdt = wdt, .bias = bias};
+    if (gemv) L->gemv = *gemv;
+    if (gemm) L->gemm = *gemm;
+}
+
+/* layer -1 = the final norm */
+EX void eng_set_norm(eng *E, int layer, int slot, const float *w, float eps) {
+    if (layer < 0) { E->final_norm = w; E->final_eps = eps; return; }
+    E->L[layer].norm[slot] = w; E->L[layer].eps[slot] = eps;
+}
+
+EX void eng_set_layer(eng *E, int layer, int fused_qkv, int fused_gate_up, int window, int rope, float scale,
+                      float softcap) {
+    eng_layer *Y = &E->L[layer];
+    Y->fused_qkv = fused_qkv; Y->fused_gate_up = fused_gate_up; Y->window = window; Y->rope = rope;
+    Y->scale = scale; Y->softcap = softcap;
+}
+
+EX void eng_set_rope(eng *E, int table, const float *cos, const float *sin) { E->cos[table] = cos; E->sin[table] = sin; }
+EX void eng_set_threads(eng *E, int n) { E->threads = n; }
+
+/* on: start counting (zeroed); out: seconds per op so far (NPROF values) */
+EX int eng_profile(eng *E, int on, double *out) {
+    if (out) memcpy(out, E->prof, sizeof E->prof);
+    if (on >= 0) { E->profile = on; memset(E->prof, 0, sizeof E->prof); }
+    return NPROF;
+}
+"""
+
+PROFILE_OPS = ("norm", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "act", "down", "head")
+
+
+def source() -> str:
+    return SOURCE.replace("@ARGS@", args_struct())
