@@ -10,8 +10,8 @@ from .api import evaluate_model, load, quantize, quantize_to, save
 from .runtime import generate
 from .errors import LowbitError
 from .formats import QTensor, UniformQ
-from .methods import AWQ, GPTQ, RTN, TEQ, MethodConfig, SignRound
+from .methods import AWQ, GANQ, GPTQ, RTN, TEQ, MethodConfig, SignRound
 from .recipes import Auto
 
-__all__ = ["AWQ", "Auto", "GPTQ", "RTN", "SignRound", "TEQ", "LowbitError", "MethodConfig", "QTensor", "UniformQ", "evaluate_model", "generate", "load",
+__all__ = ["AWQ", "Auto", "GANQ", "GPTQ", "RTN", "SignRound", "TEQ", "LowbitError", "MethodConfig", "QTensor", "UniformQ", "evaluate_model", "generate", "load",
            "quantize", "quantize_to", "save"]

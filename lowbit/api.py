@@ -18,7 +18,7 @@ from .errors import LowbitError
 from .eval import EvalResult, ModelSize, evaluate, model_size
 from .calib.runner import calibration_batches, quantize_blocks
 from .methods import METHODS, RTN, MethodConfig, quantize_weight
-from .models import load_any, load_source
+from .models import check_finite, load_any, load_reference, load_source
 from .recipes import Auto
 from .runtime import GenerationStats, QuantEmbedding, QuantLinear, generate
 
@@ -34,12 +34,6 @@ def _targets(model: nn.Module, lm_head: bool, embeddings: bool) -> list[tuple[st
         elif embeddings and isinstance(m, nn.Embedding) and m is embed:
             out.append((name, m))
     return out
-
-
-def _check_finite(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise LowbitError(f"weights of {name} contain NaN or Inf: the source model is damaged")
 
 
 def _check_fits(name: str, weight: torch.Tensor, config: MethodConfig) -> None:
@@ -103,7 +97,7 @@ def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: Meth
     if isinstance(model_or_source, nn.Module):
         model, source = model_or_source, None
     else:
-        loaded = load_source(model_or_source)
+        loaded = load_source(model_or_source, lazy=not isinstance(config, Auto))
         model, source = loaded.model, loaded.source
         model.lowbit_tokenizer = loaded.tokenizer
     if isinstance(config, Auto):
@@ -115,24 +109,33 @@ def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: Meth
     targets = _targets(model, lm_head, embeddings)
     if not targets:
         raise LowbitError("the model has no nn.Linear layers to quantize")
-    _check_finite(model)
+    check_finite(model)  # a lazy model's files were checked as it was loaded
     for name, m in targets:
         _check_fits(name, m.weight, config)
+    # From here on modules are named, not held: a replaced layer's float weights must be freed at once.
+    layer_ids, names = {id(m) for _, m in targets}, [name for name, _ in targets]
+    del targets
     if config.needs_calib:
         tokenizer = tokenizer or getattr(model, "lowbit_tokenizer", None)
         if tokenizer is None:
             raise LowbitError(f"{config.name} needs calibration text: pass the model's tokenizer")
         batches = calibration_batches(tokenizer, text, calib_samples, calib_seq_len)
-        layer_ids = {id(m) for _, m in targets}
         quantize_blocks(model, batches, _block_quantizer(config, layer_ids), progress, checkpoint)
-        targets = [(n, m) for n, m in targets if isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding))]
+        names = [n for n in names if isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding))]
         config_rest = _rtn_like(config)
     else:
         config_rest = config
-    for name, m in tqdm(targets, desc=f"quantizing {config_rest.name} {config.scheme}", unit="layer",
-                        disable=not progress or not targets):
+    lazy = getattr(model, "lowbit_lazy", None)
+    for name in tqdm(names, desc=f"quantizing {config_rest.name} {config.scheme}", unit="layer",
+                     disable=not progress or not names):
+        if lazy is not None:
+            lazy.need(name)  # rounding block by block: one float block in memory at a time
+        m = model.get_submodule(name)
         with torch.no_grad():
             _replace(model, name, m, quantize_weight(m.weight.detach(), None, config_rest))
+        del m
+    if lazy is not None:
+        lazy.close()
     if (lm_head or embeddings) and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # head and embedding are now stored separately
     model.lowbit_info = {"method": config.to_dict(), "source": source,
@@ -170,7 +173,7 @@ def evaluate_model(spec: str | os.PathLike | None, kld: bool = False, text: str 
         if origin is None:
             raise LowbitError("--kld compares a quantized model with its source: "
                               f"{spec or 'default'} is not a lowbit model that records its source")
-        source = load_source(origin).model
+        source = load_reference(origin)  # an HF directory is streamed block by block: bounded memory
     return evaluate(loaded.model, loaded.tokenizer, eval_text, ctx, stride, max_windows, source, progress)
 
 
@@ -198,8 +201,11 @@ def quantize_to(source: str | os.PathLike | None, out: str | os.PathLike, config
     output: the same call after a crash resumes from the last finished block."""
     io.check_destination(Path(out).absolute(), overwrite)  # fail before any expensive work
     text = texts.load("calib", calib) if calib is not None else None  # bad text fails before loading
-    loaded = load_source(source)
-    reference = copy.deepcopy(loaded.model) if check_windows != 0 else None
+    loaded = load_source(source, lazy=not isinstance(config, Auto))
+    # The check's reference: a copy of an eager (small) source; a lazy source is read again from its
+    # shards at check time, one block at a time (StreamedSource), so the check stays bounded too.
+    lazy = hasattr(loaded.model, "lowbit_lazy")
+    reference = copy.deepcopy(loaded.model) if check_windows != 0 and not lazy else None
     checkpoint = None
     if config.needs_calib and not isinstance(config, Auto):
         checkpoint = io.BlockCheckpoint.beside(out, {"config": config.to_dict(), "source": loaded.source,
@@ -214,9 +220,11 @@ def quantize_to(source: str | os.PathLike | None, out: str | os.PathLike, config
     report = QuantizeReport(Path(out), model_size(model), io.dir_size(out), model.lowbit_info["method"]["method"],
                             extra.get("auto_report.md"))
     if check_windows != 0:
+        if lazy:
+            reference = load_reference(loaded.source)
         report.check = evaluate(model, loaded.tokenizer, texts.load("eval"), max_windows=check_windows,
                                 source=reference, progress=progress)
-        del reference
+        del reference, model, loaded.model  # the saved model is reloaded below: one copy at a time
         saved = load(out)
         report.sample, report.generation = generate(saved, saved.lowbit_tokenizer, SAMPLE_PROMPT,
                                                     max_new_tokens=32)

@@ -155,8 +155,10 @@ def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_bloc
                     progress: bool = True, checkpoint=None) -> dict[str, float]:
     """Quantize the model block by block. `quantize_block(block, inputs, kwargs, fp_outputs, stats)`
     replaces the block's linears in place and returns {layer name: ‖WX−ŴX‖/‖WX‖}; the returned
-    errors add, per block, "i.block": the relative error of the quantized block's output."""
+    errors add, per block, "i.block": the relative error of the quantized block's output. A lazy
+    model (models/lazy.py) has each block's float weights read just before the block is quantized."""
     layers = decoder_layers(model)
+    lazy = getattr(model, "lowbit_lazy", None)
     inputs, layer_kwargs = capture_inputs(model, batches)
     resumed = checkpoint.restore(layers) if checkpoint is not None else None
     start, inputs = resumed if resumed else (0, inputs)
@@ -164,16 +166,21 @@ def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_bloc
     bar = tqdm(list(enumerate(layers))[start:], desc="quantizing blocks", unit="block", disable=not progress,
                initial=start, total=len(layers))
     for i, block in bar:
+        if lazy is not None:
+            lazy.load(i)
         stats, fp_outputs = gather_stats(block, inputs, layer_kwargs[i])
         block_errors = quantize_block(block, inputs, layer_kwargs[i], fp_outputs, stats)
         errors.update({f"{i}.{k}": v for k, v in block_errors.items()})
         inputs = run_block(block, inputs, layer_kwargs[i])
         errors[f"{i}.block"] = relative_error(fp_outputs, inputs)
+        if lazy is not None:
+            lazy.finish(i)
         if checkpoint is not None:
             checkpoint.save(i, block, inputs)
         worst = max(block_errors, key=block_errors.get) if block_errors else None
         bar.set_postfix_str((f"worst layer {worst} {block_errors[worst]:.4f}, " if worst else "")
                             + f"block output {errors[f'{i}.block']:.4f}")
+        del stats, fp_outputs  # one block's statistics at a time (GPTQ's Hessians: K² floats per layer)
     return errors
 
 

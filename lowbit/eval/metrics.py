@@ -60,6 +60,8 @@ def evaluate(model, tokenizer, text: str, ctx: int = 512, stride: int | None = N
     spans = windows(len(ids), ctx, stride or ctx, max_windows)
     if not spans:
         raise LowbitError(f"evaluation text is too short: {len(ids)} tokens")
+    if hasattr(source, "prefetch"):  # a streamed source runs all windows block by block first
+        source.prefetch([ids[begin:end] for begin, end, _ in spans])
     nll = src_nll = kld = 0.0
     tokens = 0
     for begin, end, first in tqdm(spans, desc="evaluating", unit="window", disable=not progress):

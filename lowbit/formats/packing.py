@@ -11,7 +11,7 @@ import functools
 import torch
 
 BLOCK = 32  # codes per packing block; b words per block
-_ROWS_PER_CHUNK = 4096  # bounds the temporary bit tensors on huge matrices (e.g. lm_head)
+_CODES_PER_CHUNK = 1 << 22  # bounds the temporary bit tensors (8·bits bytes per code) on any matrix
 
 
 def packed_words(cols: int, bits: int) -> int:
@@ -54,7 +54,8 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """[rows, cols] codes in [0, 2^bits) -> [rows, packed_words(cols, bits)] int32."""
     if q.dim() != 2:
         raise ValueError(f"pack expects a 2-D tensor, got shape {tuple(q.shape)}")
-    return torch.cat([_pack_chunk(c, bits) for c in q.split(_ROWS_PER_CHUNK)]) if q.shape[0] else \
+    rows = max(1, _CODES_PER_CHUNK // max(q.shape[1], 1))
+    return torch.cat([_pack_chunk(c, bits) for c in q.split(rows)]) if q.shape[0] else \
         torch.empty(0, packed_words(q.shape[1], bits), dtype=torch.int32)
 
 
@@ -62,4 +63,4 @@ def unpack(w: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of `pack`: [rows, words] int32 -> [rows, cols] uint8 codes."""
     if w.shape[0] == 0:
         return torch.empty(0, cols, dtype=torch.uint8)
-    return torch.cat([_unpack_chunk(c, bits, cols) for c in w.split(_ROWS_PER_CHUNK)])
+    return torch.cat([_unpack_chunk(c, bits, cols) for c in w.split(max(1, _CODES_PER_CHUNK // max(cols, 1)))])

@@ -54,7 +54,7 @@ class BlockCheckpoint:
             tensors = load_file(self.path / f"block_{i}.safetensors")
             modules = json.loads((self.path / f"block_{i}.json").read_text())
             install_quantized(layers[i], modules, tensors, torch.float32, self.path)
-            layers[i].load_state_dict(tensors, strict=False)
+            layers[i].load_state_dict(tensors, strict=False, assign=True)  # assign: the block may be on meta
         inputs = load_file(self.path / "inputs.safetensors")
         return done, [inputs[str(j)] for j in range(len(inputs))]
 

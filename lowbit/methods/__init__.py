@@ -8,15 +8,16 @@ inputs=, kwargs=, fp_outputs=) -> {name: QTensor}` (methods that transform or op
 from types import ModuleType
 
 from ..errors import LowbitError
-from . import awq, gptq, rtn, signround, teq
+from . import awq, ganq, gptq, rtn, signround, teq
 from .awq import AWQ
 from .config import MethodConfig
+from .ganq import GANQ
 from .gptq import GPTQ
 from .rtn import RTN
 from .signround import SignRound
 from .teq import TEQ
 
-METHODS: dict[str, ModuleType] = {m.CONFIG.name: m for m in (rtn, gptq, awq, teq, signround)}
+METHODS: dict[str, ModuleType] = {m.CONFIG.name: m for m in (rtn, gptq, awq, teq, signround, ganq)}
 
 
 def config_for(name: str, **kwargs) -> MethodConfig:
@@ -37,4 +38,4 @@ def quantize_weight(w, stats, spec: MethodConfig):
     return METHODS[spec.name].quantize(w, stats, spec)
 
 
-__all__ = ["AWQ", "GPTQ", "METHODS", "MethodConfig", "RTN", "SignRound", "TEQ", "config_for", "quantize_weight"]
+__all__ = ["AWQ", "GANQ", "GPTQ", "METHODS", "MethodConfig", "RTN", "SignRound", "TEQ", "config_for", "quantize_weight"]

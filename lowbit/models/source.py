@@ -12,6 +12,7 @@ import torch
 from ..errors import LowbitError
 from ..io import check_gguf, check_safetensors, is_lowbit_dir, load, read_config, write_model_dir
 from .default import NAME as DEFAULT, converted_dir, default_gguf
+from .lazy import StreamedSource, load_lazy
 
 
 @dataclass
@@ -48,20 +49,33 @@ def _quiet():
         logging.set_verbosity(level)
 
 
-def _from_pretrained(path: Path, dtype: torch.dtype, gguf_file: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+@contextlib.contextmanager
+def _loading(where):
+    """transformers' loading errors as one-line LowbitErrors naming the source."""
     try:
         with _quiet():
-            tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                                               **kwargs)
+            yield
     except LowbitError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LowbitError(f"cannot load {path / gguf_file if gguf_file else path}: {first}") from None
+        raise LowbitError(f"cannot load {where}: {first}") from None
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    with _loading(path):
+        return AutoTokenizer.from_pretrained(path)
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+    with _loading(path / gguf_file if gguf_file else path):
+        tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
     missing = info.get("missing_keys") or []
     if missing:  # transformers would fill them with random values and only warn
         where = path / gguf_file if gguf_file else path
@@ -84,8 +98,11 @@ def _load_default(dtype: torch.dtype):
     return model.to(dtype), tokenizer
 
 
-def load_source(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
-    """Load an unquantized source: None/'default', a .gguf file, or an HF directory with safetensors."""
+def load_source(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+                lazy: bool = False) -> Loaded:
+    """Load an unquantized source: None/'default', a .gguf file, or an HF directory with safetensors.
+    `lazy`: an HF directory's decoder blocks stay on the meta device until the block runner reads them
+    (models/lazy.py; the model then has `.lowbit_lazy`); the default and GGUF sources load eagerly."""
     if source is None or str(source) == DEFAULT:
         return Loaded(*_load_default(dtype), DEFAULT)
     path = Path(source).absolute()
@@ -103,7 +120,20 @@ def load_source(source: str | os.PathLike | None = None, dtype: torch.dtype = to
         raise LowbitError(f"{path} has no .safetensors weights (pickled .bin files are never loaded)")
     for shard in shards:
         check_safetensors(shard)
+    model = None
+    if lazy:
+        with _loading(path):
+            model = load_lazy(path, dtype)
+    if model is not None:
+        return Loaded(model, _tokenizer(path), str(path))
     return Loaded(*_from_pretrained(path, dtype), str(path))
+
+
+def load_reference(source: str):
+    """A source as the reference of an evaluation (KLD): an HF directory streamed one block at a time
+    (StreamedSource: memory bounded by one block, whatever the model size), the others loaded whole."""
+    model = load_source(source, lazy=True).model
+    return StreamedSource(model) if hasattr(model, "lowbit_lazy") else model
 
 
 def load_any(spec: str | os.PathLike | None, dtype: torch.dtype = torch.float32) -> Loaded:

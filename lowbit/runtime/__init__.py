@@ -1,6 +1,10 @@
-"""Running quantized models: QuantLinear inside any HF model, and generation."""
+"""Running quantized models: QuantLinear inside any HF model, decoders, generation, chat, serving."""
 
 from .generate import GenerationStats, generate
+from .hf_decoder import HFDecoder, decoder_for, use_threads
 from .quant_linear import QuantEmbedding, QuantLinear
+from .sampling import Sampler, SamplingParams
+from .session import Chat, Completion, Session
 
-__all__ = ["GenerationStats", "QuantEmbedding", "QuantLinear", "generate"]
+__all__ = ["Chat", "Completion", "GenerationStats", "HFDecoder", "QuantEmbedding", "QuantLinear", "Sampler",
+           "SamplingParams", "Session", "decoder_for", "generate", "use_threads"]

@@ -1,0 +1,95 @@
+"""Choosing the next token from logits: penalties, temperature, top-k, top-p, min-p, a seeded generator.
+
+The order is the usual one (HF and llama.cpp agree on it): penalties on the raw logits, then
+temperature, then the truncations (top-k, top-p, min-p), then a draw. Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LowbitError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off; keeps tokens with p >= min_p * p(most likely)
+    repetition_penalty: float = 1.0  # HF's: >1 discourages every token already in the sequence
+    presence_penalty: float = 0.0  # OpenAI's, over the generated tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    def check(self) -> "SamplingParams":
+        """Raise LowbitError naming the first value out of range."""
+        bad = [("temperature", self.temperature < 0 or self.temperature > 100, "between 0 and 100"),
+               ("top_k", self.top_k < 0, "0 (off) or a positive count"),
+               ("top_p", not 0 < self.top_p <= 1, "in (0, 1]"),
+               ("min_p", not 0 <= self.min_p <= 1, "in [0, 1]"),
+               ("repetition_penalty", self.repetition_penalty <= 0, "positive (1 = off)"),
+               ("presence_penalty", not -2 <= self.presence_penalty <= 2, "between -2 and 2"),
+               ("frequency_penalty", not -2 <= self.frequency_penalty <= 2, "between -2 and 2")]
+        for name, wrong, want in bad:
+            if wrong:
+                raise LowbitError(f"{name} must be {want}, got {getattr(self, name)}")
+        return self
+
+
+def apply_penalties(logits: torch.Tensor, context: list[int], generated: list[int],
+                    p: SamplingParams) -> torch.Tensor:
+    """HF's repetition penalty over the whole sequence, OpenAI's presence/frequency over the output."""
+    if p.repetition_penalty != 1.0 and context:
+        ids = torch.tensor(sorted(set(context)), dtype=torch.long)
+        seen = logits[ids]
+        logits[ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and generated:
+        ids, counts = torch.tensor(generated, dtype=torch.long).unique(return_counts=True)
+        logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+    return logits
+
+
+def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if 0 < k < logits.numel():
+        logits[logits < torch.topk(logits, k).values[-1]] = -float("inf")
+    return logits
+
+
+def top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    if p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= p  # the mass before this token already reaches p
+        logits[order[drop]] = -float("inf")
+    return logits
+
+
+def min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    if p > 0.0:
+        probs = logits.softmax(-1)
+        logits[probs < p * probs.max()] = -float("inf")
+    return logits
+
+
+class Sampler:
+    """Turns one step's logits into a token id; seeded, so a seed reproduces a run exactly."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params.check()
+        self.generator = torch.Generator()
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor, context: list[int], generated: list[int]) -> int:
+        p = self.params
+        logits = apply_penalties(logits.float().clone(), context, generated, p)
+        if p.temperature == 0:
+            return int(logits.argmax())
+        logits = min_p(top_p(top_k(logits / p.temperature, p.top_k), p.top_p), p.min_p)
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))

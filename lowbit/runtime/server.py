@@ -1,0 +1,394 @@
+"""OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming).
+
+One worker thread owns the Session (the decoder and its cache); requests wait in a bounded FIFO
+queue and run one at a time in arrival order, so every client is served in turn and the cache's
+common prefix (a shared system prompt, the previous chat turn) is reused across requests. A client
+that disconnects, while waiting or while streaming, cancels its job before the next token. Bad
+requests get OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import queue
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..errors import LowbitError
+from .sampling import SamplingParams
+from .session import Completion, Session
+
+DISCONNECT_POLL_S = 0.25
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str]
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def push(self, kind: str, value) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            self.cancel.set()
+
+
+class Worker(threading.Thread):
+    """Runs queued jobs one at a time on the session; the only thread that touches the decoder."""
+
+    def __init__(self, session: Session, max_queue: int):
+        super().__init__(name="lowbit-worker", daemon=True)
+        self.session, self.jobs = session, queue.Queue(maxsize=max_queue)
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise APIError(503, f"the server is busy ({self.jobs.maxsize} requests waiting): retry later",
+                           "server_error", code="server_busy") from None
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if job.cancel.is_set():
+                self.counts["cancelled"] += 1
+                continue
+            try:
+                out = self.session.generate(job.prompt, job.max_tokens, job.sampling, stop=job.stop,
+                                            on_text=(lambda t: job.push("text", t)) if job.stream else None,
+                                            cancelled=job.cancel.is_set)
+                self.counts["cancelled" if out.finish_reason == "cancelled" else "completed"] += 1
+                job.push("done", out)
+            except LowbitError as e:
+                self.counts["failed"] += 1
+                job.push("error", APIError(400, str(e)))
+            except Exception as e:  # keep serving the others; the client gets a 500-style error
+                self.counts["failed"] += 1
+                job.push("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
+
+
+# ---- request parsing ------------------------------------------------------------------------------
+def _get(body: dict, name: str, types, default=None, check=None, want: str = ""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types) or \
+            (check is not None and not check(value)):
+        raise APIError(400, f"'{name}' must be {want}, got {json.dumps(value)}", param=name,
+                       code="invalid_value")
+    return value
+
+
+def _sampling(body: dict, defaults: dict) -> SamplingParams:
+    num = (int, float)
+    d = {**{"temperature": 1.0, "top_p": 1.0}, **defaults}
+    top_k = _get(body, "top_k", (int,), d.get("top_k", 0), lambda v: v >= -1, "an integer >= -1 (-1 or 0: off)")
+    p = SamplingParams(
+        temperature=float(_get(body, "temperature", num, d["temperature"], lambda v: 0 <= v <= 2, "in [0, 2]")),
+        top_p=float(_get(body, "top_p", num, d["top_p"], lambda v: 0 < v <= 1, "in (0, 1]")),
+        top_k=max(0, top_k),
+        min_p=float(_get(body, "min_p", num, d.get("min_p", 0.0), lambda v: 0 <= v <= 1, "in [0, 1]")),
+        repetition_penalty=float(_get(body, "repetition_penalty", num, d.get("repetition_penalty", 1.0),
+                                      lambda v: 0 < v <= 10, "in (0, 10]")),
+        presence_penalty=float(_get(body, "presence_penalty", num, 0.0, lambda v: -2 <= v <= 2, "in [-2, 2]")),
+        frequency_penalty=float(_get(body, "frequency_penalty", num, 0.0, lambda v: -2 <= v <= 2, "in [-2, 2]")),
+        seed=_get(body, "seed", (int,), d.get("seed")))
+    return p
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
+        raise APIError(400, "'stop' must be a string or a list of at most 16 strings", param="stop",
+                       code="invalid_value")
+    return stop
+
+
+def _unsupported(body: dict) -> None:
+    """Features this server does not have: refuse them rather than silently ignore them."""
+    for name, ok in (("n", lambda v: v in (None, 1)), ("best_of", lambda v: v in (None, 1)),
+                     ("echo", lambda v: not v), ("logprobs", lambda v: not v), ("top_logprobs", lambda v: not v),
+                     ("suffix", lambda v: not v), ("tools", lambda v: not v), ("functions", lambda v: not v),
+                     ("logit_bias", lambda v: not v),
+                     ("response_format", lambda v: v is None or isinstance(v, dict) and v.get("type") == "text")):
+        if name in body and not ok(body[name]):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported")
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: only text is understood
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"messages[{i}]: only text content parts are supported",
+                               param=f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if role not in ("system", "developer", "user", "assistant") or not isinstance(content, str):
+            raise APIError(400, f"messages[{i}] must have a role (system, user, assistant) and text content",
+                           param=f"messages[{i}]")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def _prompt(body: dict, encode) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return encode(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
+                   param="prompt")
+
+
+# ---- responses --------------------------------------------------------------------------------------
+def _usage(prompt: list[int], out: Completion) -> dict:
+    return {"prompt_tokens": len(prompt), "completion_tokens": len(out.tokens),
+            "total_tokens": len(prompt) + len(out.tokens)}
+
+
+def _finish(out: Completion) -> str:
+    return "stop" if out.finish_reason == "stop" else "length"
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def create_app(session: Session, name: str, defaults: dict | None = None, max_queue: int = 64) -> FastAPI:
+    """The FastAPI app serving `session` under the model id `name`; `defaults` are sampling values
+    (temperature, top_k, ...) used when a request omits them."""
+    defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
+    SamplingParams(**defaults).check()
+    worker = Worker(session, max_queue)
+    tokenizer = copy.deepcopy(session.tokenizer)  # the event loop's own: the worker decodes with the other
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="lowbit", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").response()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "lowbit", "max_model_len": session.max_context}]}
+
+    async def parse(request: Request, chat: bool) -> tuple[dict, list[int], int]:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if model != name:
+            raise APIError(404, f"the model '{model}' does not exist: this server serves '{name}'",
+                           param="model", code="model_not_found")
+        _unsupported(body)
+        try:
+            if chat:
+                text = tokenizer.apply_chat_template(_messages(body), tokenize=False, add_generation_prompt=True) \
+                    if getattr(tokenizer, "chat_template", None) else None
+                if text is None:
+                    raise APIError(400, "this model has no chat template: use /v1/completions",
+                                   param="messages", code="no_chat_template")
+                prompt = list(tokenizer(text, add_special_tokens=False).input_ids)
+            else:
+                prompt = _prompt(body, lambda s: list(tokenizer(s).input_ids))
+        except APIError:
+            raise
+        except Exception as e:  # the template rejected the messages
+            raise APIError(400, f"cannot render the prompt: {e}", param="messages") from None
+        room = session.max_context - len(prompt)
+        if not prompt or room < 1:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context holds "
+                           f"{session.max_context}: shorten it", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+        given = next((n for n in names if body.get(n) is not None), names[-1])
+        max_tokens = _get(body, given, (int,), None if chat else 16, lambda v: v >= 1, "a positive integer")
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"the prompt ({len(prompt)} tokens) plus {given} ({max_tokens}) exceeds the "
+                           f"context of {session.max_context} tokens", param=given, code="context_length_exceeded")
+        return body, prompt, max_tokens or room
+
+    async def run(request: Request, chat: bool):
+        body, prompt, max_tokens = await parse(request, chat)
+        stream = _get(body, "stream", (bool,), False, want="true or false")
+        options = _get(body, "stream_options", (dict,), {}, want="an object")
+        try:
+            sampling = _sampling(body, defaults).check()
+        except LowbitError as e:
+            raise APIError(400, str(e)) from None
+        job = Job(prompt, max_tokens, sampling, _stop(body), stream, asyncio.get_running_loop())
+        worker.submit(job)
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": name}
+
+        async def events():
+            """The job's events until done; a disconnected client cancels the job."""
+            finished = False
+            try:
+                while True:
+                    try:
+                        kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                    if kind == "error":
+                        finished = True
+                        raise value
+                    yield kind, value
+                    if kind == "done":
+                        finished = True
+                        return
+            finally:
+                if not finished:
+                    job.cancel.set()
+
+        if not stream:
+            async for kind, out in events():
+                if kind == "done":
+                    choice = {"index": 0, "finish_reason": _finish(out), "logprobs": None}
+                    choice.update({"message": {"role": "assistant", "content": out.text}} if chat
+                                  else {"text": out.text})
+                    return {**head, "choices": [choice], "usage": _usage(prompt, out)}
+            return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+
+        chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+                return {**chunk_head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                   "logprobs": None}]}
+            return {**chunk_head, "choices": [{"index": 0, "text": text or "", "finish_reason": finish,
+                                               "logprobs": None}]}
+
+        async def sse():
+            if chat:
+                yield _sse(chunk(None, None, role=True))
+            try:
+                async for kind, value in events():
+                    if kind == "text":
+                        yield _sse(chunk(value, None))
+                    else:
+                        yield _sse(chunk(None, _finish(value)))
+                        if options.get("include_usage"):
+                            yield _sse({**chunk_head, "choices": [], "usage": _usage(prompt, value)})
+            except APIError as e:  # the stream has started: the error goes in-band
+                yield _sse(e.body())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, chat=True)
+
+    return app
+
+
+class Running:
+    """A uvicorn server on a thread of this process (tests, benchmarks, notebooks); `stop()` ends it."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = listen(host, port)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise LowbitError(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port)") from None
+
+
+def serve(session: Session, name: str, host: str = "127.0.0.1", port: int = 8000, defaults: dict | None = None,
+          max_queue: int = 64, log_level: str = "info") -> None:
+    """Serve until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    app = create_app(session, name, defaults, max_queue)
+    sock = listen(host, port)
+    print(f"lowbit: serving '{name}' at http://{host}:{sock.getsockname()[1]}/v1 "
+          f"(context {session.max_context} tokens); Ctrl-C stops", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])

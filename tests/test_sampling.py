@@ -1,0 +1,79 @@
+"""Logits processors against transformers' own, seeded reproducibility, and the sampled distribution."""
+
+import pytest
+import torch
+from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+from lowbit.errors import LowbitError
+from lowbit.runtime.sampling import Sampler, SamplingParams, apply_penalties, min_p, top_k, top_p
+
+
+def _logits(seed, n=311):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_truncations_match_transformers(seed):
+    x = _logits(seed)
+    kept = lambda t: torch.isfinite(t)  # noqa: E731
+    for k in (1, 7, 50):
+        assert torch.equal(kept(top_k(x.clone(), k)), kept(TopKLogitsWarper(k)(None, x[None].clone())[0]))
+    for p in (0.1, 0.5, 0.9, 0.99):
+        assert torch.equal(kept(top_p(x.clone(), p)), kept(TopPLogitsWarper(p)(None, x[None].clone())[0]))
+    for p in (0.01, 0.1, 0.5):
+        assert torch.equal(kept(min_p(x.clone(), p)), kept(MinPLogitsWarper(p)(None, x[None].clone())[0]))
+
+
+def test_top_p_and_min_p_by_hand():
+    x = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    assert torch.isfinite(top_p(x.clone(), 0.7)).tolist() == [True, True, False, False]
+    assert torch.isfinite(top_p(x.clone(), 0.81)).tolist() == [True, True, True, False]
+    assert torch.isfinite(top_p(x.clone(), 0.01)).tolist() == [True, False, False, False]  # never empty
+    assert torch.isfinite(min_p(x.clone(), 0.2)).tolist() == [True, True, True, False]
+
+
+def test_repetition_penalty_matches_transformers():
+    x, context = _logits(7), [3, 5, 5, 200, 17]
+    ours = apply_penalties(x.clone(), context, [], SamplingParams(repetition_penalty=1.3))
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([context]), x[None].clone())[0]
+    assert torch.allclose(ours, theirs)
+    assert torch.equal(ours[[0, 1, 2]], x[[0, 1, 2]])
+
+
+def test_presence_and_frequency_penalties():
+    x = torch.zeros(10)
+    out = apply_penalties(x.clone(), [1, 2, 2], [2, 2, 4], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    assert out[2] == pytest.approx(-(0.5 + 2 * 0.25)) and out[4] == pytest.approx(-0.75)
+    assert out[1] == 0 and out[0] == 0  # prompt tokens are not penalized by OpenAI's penalties
+
+
+def test_greedy_is_argmax_and_seed_reproduces():
+    x = _logits(1)
+    assert Sampler(SamplingParams(temperature=0, seed=3))(x, [], []) == int(x.argmax())
+
+    def draws(seed):
+        s = Sampler(SamplingParams(temperature=1.0, seed=seed))
+        return [s(x, [], []) for _ in range(30)]
+    assert draws(11) == draws(11)
+    assert draws(11) != draws(12)
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    s = Sampler(SamplingParams(temperature=1.0, seed=0))
+    counts = torch.bincount(torch.tensor([s(probs.log(), [], []) for _ in range(4000)]), minlength=4)
+    assert torch.allclose(counts / 4000, probs, atol=0.03)
+    # temperature 0.5 squares the odds: p ~ probs**2
+    s = Sampler(SamplingParams(temperature=0.5, seed=0))
+    counts = torch.bincount(torch.tensor([s(probs.log(), [], []) for _ in range(4000)]), minlength=4)
+    assert torch.allclose(counts / 4000, probs**2 / (probs**2).sum(), atol=0.03)
+    s = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=0))
+    assert {s(probs.log(), [], []) for _ in range(300)} == {0, 1}
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                 dict(min_p=2), dict(repetition_penalty=0), dict(presence_penalty=3)])
+def test_bad_values_are_refused(bad):
+    with pytest.raises(LowbitError, match=next(iter(bad))):
+        Sampler(SamplingParams(**bad))
