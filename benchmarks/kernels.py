@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lowbit.eval.bench import bandwidth
 from lowbit.formats import CodebookQ, UniformQ
 from lowbit.kernels.cpu import codebook, isa, threads, uniform
 
@@ -45,13 +46,6 @@ def timeit(fn, min_time: float = 0.3, reps: int = 5) -> float:
             fn()
         runs.append((time.perf_counter() - t0) / calls)
     return statistics.median(runs)
-
-
-def stream_bandwidth(gib: float = 1.0) -> float:
-    """Bytes/s of a read-only sum over a buffer far larger than the caches (torch's threads)."""
-    buf = torch.ones(int(gib * 2**30) // 4)
-    t = min(timeit(lambda: buf.sum(), min_time=0.0, reps=7) for _ in range(2))
-    return buf.numel() * 4 / t
 
 
 def int4pack(w: torch.Tensor, group: int):
@@ -117,7 +111,7 @@ def main() -> None:
     for t in args.threads:
         threads.set_threads(t)
         torch.set_num_threads(t)
-        bw = stream_bandwidth()
+        bw = bandwidth(t)
         print(f"\n### {t} thread{'s' * (t > 1)}: STREAM-like read {bw / 1e9:.1f} GB/s\n")
         if "codebook" in args.tables:
             codebook_table(packed, luts, args.bits[0], args.group, args.batches, bw)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from . import calib as texts
 from . import recipes
 from . import io
+from . import methods
 from .errors import LowbitError
 from .eval import EvalResult, ModelSize, evaluate, model_size
 from .calib.runner import calibration_batches, quantize_blocks
@@ -67,6 +68,11 @@ def _block_quantizer(config: MethodConfig, targets: set[int]):
             _replace(block, name, mine[name], qt)
         return errors
     return run
+
+
+def config_for(name: str, **kwargs) -> MethodConfig:
+    """A method's or recipe's config from its name: every method in lowbit.methods, and "auto"."""
+    return methods.config_for(name, {"auto": Auto}, **kwargs)
 
 
 def _rtn_like(config: MethodConfig) -> RTN:

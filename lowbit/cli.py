@@ -9,7 +9,7 @@ from pathlib import Path
 from . import api
 from .errors import LowbitError
 from .eval import model_size
-from .methods import METHODS, config_for
+from .methods import METHODS
 from .models import load_any
 from .eval.bench import bench
 from .runtime import Chat, SamplingParams, Session
@@ -27,7 +27,7 @@ def cmd_quantize(a) -> None:
                                ("budget_minutes", a.budget_minutes), ("group_size", a.group_size),
                                ("iters", a.iters), ("outlier_ratio", a.outlier_ratio))
              if v is not None and v is not False}
-    config = config_for(a.method, bits=a.bits, sym=a.sym, **extra)
+    config = api.config_for(a.method, bits=a.bits, sym=a.sym, **extra)
     r = api.quantize_to(a.source, a.output, config, a.calib, lm_head=a.lm_head, embeddings=a.embeddings,
                         calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len, overwrite=a.overwrite,
                         check_windows=0 if a.no_check else (a.check_windows or None))

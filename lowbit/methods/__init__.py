@@ -20,14 +20,13 @@ from .teq import TEQ
 METHODS: dict[str, ModuleType] = {m.CONFIG.name: m for m in (rtn, gptq, awq, teq, signround, ganq)}
 
 
-def config_for(name: str, **kwargs) -> MethodConfig:
-    """Build a method's config from its name (the CLI's --method)."""
-    if name == "auto":
-        from ..recipes import Auto as cls
-    elif name not in METHODS:
-        raise LowbitError(f"unknown method '{name}' (choose one of {', '.join(METHODS)}, auto)")
-    else:
-        cls = METHODS[name].CONFIG
+def config_for(name: str, configs: dict[str, type] | None = None, **kwargs) -> MethodConfig:
+    """Build a method's config from its name (the CLI's --method); `configs` adds names beyond the
+    methods (the api adds recipes such as "auto")."""
+    table = {**{n: m.CONFIG for n, m in METHODS.items()}, **(configs or {})}
+    if name not in table:
+        raise LowbitError(f"unknown method '{name}' (choose one of {', '.join(table)})")
+    cls = table[name]
     unknown = set(kwargs) - set(cls.__dataclass_fields__)
     if unknown:
         raise LowbitError(f"method '{name}' has no option {', '.join(sorted(unknown))}")
