@@ -138,6 +138,10 @@ def test_engine_head_bits_rounds_the_fp_head_like_lowbit_quantize():
     everything = lowbit.quantize(tiny("llama"), spec, lm_head=True, progress=False)
     eng = load_decoder(lowbit.quantize(tiny("llama"), spec, progress=False), kv_dtype="fp32", head_bits=8)
     assert_close(eng.forward(ids), hf_logits(everything, ids)[-1])
+    # bytes streamed per token: the 8-bit head (1 byte + an fp16 scale per 32) instead of fp16 (2 bytes)
+    fp16_head = load_decoder(lowbit.quantize(tiny("llama"), spec, progress=False), kv_dtype="fp32")
+    head = TINY["vocab_size"] * TINY["hidden_size"]
+    assert fp16_head.bytes_per_token - eng.bytes_per_token == pytest.approx(head * (2 - 1 - 2 / 32), rel=0.05)
 
 
 def test_engine_runs_a_bf16_model_in_fp32():

@@ -193,6 +193,7 @@ class Engine:
     def __init__(self, lib, handle, keep: list, vocab: int, max_context: int, arena: _Arena):
         self._lib, self._h, self._keep, self._arena = lib, handle, keep, arena
         self.vocab_size, self.max_context, self.position = vocab, max_context, 0
+        self.bytes_per_token = arena.bytes  # every weight a decode step streams lives in the arena
         self._lock = threading.Lock()  # the C call releases the GIL; one sequence, one step at a time
         weakref.finalize(self, _release, lib, handle, arena.ptr, arena.bytes)
 
