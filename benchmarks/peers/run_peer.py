@@ -28,9 +28,10 @@ def llmcompressor(model, ids, a):
     groups = {"group_0": {"targets": ["Linear"], "weights": weights_spec(a.bits, a.group_size, a.sym)}}
     if a.method == "gptq":
         recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128,
-                               actorder=None)]
-    else:
-        recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+                               actorder=None, bypass_divisibility_checks=True)]
+    else:  # SmolLM2's 576 columns are not a multiple of 128: a ragged last group, as lowbit does
+        recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"],
+                                                      bypass_divisibility_checks=True)]
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1],
             num_calibration_samples=ids.shape[0])
