@@ -5,7 +5,9 @@ scratch venv under ~/.cache/lowbit/peers (with the system torch, never a CUDA bu
 dependency), run through benchmarks/peers/run_peer.py. Both sides get the same calibration windows of
 the built-in calibration split, the same float SmolLM2-135M (embedded default), and are scored by
 lowbit.eval on the same held-out text. Prints one table: scheme × method → ppl ours / theirs, time.
-Usage: python benchmarks/reference_methods.py [--schemes W4-g128 W3-g128 W2-g64] [--methods gptq awq signround]
+Groups of 64 by default: llm-compressor refuses a group that does not divide a layer (SmolLM2's 576
+columns at g128), where lowbit uses a shorter last group.
+Usage: python benchmarks/reference_methods.py [--schemes W4-g64 W3-g64 W2-g64] [--methods gptq awq signround]
        [--samples 32] [--seq-len 512] [--iters 200] [--max-windows N]
 """
 
@@ -60,7 +62,7 @@ def theirs(method, bits, group, a, model_dir, calib_file, work):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--schemes", nargs="+", default=["W4-g128", "W3-g128", "W2-g64"])
+    ap.add_argument("--schemes", nargs="+", default=["W4-g64", "W3-g64", "W2-g64"])
     ap.add_argument("--methods", nargs="+", default=["gptq", "awq", "signround"], choices=list(IMPL))
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
