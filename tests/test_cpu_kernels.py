@@ -9,6 +9,7 @@ import torch
 import lowbit
 from lowbit import kernels
 from lowbit.formats import BITS, GROUP_SIZES, UniformQ
+from lowbit.formats.packing import pack
 from lowbit.kernels import reference
 from lowbit.kernels.cpu import build, isa, perf_model, threads, uniform
 
@@ -80,7 +81,7 @@ def int8_activations():
 
 
 @pytest.mark.parametrize("name", ("avx2", "avx512", "avx512vnni"))
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("sym", [True, False])
 def test_int8_activation_gemv(name, bits, group_size, sym, thread_count, int8_activations):
@@ -90,6 +91,8 @@ def test_int8_activation_gemv(name, bits, group_size, sym, thread_count, int8_ac
     g = torch.Generator().manual_seed(bits * 5 + group_size)
     n, k = 45, 232
     qt = UniformQ.from_float(torch.randn(n, k, generator=g), bits, group_size, sym)
+    if bits == 8:  # the extreme codes, where the signed dot (|q − 128| = 128) and int16 pairs are tight
+        qt.qweight.copy_(pack(torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8) * 255, 8))
     packed = uniform.prepare(qt, name)
     assert packed.qfn is not None
     x, bias = torch.randn(1, k, generator=g) * 3, torch.randn(n, generator=g)

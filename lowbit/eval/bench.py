@@ -112,11 +112,12 @@ def bytes_per_token(model, decoder=None) -> int:
 
 
 def bench(model, tokenizer, threads: int | None = None, prompt_tokens: int = 512, gen_tokens: int = 128,
-          runs: int = 3, engine: bool = True, roofline: bool = True) -> Speed:
+          runs: int = 3, engine: bool = True, roofline: bool = True, exact: bool = False) -> Speed:
     """Prefill and decode speed of `model` through `decoder_for` (the engine where it applies)."""
     from ..runtime import decoder_for
 
-    decoder = decoder_for(model, max_context=prompt_tokens + gen_tokens + 1, threads=threads, engine=engine)
+    decoder = decoder_for(model, max_context=prompt_tokens + gen_tokens + 1, threads=threads, engine=engine,
+                          exact=exact)
     threads = threads or torch.get_num_threads()
     r = time_decoder(decoder, bench_tokens(tokenizer, prompt_tokens + gen_tokens + 1), [prompt_tokens],
                      gen_tokens, runs)

@@ -126,13 +126,13 @@ class _Linear:
         else:
             raise LowbitError(f"{name} is a {type(module).__name__}, not a linear layer the engine runs")
 
-    def install(self, lib, handle, layer: int, slot: int) -> None:
+    def install(self, lib, handle, layer: int, slot: int, int8: bool | None) -> None:
         bias = None if self.bias is None else self.bias.data_ptr()
         if self.packed is None:
             lib.eng_set_linear(handle, layer, slot, self.n, self.k, self.kp, None, None, None, None,
                                self.w.data_ptr(), self.wdt, bias)
             return
-        fn1, a1 = self.packed.native(1, self.bias)
+        fn1, a1 = self.packed.native(1, self.bias, int8)
         fnm, am = self.packed.native(2, self.bias)
         lib.eng_set_linear(handle, layer, slot, self.n, self.k, self.kp, fn1, ctypes.byref(a1), fnm,
                            ctypes.byref(am), None, 0, bias)
@@ -243,7 +243,8 @@ def _check_supported(model: nn.Module) -> None:
 
 
 def load_decoder(model: nn.Module, max_context: int | None = None, threads: int | None = None,
-                 kv_dtype: torch.dtype | str = torch.float16, head_bits: int | None = None) -> Engine:
+                 kv_dtype: torch.dtype | str = torch.float16, head_bits: int | None = None,
+                 int8_activations: bool | None = None) -> Engine:
     """The native engine for a supported HF causal LM whose linears are QuantLinear or nn.Linear.
 
     `max_context`: positions the KV cache holds (default: the model's, at most 4096); the cache is
@@ -252,7 +253,10 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     `kv_dtype`: fp32, fp16 (default) or bf16 cache. `head_bits`: round an unquantized lm_head to
     that many bits (RTN, group 32) instead of keeping it in fp16; 8 is llama.cpp's choice for Q4_0
     files (Q8_0 output) and halves the bytes read per token on small models like SmolLM2, at a
-    small cost in fidelity. Raises LowbitError for anything it cannot run.
+    small cost in fidelity. `int8_activations`: decode GEMVs on activations rounded to int8 per
+    32-block, as llama.cpp (Q8_0) and Intel's runtime do (None: the process-wide setting of
+    kernels/cpu/uniform.py, off by default; exact fp32 activations when off). Raises LowbitError for
+    anything it cannot run.
     """
     _check_supported(model)
     config, base = model.config, model.model
@@ -327,7 +331,7 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
             lib.eng_set_rope(h, t, cos.data_ptr(), sin.data_ptr())
         for i, (layer, built) in enumerate(zip(layers, per_layer)):
             for slot, lin in built.items():
-                lin.install(lib, h, i, slot)
+                lin.install(lib, h, i, slot, int8_activations)
             norms = {IN: layer.input_layernorm}
             if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2/3: sandwich norms around both blocks
                 norms.update({ATTN_OUT: layer.post_attention_layernorm, FFN_IN: layer.pre_feedforward_layernorm,
@@ -348,7 +352,7 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
             lib.eng_set_layer(h, i, int(Q in built and K not in built), int(UP not in built), int(window or 0),
                               table_of.get(layer_types[i] if len(table_of) > 1 else None, 0),
                               float(attn.scaling), float(softcap))
-        head.install(lib, h, -1, 0)
+        head.install(lib, h, -1, 0, int8_activations)
         w, eps = _norm(base.norm)
         keep.append(w)
         lib.eng_set_norm(h, -1, 0, w.data_ptr(), eps)

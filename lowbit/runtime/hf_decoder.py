@@ -78,14 +78,21 @@ def use_threads(n: int | None) -> None:
 _noticed: set[str] = set()
 
 
-def decoder_for(model, max_context: int | None = None, threads: int | None = None, engine: bool = True):
-    """The native engine's Decoder for `model` when it supports it, else the universal HFDecoder."""
+# The engine's speed settings, llama.cpp's for its Q4_0/Q8_0 files: decode GEMVs on int8 activations
+# (per 32-block) and an unquantized output head rounded to 8 bits (group 32) in memory only.
+FAST = {"int8_activations": True, "head_bits": 8}
+
+
+def decoder_for(model, max_context: int | None = None, threads: int | None = None, engine: bool = True,
+                exact: bool = False):
+    """The native engine's Decoder for `model` when it supports it, else the universal HFDecoder.
+    The engine runs with `FAST` settings unless `exact` (fp32 activations, the head as stored)."""
     use_threads(threads)
     if engine:
         try:
             from .engine import load_decoder
 
-            return load_decoder(model, max_context=max_context, threads=threads)
+            return load_decoder(model, max_context=max_context, threads=threads, **({} if exact else FAST))
         except (ImportError, AttributeError, LowbitError) as e:
             why = str(e) if isinstance(e, LowbitError) else "not available"
             if why not in _noticed:

@@ -125,10 +125,11 @@ class Session:
 
     @classmethod
     def for_model(cls, model, tokenizer, max_context: int | None = None, threads: int | None = None,
-                  engine: bool = True) -> "Session":
+                  engine: bool = True, exact: bool = False) -> "Session":
         if tokenizer is None:
             raise LowbitError("the model has no tokenizer: save it with one (lowbit.save(model, dir, tokenizer))")
-        return cls(decoder_for(model, max_context, threads, engine), tokenizer, model_stop_tokens(model, tokenizer))
+        return cls(decoder_for(model, max_context, threads, engine, exact), tokenizer,
+                   model_stop_tokens(model, tokenizer))
 
     @property
     def max_context(self) -> int:

@@ -36,8 +36,8 @@ class PackedCodebook(PackedUniform):
             self.oval = qt.outlier_values.to(torch.float32).contiguous()
         self.fn = getattr(lib, f"lb_linear_lut_b{qt.bits}")
 
-    def _call(self, m: int, bias: torch.Tensor | None):
-        fn, args = super()._call(m, bias)
+    def _call(self, m: int, bias: torch.Tensor | None, int8: bool | None = None):
+        fn, args = super()._call(m, bias, int8)
         if self.orp is not None:
             args.orp, args.ocol, args.oval = self.orp.data_ptr(), self.ocol.data_ptr(), self.oval.data_ptr()
         return fn, args

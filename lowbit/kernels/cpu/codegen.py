@@ -99,10 +99,27 @@ static inline float lb_h2f(uint16_t h) {  /* IEEE half -> float, subnormals incl
     float out; memcpy(&out, &bits, 4); return out;
 }"""},
 }
+# dot8: u8 codes · s8 x summed per 32-bit lane. maddubs adds pairs in int16, which saturates for 8-bit
+# codes (255·127·2 > 32767), so dot8s takes signed codes w = q − 128 and multiplies |w| (u8, ≤ 128) by x
+# with w's sign (|x| ≤ 127): pairs stay ≤ 32512. VNNI sums in int32 and needs no such trick.
 OPS["avx2"].update(loadi="_mm256_loadu_si256((const __m256i *)({a}))",
-                   dot8="_mm256_madd_epi16(_mm256_maddubs_epi16({a}, {b}), _mm256_set1_epi16(1))")
+                   dot8="_mm256_madd_epi16(_mm256_maddubs_epi16({a}, {b}), _mm256_set1_epi16(1))",
+                   dot8s="lb_dot8s256({a}, {b})")
+OPS["avx2"]["helpers"] += """
+static inline __m256i lb_dot8s256(__m256i q, __m256i x) {
+    __m256i w = _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+}"""
 OPS["avx512"].update(loadi="_mm512_loadu_si512((const void *)({a}))",
-                     dot8="_mm512_madd_epi16(_mm512_maddubs_epi16({a}, {b}), _mm512_set1_epi16(1))")
+                     dot8="_mm512_madd_epi16(_mm512_maddubs_epi16({a}, {b}), _mm512_set1_epi16(1))",
+                     dot8s="lb_dot8s512({a}, {b})")
+OPS["avx512"]["helpers"] += """
+static inline __m512i lb_dot8s512(__m512i q, __m512i x) {
+    __m512i w = _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
+    __mmask64 neg = _mm512_movepi8_mask(w);
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x)),
+                             _mm512_set1_epi16(1));
+}"""
 # Codebook lookups: lutload{b} puts a table of 2^b fp16 entries into registers as t, lut{b} looks
 # the codes of an int vector up in it. Only the low bits of each lane are read, so codes need no mask
 # (2- and 3-bit tables are repeated to fill the 4-, 8- or 16-entry permute).
@@ -158,8 +175,10 @@ OPS["scalar"]["helpers"] += """
 static inline lb_vf lb_lut(const float *t, lb_vi i, uint32_t mask) {
     lb_vf v; for (int l = 0; l < LB_LANES; l++) v[l] = t[i[l] & mask]; return v;
 }"""
-OPS["avx512vnni"] = {**OPS["avx512"], "dot8": "_mm512_dpbusd_epi32(_mm512_setzero_si512(), {a}, {b})"}
-INT8_BITS = (2, 3, 4)  # u8 × s8 pairs stay below int16 saturation (maddubs) only up to 4-bit codes
+_DPBUSD = "_mm512_dpbusd_epi32(_mm512_setzero_si512(), {a}, {b})"
+OPS["avx512vnni"] = {**OPS["avx512"], "dot8": _DPBUSD, "dot8s": _DPBUSD}
+INT8_BITS = (2, 3, 4, 8)
+SIGNED_DOT = 128  # the offset dot8s takes off 8-bit codes (VNNI's dpbusd doesn't: see _gemv_int8)
 FLAGS = {"avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"],
          "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"],
          "avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": ["-Wno-psabi"]}
@@ -275,8 +294,10 @@ def _gemv_int8(e: _Emit, bits: int, rows: int) -> str:
     blocks = [_unpack_bytes(e, bits, f"q{r} + (size_t)blk * {bits}", f"u{r}") for r in range(rows)]
     body = [s for stmts, _ in blocks for s in stmts]
     body.append(f"{vi} xq = {e.loadi(f'a->xq + (size_t)blk * {4 * e.lanes}')}; {vf} dx = {e.setf('a->xd[blk]')};")
-    body += [f"g{r}0 = {e.fma(e.cvt(e.dot8(codes, 'xq')), 'dx', f'g{r}0')};" for r, (_, codes) in enumerate(blocks)]
-    return _gemv_frame(e, bits, rows, "gemvq", body, 1)
+    signed = bits == 8 and e.ops["dot8s"] != e.ops["dot8"]
+    dot = e.dot8s if signed else e.dot8
+    body += [f"g{r}0 = {e.fma(e.cvt(dot(codes, 'xq')), 'dx', f'g{r}0')};" for r, (_, codes) in enumerate(blocks)]
+    return _gemv_frame(e, bits, rows, "gemvq", body, 1, offset=SIGNED_DOT if signed else 0)
 
 
 def _lut32(e: _Emit, bits: int) -> bool:
@@ -320,11 +341,23 @@ def _gemv_lut32(e: _Emit, rows: int) -> str:
     return _gemv_frame(e, 4, rows, "gemvlut", body, 2, "planes")
 
 
+def _prefetch_next_tile(bits: int, rows: int) -> str:
+    """Software prefetch of the next tile of `rows` rows while this one is read: the tile is one
+    contiguous run of rows·stride words, so block blk touches its share at blk·rows·bits words.
+    Short rows (576 codes: 9 cache lines at 8 bits) are too short for the hardware's stream
+    prefetchers to ramp up on, and a decode GEMV reads its weights from DRAM, not cache."""
+    if rows == 1:
+        return ""
+    lines = -(-rows * bits * 4 // 64)
+    return " ".join(f"LB_PREFETCH(q0 + pf + (size_t)blk * {rows * bits} + {16 * j});" for j in range(lines))
+
+
 def _gemv_frame(e: _Emit, bits: int, rows: int, name: str, body: list[str], accs: int,
-                table: str | None = None) -> str:
+                table: str | None = None, offset: int = 0) -> str:
     """The loop over groups and blocks around `body`, which adds row r's block into g{r}0..g{r}{accs-1};
-    per group: one scale FMA and the zero-point fold through the group's sum of activations, or for a
-    codebook (`table`: the OPS template that loads row r's table of the group as t{r}) a plain sum."""
+    per group: one scale FMA and the zero-point fold through the group's sum of activations (less
+    `offset` when the body summed (q − offset)·x), or for a codebook (`table`: the OPS template that
+    loads row r's table of the group as t{r}) a plain sum."""
     vf, rr = e.ops["vf"], range(rows)
     gsum = lambda r: functools.reduce(e.add, [f"g{r}{j}" for j in range(accs)])  # noqa: E731
     if table:
@@ -334,18 +367,20 @@ def _gemv_frame(e: _Emit, bits: int, rows: int, name: str, body: list[str], accs
     else:
         start = ""
         fold = " ".join(f'{{ size_t i = (size_t)(row + {r}) * a->groups + g; float s = {e.h2f("a->sc[i]")};'
-                        f' float z = a->zp ? (float)a->zp[i] : (float)a->zdef;'
+                        f' float z = (a->zp ? (float)a->zp[i] : (float)a->zdef){f" - {offset}.0f" if offset else ""};'
                         f' acc{r} = {e.fma(gsum(r), e.setf("s"), f"acc{r}")}; corr{r} += s * z * a->xsum[g]; }}'
                         for r in rr)
     return f"""
 static void {name}_b{bits}_r{rows}(const lb_args *a, int row) {{
-    size_t stride = (size_t)a->nblocks * {bits};
+    size_t stride = (size_t)a->nblocks * {bits}, tile = {rows} * stride;
+    size_t pf = tile * (1 + LB_PF_BYTES / (4 * tile));  /* whole tiles, at least LB_PF_BYTES ahead */
     {' '.join(f'const uint32_t *q{r} = a->qw + (size_t)(row + {r}) * stride;' for r in rr)}
     {' '.join(f'{vf} acc{r} = {e.zero()}; float corr{r} = 0;' for r in rr)}
     for (int g = 0; g < a->groups; g++) {{
         int b0 = g * a->bpg, b1 = b0 + a->bpg < a->nblocks ? b0 + a->bpg : a->nblocks;
         {' '.join(f'{vf} g{r}{j} = {e.zero()};' for r in rr for j in range(accs))} {start}
         for (int blk = b0; blk < b1; blk++) {{
+            {_prefetch_next_tile(bits, rows)}
             {(chr(10) + ' ' * 12).join(body)}
         }}
         {fold}
@@ -451,6 +486,13 @@ LB_EXPORT void lb_linear{"_" * lut}{kind}_b{bits}(lb_args *a) {{
 }}
 """
 
+
+_PREFETCH = """
+#ifndef LB_PF_BYTES
+#define LB_PF_BYTES 8192
+#endif
+#define LB_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 0)
+"""
 
 _LOADS = """
 static inline uint32_t lb_ld32(const uint32_t *p) { return *p; }
@@ -618,7 +660,7 @@ def generate(isa: str) -> str:
         f"/* Generated by lowbit.kernels.cpu.codegen for {isa}; do not edit. */",
         "#include <math.h>\n#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>", e.ops["include"],
         "#define LB_EXPORT __attribute__((visibility(\"default\")))",
-        f"#define MICRO_MR {mr}\n#define MICRO_NR {nr}\n#define LB_LANES {e.lanes}", _LOADS, e.ops["helpers"],
+        f"#define MICRO_MR {mr}\n#define MICRO_NR {nr}\n#define LB_LANES {e.lanes}", _PREFETCH, _LOADS, e.ops["helpers"],
         POOL_C, _DRIVER, micro, f"static const lb_micro MICRO[{mr}][{nr}] = {{{table}}};",
         _DRIVER_TAIL, kernels, "".join(_per_bits(b) for b in BITS),
         f"LB_EXPORT int lb_lanes(void) {{ return {e.lanes}; }}",

@@ -4,8 +4,9 @@ Decode (one token) can run on int8 activations, as llama.cpp (Q8_0) and Intel's 
 token is quantized per 32-block (`quantize_activations` is the exact scheme) and codes × activations
 become u8 × s8 integer dot products (maddubs / VNNI), ~2.5× less work per weight than fp32, which is
 what a 2–4-bit GEMV needs to keep up with DRAM. It changes the numbers (activation rounding), so it
-is opt-in: `set_int8_activations(True)` or LOWBIT_INT8_ACT=1; 8-bit weights and the scalar fallback
-always use fp32 activations.
+is opt-in: `set_int8_activations(True)` or LOWBIT_INT8_ACT=1; the scalar fallback always uses fp32
+activations. 8-bit codes take the signed form of the dot (see codegen.dot8s) so the int16 pair sums of
+maddubs cannot saturate.
 """
 
 from __future__ import annotations
@@ -74,19 +75,21 @@ class PackedUniform:
 
     WEIGHTS = ("qweight", "scales", "zeros")  # the tensors `native` points at (the engine may move them)
 
-    def _call(self, m: int, bias: torch.Tensor | None):
-        """The kernel for m tokens and its Args, x and y still NULL."""
+    def _call(self, m: int, bias: torch.Tensor | None, int8: bool | None = None):
+        """The kernel for m tokens and its Args, x and y still NULL; `int8`: int8 activations for
+        one token (None: the process-wide setting)."""
         p = self.plan(m)
         args = build.Args(self.qweight.data_ptr(), self.scales.data_ptr(),
                           None if self.zeros is None else self.zeros.data_ptr(), self.zdef, self.n,
                           self.nblocks, self.groups, self.bpg, m, None,
                           None if bias is None else bias.data_ptr(), None, p.threads, p.nb, p.kc)
-        return self.qfn if m == 1 and _INT8["on"] and self.qfn is not None else self.fn, args
+        int8 = _INT8["on"] if int8 is None else int8
+        return self.qfn if m == 1 and int8 and self.qfn is not None else self.fn, args
 
-    def native(self, m: int, bias: torch.Tensor | None = None) -> tuple[int, build.Args]:
+    def native(self, m: int, bias: torch.Tensor | None = None, int8: bool | None = None) -> tuple[int, build.Args]:
         """(address of the C kernel, its Args) for m tokens of padded width nblocks·32: a native
         caller (the decode engine) fills in x, y and m and calls it without Python."""
-        fn, args = self._call(m, bias)
+        fn, args = self._call(m, bias, int8)
         return ctypes.cast(fn, ctypes.c_void_p).value, args
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
