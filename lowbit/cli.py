@@ -12,6 +12,7 @@ from .eval import model_size
 from .methods import METHODS
 from .models import load_any
 from .eval.bench import bench
+from .kernels.cpu import tune
 from .runtime import Chat, SamplingParams, Session
 
 
@@ -66,13 +67,14 @@ def cmd_generate(a) -> None:
     model = api.load(a.model)
     print(a.prompt, end="", flush=True)
     _, stats = api.generate(model, model.lowbit_tokenizer, a.prompt, a.max_tokens, on_text=_show,
-                            sampling=_sampling(a), stop=a.stop or (), threads=a.threads, max_context=a.max_context)
+                            sampling=_sampling(a), stop=a.stop or (), threads=a.threads, max_context=a.max_context,
+                            exact=a.exact)
     print("\n" + _stats(stats), file=sys.stderr)
 
 
 def cmd_chat(a) -> None:
     model = api.load(a.model)
-    chat = Chat(Session.for_model(model, model.lowbit_tokenizer, a.max_context, a.threads), a.system)
+    chat = Chat(Session.for_model(model, model.lowbit_tokenizer, a.max_context, a.threads, exact=a.exact), a.system)
     interactive = sys.stdin.isatty()
     if interactive:
         print("one message per line; /reset starts over; Ctrl-D ends", file=sys.stderr)
@@ -95,7 +97,7 @@ def cmd_serve(a) -> None:
     from .runtime.server import serve
 
     model = api.load(a.model)
-    session = Session.for_model(model, model.lowbit_tokenizer, a.max_context, a.threads)
+    session = Session.for_model(model, model.lowbit_tokenizer, a.max_context, a.threads, exact=a.exact)
     defaults = {k: getattr(a, k) for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")}
     serve(session, a.name or Path(a.model).name, a.host, a.port, defaults, a.max_queue)
 
@@ -111,7 +113,7 @@ def cmd_bench(a) -> None:
     for spec in a.models:
         model = api.load(spec)
         s = bench(model, model.lowbit_tokenizer, a.threads[0] if a.threads else None, a.prompt_tokens,
-                  a.gen_tokens, a.runs)
+                  a.gen_tokens, a.runs, exact=a.exact)
         if a.json:
             print(json.dumps({"model": spec, **s.to_dict()}))
             continue
@@ -147,6 +149,14 @@ def cmd_inspect(a) -> None:
           f"{size.total_bytes:,} bytes, {size.model_bpw:.3f} bits/weight")
 
 
+def cmd_tune(a) -> None:
+    if a.reset:
+        removed, path = tune.reset(a.threads)
+        print(f"removed {path}" if removed else f"nothing cached at {path}")
+        return
+    print(tune.show(a.threads) if a.show else tune.render(*tune.run(a.threads, quick=a.quick)))
+
+
 def _sampling_options(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
     """Generation options; for `serve` (max_tokens None) they are defaults for requests that omit them."""
     serve = max_tokens is None
@@ -162,6 +172,12 @@ def _sampling_options(p: argparse.ArgumentParser, max_tokens: int | None) -> Non
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--max-context", type=int, help="tokens the cache holds (default: the model's)")
+    _exact_option(p)
+
+
+def _exact_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exact", action="store_true", help="native engine on fp32 activations and the output "
+                   "head as stored (default: int8 activations and an 8-bit head, as llama.cpp)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -229,6 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported)")
     b.add_argument("--json", action="store_true", help="one JSON object per model")
     b.add_argument("--vs", choices=["llama.cpp"], help="side-by-side table with llama.cpp and transformers")
+    _exact_option(b)
     b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("eval", parents=[common], help="perplexity and KL divergence")
@@ -245,6 +262,14 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", parents=[common], help="per-layer formats, sizes and bits per weight")
     i.add_argument("model")
     i.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("tune", parents=[common],
+                       help="time the CPU kernels' tile and thread choices on this machine, cache the best")
+    t.add_argument("--threads", type=int, help="tune for this many threads (default: all cores)")
+    t.add_argument("--quick", action="store_true", help="tiny shapes, ~1 s: checks the mechanism, not the machine")
+    t.add_argument("--show", action="store_true", help="print what is cached, measure nothing")
+    t.add_argument("--reset", action="store_true", help="forget the cached choices (back to the model's)")
+    t.set_defaults(func=cmd_tune)
     return p
 
 

@@ -3,6 +3,7 @@
     isa.py        what this CPU runs (flags, caches, physical cores)
     layout.py     the SIMD bit layout of a 32-code block, repacked at load time
     perf_model.py tile sizes and thread count from cache sizes, vector width and threads
+    tune.py       `lowbit tune`: times the model's constants on this machine, caches the winners
     pool.py       the kernels' own pthread pool (C), so no second OpenMP runtime is loaded
     codegen.py    the C source for one ISA
     build.py      compile + cache by hash + ctypes
