@@ -169,21 +169,24 @@ def random_codebook(shape: tuple[int, int], bits: int, group: int) -> CodebookQ:
                                   bits, group)
 
 
-def codebook_table(packed: dict, luts: dict, bits: int, group: int, batches: list[int], bw: float) -> None:
-    """LUT GEMV/GEMM (tables per row and per group) vs the UniformQ kernel, timed back to back."""
-    print(f"\n{bits}-bit CodebookQ (LUT) vs UniformQ g{group} sym, same run\n")
+def codebook_table(packed: dict, luts: dict, bits: int, group: int, batches: list[int], bw: float,
+                   cold: bool) -> None:
+    """LUT GEMV/GEMM (tables per row and per group) vs the UniformQ kernel (both on fp32 activations),
+    timed back to back; with `cold`, batch 1 rotates through weight copies as in the uniform table."""
+    print(f"\n{bits}-bit CodebookQ (LUT) vs UniformQ g{group} sym, same run, {'cold' if cold else 'hot'}\n")
     print(f"| shape (N×K) | batch | uniform ms | LUT per-row ms | LUT / uniform | LUT GB/s | % of DRAM bw | "
-          f"LUT g{group} ms | LUT g{group} / uniform |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"LUT g{group} ms | LUT g{group} / uniform | uniform int8-act ms | LUT per-row / uniform int8-act |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, (rows, groups) in luts.items():
         p = packed[(shape, bits)]
         for m in batches:
-            x = torch.randn(m, shape[1])
-            base, lut, lutg = (timeit(lambda q=q, x=x: q(x)) for q in (p, rows, groups))
+            runs = [ours(q, m, copies(q.bytes, cold and m == 1), int8)
+                    for q, int8 in ((p, False), (rows, False), (groups, False), (p, m == 1))]
+            base, lut, lutg, base8 = (timeit(*calls) for calls, _ in runs)
             moved = rows.bytes + 4 * m * sum(shape)
             print(f"| {shape[0]}×{shape[1]} | {m} | {base * 1e3:.3f} | {lut * 1e3:.3f} | {lut / base:.2f}× | "
                   f"{moved / lut / 1e9:.1f} | {f'{100 * moved / lut / bw:.0f}%' if m == 1 else '—'} | "
-                  f"{lutg * 1e3:.3f} | {lutg / base:.2f}× |", flush=True)
+                  f"{lutg * 1e3:.3f} | {lutg / base:.2f}× | {base8 * 1e3:.3f} | {lut / base8:.2f}× |", flush=True)
 
 
 def ms(sec: float | None) -> str:
@@ -259,7 +262,7 @@ def main() -> None:
         bw = bandwidth(t)
         print(f"\n### {t} thread{'s' * (t > 1)}: STREAM-like read {bw / 1e9:.1f} GB/s\n")
         if "codebook" in args.tables:
-            codebook_table(packed, luts, args.bits[0], args.group, args.batches, bw)
+            codebook_table(packed, luts, args.bits[0], args.group, args.batches, bw, args.cold)
         if "uniform" in args.tables:
             uniform_table(packed, weights, args, t, bw)
 

@@ -1,11 +1,11 @@
 """CodebookQ on the CPU through the generated kernels: a PackedUniform whose dequantization is a lookup.
 
 The indices are packed like UniformQ codes, so the layer keeps the same repacked codes, plans and
-calls; the C reads the fp16 codebooks [N, G, 2^b] through the pointer that carries UniformQ's scales
-and turns each group's table into registers once (`lb_linear_lut_b{bits}`, see codegen.py). Sparse
+calls; the C reads the codebooks [N, G, 2^b] (fp16, or T16 records: `t16`) through the pointer that
+carries UniformQ's scales and turns each group's table into registers once (`lb_linear_lut_b{bits}`, see codegen.py). Sparse
 outliers go along as CSR (values widened to fp32 once here) and each thread adds its band's rows
-after the dense part. There is no int8-activation variant: the tables are fp16, so activations stay
-fp32 whatever `set_int8_activations` says.
+after the dense part. `set_int8_activations` does not apply: the fp16 tables meet fp32 activations,
+and the T16 tables of AVX2's 4-bit GEMV meet x rounded to int16 per 32-block (15 bits, see codegen).
 """
 
 from __future__ import annotations
@@ -16,8 +16,21 @@ import torch
 
 from ...formats import CodebookQ
 from .. import reference
+from . import codegen
 from .uniform import PackedUniform
 from .uniform import prepare as _prepare
+
+
+def t16(codebook: torch.Tensor) -> torch.Tensor:
+    """[N, G, 16] tables -> T16 records [N, G, T16_WORDS] (as int16 words): the low bytes of the
+    entries rounded to int16 at scale max|T| / 2^14, their high bytes, then the fp32 scale."""
+    t = codebook.float()
+    scale = t.abs().amax(-1, keepdim=True) / 2**14
+    v = torch.round(t / torch.where(scale > 0, scale, torch.ones_like(scale))).to(torch.int16)
+    lo, hi = (v & 0xFF).to(torch.uint8), ((v >> 8) & 0xFF).to(torch.uint8)
+    record = torch.cat([lo, hi, scale.contiguous().view(torch.uint8)], -1)
+    assert record.shape[-1] == 2 * codegen.T16_WORDS
+    return record.contiguous().view(torch.int16)
 
 
 class PackedCodebook(PackedUniform):
@@ -27,7 +40,8 @@ class PackedCodebook(PackedUniform):
 
     def __init__(self, qt: CodebookQ, isa: str, lib: ctypes.CDLL):
         self._layout(qt, isa)
-        self.scales = qt.codebook.to(torch.float16).contiguous()  # the tables, where UniformQ has scales
+        # the tables, where UniformQ has scales
+        self.scales = t16(qt.codebook) if codegen.table16(isa, qt.bits) else qt.codebook.to(torch.float16).contiguous()
         self.zeros, self.zdef, self.qfn = None, 0, None
         self.orp = self.ocol = self.oval = None
         if qt.has_outliers:

@@ -19,7 +19,7 @@ The int8 GEMV (2–4 bits, x86) does the same sums as u8 × s8 integer dot produ
 CodebookQ's indices are packed like UniformQ's codes, so both share the unpacking and the loops; only
 the dequantization differs: "s·(q − z)" becomes "T[q]", a lookup in the row's (or group's) table held
 in registers, never a branch (`lut{bits}` in `OPS`: a permute of 4, 8 or 16 fp32 entries; AVX2's
-4-bit GEMV instead looks 32 codes up at once in three byte planes of the table, see `lb_lut32`).
+4-bit tables are int16 byte planes looked up 32 codes at a time: `table16`, `_gemv_t16`).
 Its sparse outliers are one CSR pass per thread band after the dense part (`lb_outliers`).
 """
 
@@ -122,45 +122,36 @@ static inline __m512i lb_dot8s512(__m512i q, __m512i x) {
 }"""
 # Codebook lookups: lutload{b} puts a table of 2^b fp16 entries into registers as t, lut{b} looks
 # the codes of an int vector up in it. Only the low bits of each lane are read, so codes need no mask
-# (2- and 3-bit tables are repeated to fill the 4-, 8- or 16-entry permute).
+# (2- and 3-bit tables are repeated to fill the 4-, 8- or 16-entry permute). AVX2 keeps 4-bit tables
+# as T16 instead (int16 entries in two byte planes and a scale, `t16load`): its GEMV looks 32 codes up
+# with two vpshufb and multiplies them by int16 activations (pmaddwd), as cheap per weight as the
+# uniform dequantization; entries and activations keep 15 bits, finer than the fp16 table itself.
 _CVT_H = "_mm_loadu_si128((const __m128i *)({a}))"
 OPS["avx2"].update(
     lutload2="__m256 {t} = _mm256_cvtph_ps(_mm_set1_epi64x((long long)lb_ld64((const uint32_t *)({a}))));",
     lut2="_mm256_permutevar_ps({t}, {a})",
     lutload3=f"__m256 {{t}} = _mm256_cvtph_ps({_CVT_H});",
     lut3="_mm256_permutevar8x32_ps({t}, {a})",
-    lutload4=f"__m256 {{t}}0 = _mm256_cvtph_ps({_CVT_H}), {{t}}1 = _mm256_cvtph_ps({_CVT_H.replace('{a}', '{a} + 8')});",
     lut4="_mm256_blendv_ps(_mm256_permutevar8x32_ps({t}0, {a}), _mm256_permutevar8x32_ps({t}1, {a}), "
          "_mm256_castsi256_ps(_mm256_slli_epi32({a}, 28)))",
-    planes="__m256i {t}[3]; lb_planes({a}, {t});")
+    # 4-bit tables in T16 form (see lb_planes16); the GEMM's fp32 table is built from the same values
+    lutload4="__m256 {t}0, {t}1; lb_table16((const uint8_t *)({a}), &{t}0, &{t}1);",
+    t16load="__m256i {t}l, {t}h; float {t}s; lb_planes16((const uint8_t *)({a}), &{t}l, &{t}h, &{t}s);")
 OPS["avx2"]["helpers"] += """
-/* The three non-zero bytes of a 16-entry fp32 table (fp16 values: byte 0 is always 0), each as a
-   16-byte plane in both 128-bit lanes, ready for vpshufb. */
-static inline void lb_planes(const uint16_t *cb, __m256i t[3]) {
-    const __m256i gather = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    __m256i a = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)cb)));
-    __m256i b = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cb + 8))));
-    a = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a, gather), order);  /* qword j: byte j of 0-7 */
-    b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(b, gather), order);  /* ... of entries 8-15 */
-    __m256i even = _mm256_unpacklo_epi64(a, b), odd = _mm256_unpackhi_epi64(a, b);  /* bytes 0, 2 | 1, 3 */
-    t[0] = _mm256_permute2x128_si256(odd, odd, 0x00);
-    t[1] = _mm256_permute2x128_si256(even, even, 0x11);
-    t[2] = _mm256_permute2x128_si256(odd, odd, 0x11);
+/* A 4-bit table as the AVX2 kernels keep it (T16, 36 bytes, see codebook.py): the low bytes of its
+   16 int16 entries, their high bytes, then an fp32 scale; entry j = (int16)(lo[j] | hi[j] << 8) * s. */
+static inline void lb_planes16(const uint8_t *p, __m256i *lo, __m256i *hi, float *s) {
+    *lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    *hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 16)));
+    memcpy(s, p + 32, 4);
 }
 
-/* 32 codes (one per byte, see _unpack_bytes) -> their 32 fp32 table values: three byte lookups
-   (vpshufb) and two interleaves, in the order of LUT32_XPERM. */
-static inline void lb_lut32(const __m256i t[3], __m256i c, __m256 w[4]) {
-    __m256i z = _mm256_setzero_si256();
-    __m256i p1 = _mm256_shuffle_epi8(t[0], c), p2 = _mm256_shuffle_epi8(t[1], c), p3 = _mm256_shuffle_epi8(t[2], c);
-    __m256i lo1 = _mm256_unpacklo_epi8(z, p1), lo23 = _mm256_unpacklo_epi8(p2, p3);
-    __m256i hi1 = _mm256_unpackhi_epi8(z, p1), hi23 = _mm256_unpackhi_epi8(p2, p3);
-    w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo1, lo23));
-    w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo1, lo23));
-    w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi1, hi23));
-    w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi1, hi23));
+static inline void lb_table16(const uint8_t *p, __m256 *t0, __m256 *t1) {
+    __m128i lo = _mm_loadu_si128((const __m128i *)p), hi = _mm_loadu_si128((const __m128i *)(p + 16));
+    float s; memcpy(&s, p + 32, 4);
+    __m256 vs = _mm256_set1_ps(s);
+    *t0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_unpacklo_epi8(lo, hi))), vs);
+    *t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_unpackhi_epi8(lo, hi))), vs);
 }"""
 _PERMX = "_mm512_permutexvar_ps({a}, {t})"
 OPS["avx512"].update(
@@ -178,6 +169,7 @@ static inline lb_vf lb_lut(const float *t, lb_vi i, uint32_t mask) {
 _DPBUSD = "_mm512_dpbusd_epi32(_mm512_setzero_si512(), {a}, {b})"
 OPS["avx512vnni"] = {**OPS["avx512"], "dot8": _DPBUSD, "dot8s": _DPBUSD}
 INT8_BITS = (2, 3, 4, 8)
+T16_WORDS = 18  # uint16 words of one T16 table: 16 low bytes, 16 high bytes, an fp32 scale
 SIGNED_DOT = 128  # the offset dot8s takes off 8-bit codes (VNNI's dpbusd doesn't: see _gemv_int8)
 FLAGS = {"avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"],
          "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"],
@@ -279,15 +271,6 @@ def _unpack_bytes(e: _Emit, bits: int, src: str, name: str) -> tuple[list[str], 
     return stmts, parts[0] if len(parts) == 1 else e.bor(*parts)
 
 
-def _lut32_xperm(lanes: int) -> str:
-    """Which code of a block each activation meets after lb_lut32: its output vector j, element e
-    holds the code at byte 16·(e // 4) + 4·j + e % 4 of the _unpack_bytes vector."""
-    def code(byte: int) -> int:  # _unpack_bytes: byte 4·l + f·L/8 holds code f·L + l
-        return (byte % 4) // (lanes // 8) * lanes + byte // 4
-    order = [code(16 * (e // 4) + 4 * j + e % 4) for j in range(4) for e in range(8)]
-    return f"static const uint8_t LUT32_XPERM[32] = {{{', '.join(map(str, order))}}};\n"
-
-
 def _gemv_int8(e: _Emit, bits: int, rows: int) -> str:
     """GEMV on int8 activations (one scale per 32-block): u8 codes · s8 x summed in int32 per block."""
     vf, vi = e.ops["vf"], e.ops["vi"]
@@ -300,17 +283,17 @@ def _gemv_int8(e: _Emit, bits: int, rows: int) -> str:
     return _gemv_frame(e, bits, rows, "gemvq", body, 1, offset=SIGNED_DOT if signed else 0)
 
 
-def _lut32(e: _Emit, bits: int) -> bool:
-    """Whether the codebook GEMV looks codes up 32 at a time in byte planes (AVX2, 4 bits)."""
-    return bits == 4 and "planes" in e.ops
+def table16(isa: str, bits: int) -> bool:
+    """Whether `isa` keeps `bits`-bit codebook tables in T16 form (codebook.py packs them so)."""
+    return bits == 4 and "t16load" in OPS[isa]
 
 
 def _gemv(e: _Emit, bits: int, rows: int, lut: bool = False) -> str:
     """GEMV on fp32 activations: codes (or, with lut, their table values) × x per group (two
     accumulators per row to hide FMA latency)."""
     vf, lanes = e.ops["vf"], e.lanes
-    if lut and _lut32(e, bits):
-        return _gemv_lut32(e, rows)
+    if lut and "t16load" in e.ops and bits == 4:
+        return _gemv_t16(e, rows)
     if lut:
         unpack = functools.partial(_unpack_block, mask=False)
         weight = lambda r, code: getattr(e, f"lut{bits}")(code, t=f"t{r}")  # noqa: E731
@@ -328,17 +311,30 @@ def _gemv(e: _Emit, bits: int, rows: int, lut: bool = False) -> str:
     return _gemv_frame(e, bits, rows, "gemv", body, 2)
 
 
-def _gemv_lut32(e: _Emit, rows: int) -> str:
-    """4-bit codebook GEMV on AVX2: a block's 32 codes as bytes, looked up by lb_lut32 against x in
-    LUT32_XPERM order (the driver permutes x once per call)."""
-    vf = e.ops["vf"]
+def _gemv_t16(e: _Emit, rows: int) -> str:
+    """4-bit T16 codebook GEMV (AVX2): a block's 32 codes as bytes pick their entries' low and high
+    bytes (two vpshufb), interleaved into int16 and multiplied by the block's int16 activations
+    (pmaddwd; |entry|, |x| <= 2^14 so the int32 sums cannot overflow), in T16_XORDER order."""
+    vf, vi = e.ops["vf"], e.ops["vi"]
     blocks = [_unpack_bytes(e, 4, f"q{r} + (size_t)blk * 4", f"u{r}") for r in range(rows)]
     body = [s for stmts, _ in blocks for s in stmts]
-    body.append(" ".join(f"{vf} x{j} = {e.load(f'a->xs + (size_t)blk * 32 + {8 * j}')};" for j in range(4)))
-    body += [f"{{ {vf} w[4]; lb_lut32(t{r}, {codes}, w); "
-             + " ".join(f"g{r}{j % 2} = {e.fma(f'w[{j}]', f'x{j}', f'g{r}{j % 2}')};" for j in range(4)) + " }"
+    body.append(f"const int16_t *xb = (const int16_t *)a->xq + (size_t)blk * 32; {vi} x0 = {e.loadi('xb')}, "
+                f"x1 = {e.loadi('xb + 16')}; {vf} dx = {e.setf('a->xd[blk]')};")
+    body += [f"{{ {vi} lo = _mm256_shuffle_epi8(t{r}l, {codes}), hi = _mm256_shuffle_epi8(t{r}h, {codes}); "
+             f"{vi} d = _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(lo, hi), x0), "
+             f"_mm256_madd_epi16(_mm256_unpackhi_epi8(lo, hi), x1)); "
+             f"g{r}0 = {e.fma(e.cvt('d'), 'dx', f'g{r}0')}; }}"
              for r, (_, codes) in enumerate(blocks)]
-    return _gemv_frame(e, 4, rows, "gemvlut", body, 2, "planes")
+    return _gemv_frame(e, 4, rows, "gemvlut", body, 1, "t16load")
+
+
+def _t16_xorder(lanes: int) -> str:
+    """The code each int16 activation of a block meets in _gemv_t16: unpacklo/hi_epi8 give bytes
+    0-7 and 16-23 (x0), 8-15 and 24-31 (x1) of the _unpack_bytes vector."""
+    def code(byte: int) -> int:  # _unpack_bytes: byte 4·l + f·L/8 holds code f·L + l
+        return (byte % 4) // (lanes // 8) * lanes + byte // 4
+    order = [code(8 * j + e % 8 + 16 * (e // 8)) for j in range(2) for e in range(16)]
+    return f"static const uint8_t T16_XORDER[32] = {{{', '.join(map(str, order))}}};\n"
 
 
 def _prefetch_next_tile(bits: int, rows: int) -> str:
@@ -357,13 +353,15 @@ def _gemv_frame(e: _Emit, bits: int, rows: int, name: str, body: list[str], accs
     """The loop over groups and blocks around `body`, which adds row r's block into g{r}0..g{r}{accs-1};
     per group: one scale FMA and the zero-point fold through the group's sum of activations (less
     `offset` when the body summed (q − offset)·x), or for a codebook (`table`: the OPS template that
-    loads row r's table of the group as t{r}) a plain sum."""
+    loads row r's table of the group as t{r}) a plain sum (times the table's scale for T16)."""
     vf, rr = e.ops["vf"], range(rows)
     gsum = lambda r: functools.reduce(e.add, [f"g{r}{j}" for j in range(accs)])  # noqa: E731
     if table:
-        start = " ".join(getattr(e, table)(f"a->sc + ((size_t)(row + {r}) * a->groups + g) * {1 << bits}", t=f"t{r}")
+        stride = T16_WORDS if table == "t16load" else 1 << bits
+        start = " ".join(getattr(e, table)(f"a->sc + ((size_t)(row + {r}) * a->groups + g) * {stride}", t=f"t{r}")
                          for r in rr)
-        fold = " ".join(f"acc{r} = {e.add(gsum(r), f'acc{r}')};" for r in rr)
+        fold = " ".join(f"acc{r} = {e.fma(gsum(r), e.setf(f't{r}s'), f'acc{r}')};" if table == "t16load"
+                        else f"acc{r} = {e.add(gsum(r), f'acc{r}')};" for r in rr)
     else:
         start = ""
         fold = " ".join(f'{{ size_t i = (size_t)(row + {r}) * a->groups + g; float s = {e.h2f("a->sc[i]")};'
@@ -396,7 +394,8 @@ def _dequant(e: _Emit, bits: int, lut: bool = False) -> str:
     stmts, fields = _unpack_block(e, bits, f"q + (size_t)blk * {bits}", "u", mask=not lut)
     lanes = e.lanes
     if lut:
-        setup = getattr(e, f"lutload{bits}")(f"a->sc + i * {1 << bits}", t="t")
+        stride = T16_WORDS if "t16load" in e.ops and bits == 4 else 1 << bits
+        setup = getattr(e, f"lutload{bits}")(f"a->sc + i * {stride}", t="t")
         values = [getattr(e, f"lut{bits}")(c, t="t") for c in fields]
     else:
         setup = (f"float s = {e.h2f('a->sc[i]')}, z = a->zp ? (float)a->zp[i] : (float)a->zdef; "
@@ -455,11 +454,11 @@ LB_EXPORT void lb_linear_q_b{bits}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bi
 """
 
 
-def _per_bits(bits: int, lut: bool = False, lut32: bool = False) -> str:
+def _per_bits(bits: int, lut: bool = False, t16: bool = False) -> str:
     """The thread tasks and the exported entry point for one bit width (lut: of the codebook kind,
     whose outliers each thread adds to its own band of rows)."""
     kind, after = ("lut", "lb_outliers(a, lo, hi);") if lut else ("", "")
-    xform = ("NULL, LUT32_XPERM" if lut32 else "NULL, NULL") if lut else f"XSCALE_B{bits}, NULL"
+    xform = ("NULL, T16_XORDER" if t16 else "NULL, NULL") if lut else f"XSCALE_B{bits}, NULL"
     return f"""
 {_gemv_task(f"gemv{kind}", bits, after)}
 
@@ -508,7 +507,7 @@ typedef struct {
     float *xsum;
     int8_t *xq; float *xd;  /* int8 path: activations per 32-block (SIMD byte order) and their scales */
     const float *xs;        /* fp32 GEMV: x times 2^-(bit offset of its code), see _fields_in_place,
-                               or in the order of the codebook lookups (LUT32_XPERM) */
+                               (codebook GEMVs on T16 tables read xq as int16, see lb_x16) */
     const int32_t *orp; const int32_t *ocol; const float *oval;  /* codebook outliers (CSR), or NULL */
 } lb_args;
 
@@ -583,19 +582,33 @@ __attribute__((unused)) static void lb_outliers(const lb_args *a, int lo, int hi
     free(xt);
 }
 
-/* The GEMV reads x scaled per position in its block (xscale, see _fields_in_place), permuted within
-   its block (xperm, see lb_lut32) or as it is (both NULL). */
-static void lb_linear(lb_args *a, lb_task gemv, lb_task gemm, const float *xscale, const uint8_t *xperm) {
+/* x as int16 per 32-block for the T16 GEMV: scale amax/2^14, element i of a block holds code
+   order[i] (T16_XORDER); into a->xq (as int16) and a->xd. */
+static void lb_x16(lb_args *a, const uint8_t *order) {
+    int16_t *xq = (int16_t *)lb_alloc((size_t)a->nblocks * 16);
+    float *xd = lb_alloc(a->nblocks);
+    for (int blk = 0; blk < a->nblocks; blk++) {
+        const float *x = a->x + (size_t)blk * 32;
+        float amax = 0;
+        for (int c = 0; c < 32; c++) amax = fabsf(x[c]) > amax ? fabsf(x[c]) : amax;
+        float d = amax / 16384.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+        for (int i = 0; i < 32; i++) xq[(size_t)blk * 32 + i] = (int16_t)nearbyintf(x[order[i]] * inv);
+        xd[blk] = d;
+    }
+    a->xq = (int8_t *)xq; a->xd = xd;
+}
+
+/* The GEMV reads x scaled per position in its block (xscale, see _fields_in_place), as int16 in
+   x16order (see lb_x16), or as it is (both NULL). */
+static void lb_linear(lb_args *a, lb_task gemv, lb_task gemm, const float *xscale, const uint8_t *x16order) {
     if (a->threads > lb_pool.n) a->threads = lb_pool.n;
     if (a->m == 1) {  /* per-group sums of x, for the zero-point fold */
         float xs[a->groups], *scaled = NULL;
         if (xscale) {
             scaled = lb_alloc((size_t)a->nblocks * 32);
             for (int k = 0; k < a->nblocks * 32; k++) scaled[k] = a->x[k] * xscale[k % 32];
-        } else if (xperm) {
-            scaled = lb_alloc((size_t)a->nblocks * 32);
-            for (int k = 0; k < a->nblocks * 32; k++) scaled[k] = a->x[k - k % 32 + xperm[k % 32]];
         }
+        if (x16order) lb_x16(a, x16order);
         a->xs = scaled ? scaled : a->x;
         for (int g = 0; g < a->groups; g++) {
             int k0 = g * a->bpg * 32, k1 = (g + 1) * a->bpg * 32;
@@ -606,6 +619,7 @@ static void lb_linear(lb_args *a, lb_task gemv, lb_task gemm, const float *xscal
         a->xsum = xs;
         lb_pool_run(gemv, a, a->threads);
         free(scaled);
+        if (x16order) { free(a->xq); free(a->xd); }
         return;
     }
     for (int m = 0; m < a->m; m++)
@@ -653,8 +667,8 @@ def generate(isa: str) -> str:
     kernels += "".join(_gemv(e, b, GEMV_ROWS) + _gemv(e, b, 1) + _dequant(e, b) for b in BITS)
     int8 = [b for b in INT8_BITS if "dot8" in e.ops]
     kernels += "".join(_gemv_int8(e, b, GEMV_ROWS) + _gemv_int8(e, b, 1) + _per_bits_int8(b) for b in int8)
-    kernels += _lut32_xperm(e.lanes) if "planes" in e.ops else ""
-    kernels += "".join(_gemv(e, b, GEMV_ROWS, True) + _gemv(e, b, 1, True) + _dequant(e, b, True) + _per_bits(b, True, _lut32(e, b))
+    kernels += _t16_xorder(e.lanes) if "t16load" in e.ops else ""
+    kernels += "".join(_gemv(e, b, GEMV_ROWS, True) + _gemv(e, b, 1, True) + _dequant(e, b, True) + _per_bits(b, True, table16(isa, b))
                        for b in CODEBOOK_BITS)
     return "\n".join([
         f"/* Generated by lowbit.kernels.cpu.codegen for {isa}; do not edit. */",
