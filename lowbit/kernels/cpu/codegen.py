@@ -166,6 +166,16 @@ OPS["scalar"]["helpers"] += """
 static inline lb_vf lb_lut(const float *t, lb_vi i, uint32_t mask) {
     lb_vf v; for (int l = 0; l < LB_LANES; l++) v[l] = t[i[l] & mask]; return v;
 }"""
+# One-block groups (g32) on int8 activations: L blocks' scales as one vector (ldh: L fp16 values,
+# ldz: L u8 zero points, ldf: L floats), each block taking its lane (lane).
+OPS["avx2"].update(ldh="_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)({a})))",
+                   ldz="_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)({a}))))",
+                   ldf="_mm256_loadu_ps({a})", lane="_mm256_permutevar8x32_ps({a}, _mm256_set1_epi32({b}))",
+                   mul="_mm256_mul_ps({a}, {b})", sub="_mm256_sub_ps({a}, {b})")
+OPS["avx512"].update(ldh="_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)({a})))",
+                     ldz="_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)({a}))))",
+                     ldf="_mm512_loadu_ps({a})", lane="_mm512_permutexvar_ps(_mm512_set1_epi32({b}), {a})",
+                     mul="_mm512_mul_ps({a}, {b})", sub="_mm512_sub_ps({a}, {b})")
 _DPBUSD = "_mm512_dpbusd_epi32(_mm512_setzero_si512(), {a}, {b})"
 OPS["avx512vnni"] = {**OPS["avx512"], "dot8": _DPBUSD, "dot8s": _DPBUSD}
 INT8_BITS = (2, 3, 4, 8)
@@ -281,6 +291,59 @@ def _gemv_int8(e: _Emit, bits: int, rows: int) -> str:
     dot = e.dot8s if signed else e.dot8
     body += [f"g{r}0 = {e.fma(e.cvt(dot(codes, 'xq')), 'dx', f'g{r}0')};" for r, (_, codes) in enumerate(blocks)]
     return _gemv_frame(e, bits, rows, "gemvq", body, 1, offset=SIGNED_DOT if signed else 0)
+
+
+def _gemv_int8_g32(e: _Emit, bits: int, rows: int) -> str:
+    """The int8 GEMV for groups of one block (g32, llama.cpp's Q4_0 shape), where the per-group fold
+    would cost as much as the block's dot product: L blocks at a time, the rows' scales times the
+    blocks' activation scales are one vector multiply, each block takes its lane (one permute), and
+    the zero-point correction is one FMA per L blocks. A tail of fewer than L blocks reads zero-padded
+    copies."""
+    vf, vi, lanes, rr = e.ops["vf"], e.ops["vi"], e.lanes, range(rows)
+    signed = bits == 8 and e.ops["dot8s"] != e.ops["dot8"]
+    dot, offset = (e.dot8s, SIGNED_DOT) if signed else (e.dot8, 0)
+    blocks = [_unpack_bytes(e, bits, f"q{r} + (size_t)blk * {bits}", f"u{r}") for r in rr]
+    body = [s for stmts, _ in blocks for s in stmts]
+    body.append(f"{vi} xq = {e.loadi(f'a->xq + (size_t)blk * {4 * lanes}')};")
+    body += [f"acc{r} = {e.fma(e.cvt(dot(codes, 'xq')), e.lane(f'c{r}', 'j'), f'acc{r}')};"
+             for r, (_, codes) in enumerate(blocks)]
+    scales = []
+    for r in rr:
+        zero = f"(z{r} ? {e.sub(e.ldz(f'z{r}'), 'voff')} : vz)"
+        scales.append(f"const uint16_t *s{r} = a->sc + (size_t)(row + {r}) * a->groups + b0; "
+                      f"const uint8_t *z{r} = a->zp ? a->zp + (size_t)(row + {r}) * a->groups + b0 : NULL; "
+                      f"if (nb < {lanes}) {{ memcpy(st[{r}], s{r}, 2 * nb); s{r} = st[{r}]; "
+                      f"if (z{r}) {{ memcpy(zt[{r}], z{r}, nb); z{r} = zt[{r}]; }} }} "
+                      f"{vf} w{r} = {e.ldh(f's{r}')}, c{r} = {e.mul(f'w{r}', 'vxd')}; "
+                      f"cz{r} = {e.fma(e.mul(f'w{r}', zero), 'vxs', f'cz{r}')};")
+    nl = "\n        "
+    return f"""
+static void gemvq32_b{bits}_r{rows}(const lb_args *a, int row) {{
+    size_t stride = (size_t)a->nblocks * {bits}, tile = {rows} * stride;
+    size_t pf = tile * (1 + LB_PF_BYTES / (4 * tile));
+    {' '.join(f'const uint32_t *q{r} = a->qw + (size_t)(row + {r}) * stride;' for r in rr)}
+    {' '.join(f'{vf} acc{r} = {e.zero()}, cz{r} = {e.zero()};' for r in rr)}
+    {vf} voff = {e.setf(f'{offset}.0f')}, vz = {e.setf(f'(float)a->zdef - {offset}.0f')};
+    for (int b0 = 0; b0 < a->nblocks; b0 += {lanes}) {{
+        int nb = a->nblocks - b0 < {lanes} ? a->nblocks - b0 : {lanes};
+        float xdt[{lanes}] = {{0}}, xst[{lanes}] = {{0}};
+        uint16_t st[{rows}][{lanes}] = {{{{0}}}}; uint8_t zt[{rows}][16] = {{{{0}}}};
+        const float *xd = a->xd + b0, *xs = a->xsum + b0;
+        if (nb < {lanes}) {{
+            memcpy(xdt, xd, sizeof(float) * nb); memcpy(xst, xs, sizeof(float) * nb); xd = xdt; xs = xst;
+        }}
+        {vf} vxd = {e.ldf('xd')}, vxs = {e.ldf('xs')};
+        {nl.join(scales)}
+        for (int j = 0; j < nb; j++) {{
+            int blk = b0 + j;
+            {_prefetch_next_tile(bits, rows)}
+            {(nl + '    ').join(body)}
+        }}
+    }}
+    {' '.join(f'a->y[row + {r}] = {e.hsum(f"acc{r}")} - {e.hsum(f"cz{r}")} + (a->bias ? a->bias[row + {r}] : 0.0f);'
+              for r in rr)}
+}}
+"""
 
 
 def table16(isa: str, bits: int) -> bool:
@@ -434,14 +497,19 @@ static void micro_{mr}x{nr}(const float *x, int ldx, const float *w, int ldw, in
 """
 
 
-def _gemv_task(name: str, bits: int, after: str = "") -> str:
+def _gemv_task(name: str, bits: int, after: str = "", g32: str | None = None) -> str:
+    """Thread tid's band of rows, GEMV_ROWS at a time then one by one; through the `g32` kernels
+    instead when every group is one block."""
+    def rows(kernel: str) -> str:
+        return (f"for (; row + {GEMV_ROWS} <= hi; row += {GEMV_ROWS}) {kernel}_b{bits}_r{GEMV_ROWS}(a, row); "
+                f"for (; row < hi; row++) {kernel}_b{bits}_r1(a, row);")
+    loops = f"if (a->bpg == 1) {{ {rows(g32)} }} else {{ {rows(name)} }}" if g32 else rows(name)
     return f"""
 static void {name}_task_b{bits}(void *p, int tid, int nthr) {{
     const lb_args *a = p;
     int lo, hi; lb_band(a, tid, {GEMV_ROWS}, &lo, &hi);
     int row = lo;
-    for (; row + {GEMV_ROWS} <= hi; row += {GEMV_ROWS}) {name}_b{bits}_r{GEMV_ROWS}(a, row);
-    for (; row < hi; row++) {name}_b{bits}_r1(a, row);
+    {loops}
     {after}
     (void)nthr;
 }}
@@ -449,7 +517,7 @@ static void {name}_task_b{bits}(void *p, int tid, int nthr) {{
 
 
 def _per_bits_int8(bits: int) -> str:
-    return _gemv_task("gemvq", bits) + f"""
+    return _gemv_task("gemvq", bits, g32="gemvq32") + f"""
 LB_EXPORT void lb_linear_q_b{bits}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bits}); }}
 """
 
@@ -666,7 +734,8 @@ def generate(isa: str) -> str:
     kernels = "".join(_xscale(b, e.lanes) for b in BITS)
     kernels += "".join(_gemv(e, b, GEMV_ROWS) + _gemv(e, b, 1) + _dequant(e, b) for b in BITS)
     int8 = [b for b in INT8_BITS if "dot8" in e.ops]
-    kernels += "".join(_gemv_int8(e, b, GEMV_ROWS) + _gemv_int8(e, b, 1) + _per_bits_int8(b) for b in int8)
+    kernels += "".join(_gemv_int8(e, b, GEMV_ROWS) + _gemv_int8(e, b, 1) + _gemv_int8_g32(e, b, GEMV_ROWS)
+                       + _gemv_int8_g32(e, b, 1) + _per_bits_int8(b) for b in int8)
     kernels += _t16_xorder(e.lanes) if "t16load" in e.ops else ""
     kernels += "".join(_gemv(e, b, GEMV_ROWS, True) + _gemv(e, b, 1, True) + _dequant(e, b, True) + _per_bits(b, True, table16(isa, b))
                        for b in CODEBOOK_BITS)
