@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import LowbitError
+from ..formats import UniformQ
 from ..kernels.cpu import build, codegen
 from ..kernels.cpu import isa as isa_mod
 from ..kernels.cpu import threads as cpu_threads
@@ -155,6 +156,27 @@ class _Arena:
         for (obj, attr), off in zip(owners, offsets):
             t = getattr(obj, attr)
             setattr(obj, attr, whole[off:off + t.nbytes].view(t.dtype).view(t.shape).copy_(t))
+
+
+def _fused(modules: list[nn.Module]) -> QuantLinear | None:
+    """One QuantLinear for projections that read the same input (q/k/v, gate/up), their rows stacked
+    in order, when all are UniformQ of one layout: per token one kernel call, one activation
+    quantization and one longer weight stream instead of several (row results are unchanged).
+    None when they can't be fused."""
+    qts = [m.qtensor if isinstance(m, QuantLinear) else None for m in modules]
+    if not all(isinstance(q, UniformQ) for q in qts):
+        return None
+    layout = {(q.bits, q.group_size, q.shape[1], q.zeros is None) for q in qts}
+    if len(layout) != 1:
+        return None
+    first = qts[0]
+    zeros = None if first.zeros is None else torch.cat([q.zeros for q in qts])
+    qt = UniformQ(torch.cat([q.qweight for q in qts]), torch.cat([q.scales for q in qts]), zeros, first.bits,
+                  first.group_size, (sum(q.shape[0] for q in qts), first.shape[1]))
+    biases = [m.bias for m in modules]
+    bias = None if all(b is None for b in biases) else \
+        torch.cat([torch.zeros(q.shape[0]) if b is None else b.detach().float() for b, q in zip(biases, qts)])
+    return QuantLinear(qt, bias)
 
 
 def _rope_tables(model, layer_types: list[str], max_ctx: int, head_dim: int) -> tuple[list, dict]:
@@ -296,9 +318,14 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
         if hasattr(attn, "qkv_proj"):
             slots = {Q: attn.qkv_proj}
         else:
-            slots = {Q: attn.q_proj, K: attn.k_proj, V: attn.v_proj}
+            qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+            slots = {Q: qkv} if qkv is not None else {Q: attn.q_proj, K: attn.k_proj, V: attn.v_proj}
         slots[O] = attn.o_proj
-        slots.update({GATE: mlp.gate_up_proj} if hasattr(mlp, "gate_up_proj") else {GATE: mlp.gate_proj, UP: mlp.up_proj})
+        if hasattr(mlp, "gate_up_proj"):
+            slots[GATE] = mlp.gate_up_proj
+        else:
+            gate_up = _fused([mlp.gate_proj, mlp.up_proj])
+            slots.update({GATE: gate_up} if gate_up is not None else {GATE: mlp.gate_proj, UP: mlp.up_proj})
         slots[DOWN] = mlp.down_proj
         built = {s: _Linear(m, f"layer {i} slot {s}") for s, m in slots.items()}
         lins += list(built.values())
