@@ -297,50 +297,48 @@ def _gemv_int8_g32(e: _Emit, bits: int, rows: int) -> str:
     """The int8 GEMV for groups of one block (g32, llama.cpp's Q4_0 shape), where the per-group fold
     would cost as much as the block's dot product: L blocks at a time, the rows' scales times the
     blocks' activation scales are one vector multiply, each block takes its lane (one permute), and
-    the zero-point correction is one FMA per L blocks. A tail of fewer than L blocks reads zero-padded
-    copies."""
+    the zero-point correction is one FMA per L blocks. The last nblocks % L blocks fold per block."""
     vf, vi, lanes, rr = e.ops["vf"], e.ops["vi"], e.lanes, range(rows)
     signed = bits == 8 and e.ops["dot8s"] != e.ops["dot8"]
     dot, offset = (e.dot8s, SIGNED_DOT) if signed else (e.dot8, 0)
     blocks = [_unpack_bytes(e, bits, f"q{r} + (size_t)blk * {bits}", f"u{r}") for r in rr]
-    body = [s for stmts, _ in blocks for s in stmts]
-    body.append(f"{vi} xq = {e.loadi(f'a->xq + (size_t)blk * {4 * lanes}')};")
-    body += [f"acc{r} = {e.fma(e.cvt(dot(codes, 'xq')), e.lane(f'c{r}', 'j'), f'acc{r}')};"
+    unpack = [s for stmts, _ in blocks for s in stmts]
+    unpack.append(f"{vi} xq = {e.loadi(f'a->xq + (size_t)blk * {4 * lanes}')};")
+    chunk = [f"acc{r} = {e.fma(e.cvt(dot(codes, 'xq')), e.lane(f'c{r}', 'j'), f'acc{r}')};"
              for r, (_, codes) in enumerate(blocks)]
+    tail = [f"{{ size_t i = (size_t)(row + {r}) * a->groups + blk; float s = {e.h2f('a->sc[i]')};"
+            f" float z = (a->zp ? (float)a->zp[i] : (float)a->zdef) - {offset}.0f;"
+            f" acc{r} = {e.fma(e.cvt(dot(codes, 'xq')), e.setf('s * a->xd[blk]'), f'acc{r}')};"
+            f" corr{r} += s * z * a->xsum[blk]; }}" for r, (_, codes) in enumerate(blocks)]
     scales = []
     for r in rr:
         zero = f"(z{r} ? {e.sub(e.ldz(f'z{r}'), 'voff')} : vz)"
         scales.append(f"const uint16_t *s{r} = a->sc + (size_t)(row + {r}) * a->groups + b0; "
                       f"const uint8_t *z{r} = a->zp ? a->zp + (size_t)(row + {r}) * a->groups + b0 : NULL; "
-                      f"if (nb < {lanes}) {{ memcpy(st[{r}], s{r}, 2 * nb); s{r} = st[{r}]; "
-                      f"if (z{r}) {{ memcpy(zt[{r}], z{r}, nb); z{r} = zt[{r}]; }} }} "
                       f"{vf} w{r} = {e.ldh(f's{r}')}, c{r} = {e.mul(f'w{r}', 'vxd')}; "
                       f"cz{r} = {e.fma(e.mul(f'w{r}', zero), 'vxs', f'cz{r}')};")
-    nl = "\n        "
+    nl = "\n            "
     return f"""
 static void gemvq32_b{bits}_r{rows}(const lb_args *a, int row) {{
     size_t stride = (size_t)a->nblocks * {bits}, tile = {rows} * stride;
     size_t pf = tile * (1 + LB_PF_BYTES / (4 * tile));
+    int full = a->nblocks / {lanes} * {lanes}, blk = 0;
     {' '.join(f'const uint32_t *q{r} = a->qw + (size_t)(row + {r}) * stride;' for r in rr)}
-    {' '.join(f'{vf} acc{r} = {e.zero()}, cz{r} = {e.zero()};' for r in rr)}
+    {' '.join(f'{vf} acc{r} = {e.zero()}, cz{r} = {e.zero()}; float corr{r} = 0;' for r in rr)}
     {vf} voff = {e.setf(f'{offset}.0f')}, vz = {e.setf(f'(float)a->zdef - {offset}.0f')};
-    for (int b0 = 0; b0 < a->nblocks; b0 += {lanes}) {{
-        int nb = a->nblocks - b0 < {lanes} ? a->nblocks - b0 : {lanes};
-        float xdt[{lanes}] = {{0}}, xst[{lanes}] = {{0}};
-        uint16_t st[{rows}][{lanes}] = {{{{0}}}}; uint8_t zt[{rows}][16] = {{{{0}}}};
-        const float *xd = a->xd + b0, *xs = a->xsum + b0;
-        if (nb < {lanes}) {{
-            memcpy(xdt, xd, sizeof(float) * nb); memcpy(xst, xs, sizeof(float) * nb); xd = xdt; xs = xst;
-        }}
-        {vf} vxd = {e.ldf('xd')}, vxs = {e.ldf('xs')};
-        {nl.join(scales)}
-        for (int j = 0; j < nb; j++) {{
-            int blk = b0 + j;
+    for (int b0 = 0; b0 < full; b0 += {lanes}) {{
+        {vf} vxd = {e.ldf('a->xd + b0')}, vxs = {e.ldf('a->xsum + b0')};
+        {(nl[:-4]).join(scales)}
+        for (int j = 0; j < {lanes}; j++) {{
+            blk = b0 + j;
             {_prefetch_next_tile(bits, rows)}
-            {(nl + '    ').join(body)}
+            {nl.join(unpack + chunk)}
         }}
     }}
-    {' '.join(f'a->y[row + {r}] = {e.hsum(f"acc{r}")} - {e.hsum(f"cz{r}")} + (a->bias ? a->bias[row + {r}] : 0.0f);'
+    for (blk = full; blk < a->nblocks; blk++) {{
+        {nl[:-4].join(unpack + tail)}
+    }}
+    {' '.join(f'a->y[row + {r}] = {e.hsum(f"acc{r}")} - {e.hsum(f"cz{r}")} - corr{r} + (a->bias ? a->bias[row + {r}] : 0.0f);'
               for r in rr)}
 }}
 """
