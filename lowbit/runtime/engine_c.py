@@ -51,6 +51,7 @@ enum { IN, ATTN_OUT, FFN_IN, FFN_OUT, QN, KN, NNORM };
 enum { ACT_SILU, ACT_GELU_TANH, ACT_GELU };
 enum { DT_F32, DT_F16, DT_BF16 };
 enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, NPROF };
+#define WIDEN_MIN_TOKENS 4  /* prefill chunks from this size widen the layer's cache to fp32 once */
 #define MIN_PAR_WORK (1 << 18)  /* multiply-adds below which waking the pool costs more than it saves */
 
 static inline v8 ld8(const float *p) { v8 v; memcpy(&v, p, 32); return v; }
@@ -120,6 +121,7 @@ typedef struct {
     eng_lin head; const float *final_norm; float final_eps;
     const float *cos[2], *sin[2];   /* [max_ctx][half] per RoPE table (Gemma 3: local and global) */
     char *kc, *vc; size_t kv_bytes; /* [layer][kv head][max_ctx][hd] */
+    float *kv32;                    /* prefill: one layer's fp16/bf16 K then V as fp32 [2][kv head][max_ctx][hd] */
     eng_layer *L;
     lb_par par;
     int profile; double prof[NPROF];
@@ -218,13 +220,13 @@ static void gated(int act, const float *g, const float *u, int n, float *out) {
 }
 
 /* ---------- attention over the KV cache ---------- */
-typedef struct { eng *E; int layer, m, pos0; const float *q; int ldq; float *out; } att_job;
+typedef struct { eng *E; int layer, m, pos0; const float *q; int ldq; float *out; int f32; } att_job;
 
 #define KTILE 16  /* keys per Q·K^T tile */
 
 /* One token's `nh` query heads (one KV group: they share every K and V row, converted to fp32 once)
    at position p against cached positions [lo, p]; sc holds nh rows of max_ctx scores. */
-#define ATTEND(NAME, T, LD8, LD1)                                                                   \
+#define ATTEND(NAME, T, LD8, LD1, COPY)                                                             \
 static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int p, const float *q, \
                  int nh, float *out, float *sc) {                                                   \
     int hd = E->hd, lo = Y->window > 0 && p - Y->window + 1 > 0 ? p - Y->window + 1 : 0, len = p - lo + 1; \
@@ -232,14 +234,17 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int
     for (int t0 = 0; t0 < len; t0 += KTILE) {  /* Q·K^T: KTILE keys converted once, 4 dots at a time */ \
         int nt = len - t0 < KTILE ? len - t0 : KTILE;                                               \
         const T *kr = kb + (size_t)(lo + t0) * hd;                                                  \
-        int c = 0;                                                                                  \
-        for (; c + 8 <= nt * hd; c += 8) st8(tile + c, LD8(kr + c));                                \
-        for (; c < nt * hd; c++) tile[c] = LD1(kr[c]);                                              \
+        const float *kt = tile;  /* fp32 keys are read in place, others converted once per tile */ \
+        if (COPY) {                                                                                 \
+            int c = 0;                                                                              \
+            for (; c + 8 <= nt * hd; c += 8) st8(tile + c, LD8(kr + c));                            \
+            for (; c < nt * hd; c++) tile[c] = LD1(kr[c]);                                          \
+        } else kt = (const float *)kr;                                                              \
         for (int h = 0; h < nh; h++) {                                                              \
             const float *qh = q + (size_t)h * hd; float *sh = sc + (size_t)h * E->max_ctx + t0;     \
             int j = 0;                                                                              \
             for (; hd % 8 == 0 && j + 4 <= nt; j += 4) {                                            \
-                const float *k0 = tile + (size_t)j * hd;                                            \
+                const float *k0 = kt + (size_t)j * hd;                                              \
                 v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                          \
                 for (int d = 0; d < hd; d += 8) {                                                   \
                     v8 x = ld8(qh + d);                                                             \
@@ -248,7 +253,7 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int
                 }                                                                                   \
                 sh[j] = hsum8(a0); sh[j + 1] = hsum8(a1); sh[j + 2] = hsum8(a2); sh[j + 3] = hsum8(a3); \
             }                                                                                       \
-            for (; j < nt; j++) sh[j] = dot(qh, tile + (size_t)j * hd, hd);                         \
+            for (; j < nt; j++) sh[j] = dot(qh, kt + (size_t)j * hd, hd);                           \
         }                                                                                           \
     }                                                                                               \
     for (int h = 0; h < nh; h++) {  /* scale, soft-cap, softmax (normalised after P·V) */           \
@@ -282,9 +287,9 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int
     }                                                                                               \
 }
 #define F1(v) (v)
-ATTEND(attend_f32, float, ld8, F1)
-ATTEND(attend_f16, _Float16, ldh8, H1)
-ATTEND(attend_bf16, uint16_t, ldb8, bf2f)
+ATTEND(attend_f32, float, ld8, F1, 0)
+ATTEND(attend_f16, _Float16, ldh8, H1, 1)
+ATTEND(attend_bf16, uint16_t, ldb8, bf2f, 1)
 
 static size_t kv_elt(int dt) { return dt == DT_F32 ? 4 : 2; }
 
@@ -299,10 +304,34 @@ static void att_task(void *p, int tid, int nthr) {
         size_t off = ((size_t)J->layer * E->kvh + g) * E->max_ctx * hd * kv_elt(E->kvdt);
         const float *q = J->q + (size_t)i * J->ldq + (size_t)g * grp * hd;
         float *out = J->out + ((size_t)i * E->heads + (size_t)g * grp) * hd;
-        if (E->kvdt == DT_F32) attend_f32(E, Y, (const float *)(E->kc + off), (const float *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
+        if (J->f32) {  /* this layer's cache already widened to fp32 (kv_widen) */
+            const float *k32 = E->kv32 + (size_t)g * E->max_ctx * hd;
+            attend_f32(E, Y, k32, k32 + (size_t)E->kvh * E->max_ctx * hd, J->pos0 + i, q, grp, out, sc);
+        } else if (E->kvdt == DT_F32) attend_f32(E, Y, (const float *)(E->kc + off), (const float *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
         else if (E->kvdt == DT_F16) attend_f16(E, Y, (const _Float16 *)(E->kc + off), (const _Float16 *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
         else attend_bf16(E, Y, (const uint16_t *)(E->kc + off), (const uint16_t *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
     }
+}
+
+/* Prefill of m tokens: each token would convert every cached K and V row it attends to (m times the
+   same rows), so the layer's rows [0, n) are widened to fp32 once into kv32 instead. */
+static void kv_widen(const eng *E, int layer, int n) {
+    size_t row = (size_t)E->max_ctx * E->hd;
+    for (int g = 0; g < E->kvh; g++)
+        for (int which = 0; which < 2; which++) {
+            const char *base = which ? E->vc : E->kc;
+            size_t off = ((size_t)layer * E->kvh + g) * row;
+            float *dst = E->kv32 + ((size_t)which * E->kvh + g) * row;
+            size_t cnt = (size_t)n * E->hd, c = 0;
+            if (E->kvdt == DT_F16) {
+                const _Float16 *src = (const _Float16 *)base + off;
+                for (; c + 8 <= cnt; c += 8) st8(dst + c, ldh8(src + c));
+                for (; c < cnt; c++) dst[c] = H1(src[c]);
+            } else {
+                const uint16_t *src = (const uint16_t *)base + off;
+                for (; c < cnt; c++) dst[c] = bf2f(src[c]);
+            }
+        }
 }
 
 static void kv_store(const eng *E, char *base, int layer, int g, int pos, const float *v) {
@@ -361,7 +390,9 @@ static void layer_forward(eng *E, int l, int m, int pos0) {
         }
     }
     TOC(P_ROPE);
-    att_job J = {E, l, m, pos0, q, ldq, E->att};
+    int widen = E->kvdt != DT_F32 && m >= WIDEN_MIN_TOKENS;
+    if (widen) kv_widen(E, l, pos0 + m);
+    att_job J = {E, l, m, pos0, q, ldq, E->att, widen};
     long work = (long)m * E->heads * (pos0 + m) * hd;
     E->par(att_task, &J, work >= MIN_PAR_WORK ? E->threads : 1);
     TOC(P_ATTN);
@@ -428,6 +459,7 @@ EX void eng_free(eng *E) {
     if (!E) return;
     if (E->kc) munmap(E->kc, E->kv_bytes);
     if (E->vc) munmap(E->vc, E->kv_bytes);
+    if (E->kv32) munmap(E->kv32, sizeof(float) * 2 * E->kvh * E->max_ctx * E->hd);
     free(E->L); free(E->x); free(E->t); free(E->qkv); free(E->att); free(E->o); free(E->gu); free(E->pad);
     free(E->scores); free(E);
 }
@@ -443,6 +475,7 @@ EX eng *eng_new(int layers, int hidden, int heads, int kvh, int hd, int inter, i
     E->L = calloc(layers, sizeof(eng_layer));
     E->kv_bytes = (size_t)layers * kvh * max_ctx * hd * kv_elt(kvdt);
     E->kc = huge_alloc(E->kv_bytes); E->vc = huge_alloc(E->kv_bytes);
+    E->kv32 = kvdt == DT_F32 ? NULL : huge_alloc(sizeof(float) * 2 * kvh * max_ctx * hd);  /* touched lazily */
     size_t nq = (size_t)heads * hd, nk = (size_t)kvh * hd, big = hidden > inter ? hidden : inter;
     E->x = malloc(sizeof(float) * chunk * hidden);
     E->t = malloc(sizeof(float) * chunk * (big > nq ? big : nq));
@@ -452,7 +485,7 @@ EX eng *eng_new(int layers, int hidden, int heads, int kvh, int hd, int inter, i
     E->gu = malloc(sizeof(float) * chunk * 2 * inter);
     E->pad = malloc(sizeof(float) * chunk * max_kp);
     E->scores = malloc(sizeof(float) * max_threads * (heads / kvh) * max_ctx);
-    if (!E->L || !E->kc || !E->vc || !E->x || !E->t || !E->qkv || !E->att || !E->o || !E->gu || !E->pad || !E->scores) {
+    if (!E->L || !E->kc || !E->vc || (kvdt != DT_F32 && !E->kv32) || !E->x || !E->t || !E->qkv || !E->att || !E->o || !E->gu || !E->pad || !E->scores) {
         eng_free(E);
         return NULL;
     }
