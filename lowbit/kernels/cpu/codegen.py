@@ -14,7 +14,10 @@ Maths (per output row, per group g with scale s and zero z, codes q, activations
 so GEMV accumulates raw codes × x per group, scales once per group, and subtracts the zero point
 through per-group sums of x (computed once per call). GEMM dequantizes (q − z)·s, exactly as the
 reference does, into an fp32 tile and runs a register-blocked dot-product micro-kernel over it.
-The int8 GEMV (2–4 bits, x86) does the same sums as u8 × s8 integer dot products per 32-block.
+The int8 GEMV (x86) does the same sums as u8 × s8 integer dot products per 32-block (8-bit codes in
+signed form, see dot8s); with one-block groups (g32) the scales of 8 or 16 blocks are handled as one
+vector (`_gemv_int8_g32`). Every GEMV prefetches the next tile of rows in software
+(`_prefetch_next_tile`): a decode step streams its weights from DRAM in short rows.
 
 CodebookQ's indices are packed like UniformQ's codes, so both share the unpacking and the loops; only
 the dequantization differs: "s·(q − z)" becomes "T[q]", a lookup in the row's (or group's) table held
@@ -287,10 +290,15 @@ def _gemv_int8(e: _Emit, bits: int, rows: int) -> str:
     blocks = [_unpack_bytes(e, bits, f"q{r} + (size_t)blk * {bits}", f"u{r}") for r in range(rows)]
     body = [s for stmts, _ in blocks for s in stmts]
     body.append(f"{vi} xq = {e.loadi(f'a->xq + (size_t)blk * {4 * e.lanes}')}; {vf} dx = {e.setf('a->xd[blk]')};")
-    signed = bits == 8 and e.ops["dot8s"] != e.ops["dot8"]
-    dot = e.dot8s if signed else e.dot8
+    dot, offset = _int8_dot(e, bits)
     body += [f"g{r}0 = {e.fma(e.cvt(dot(codes, 'xq')), 'dx', f'g{r}0')};" for r, (_, codes) in enumerate(blocks)]
-    return _gemv_frame(e, bits, rows, "gemvq", body, 1, offset=SIGNED_DOT if signed else 0)
+    return _gemv_frame(e, bits, rows, "gemvq", body, 1, offset=offset)
+
+
+def _int8_dot(e: _Emit, bits: int):
+    """The dot8 template for `bits`-bit codes and the offset it takes off the codes (see dot8s)."""
+    signed = bits == 8 and e.ops["dot8s"] != e.ops["dot8"]
+    return (e.dot8s, SIGNED_DOT) if signed else (e.dot8, 0)
 
 
 def _gemv_int8_g32(e: _Emit, bits: int, rows: int) -> str:
@@ -299,8 +307,7 @@ def _gemv_int8_g32(e: _Emit, bits: int, rows: int) -> str:
     blocks' activation scales are one vector multiply, each block takes its lane (one permute), and
     the zero-point correction is one FMA per L blocks. The last nblocks % L blocks fold per block."""
     vf, vi, lanes, rr = e.ops["vf"], e.ops["vi"], e.lanes, range(rows)
-    signed = bits == 8 and e.ops["dot8s"] != e.ops["dot8"]
-    dot, offset = (e.dot8s, SIGNED_DOT) if signed else (e.dot8, 0)
+    dot, offset = _int8_dot(e, bits)
     blocks = [_unpack_bytes(e, bits, f"q{r} + (size_t)blk * {bits}", f"u{r}") for r in rr]
     unpack = [s for stmts, _ in blocks for s in stmts]
     unpack.append(f"{vi} xq = {e.loadi(f'a->xq + (size_t)blk * {4 * lanes}')};")
