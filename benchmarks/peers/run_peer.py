@@ -24,6 +24,10 @@ def llmcompressor(model, ids, a):
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():  # AWQ pins cached activations for H2D copies: none on a CPU machine
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
     groups = {"group_0": {"targets": ["Linear"], "weights": weights_spec(a.bits, a.group_size, a.sym)}}
     if a.method == "gptq":
