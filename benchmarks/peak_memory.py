@@ -7,7 +7,7 @@ and wall time. A watchdog kills a child above --limit-gib. With --eager, the sam
 run with the whole float model loaded first (the path every source took before lazy loading).
 
 Usage: python benchmarks/peak_memory.py [--layers 4 8] [--methods gptq rtn] [--eager] [--scratch DIR]
-GPTQ runs on 8 calibration samples of 256 tokens, 4-bit, group 128, no accuracy check (--no-check);
+GPTQ runs on 8 calibration samples (--calib-samples) of 256 tokens, 4-bit, group 128, no accuracy check (--no-check);
 at 7B widths its column loop costs many minutes per block on 2 cores (over 45 minutes for one block's
 attention linears while the machine was shared): use few layers. Peak RSS is reached within a block.
 """
@@ -139,6 +139,7 @@ def main():
     ap.add_argument("--eager", action="store_true", help="also RTN with the whole float model loaded")
     ap.add_argument("--scratch", default="/tmp/lowbit-peak-memory")
     ap.add_argument("--limit-gib", type=float, default=10.0)
+    ap.add_argument("--calib-samples", type=int, default=8, help="calibrated methods: samples of 256 tokens")
     ap.add_argument("--keep", action="store_true", help="keep the scratch models")
     a = ap.parse_args()
     scratch = Path(a.scratch)
@@ -156,7 +157,8 @@ def main():
           f"fp32 in memory; embeddings + head: {4 * outside / GIB:.2f} GiB fp32")
     print("| layers | model on disk | method | path | peak RSS | wall s | output |")
     print("|---|---|---|---|---|---|---|")
-    calib = ["--calib-samples", "8", "--calib-seq-len", "256"]
+    calib = ["--calib-samples", str(a.calib_samples), "--calib-seq-len", "256"]
+    peaks: dict[tuple[str, str], dict[int, int]] = {}
     try:
         for n in a.layers:
             src, out = scratch / f"llama7b-{n}L", scratch / f"out-{n}L"
@@ -175,6 +177,12 @@ def main():
                 print(f"| {n} | {disk / GIB:.2f} GiB | {method} W4-g128 | {path} | {peak / GIB:.2f} GiB | "
                       f"{seconds:.0f} | {size / GIB:.2f} GiB |", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
+                peaks.setdefault((method, path), {})[n] = peak
+        for (method, path), by_layers in peaks.items():  # what one more decoder block costs
+            (lo, p_lo), (hi, p_hi) = min(by_layers.items()), max(by_layers.items())
+            if hi > lo:
+                print(f"{method} {path}: {(p_hi - p_lo) / (hi - lo) / GIB:+.3f} GiB peak RSS per layer "
+                      f"({lo} -> {hi} layers)")
     finally:
         if not a.keep:
             shutil.rmtree(scratch, ignore_errors=True)

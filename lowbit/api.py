@@ -94,7 +94,9 @@ def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: Meth
     file; default: the built-in calibration split; or the text itself as `calib_text`). Layers outside
     the decoder blocks (a quantized head or embedding) are rounded to nearest in the same format.
     `lowbit.Auto(...)` tries several methods and keeps the best (see recipes/auto.py). A
-    `checkpoint` (io.BlockCheckpoint) makes a calibrated run resumable block by block.
+    `checkpoint` (io.BlockCheckpoint) makes a calibrated run resumable block by block; with it, the
+    finished blocks (of a calibrated run, or any run on a lazy model) wait in its files, not in
+    memory: write the result with `save`, or `io.reload` it to run it.
     """
     if not isinstance(config, MethodConfig):
         raise LowbitError(f"config must be a method config such as lowbit.RTN(bits=4), got {config!r}")
@@ -132,6 +134,8 @@ def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: Meth
     else:
         config_rest = config
     lazy = getattr(model, "lowbit_lazy", None)
+    if lazy is not None and checkpoint is not None:
+        lazy.on_finish = checkpoint.keep  # each rounded block goes to disk and leaves memory
     for name in tqdm(names, desc=f"quantizing {config_rest.name} {config.scheme}", unit="layer",
                      disable=not progress or not names):
         if lazy is not None:
@@ -213,15 +217,23 @@ def quantize_to(source: str | os.PathLike | None, out: str | os.PathLike, config
     lazy = hasattr(loaded.model, "lowbit_lazy")
     reference = copy.deepcopy(loaded.model) if check_windows != 0 and not lazy else None
     checkpoint = None
-    if config.needs_calib and not isinstance(config, Auto):
+    resumable = config.needs_calib and not isinstance(config, Auto)
+    if resumable or lazy:  # a lazy RTN run parks its finished blocks there too (not resumable)
         checkpoint = io.BlockCheckpoint.beside(out, {"config": config.to_dict(), "source": loaded.source,
                                                      "calib": str(calib), **options})
-    model = quantize(loaded.model, config, calib, tokenizer=loaded.tokenizer, calib_text=text,
-                     progress=progress, checkpoint=checkpoint, **options)
-    model.lowbit_info["source"] = loaded.source
-    extra = {"auto_report.md": recipes.report(model.lowbit_info["auto"])} if "auto" in model.lowbit_info else {}
-    io.save(model, out, loaded.tokenizer, overwrite=overwrite, extra_files=extra)
+    try:
+        model = quantize(loaded.model, config, calib, tokenizer=loaded.tokenizer, calib_text=text,
+                         progress=progress, checkpoint=checkpoint, **options)
+        model.lowbit_info["source"] = loaded.source
+        extra = {"auto_report.md": recipes.report(model.lowbit_info["auto"])} if "auto" in model.lowbit_info else {}
+        io.save(model, out, loaded.tokenizer, overwrite=overwrite, extra_files=extra)  # stored blocks streamed
+    except BaseException:
+        if checkpoint is not None and not resumable:
+            checkpoint.clear()
+        raise
     if checkpoint is not None:
+        if check_windows != 0:
+            io.reload(model)  # the check runs the quantized model: its blocks come back from disk
         checkpoint.clear()
     report = QuantizeReport(Path(out), model_size(model), io.dir_size(out), model.lowbit_info["method"]["method"],
                             extra.get("auto_report.md"))

@@ -203,3 +203,88 @@ def test_nan_in_a_late_block_fails_before_any_work(sharded, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.layers.2.mlp.up_proj.weight contain NaN" in err  # no progress bar first
     assert not (tmp_path / "out").exists()
+
+
+def test_streaming_writer_lays_out_the_bytes_of_save_file(tmp_path):
+    """io/save.py writes safetensors itself (tensor by tensor, at their offsets): the same bytes as
+    safetensors' own save_file, for every dtype we store, scalars and empty tensors."""
+    from safetensors.torch import save_file
+
+    from lowbit.io.save import _write_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.w": torch.randn(3, 5, generator=g).bfloat16(), "a": torch.randn(2, 2, generator=g),
+               "codes": torch.randint(-2**31, 2**31 - 1, (7,), dtype=torch.int32, generator=g),
+               "empty": torch.zeros(0, 4, dtype=torch.float16), "s": torch.tensor(3.0),
+               "u": torch.arange(9, dtype=torch.uint8), "mask": torch.tensor([True, False]),
+               "i8": torch.tensor([-1, 2], dtype=torch.int8), "d": torch.randn(3, dtype=torch.float64, generator=g),
+               "l": torch.tensor([7]), "h": torch.tensor([5, -3], dtype=torch.int16)}
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    _write_tensors(tensors, {"ours.safetensors": list(tensors)}, tmp_path, {})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_finished_blocks_leave_memory(sharded, tmp_path, monkeypatch, method):
+    """With a checkpoint, each finished block is written there and dropped: when block i is read, every
+    earlier block is on meta and none of its quantized tensors is referenced anywhere. Saved from those
+    files (sharded here), the model has the eager path's bytes; reloaded, it computes the same logits."""
+    from lowbit.io import BlockCheckpoint, reload
+
+    src = sharded("llama", num_hidden_layers=4)
+    cfg = lowbit.methods.config_for(method, bits=3, group_size=32)
+    opts = OPTS if cfg.needs_calib else {}
+    eager = load_source(src)
+    qe = api.quantize(eager.model, cfg, tokenizer=eager.tokenizer, progress=False, **opts)
+    api.save(qe, tmp_path / "eager", eager.tokenizer, max_shard_size="20KB")
+
+    loaded = load_source(src, lazy=True)
+    layers = loaded.model.lowbit_lazy.layers
+    seen, kept, real_load, real_keep = [], [], LazyBlocks.load, BlockCheckpoint.keep
+
+    def observe(self, i):
+        gc.collect()
+        alive = [j for j, refs in enumerate(kept) if any(r() is not None for r in refs)]
+        seen.append(([_block_state(b) for b in layers], alive))
+        real_load(self, i)
+
+    def keep(self, i, block):
+        kept.append([weakref.ref(t) for t in block.buffers()])  # the quantized block's QTensor tensors
+        real_keep(self, i, block)
+    monkeypatch.setattr(LazyBlocks, "load", observe)
+    monkeypatch.setattr(BlockCheckpoint, "keep", keep)
+    q = api.quantize(loaded.model, cfg, tokenizer=loaded.tokenizer, progress=False,
+                     checkpoint=BlockCheckpoint(tmp_path / "progress", {}), **opts)
+    assert len(seen) == 4 and all(states == ["meta"] * 4 and alive == [] for states, alive in seen)
+    assert [_block_state(b) for b in layers] == ["meta"] * 4 and len(kept) == 4 and all(kept)
+    gc.collect()
+    assert all(r() is None for refs in kept for r in refs)
+
+    api.save(q, tmp_path / "stored", loaded.tokenizer, max_shard_size="20KB")
+    files = sorted(p.name for p in (tmp_path / "eager").iterdir())
+    assert len([f for f in files if f.endswith(".safetensors")]) >= 3
+    assert files == sorted(p.name for p in (tmp_path / "stored").iterdir())
+    for name in files:
+        assert (tmp_path / "eager" / name).read_bytes() == (tmp_path / "stored" / name).read_bytes(), name
+    reload(q)
+    assert [_block_state(b) for b in layers] == ["quantized"] * 4
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, qe(ids).logits)
+
+
+def test_failed_lazy_rtn_leaves_no_progress(sharded, tmp_path, monkeypatch):
+    """A lazy RTN run parks finished blocks beside the output; it cannot resume, so a failure removes them."""
+    src = sharded("llama", num_hidden_layers=3)
+    real, calls = api.quantize_weight, []
+
+    def fail_in_block_1(*args):
+        calls.append(1)
+        if len(calls) == 10:  # 7 linears per block: block 0 is stored by now
+            assert (tmp_path / ".out.progress" / "block_0.safetensors").is_file()
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(api, "quantize_weight", fail_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        api.quantize_to(src, tmp_path / "out", lowbit.RTN(bits=4, group_size=32), progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -92,7 +92,7 @@ def test_full_disk_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(SAVE_MODULE, "save_file", full)
+    monkeypatch.setattr(SAVE_MODULE, "_write_tensors", full)
     with pytest.raises(LowbitError, match="disk full"):
         lowbit.save(q, tmp_path / "new")
     with pytest.raises(LowbitError, match="disk full"):
@@ -108,7 +108,7 @@ def test_interrupted_save_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(SAVE_MODULE, "save_file", killed)
+    monkeypatch.setattr(SAVE_MODULE, "_write_tensors", killed)
     with pytest.raises(KeyboardInterrupt):
         lowbit.save(q, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

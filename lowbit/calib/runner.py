@@ -156,7 +156,9 @@ def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_bloc
     """Quantize the model block by block. `quantize_block(block, inputs, kwargs, fp_outputs, stats)`
     replaces the block's linears in place and returns {layer name: ‖WX−ŴX‖/‖WX‖}; the returned
     errors add, per block, "i.block": the relative error of the quantized block's output. A lazy
-    model (models/lazy.py) has each block's float weights read just before the block is quantized."""
+    model (models/lazy.py) has each block's float weights read just before the block is quantized.
+    With a `checkpoint` (io.BlockCheckpoint), each finished block is written there and dropped from
+    memory (its tensors on meta): save the model with io.save, or io.reload it to run it."""
     layers = decoder_layers(model)
     lazy = getattr(model, "lowbit_lazy", None)
     inputs, layer_kwargs = capture_inputs(model, batches)
@@ -176,7 +178,7 @@ def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_bloc
         if lazy is not None:
             lazy.finish(i)
         if checkpoint is not None:
-            checkpoint.save(i, block, inputs)
+            checkpoint.save(i, block, inputs)  # and the block leaves memory: io.save writes it from its file
         worst = max(block_errors, key=block_errors.get) if block_errors else None
         bar.set_postfix_str((f"worst layer {worst} {block_errors[worst]:.4f}, " if worst else "")
                             + f"block output {errors[f'{i}.block']:.4f}")

@@ -4,6 +4,10 @@ killed run continues from the last finished block and produces the same bytes.
 
 Each write goes to a temporary name first and `state.json` (which block is done) is replaced last,
 so the directory is consistent after a crash at any point.
+
+A kept block leaves memory (`keep`): its modules stay, with their tensors on meta, and the module
+records its file (`lowbit_stored`); io/save.py writes the final model from those files, one block at
+a time, and `reload` brings the blocks back for a run of the model (the accuracy check).
 """
 
 import hashlib
@@ -13,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .load import install_quantized
@@ -45,26 +50,32 @@ class BlockCheckpoint:
 
     def restore(self, layers: torch.nn.ModuleList) -> tuple[int, list[torch.Tensor]] | None:
         """(number of finished blocks, inputs of the next block), with the finished blocks installed
-        in `layers`; None when there is nothing (matching) to resume."""
+        in `layers` as stored (on meta, nothing read but their headers); None when there is nothing
+        (matching) to resume."""
         state = self._state()
         if state is None:
             return None
-        done = state["done"]
-        for i in range(done):
-            tensors = load_file(self.path / f"block_{i}.safetensors")
-            modules = json.loads((self.path / f"block_{i}.json").read_text())
-            install_quantized(layers[i], modules, tensors, torch.float32, self.path)
-            layers[i].load_state_dict(tensors, strict=False, assign=True)  # assign: the block may be on meta
+        for i in range(state["done"]):
+            _install(layers[i], self.path / f"block_{i}", stored=True)
         inputs = load_file(self.path / "inputs.safetensors")
-        return done, [inputs[str(j)] for j in range(len(inputs))]
+        return state["done"], [inputs[str(j)] for j in range(len(inputs))]
 
-    def save(self, i: int, block: torch.nn.Module, inputs: list[torch.Tensor]) -> None:
-        """Block i is finished and `inputs` are block i+1's inputs."""
+    def keep(self, i: int, block: torch.nn.Module) -> None:
+        """Write finished block i to its files, then drop it from memory."""
         self.path.mkdir(parents=True, exist_ok=True)
+        if self._state() is None:  # a foreign or stale state must not vouch for these block files
+            (self.path / "state.json").unlink(missing_ok=True)
         tensors = {k: v.contiguous() for k, v in block.state_dict().items()}
         modules = {n: dict(m.meta) for n, m in block.named_modules() if hasattr(m, "qtensor")}
         _replace_file(self.path / f"block_{i}.safetensors", lambda p: save_file(tensors, p))
         _replace_file(self.path / f"block_{i}.json", lambda p: p.write_text(json.dumps(modules)))
+        del tensors
+        _install(block, self.path / f"block_{i}", stored=True)
+
+    def save(self, i: int, block: torch.nn.Module, inputs: list[torch.Tensor]) -> None:
+        """Block i is finished and `inputs` are block i+1's inputs: keep the block, then the inputs
+        and the state that makes it resumable."""
+        self.keep(i, block)
         _replace_file(self.path / "inputs.safetensors",
                       lambda p: save_file({str(j): x.contiguous() for j, x in enumerate(inputs)}, p))
         _replace_file(self.path / "state.json",
@@ -72,3 +83,33 @@ class BlockCheckpoint:
 
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _install(block: torch.nn.Module, stem: Path, stored: bool) -> None:
+    """Make `block` the one saved as `stem`.safetensors/.json: its tensors read (stored=False), or
+    only their shapes, on meta, with the file recorded for io/save.py (stored=True). Fresh modules
+    replace the quantized ones, so nothing (a kernel's prepared copy) holds the old tensors."""
+    file = stem.with_suffix(".safetensors")
+    if stored:
+        with safe_open(file, "pt") as f:
+            tensors = {k: torch.empty(f.get_slice(k).get_shape(), dtype=_DTYPES[f.get_slice(k).get_dtype()],
+                                      device="meta") for k in f.keys()}
+    else:
+        tensors = load_file(file)
+    install_quantized(block, json.loads(stem.with_suffix(".json").read_text()), tensors, torch.float32, file)
+    block.load_state_dict(tensors, strict=False, assign=True)  # assign: in place of meta, or onto it
+    if stored:
+        block.lowbit_stored = str(file)
+    elif hasattr(block, "lowbit_stored"):
+        del block.lowbit_stored
+
+
+def reload(model: torch.nn.Module) -> None:
+    """Read every stored block of `model` back into memory (to run the model)."""
+    for m in [m for m in model.modules() if hasattr(m, "lowbit_stored")]:
+        _install(m, Path(m.lowbit_stored).with_suffix(""), stored=False)

@@ -4,14 +4,21 @@ Layout: model.safetensors (or model-0000i-of-0000n.safetensors + model.safetenso
 `max_shard_size`), config.json whose `quantization_config` lists every quantized module's format,
 tokenizer files and generation_config.json. config.json is written last and the directory appears
 under its name only when complete (see atomic.py).
+
+The safetensors files are written by a streaming writer (the same bytes as safetensors' save_file): a
+decoder block whose tensors wait on disk (`lowbit_stored`, io/checkpoint.py: only its module
+structure is in memory, on meta) is read from its file and written one block at a time, so saving
+a model larger than memory needs no more than one block of it.
 """
 
 import json
+from functools import cache
 from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 
 from ..errors import LowbitError
 from .atomic import atomic_dir
@@ -31,15 +38,75 @@ def quantization_config(model: torch.nn.Module) -> dict:
 
 
 def _tensors_to_store(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without tied duplicates (the loader re-ties them from config.json)."""
+    """The state dict without tied duplicates (the loader re-ties them from config.json); tensors of
+    stored blocks are on meta (each one distinct: meta tensors have no storage to compare)."""
     state, seen = {}, set()
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and key in seen:
+        if t.numel() and not t.is_meta and key in seen:
             continue
         seen.add(key)
         state[name] = t.detach().contiguous()
     return state
+
+
+def _stored_blocks(model: torch.nn.Module) -> dict[str, Path]:
+    """name prefix -> file of every module whose tensors wait on disk (io/checkpoint.py)."""
+    return {name + ".": Path(m.lowbit_stored) for name, m in model.named_modules() if hasattr(m, "lowbit_stored")}
+
+
+@cache
+def _dtype_rank(dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype, tuple[int, str]]:
+    """dtype -> (position, safetensors name): the order in which safetensors lays out dtypes, asked
+    of safetensors itself (one tiny tensor per dtype), so the header below matches its own."""
+    blob = serialize({str(i): torch.zeros(1, dtype=d) for i, d in enumerate(dtypes)})
+    header = json.loads(blob[8: 8 + int.from_bytes(blob[:8], "little")])
+    order = sorted(range(len(dtypes)), key=lambda i: header[str(i)]["data_offsets"][0])
+    return {dtypes[i]: (rank, header[str(i)]["dtype"]) for rank, i in enumerate(order)}
+
+
+def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """safetensors' header for `tensors` (only dtypes and shapes are read: meta tensors do) and the
+    offset of each tensor's bytes in the file."""
+    rank = _dtype_rank(tuple(sorted({t.dtype for t in tensors.values()}, key=str)))
+    entries, offsets, at = {"__metadata__": metadata}, {}, 0
+    for name in sorted(tensors, key=lambda n: (rank[tensors[n].dtype][0], n)):
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        entries[name] = {"dtype": rank[t.dtype][1], "shape": list(t.shape), "data_offsets": [at, at + size]}
+        offsets[name], at = at, at + size
+    header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    start = 8 + len(header)
+    return len(header).to_bytes(8, "little") + header, {n: start + o for n, o in offsets.items()}
+
+
+def _write_tensors(state: dict[str, torch.Tensor], files: dict[str, list[str]], tmp: Path,
+                   stored: dict[str, Path]) -> None:
+    """Write `state` as the safetensors files `files` (filename -> names); tensors on meta are read
+    from their block's file, one block at a time, and written at their offsets."""
+    groups = [("", None, [n for n, t in state.items() if not t.is_meta])]
+    groups += [(prefix, file, [n for n in state if n.startswith(prefix)]) for prefix, file in stored.items()]
+    if sum(len(names) for _, _, names in groups) != len(state):
+        left = [n for n, t in state.items() if t.is_meta and not any(n.startswith(p) for p in stored)]
+        raise RuntimeError(f"tensors on meta with no stored block: {', '.join(left[:3])}")
+    where, handles = {}, []
+    try:
+        for filename, names in files.items():
+            header, offsets = _layout({n: state[n] for n in names}, {"format": "pt"})
+            handles.append(open(tmp / filename, "wb"))
+            handles[-1].write(header)
+            where.update({n: (handles[-1], offsets[n]) for n in names})
+        for prefix, file, names in groups:
+            tensors = state if file is None else load_file(file)
+            for n in names:
+                f, offset = where[n]
+                f.seek(offset)
+                f.write(tensors[n[len(prefix):]].reshape(-1).view(torch.uint8).numpy())
+            del tensors
+    finally:
+        for f in handles:
+            f.close()
 
 
 def write_model_dir(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
@@ -55,10 +122,11 @@ def write_model_dir(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
     if quantization is not None:
         config["quantization_config"] = quantization
     state = _tensors_to_store(model)
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    # Sizes from shapes alone (meta): stored blocks are not in memory; a view's whole storage is not saved.
+    split = split_torch_state_dict_into_shards({n: t.to("meta") for n, t in state.items()},
+                                               max_shard_size=max_shard_size)
     with atomic_dir(out_dir, overwrite) as tmp:
-        for filename, names in split.filename_to_tensors.items():
-            save_file({n: state[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+        _write_tensors(state, split.filename_to_tensors, tmp, _stored_blocks(model))
         if split.is_sharded:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": split.tensor_to_filename}

@@ -43,6 +43,7 @@ class LazyBlocks:
         self.prefix = next(n for n, m in model.named_modules() if m is self.layers) + "."
         self.loaded: set[int] = set()  # blocks whose float weights are in memory now
         self.finished: set[int] = set()  # blocks quantized (their float linears are gone)
+        self.on_finish = None  # called with (i, block) for each finished block (io.BlockCheckpoint.keep)
 
     def block_of(self, name: str) -> int | None:
         """Index of the decoder block a module or tensor name belongs to (None: outside the blocks)."""
@@ -67,6 +68,8 @@ class LazyBlocks:
         """Block i is quantized: its float linear weights left with the replaced modules."""
         self.loaded.discard(i)
         self.finished.add(i)
+        if self.on_finish is not None:
+            self.on_finish(i, self.layers[i])
 
     def need(self, name: str) -> None:
         """Walking the model's modules in order: load the block holding module `name` if it is not
@@ -86,9 +89,12 @@ class LazyBlocks:
         self.loaded.discard(i)
 
     def close(self) -> None:
-        """Every tensor is real now: the model no longer needs its loader."""
-        self.loaded.clear()
-        empty = [n for n, t in self.model.state_dict().items() if t.is_meta]
+        """Every tensor is real now (or stored on disk, io/checkpoint.py): the model no longer needs
+        its loader."""
+        for i in list(self.loaded):
+            self.finish(i)
+        stored = tuple(n + "." for n, m in self.model.named_modules() if hasattr(m, "lowbit_stored"))
+        empty = [n for n, t in self.model.state_dict().items() if t.is_meta and not n.startswith(stored)]
         if empty:
             raise RuntimeError(f"lazy model still has tensors on meta: {', '.join(empty[:3])}")
         del self.model.lowbit_lazy
