@@ -214,3 +214,22 @@ def test_engine_matches_hf_on_smollm2():
     want = hf_logits(model, ids)[-1]
     eng = load_decoder(model, max_context=64)  # default fp16 KV cache: the same next token
     assert eng.forward(ids).argmax() == want.argmax()
+
+
+def test_fused_projections_stack_rows_and_refuse_mixed_layouts():
+    """q/k/v (gate/up) become one matrix only when they share a UniformQ layout; its rows are theirs."""
+    from lowbit.formats import UniformQ
+    from lowbit.runtime.engine import _fused
+    from lowbit.runtime.quant_linear import QuantLinear
+
+    g = torch.Generator().manual_seed(7)
+
+    def lin(n, bits, bias=True):
+        return QuantLinear(UniformQ.from_float(torch.randn(n, 96, generator=g), bits, 32, True),
+                           torch.randn(n, generator=g) if bias else None)
+    parts = [lin(40, 4), lin(8, 4, bias=False), lin(8, 4)]
+    fused = _fused(parts)
+    x = torch.randn(3, 96, generator=g)
+    assert torch.allclose(fused(x), torch.cat([p(x) for p in parts], -1), atol=1e-5)
+    assert _fused([lin(40, 4), lin(8, 8)]) is None  # different bits: kept apart
+    assert _fused([lin(40, 4), torch.nn.Linear(96, 8)]) is None
