@@ -51,11 +51,12 @@ enum { IN, ATTN_OUT, FFN_IN, FFN_OUT, QN, KN, NNORM };
 enum { ACT_SILU, ACT_GELU_TANH, ACT_GELU };
 enum { DT_F32, DT_F16, DT_BF16 };
 enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, NPROF };
-#define WIDEN_MIN_TOKENS 4  /* prefill chunks from this size widen the layer's cache to fp32 once */
+#define PREFILL_MIN_TOKENS 4  /* chunks from this size run the blocked prefill attention */
 #define MIN_PAR_WORK (1 << 18)  /* multiply-adds below which waking the pool costs more than it saves */
 
 static inline v8 ld8(const float *p) { v8 v; memcpy(&v, p, 32); return v; }
 static inline void st8(float *p, v8 v) { memcpy(p, &v, 32); }
+static inline v8 bc8(float x) { return (v8){x, x, x, x, x, x, x, x}; }  /* one vbroadcastss */
 #ifdef __F16C__
 #include <immintrin.h>  /* GCC scalarizes vector conversions from _Float16: use the F16C instruction */
 static inline v8 ldh8(const _Float16 *p) { return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
@@ -121,11 +122,11 @@ typedef struct {
     eng_lin head; const float *final_norm; float final_eps;
     const float *cos[2], *sin[2];   /* [max_ctx][half] per RoPE table (Gemma 3: local and global) */
     char *kc, *vc; size_t kv_bytes; /* [layer][kv head][max_ctx][hd] */
-    float *kv32;                    /* prefill: one layer's fp16/bf16 K then V as fp32 [2][kv head][max_ctx][hd] */
+    float *kv32; size_t kv32_bytes; /* prefill: one layer's K panels, then fp16/bf16 V as fp32 (kv_widen) */
     eng_layer *L;
     lb_par par;
     int profile; double prof[NPROF];
-    float *x, *t, *qkv, *att, *o, *gu, *pad, *scores;
+    float *x, *t, *qkv, *att, *o, *gu, *pad, *scores; size_t scores_per_thread;
 } eng;
 
 /* ---------- fp GEMV/GEMM over fp16 or bf16 weights, 4 rows at a time, rows split over threads ---------- */
@@ -220,7 +221,7 @@ static void gated(int act, const float *g, const float *u, int n, float *out) {
 }
 
 /* ---------- attention over the KV cache ---------- */
-typedef struct { eng *E; int layer, m, pos0; const float *q; int ldq; float *out; int f32; } att_job;
+typedef struct { eng *E; int layer, m, pos0; const float *q; int ldq; float *out; } att_job;
 
 #define KTILE 16  /* keys per Q·K^T tile */
 
@@ -274,7 +275,7 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int
             v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                              \
             const T *vr = vb + (size_t)lo * hd + d0;                                                \
             for (int t = 0; t < len; t++, vr += hd) {                                               \
-                v8 w = {0}; w += sh[t];                                                             \
+                v8 w = bc8(sh[t]);                                                                  \
                 a0 += w * LD8(vr); a1 += w * LD8(vr + 8); a2 += w * LD8(vr + 16); a3 += w * LD8(vr + 24); \
             }                                                                                       \
             st8(o + d0, a0 * inv); st8(o + d0 + 8, a1 * inv); st8(o + d0 + 16, a2 * inv); st8(o + d0 + 24, a3 * inv); \
@@ -297,41 +298,187 @@ static void att_task(void *p, int tid, int nthr) {
     const att_job *J = p; const eng *E = J->E; const eng_layer *Y = &E->L[J->layer];
     int nt = nthr < E->max_threads ? nthr : E->max_threads;  /* one scores block per thread */
     if (tid >= nt) return;
-    int items = J->m * E->kvh, per = (items + nt - 1) / nt, hd = E->hd, grp = E->heads / E->kvh;
-    float *sc = E->scores + (size_t)tid * grp * E->max_ctx;
-    for (int it = tid * per; it < items && it < (tid + 1) * per; it++) {
+    int items = J->m * E->kvh, hd = E->hd, grp = E->heads / E->kvh;
+    float *sc = E->scores + (size_t)tid * E->scores_per_thread;
+    for (int it = tid; it < items; it += nt) {  /* interleaved: later tokens attend to more positions */
         int i = it / E->kvh, g = it % E->kvh;
         size_t off = ((size_t)J->layer * E->kvh + g) * E->max_ctx * hd * kv_elt(E->kvdt);
         const float *q = J->q + (size_t)i * J->ldq + (size_t)g * grp * hd;
         float *out = J->out + ((size_t)i * E->heads + (size_t)g * grp) * hd;
-        if (J->f32) {  /* this layer's cache already widened to fp32 (kv_widen) */
-            const float *k32 = E->kv32 + (size_t)g * E->max_ctx * hd;
-            attend_f32(E, Y, k32, k32 + (size_t)E->kvh * E->max_ctx * hd, J->pos0 + i, q, grp, out, sc);
-        } else if (E->kvdt == DT_F32) attend_f32(E, Y, (const float *)(E->kc + off), (const float *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
+        if (E->kvdt == DT_F32) attend_f32(E, Y, (const float *)(E->kc + off), (const float *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
         else if (E->kvdt == DT_F16) attend_f16(E, Y, (const _Float16 *)(E->kc + off), (const _Float16 *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
         else attend_bf16(E, Y, (const uint16_t *)(E->kc + off), (const uint16_t *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
     }
 }
 
-/* Prefill of m tokens: each token would convert every cached K and V row it attends to (m times the
-   same rows), so the layer's rows [0, n) are widened to fp32 once into kv32 instead. */
+/* ---------- prefill attention: blocks of queries against K panels ----------
+   A prefill of m tokens reads every cached K and V row m times, so the layer's rows [0, n) are first
+   widened once into kv32: K as panels of KP keys ([t / KP][hd][KP], fp32: KP scores are two vectors
+   and need no horizontal sums), V as fp32 rows (fp16/bf16 caches only; fp32 V is read in place).
+   A work item is QB tokens × the GQA group's heads (R query rows sharing every K and V row) against
+   one KV group: scores in 6-row × 16-key register tiles, softmax per row (its own causal and window
+   range), then P·V in 3-row × 32-dim tiles. Items go to threads from a shared counter, longest first. */
+#define KP 16
+#define SROWS 6   /* query rows per scores tile */
+#define VROWS 3   /* query rows per P·V tile */
+
+static int pf_tokens(int grp) { return grp >= 12 ? 1 : 12 / grp; }
+static int pf_rows(int grp) { int r = pf_tokens(grp) * grp; return (r + SROWS - 1) / SROWS * SROWS; }
+static int ctx_pad(int n) { return (n + KP - 1) / KP * KP; }
+
 static void kv_widen(const eng *E, int layer, int n) {
-    size_t row = (size_t)E->max_ctx * E->hd;
-    for (int g = 0; g < E->kvh; g++)
-        for (int which = 0; which < 2; which++) {
-            const char *base = which ? E->vc : E->kc;
-            size_t off = ((size_t)layer * E->kvh + g) * row;
-            float *dst = E->kv32 + ((size_t)which * E->kvh + g) * row;
-            size_t cnt = (size_t)n * E->hd, c = 0;
-            if (E->kvdt == DT_F16) {
-                const _Float16 *src = (const _Float16 *)base + off;
-                for (; c + 8 <= cnt; c += 8) st8(dst + c, ldh8(src + c));
-                for (; c < cnt; c++) dst[c] = H1(src[c]);
-            } else {
-                const uint16_t *src = (const uint16_t *)base + off;
-                for (; c < cnt; c++) dst[c] = bf2f(src[c]);
+    int hd = E->hd, np = ctx_pad(n);
+    size_t row = (size_t)E->max_ctx * hd, pan = (size_t)ctx_pad(E->max_ctx) * hd;
+    for (int g = 0; g < E->kvh; g++) {
+        size_t off = ((size_t)layer * E->kvh + g) * row;
+        float *kp = E->kv32 + (size_t)g * pan;
+        for (int t = 0; t < np; t++)
+            for (int d = 0; d < hd; d++) {
+                float v = 0;
+                if (t < n) v = E->kvdt == DT_F32 ? ((const float *)E->kc)[off + (size_t)t * hd + d]
+                             : E->kvdt == DT_F16 ? H1(((const _Float16 *)E->kc)[off + (size_t)t * hd + d])
+                             : bf2f(((const uint16_t *)E->kc)[off + (size_t)t * hd + d]);
+                kp[((size_t)(t / KP) * hd + d) * KP + t % KP] = v;
+            }
+        if (E->kvdt == DT_F32) continue;
+        float *dst = E->kv32 + (size_t)E->kvh * pan + (size_t)g * row;
+        size_t cnt = (size_t)n * hd, c = 0;
+        if (E->kvdt == DT_F16) {
+            const _Float16 *src = (const _Float16 *)E->vc + off;
+            for (; c + 8 <= cnt; c += 8) st8(dst + c, ldh8(src + c));
+            for (; c < cnt; c++) dst[c] = H1(src[c]);
+        } else {
+            const uint16_t *src = (const uint16_t *)E->vc + off;
+            for (; c < cnt; c++) dst[c] = bf2f(src[c]);
+        }
+    }
+}
+
+typedef struct { eng *E; int layer, m, pos0, nqb; const float *q; int ldq; float *out; int next; } pf_job;
+
+/* sc[r][0, KP * npan) = Q rows r (qb: [R][hd], R a multiple of SROWS) · K panels [0, npan) */
+static void pf_scores(const float *qb, int R, const float *kp, int hd, int npan, float *sc, int lds) {
+    for (int pn = 0; pn < npan; pn++) {
+        const float *k = kp + (size_t)pn * hd * KP;
+        for (int r0 = 0; r0 < R; r0 += SROWS) {
+            v8 a[SROWS][2] = {{{0}}};
+            const float *q = qb + (size_t)r0 * hd;
+            for (int d = 0; d < hd; d++) {
+                v8 k0 = ld8(k + d * KP), k1 = ld8(k + d * KP + 8);
+#pragma GCC unroll 6
+                for (int r = 0; r < SROWS; r++) { v8 b = bc8(q[(size_t)r * hd + d]); a[r][0] += b * k0; a[r][1] += b * k1; }
+            }
+            for (int r = 0; r < SROWS; r++) {
+                st8(sc + (size_t)(r0 + r) * lds + pn * KP, a[r][0]); st8(sc + (size_t)(r0 + r) * lds + pn * KP + 8, a[r][1]);
             }
         }
+    }
+}
+
+/* Row s[0, n): scale, soft-cap, softmax over [a, b) in place, zero elsewhere; returns 1 / sum. */
+static float pf_softmax(const eng_layer *Y, float *s, int a, int b, int n) {
+    int t;
+    if (Y->softcap > 0) for (t = a; t < b; t++) s[t] = tanhf(s[t] * Y->scale / Y->softcap) * Y->softcap;
+    else for (t = a; t < b; t++) s[t] *= Y->scale;
+    v8 m8 = bc8(-INFINITY);
+    for (t = a; t + 8 <= b; t += 8) m8 = vmax8(m8, ld8(s + t));
+    float mx = -INFINITY;
+    for (int j = 0; j < 8; j++) mx = m8[j] > mx ? m8[j] : mx;
+    for (; t < b; t++) mx = s[t] > mx ? s[t] : mx;
+    memset(s, 0, sizeof(float) * a);
+    memset(s + b, 0, sizeof(float) * (n - b));
+    v8 sum8 = {0};
+    for (t = a; t + 8 <= b; t += 8) { v8 e = exp8(ld8(s + t) - mx); st8(s + t, e); sum8 += e; }
+    float sum = hsum8(sum8);
+    for (; t < b; t++) { s[t] = expf(s[t] - mx); sum += s[t]; }
+    return 1.0f / sum;
+}
+
+/* o[r] = inv[r] · Σ_t s[r][t] v[t] for VROWS rows over t in [a, b); v rows of hd floats. */
+static void pf_pv(const float *s, int lds, const float *inv, const float *v, int hd, int a, int b, float *o[VROWS]) {
+    const float *s0 = s, *s1 = s + lds, *s2 = s + 2 * (size_t)lds;
+    int d0 = 0;
+    for (; d0 + 32 <= hd; d0 += 32) {
+        v8 c[VROWS][4] = {{{0}}};
+        for (int t = a; t < b; t++) {
+            const float *vr = v + (size_t)t * hd + d0;
+            v8 w0 = ld8(vr), w1 = ld8(vr + 8), w2 = ld8(vr + 16), w3 = ld8(vr + 24);
+            v8 p0 = bc8(s0[t]), p1 = bc8(s1[t]), p2 = bc8(s2[t]);
+            c[0][0] += p0 * w0; c[0][1] += p0 * w1; c[0][2] += p0 * w2; c[0][3] += p0 * w3;
+            c[1][0] += p1 * w0; c[1][1] += p1 * w1; c[1][2] += p1 * w2; c[1][3] += p1 * w3;
+            c[2][0] += p2 * w0; c[2][1] += p2 * w1; c[2][2] += p2 * w2; c[2][3] += p2 * w3;
+        }
+        for (int r = 0; r < VROWS; r++)
+            if (o[r]) for (int j = 0; j < 4; j++) st8(o[r] + d0 + 8 * j, c[r][j] * inv[r]);
+    }
+    for (; d0 + 8 <= hd; d0 += 8) {
+        v8 c[VROWS] = {{0}};
+        for (int t = a; t < b; t++) {
+            v8 w = ld8(v + (size_t)t * hd + d0), p0 = bc8(s0[t]), p1 = bc8(s1[t]), p2 = bc8(s2[t]);
+            c[0] += p0 * w; c[1] += p1 * w; c[2] += p2 * w;
+        }
+        for (int r = 0; r < VROWS; r++) if (o[r]) st8(o[r] + d0, c[r] * inv[r]);
+    }
+    for (; d0 < hd; d0++)
+        for (int r = 0; r < VROWS; r++) {
+            float c = 0;
+            for (int t = a; t < b; t++) c += s[(size_t)r * lds + t] * v[(size_t)t * hd + d0];
+            if (o[r]) o[r][d0] = c * inv[r];
+        }
+}
+
+static void pf_task(void *p, int tid, int nthr) {
+    pf_job *J = p; const eng *E = J->E; const eng_layer *Y = &E->L[J->layer];
+    if (tid >= E->max_threads) return;
+    int hd = E->hd, grp = E->heads / E->kvh, qt = pf_tokens(grp), R = pf_rows(grp), n = J->pos0 + J->m;
+    int lds = ctx_pad(n);
+    size_t pan = (size_t)ctx_pad(E->max_ctx) * hd;
+    float *qb = E->scores + (size_t)tid * E->scores_per_thread, *sc = qb + (size_t)R * hd, inv[R];
+    int lo[R], hi[R];
+    for (;;) {
+        int it = __atomic_fetch_add(&J->next, 1, __ATOMIC_RELAXED);
+        if (it >= J->nqb * E->kvh) return;
+        int b = J->nqb - 1 - it / E->kvh, g = it % E->kvh, i0 = b * qt, nq = J->m - i0 < qt ? J->m - i0 : qt;
+        int rows = nq * grp, last = J->pos0 + i0 + nq - 1;
+        int first = Y->window > 0 && J->pos0 + i0 - Y->window + 1 > 0 ? J->pos0 + i0 - Y->window + 1 : 0;
+        int t0 = first / KP * KP;  /* the block's keys: [t0, last] */
+        memset(qb, 0, sizeof(float) * R * hd);
+        for (int r = 0; r < rows; r++)
+            memcpy(qb + (size_t)r * hd, J->q + (size_t)(i0 + r / grp) * J->ldq + (size_t)(g * grp + r % grp) * hd, sizeof(float) * hd);
+        int npan = (last - t0) / KP + 1;
+        pf_scores(qb, R, E->kv32 + (size_t)g * pan + (size_t)t0 * hd, hd, npan, sc, lds);
+        for (int r = 0; r < R; r++) {
+            int pos = J->pos0 + i0 + r / grp, a = Y->window > 0 && pos - Y->window + 1 > 0 ? pos - Y->window + 1 : 0;
+            lo[r] = a - t0; hi[r] = r < rows ? pos + 1 - t0 : lo[r];
+            inv[r] = r < rows ? pf_softmax(Y, sc + (size_t)r * lds, lo[r], hi[r], npan * KP) : 0;
+        }
+        const float *v = E->kvdt == DT_F32
+            ? (const float *)E->vc + ((size_t)J->layer * E->kvh + g) * E->max_ctx * hd
+            : E->kv32 + (size_t)E->kvh * pan + (size_t)g * E->max_ctx * hd;
+        for (int r0 = 0; r0 < rows; r0 += VROWS) {
+            float *o[VROWS];
+            int a = lo[r0], e = hi[r0];
+            for (int r = r0; r < r0 + VROWS; r++) {
+                o[r - r0] = r < rows ? J->out + ((size_t)(i0 + r / grp) * E->heads + (size_t)g * grp + r % grp) * hd : NULL;
+                if (r < rows) { a = lo[r] < a ? lo[r] : a; e = hi[r] > e ? hi[r] : e; }
+            }
+            pf_pv(sc + (size_t)r0 * lds, lds, inv + r0, v + (size_t)t0 * hd, hd, a, e, o);
+        }
+    }
+}
+
+static void attention(eng *E, int l, int m, int pos0, const float *q, int ldq) {
+    long work = (long)m * E->heads * (pos0 + m) * E->hd;
+    int nt = work >= MIN_PAR_WORK ? E->threads : 1;
+    if (m < PREFILL_MIN_TOKENS) {
+        att_job J = {E, l, m, pos0, q, ldq, E->att};
+        E->par(att_task, &J, nt);
+        return;
+    }
+    kv_widen(E, l, pos0 + m);
+    int qt = pf_tokens(E->heads / E->kvh);
+    pf_job J = {E, l, m, pos0, (m + qt - 1) / qt, q, ldq, E->att, 0};
+    E->par(pf_task, &J, nt);
 }
 
 static void kv_store(const eng *E, char *base, int layer, int g, int pos, const float *v) {
@@ -390,11 +537,7 @@ static void layer_forward(eng *E, int l, int m, int pos0) {
         }
     }
     TOC(P_ROPE);
-    int widen = E->kvdt != DT_F32 && m >= WIDEN_MIN_TOKENS;
-    if (widen) kv_widen(E, l, pos0 + m);
-    att_job J = {E, l, m, pos0, q, ldq, E->att, widen};
-    long work = (long)m * E->heads * (pos0 + m) * hd;
-    E->par(att_task, &J, work >= MIN_PAR_WORK ? E->threads : 1);
+    attention(E, l, m, pos0, q, ldq);
     TOC(P_ATTN);
     linear(E, &Y->lin[O], E->att, m, E->o);
     if (Y->norm[ATTN_OUT]) norm_rows(Y, ATTN_OUT, E->o, m, H, E->o);
@@ -459,7 +602,7 @@ EX void eng_free(eng *E) {
     if (!E) return;
     if (E->kc) munmap(E->kc, E->kv_bytes);
     if (E->vc) munmap(E->vc, E->kv_bytes);
-    if (E->kv32) munmap(E->kv32, sizeof(float) * 2 * E->kvh * E->max_ctx * E->hd);
+    if (E->kv32) munmap(E->kv32, E->kv32_bytes);
     free(E->L); free(E->x); free(E->t); free(E->qkv); free(E->att); free(E->o); free(E->gu); free(E->pad);
     free(E->scores); free(E);
 }
@@ -475,7 +618,8 @@ EX eng *eng_new(int layers, int hidden, int heads, int kvh, int hd, int inter, i
     E->L = calloc(layers, sizeof(eng_layer));
     E->kv_bytes = (size_t)layers * kvh * max_ctx * hd * kv_elt(kvdt);
     E->kc = huge_alloc(E->kv_bytes); E->vc = huge_alloc(E->kv_bytes);
-    E->kv32 = kvdt == DT_F32 ? NULL : huge_alloc(sizeof(float) * 2 * kvh * max_ctx * hd);  /* touched lazily */
+    E->kv32_bytes = sizeof(float) * kvh * hd * ((size_t)ctx_pad(max_ctx) + (kvdt == DT_F32 ? 0 : max_ctx));
+    E->kv32 = huge_alloc(E->kv32_bytes);  /* touched lazily */
     size_t nq = (size_t)heads * hd, nk = (size_t)kvh * hd, big = hidden > inter ? hidden : inter;
     E->x = malloc(sizeof(float) * chunk * hidden);
     E->t = malloc(sizeof(float) * chunk * (big > nq ? big : nq));
@@ -484,8 +628,9 @@ EX eng *eng_new(int layers, int hidden, int heads, int kvh, int hd, int inter, i
     E->o = malloc(sizeof(float) * chunk * hidden);
     E->gu = malloc(sizeof(float) * chunk * 2 * inter);
     E->pad = malloc(sizeof(float) * chunk * max_kp);
-    E->scores = malloc(sizeof(float) * max_threads * (heads / kvh) * max_ctx);
-    if (!E->L || !E->kc || !E->vc || (kvdt != DT_F32 && !E->kv32) || !E->x || !E->t || !E->qkv || !E->att || !E->o || !E->gu || !E->pad || !E->scores) {
+    E->scores_per_thread = (size_t)pf_rows(heads / kvh) * (hd + ctx_pad(max_ctx));  /* >= grp x max_ctx */
+    E->scores = malloc(sizeof(float) * max_threads * E->scores_per_thread);
+    if (!E->L || !E->kc || !E->vc || !E->kv32 || !E->x || !E->t || !E->qkv || !E->att || !E->o || !E->gu || !E->pad || !E->scores) {
         eng_free(E);
         return NULL;
     }
