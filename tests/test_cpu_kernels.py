@@ -32,13 +32,13 @@ def _close(got, expected, k):
 
 def check_gemv_gemm(packed, qt, thread_count, counts, seed: int) -> None:
     """`packed` against the reference at each thread count: GEMV, GEMM with [..., K] input, GEMM with an
-    M tail, with and without bias."""
+    M tail (one vector of tokens, a partial second one, several blocks of tokens), with and without bias."""
     g = torch.Generator().manual_seed(seed)
     n, k = qt.shape
     bias = torch.randn(n, generator=g)
     for t in counts:
         thread_count(t)
-        for batch in ((1,), (2, 3), (9,)):
+        for batch in ((1,), (2, 3), (9,), (37,)):
             x = torch.randn(*batch, k, generator=g)
             _close(packed(x, bias), reference.linear(x, qt, bias), k)
             _close(packed(x), reference.linear(x, qt), k)
