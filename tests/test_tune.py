@@ -46,6 +46,8 @@ def test_quick_tune_caches_winners_that_plan_uses(cache, capsys):
     assert path.is_file() and str(path) in out and "winner:" in out and "GEMM" in out
     data = json.loads(path.read_text())
     assert perf_model.tuned(CPU, ISA, t) == perf_model.Constants(**data["winners"])
+    # the GEMV winner serves both activation paths: every shape is timed on int8 and on fp32 x
+    assert data["tables"][0]["shapes"] == [f"{n}x{k} {a}" for n, k in tune.QUICK_GEMV for a in ("int8", "fp32")]
     for table in data["tables"]:
         assert all(s > 0 for row in table["rows"] for s in row["seconds"])
         assert table["winner"] in {row["candidate"] for row in table["rows"]}

@@ -3,8 +3,9 @@
 perf_model.plan turns three constants (perf_model.Constants: the weight bytes that pay for waking a
 GEMV thread, the shares of L1 and L2 a GEMM tile may fill) into thread counts and tiles. Here each is
 tried at a few multiples of its default on layers shaped like SmolLM2-135M's (576 wide) and a 7B's
-(4096 wide), 4-bit g32 codes, one token for the GEMV and 32 or 128 for the GEMM, each call going
-straight to the generated kernel with prefilled Args (as the decode engine calls it). Candidates
+(4096 wide), 4-bit g32 codes, one token for the GEMV (on int8 activations, the decode engine's default,
+and on fp32 ones, the universal path's: one winner has to serve both) and 32 or 128 for the GEMM, each
+call going straight to the generated kernel with prefilled Args (as the decode engine calls it). Candidates
 that give the same plan on a shape share one measurement, and the measurements take turns (ROUNDS
 batches each, the fastest counts) so the machine's other load falls on all alike; one thread is
 timed by its own CPU time (see _clock). A candidate's score is the geometric mean over the shapes
@@ -33,7 +34,7 @@ from ...io.atomic import atomic_write_text
 from . import isa as isa_mod
 from . import perf_model
 from . import threads as threads_mod
-from .uniform import _INT8, PackedUniform, prepare
+from .uniform import PackedUniform, prepare
 
 BITS, GROUP = 4, 32
 # (N, K): SmolLM2-135M's k/v, q/o, gate/up and down projections, and a 7B's attention projection
@@ -80,9 +81,10 @@ def _layer(n: int, k: int, isa: str) -> PackedUniform:
     return packed
 
 
-def _plan_timer(packed: PackedUniform, m: int, p: perf_model.Plan, budget: float, clock):
-    """A batch timer (see _timer) of the kernel for m tokens under plan `p`, its Args prefilled."""
-    fn, args = packed._call(m, None)
+def _plan_timer(packed: PackedUniform, m: int, int8: bool, p: perf_model.Plan, budget: float, clock):
+    """A batch timer (see _timer) of the kernel for m tokens (a GEMV on int8 or fp32 activations)
+    under plan `p`, its Args prefilled."""
+    fn, args = packed._call(m, None, int8)
     x, y = torch.randn(m, packed.nblocks * BLOCK), torch.empty(m, packed.n)
     args.x, args.y, args.threads, args.nb, args.kc = x.data_ptr(), y.data_ptr(), p.threads, p.nb, p.kc
     ref = ctypes.byref(args)
@@ -132,7 +134,8 @@ def run(threads: int | None = None, quick: bool = False, progress: bool = True) 
         layers = {nk: _layer(*nk, isa) for nk in {*gemv_shapes, *(nkm[:2] for nkm in gemm_shapes)}}
         gemv, gemm = _candidates()
         specs = [("GEMV, 1 token: weight bytes per woken thread -> threads", gemv,
-                  [(f"{n}x{k}", layers[n, k], 1) for n, k in gemv_shapes], ("min_bytes_per_thread",)),
+                  [(f"{n}x{k} {act}", layers[n, k], 1) for n, k in gemv_shapes for act in ("int8", "fp32")],
+                  ("min_bytes_per_thread",)),
                  ("GEMM: shares of L1 / L2 -> tile NB x KC", gemm,
                   [(f"{n}x{k} m{m}", layers[n, k], m) for n, k, m in gemm_shapes], ("l1_share", "l2_share"))]
         plans, todo = {}, {}  # (shape, candidate) -> plan; (shape, plan) -> what to measure it on
@@ -141,12 +144,12 @@ def run(threads: int | None = None, quick: bool = False, progress: bool = True) 
                 for label, c in cands:
                     plans[s, label] = p = perf_model.plan(cpu, isa, packed.n, packed.nblocks * BLOCK, packed.bytes,
                                                           m, t, c)
-                    todo[s, p] = packed, m
+                    todo[s, p] = packed, m, s.endswith("int8")
         budget = QUICK_SECONDS if quick else SECONDS
         with tqdm(total=len(todo) * (ROUNDS + 1), desc="lowbit tune", unit="batch", disable=not progress) as bar:
             timers = {}
-            for key, (packed, m) in todo.items():
-                timers[key] = _plan_timer(packed, m, key[1], budget, _clock(t))
+            for key, (packed, m, int8) in todo.items():
+                timers[key] = _plan_timer(packed, m, int8, key[1], budget, _clock(t))
                 bar.update()
             seconds = dict.fromkeys(todo, math.inf)
             for _ in range(ROUNDS):  # round-robin: the machine's other load falls on every plan alike
@@ -157,7 +160,7 @@ def run(threads: int | None = None, quick: bool = False, progress: bool = True) 
         threads_mod.set_threads(before)
     tables = [_table(title, cands, shapes, plans, seconds) for title, cands, shapes, _ in specs]
     data = {"version": perf_model.TUNE_VERSION, "key": perf_model.tune_key(cpu, isa, t), "isa": isa,
-            "l1d": cpu.l1d, "l2": cpu.l2, "threads": t, "int8_activations": _INT8["on"], "quick": quick,
+            "l1d": cpu.l1d, "l2": cpu.l2, "threads": t, "quick": quick,
             "clock": "thread CPU time" if t == 1 else "wall time",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "winners": {f: table["constants"][f] for table, (*_, fields) in zip(tables, specs) for f in fields},
@@ -201,7 +204,7 @@ def _time(s: float) -> str:
 def render(data: dict, path: Path) -> str:
     """The cached data as text: per table, each candidate's plan and time per shape, its score, the winner."""
     out = [(f"lowbit tune: {data['isa']}, L1d {data['l1d'] // 1024} KiB, L2 {data['l2'] // 1024} KiB, "
-            f"{data['threads']} threads, {'int8' if data['int8_activations'] else 'fp32'} activations, "
+            f"{data['threads']} threads, "
             f"{BITS}-bit g{GROUP}{' (quick)' if data['quick'] else ''}, {data['clock']}, {data['created']}")]
     for table in data["tables"]:
         head = ["candidate", *table["shapes"], "score"]
