@@ -121,8 +121,8 @@ def test_kernels_exact_under_tuned_plans(cache, thread_count):
 def test_a_candidate_must_beat_the_default_by_the_margin(faster, wins):
     """Noise-sized gains keep the model's constants; real ones replace them."""
     default, other = perf_model.Constants(), perf_model.Constants(min_bytes_per_thread=1024)
-    shapes = [("a", None, 1), ("b", None, 1)]
-    plans = {(s, c): perf_model.Plan(i + 1, 4, 32) for s, _, _ in shapes for i, c in enumerate(("d", "o"))}
+    shapes = [("a", None, 1, False), ("b", None, 1, False)]
+    plans = {(s, c): perf_model.Plan(i + 1, 4, 32) for s, *_ in shapes for i, c in enumerate(("d", "o"))}
     seconds = {(s, p): 1.0 if p.threads == 1 else faster for (s, _), p in plans.items()}
     table = tune._table("t", [("d", default), ("o", other)], shapes, plans, seconds)
     assert table["winner"] == ("o" if wins else "d")

@@ -326,31 +326,33 @@ static int pf_tokens(int grp) { return grp >= 12 ? 1 : 12 / grp; }
 static int pf_rows(int grp) { int r = pf_tokens(grp) * grp; return (r + SROWS - 1) / SROWS * SROWS; }
 static int ctx_pad(int n) { return (n + KP - 1) / KP * KP; }
 
+/* cnt cached values from element `off` of a K or V cache (`base`, E->kvdt) to fp32 in dst */
+static void kv_to_f32(const eng *E, const char *base, size_t off, size_t cnt, float *dst) {
+    size_t c = 0;
+    if (E->kvdt == DT_F32) memcpy(dst, (const float *)base + off, sizeof(float) * cnt);
+    else if (E->kvdt == DT_F16) {
+        const _Float16 *src = (const _Float16 *)base + off;
+        for (; c + 8 <= cnt; c += 8) st8(dst + c, ldh8(src + c));
+        for (; c < cnt; c++) dst[c] = H1(src[c]);
+    } else {
+        const uint16_t *src = (const uint16_t *)base + off;
+        for (; c < cnt; c++) dst[c] = bf2f(src[c]);
+    }
+}
+
 static void kv_widen(const eng *E, int layer, int n) {
-    int hd = E->hd, np = ctx_pad(n);
+    int hd = E->hd;
     size_t row = (size_t)E->max_ctx * hd, pan = (size_t)ctx_pad(E->max_ctx) * hd;
+    float k[hd];
     for (int g = 0; g < E->kvh; g++) {
         size_t off = ((size_t)layer * E->kvh + g) * row;
         float *kp = E->kv32 + (size_t)g * pan;
-        for (int t = 0; t < np; t++)
-            for (int d = 0; d < hd; d++) {
-                float v = 0;
-                if (t < n) v = E->kvdt == DT_F32 ? ((const float *)E->kc)[off + (size_t)t * hd + d]
-                             : E->kvdt == DT_F16 ? H1(((const _Float16 *)E->kc)[off + (size_t)t * hd + d])
-                             : bf2f(((const uint16_t *)E->kc)[off + (size_t)t * hd + d]);
-                kp[((size_t)(t / KP) * hd + d) * KP + t % KP] = v;
-            }
-        if (E->kvdt == DT_F32) continue;
-        float *dst = E->kv32 + (size_t)E->kvh * pan + (size_t)g * row;
-        size_t cnt = (size_t)n * hd, c = 0;
-        if (E->kvdt == DT_F16) {
-            const _Float16 *src = (const _Float16 *)E->vc + off;
-            for (; c + 8 <= cnt; c += 8) st8(dst + c, ldh8(src + c));
-            for (; c < cnt; c++) dst[c] = H1(src[c]);
-        } else {
-            const uint16_t *src = (const uint16_t *)E->vc + off;
-            for (; c < cnt; c++) dst[c] = bf2f(src[c]);
+        for (int t = 0; t < ctx_pad(n); t++) {  /* the last panel's missing keys are 0 */
+            if (t < n) kv_to_f32(E, E->kc, off + (size_t)t * hd, hd, k);
+            else memset(k, 0, sizeof k);
+            for (int d = 0; d < hd; d++) kp[((size_t)(t / KP) * hd + d) * KP + t % KP] = k[d];
         }
+        if (E->kvdt != DT_F32) kv_to_f32(E, E->vc, off, (size_t)n * hd, E->kv32 + (size_t)E->kvh * pan + (size_t)g * row);
     }
 }
 

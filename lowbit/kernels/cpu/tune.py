@@ -105,10 +105,10 @@ def _table(title: str, cands, shapes, plans: dict, seconds: dict) -> dict:
     """One table of results: per candidate its plans, times and score; the winner (see MARGIN)."""
     rows = []
     for label, c in cands:
-        ps = [plans[s, label] for s, _, _ in shapes]
+        ps = [plans[s, label] for s, *_ in shapes]
         rows.append({"candidate": label, "constants": asdict(c),
-                     "seconds": [seconds[s, p] for (s, _, _), p in zip(shapes, ps)],
-                     "plans": [f"{p.threads}t" if m == 1 else f"{p.nb}x{p.kc}" for (_, _, m), p in zip(shapes, ps)]})
+                     "seconds": [seconds[s, p] for (s, *_), p in zip(shapes, ps)],
+                     "plans": [f"{p.threads}t" if m == 1 else f"{p.nb}x{p.kc}" for (_, _, m, *_), p in zip(shapes, ps)]})
     best = [min(r["seconds"][j] for r in rows) for j in range(len(shapes))]
     for r in rows:
         r["score"] = math.exp(sum(math.log(sec / b) for sec, b in zip(r["seconds"], best)) / len(shapes))
@@ -116,7 +116,7 @@ def _table(title: str, cands, shapes, plans: dict, seconds: dict) -> dict:
     win = min(rows, key=lambda r: r["score"])
     if win["score"] > default["score"] * (1 - MARGIN):
         win = default
-    return {"title": title, "shapes": [s for s, _, _ in shapes], "rows": rows, "winner": win["candidate"],
+    return {"title": title, "shapes": [s for s, *_ in shapes], "rows": rows, "winner": win["candidate"],
             "constants": win["constants"]}
 
 
@@ -134,17 +134,18 @@ def run(threads: int | None = None, quick: bool = False, progress: bool = True) 
         layers = {nk: _layer(*nk, isa) for nk in {*gemv_shapes, *(nkm[:2] for nkm in gemm_shapes)}}
         gemv, gemm = _candidates()
         specs = [("GEMV, 1 token: weight bytes per woken thread -> threads", gemv,
-                  [(f"{n}x{k} {act}", layers[n, k], 1) for n, k in gemv_shapes for act in ("int8", "fp32")],
+                  [(f"{n}x{k} {'int8' if int8 else 'fp32'}", layers[n, k], 1, int8) for n, k in gemv_shapes
+                   for int8 in (True, False)],
                   ("min_bytes_per_thread",)),
                  ("GEMM: shares of L1 / L2 -> tile NB x KC", gemm,
-                  [(f"{n}x{k} m{m}", layers[n, k], m) for n, k, m in gemm_shapes], ("l1_share", "l2_share"))]
+                  [(f"{n}x{k} m{m}", layers[n, k], m, False) for n, k, m in gemm_shapes], ("l1_share", "l2_share"))]
         plans, todo = {}, {}  # (shape, candidate) -> plan; (shape, plan) -> what to measure it on
         for _, cands, shapes, _ in specs:
-            for s, packed, m in shapes:
+            for s, packed, m, int8 in shapes:
                 for label, c in cands:
                     plans[s, label] = p = perf_model.plan(cpu, isa, packed.n, packed.nblocks * BLOCK, packed.bytes,
                                                           m, t, c)
-                    todo[s, p] = packed, m, s.endswith("int8")
+                    todo[s, p] = packed, m, int8
         budget = QUICK_SECONDS if quick else SECONDS
         with tqdm(total=len(todo) * (ROUNDS + 1), desc="lowbit tune", unit="batch", disable=not progress) as bar:
             timers = {}
