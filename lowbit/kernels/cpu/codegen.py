@@ -14,10 +14,12 @@ Maths (per output row, per group g with scale s and zero z, codes q, activations
 so GEMV accumulates raw codes × x per group, scales once per group, and subtracts the zero point
 through per-group sums of x (computed once per call). GEMM dequantizes (q − z)·s, exactly as the
 reference does, into an fp32 tile and runs a register-blocked dot-product micro-kernel over it.
-The int8 GEMV (x86) does the same sums as u8 × s8 integer dot products per 32-block (8-bit codes in
-signed form, see dot8s); with one-block groups (g32) the scales of 8 or 16 blocks are handled as one
-vector (`_gemv_int8_g32`). Every GEMV prefetches the next tile of rows in software
-(`_prefetch_next_tile`): a decode step streams its weights from DRAM in short rows.
+UniformQ's rows are interleaved in tiles of L (layout.interleave), and its GEMVs keep the L rows of
+a tile in the L lanes (`_rows_frame`): one vector load holds a word of every row, the mask and
+shift that extract a lane group's codes serve all L rows, and no sum runs across lanes. The int8
+GEMV (x86) does the sums as u8 × s8 integer dot products (maddubs or VNNI; 8-bit codes in signed
+form, see dot8s). Every GEMV prefetches ahead in software: a decode step streams its weights from
+DRAM, and a tile is one sequential run.
 
 CodebookQ's indices are packed like UniformQ's codes, so both share the unpacking and the loops; only
 the dequantization differs: "s·(q − z)" becomes "T[q]", a lookup in the row's (or group's) table held
@@ -102,6 +104,20 @@ static inline float lb_h2f(uint16_t h) {  /* IEEE half -> float, subnormals incl
     float out; memcpy(&out, &bits, 4); return out;
 }"""},
 }
+# Interleaved tiles (layout.interleave): gather{n} is bcast{n} for n words `b` apart.
+_SETR = lambda n: ", ".join(f"(int)({{a}})[{j} * {{b}}]" for j in range(n))  # noqa: E731
+_GATHER2 = "((long long)((uint64_t)({a})[0] | (uint64_t)({a})[{b}] << 32))"
+OPS["avx2"].update(gather2=f"_mm256_set1_epi64x{_GATHER2}",
+                   gather4=f"_mm256_broadcastsi128_si256(_mm_setr_epi32({_SETR(4)}))",
+                   gather8=f"_mm256_setr_epi32({_SETR(8)})")
+OPS["avx512"].update(gather2=f"_mm512_set1_epi64{_GATHER2}",
+                     gather4=f"_mm512_broadcast_i32x4(_mm_setr_epi32({_SETR(4)}))",
+                     gather8=f"_mm512_broadcast_i64x4(_mm256_setr_epi32({_SETR(8)}))")
+OPS["scalar"].update({f"gather{n}": f"lb_gather({{a}}, {n}, {{b}})" for n in (2, 4, 8)})
+OPS["scalar"]["helpers"] += """
+static inline lb_vi lb_gather(const uint32_t *p, int words, int stride) {
+    lb_vi v; for (int l = 0; l < LB_LANES; l++) v[l] = p[(l % words) * stride]; return v;
+}"""
 # dot8: u8 codes · s8 x summed per 32-bit lane. maddubs adds pairs in int16, which saturates for 8-bit
 # codes (255·127·2 > 32767), so dot8s takes signed codes w = q − 128 and multiplies |w| (u8, ≤ 128) by x
 # with w's sign (|x| ≤ 127): pairs stay ≤ 32512. VNNI sums in int32 and needs no such trick.
@@ -179,8 +195,20 @@ OPS["avx512"].update(ldh="_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)({
                      ldz="_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)({a}))))",
                      ldf="_mm512_loadu_ps({a})", lane="_mm512_permutexvar_ps(_mm512_set1_epi32({b}), {a})",
                      mul="_mm512_mul_ps({a}, {b})", sub="_mm512_sub_ps({a}, {b})")
+# The rows-in-lanes int8 GEMV (_gemvq_rows): int16 pair products summed over a block, then to int32.
+OPS["avx2"].update(maddubs="_mm256_maddubs_epi16({a}, {b})", add16="_mm256_add_epi16({a}, {b})",
+                   add32="_mm256_add_epi32({a}, {b})", madd1="_mm256_madd_epi16({a}, _mm256_set1_epi16(1))")
+OPS["avx512"].update(maddubs="_mm512_maddubs_epi16({a}, {b})", add16="_mm512_add_epi16({a}, {b})",
+                     add32="_mm512_add_epi32({a}, {b})", madd1="_mm512_madd_epi16({a}, _mm512_set1_epi16(1))")
+OPS["scalar"].update(ldh="lb_ldh({a})", ldz="lb_ldz({a})", mul="(({a}) * ({b}))", sub="(({a}) - ({b}))",
+                     loadi="lb_loadi({a})")
+OPS["scalar"]["helpers"] += """
+static inline lb_vi lb_loadi(const uint32_t *p) { lb_vi v; memcpy(&v, p, sizeof v); return v; }
+static inline lb_vf lb_ldh(const uint16_t *p) { lb_vf v; for (int l = 0; l < LB_LANES; l++) v[l] = lb_h2f(p[l]); return v; }
+static inline lb_vf lb_ldz(const uint8_t *p) { lb_vf v; for (int l = 0; l < LB_LANES; l++) v[l] = p[l]; return v; }"""
 _DPBUSD = "_mm512_dpbusd_epi32(_mm512_setzero_si512(), {a}, {b})"
-OPS["avx512vnni"] = {**OPS["avx512"], "dot8": _DPBUSD, "dot8s": _DPBUSD}
+OPS["avx512vnni"] = {**OPS["avx512"], "dot8": _DPBUSD, "dot8s": _DPBUSD,
+                     "dpbusd": "_mm512_dpbusd_epi32({c}, {a}, {b})"}
 INT8_BITS = (2, 3, 4, 8)
 T16_WORDS = 18  # uint16 words of one T16 table: 16 low bytes, 16 high bytes, an fp32 scale
 SIGNED_DOT = 128  # the offset dot8s takes off 8-bit codes (VNNI's dpbusd doesn't: see _gemv_int8)
@@ -192,8 +220,25 @@ FLAGS = {"avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
 class _Emit:
     """Expands `OPS` templates for one ISA: e.fma(a, b, c) -> the C expression."""
 
-    def __init__(self, isa: str):
+    def __init__(self, isa: str, interleaved: bool = False):
         self.ops, self.lanes = OPS[isa], VECTOR_LANES[isa]
+        self.rows = self.lanes if interleaved else 1  # rows per tile (layout.interleave); 1: row after row
+
+    def words(self, n: int, ptr: str) -> str:
+        """The n words of one row's block from `ptr` on, broadcast (bcast{n}); `rows` apart when interleaved."""
+        return getattr(self, f"bcast{n}")(ptr) if self.rows == 1 or n == 1 else getattr(self, f"gather{n}")(ptr, self.rows)
+
+    def row_codes(self, row: str, bits: int) -> str:
+        """C pointer to word 0 of `row`'s codes (word j of block blk: + (blk·bits + j)·rows)."""
+        if self.rows == 1:
+            return f"a->qw + (size_t)({row}) * a->nblocks * {bits}"
+        return f"a->qw + (size_t)(({row}) / {self.rows}) * {self.rows} * a->nblocks * {bits} + ({row}) % {self.rows}"
+
+    def scale_index(self, row: str, group: str) -> str:
+        """Index of `row`'s scale (zero point) of `group` in a->sc (a->zp)."""
+        if self.rows == 1:
+            return f"(size_t)({row}) * a->groups + ({group})"
+        return f"((size_t)(({row}) / {self.rows}) * a->groups + ({group})) * {self.rows} + ({row}) % {self.rows}"
 
     def __getattr__(self, op: str):
         tpl = self.ops[op]
@@ -206,7 +251,7 @@ def _load_planes(e: _Emit, bits: int, src: str, name: str) -> list[str]:
     shifted right by its pre-shift (see layout.py)."""
     stmts = []
     for plane, (pb, word) in enumerate(plane_bits(bits)):
-        load = getattr(e, f"bcast{pb}")(f"{src} + {word}")
+        load = e.words(pb, f"{src} + {word * e.rows}")
         shifts = pre_shifts(pb, e.lanes)
         if any(shifts):
             load = e.srlv(load, e.setr(", ".join(map(str, shifts))))
@@ -234,33 +279,11 @@ def _unpack_block(e: _Emit, bits: int, src: str, name: str, mask: bool = True) -
 
 
 def _in_place_shifts(bits: int, lanes: int) -> list[list[int]]:
-    """[field][lane] bit offset at which _fields_in_place leaves each code."""
+    """[field][lane] bit offset at which _lane_field leaves each code (the fp32 GEMV's XSCALE)."""
     top = 32 // lanes - 1
     if bits == 3:  # _unpack_bytes' merged planes: the variable shift has aligned the lanes already
         return [[lanes * f] * lanes for f in range(top + 1)]
     return [[(0 if f == top else lanes * f) + s for s in pre_shifts(bits, lanes)] for f in range(top + 1)]
-
-
-def _fields_in_place(e: _Emit, bits: int, src: str, name: str) -> tuple[list[str], list[str]]:
-    """Like _unpack_block, but each code is only masked where it lies: cvt gives q·2^offset exactly,
-    and the GEMV scales x by 2^-offset once per call (XSCALE), which saves the shifts (one AND per
-    field instead of variable shift + shift + AND). 2-, 4- and 8-bit codes are masked as packed (the
-    top field shifted down so bit 31 stays clear: cvt is signed); 3-bit codes after their two planes
-    are merged once per block (_unpack_bytes), so no field pays for the planes."""
-    lanes, top, vi = e.lanes, 32 // e.lanes - 1, e.ops["vi"]
-    if bits == 3:
-        stmts, merged = _unpack_bytes(e, 3, src, name)
-        stmts.append(f"{vi} {name} = {merged};")
-    else:
-        stmts = [f"{vi} {name} = {getattr(e, f'bcast{bits}')(src)};"]
-    fields = []
-    for f, offsets in enumerate(_in_place_shifts(bits, lanes)):
-        down = f == top and bits != 3
-        v = e.srli(name, lanes * f) if down else name
-        masks = ", ".join(f"(int){((1 << bits) - 1) << o:#x}u" for o in offsets)
-        fields.append(v if down and bits == lanes else e.band(v, e.setr(masks)))
-    return stmts, fields
-
 
 
 def _xscale(bits: int, lanes: int) -> str:
@@ -284,71 +307,10 @@ def _unpack_bytes(e: _Emit, bits: int, src: str, name: str) -> tuple[list[str], 
     return stmts, parts[0] if len(parts) == 1 else e.bor(*parts)
 
 
-def _gemv_int8(e: _Emit, bits: int, rows: int) -> str:
-    """GEMV on int8 activations (one scale per 32-block): u8 codes · s8 x summed in int32 per block."""
-    vf, vi = e.ops["vf"], e.ops["vi"]
-    blocks = [_unpack_bytes(e, bits, f"q{r} + (size_t)blk * {bits}", f"u{r}") for r in range(rows)]
-    body = [s for stmts, _ in blocks for s in stmts]
-    body.append(f"{vi} xq = {e.loadi(f'a->xq + (size_t)blk * {4 * e.lanes}')}; {vf} dx = {e.setf('a->xd[blk]')};")
-    dot, offset = _int8_dot(e, bits)
-    body += [f"g{r}0 = {e.fma(e.cvt(dot(codes, 'xq')), 'dx', f'g{r}0')};" for r, (_, codes) in enumerate(blocks)]
-    return _gemv_frame(e, bits, rows, "gemvq", body, 1, offset=offset)
-
-
 def _int8_dot(e: _Emit, bits: int):
     """The dot8 template for `bits`-bit codes and the offset it takes off the codes (see dot8s)."""
     signed = bits == 8 and e.ops["dot8s"] != e.ops["dot8"]
     return (e.dot8s, SIGNED_DOT) if signed else (e.dot8, 0)
-
-
-def _gemv_int8_g32(e: _Emit, bits: int, rows: int) -> str:
-    """The int8 GEMV for groups of one block (g32, llama.cpp's Q4_0 shape), where the per-group fold
-    would cost as much as the block's dot product: L blocks at a time, the rows' scales times the
-    blocks' activation scales are one vector multiply, each block takes its lane (one permute), and
-    the zero-point correction is one FMA per L blocks. The last nblocks % L blocks fold per block."""
-    vf, vi, lanes, rr = e.ops["vf"], e.ops["vi"], e.lanes, range(rows)
-    dot, offset = _int8_dot(e, bits)
-    blocks = [_unpack_bytes(e, bits, f"q{r} + (size_t)blk * {bits}", f"u{r}") for r in rr]
-    unpack = [s for stmts, _ in blocks for s in stmts]
-    unpack.append(f"{vi} xq = {e.loadi(f'a->xq + (size_t)blk * {4 * lanes}')};")
-    chunk = [f"acc{r} = {e.fma(e.cvt(dot(codes, 'xq')), e.lane(f'c{r}', 'j'), f'acc{r}')};"
-             for r, (_, codes) in enumerate(blocks)]
-    tail = [f"{{ size_t i = (size_t)(row + {r}) * a->groups + blk; float s = {e.h2f('a->sc[i]')};"
-            f" float z = (a->zp ? (float)a->zp[i] : (float)a->zdef) - {offset}.0f;"
-            f" acc{r} = {e.fma(e.cvt(dot(codes, 'xq')), e.setf('s * a->xd[blk]'), f'acc{r}')};"
-            f" corr{r} += s * z * a->xsum[blk]; }}" for r, (_, codes) in enumerate(blocks)]
-    scales = []
-    for r in rr:
-        zero = f"(z{r} ? {e.sub(e.ldz(f'z{r}'), 'voff')} : vz)"
-        scales.append(f"const uint16_t *s{r} = a->sc + (size_t)(row + {r}) * a->groups + b0; "
-                      f"const uint8_t *z{r} = a->zp ? a->zp + (size_t)(row + {r}) * a->groups + b0 : NULL; "
-                      f"{vf} w{r} = {e.ldh(f's{r}')}, c{r} = {e.mul(f'w{r}', 'vxd')}; "
-                      f"cz{r} = {e.fma(e.mul(f'w{r}', zero), 'vxs', f'cz{r}')};")
-    nl = "\n            "
-    return f"""
-static void gemvq32_b{bits}_r{rows}(const lb_args *a, int row) {{
-    size_t stride = (size_t)a->nblocks * {bits}, tile = {rows} * stride;
-    size_t pf = tile * (1 + LB_PF_BYTES / (4 * tile));
-    int full = a->nblocks / {lanes} * {lanes}, blk = 0;
-    {' '.join(f'const uint32_t *q{r} = a->qw + (size_t)(row + {r}) * stride;' for r in rr)}
-    {' '.join(f'{vf} acc{r} = {e.zero()}, cz{r} = {e.zero()}; float corr{r} = 0;' for r in rr)}
-    {vf} voff = {e.setf(f'{offset}.0f')}, vz = {e.setf(f'(float)a->zdef - {offset}.0f')};
-    for (int b0 = 0; b0 < full; b0 += {lanes}) {{
-        {vf} vxd = {e.ldf('a->xd + b0')}, vxs = {e.ldf('a->xsum + b0')};
-        {(nl[:-4]).join(scales)}
-        for (int j = 0; j < {lanes}; j++) {{
-            blk = b0 + j;
-            {_prefetch_next_tile(bits, rows)}
-            {nl.join(unpack + chunk)}
-        }}
-    }}
-    for (blk = full; blk < a->nblocks; blk++) {{
-        {nl[:-4].join(unpack + tail)}
-    }}
-    {' '.join(f'a->y[row + {r}] = {e.hsum(f"acc{r}")} - {e.hsum(f"cz{r}")} - corr{r} + (a->bias ? a->bias[row + {r}] : 0.0f);'
-              for r in rr)}
-}}
-"""
 
 
 def table16(isa: str, bits: int) -> bool:
@@ -356,27 +318,19 @@ def table16(isa: str, bits: int) -> bool:
     return bits == 4 and "t16load" in OPS[isa]
 
 
-def _gemv(e: _Emit, bits: int, rows: int, lut: bool = False) -> str:
-    """GEMV on fp32 activations: codes (or, with lut, their table values) × x per group (two
-    accumulators per row to hide FMA latency)."""
+def _gemv_lut(e: _Emit, bits: int, rows: int) -> str:
+    """Codebook GEMV on fp32 activations: the codes' table values × x per group (two accumulators
+    per row to hide FMA latency)."""
     vf, lanes = e.ops["vf"], e.lanes
-    if lut and "t16load" in e.ops and bits == 4:
+    if "t16load" in e.ops and bits == 4:
         return _gemv_t16(e, rows)
-    if lut:
-        unpack = functools.partial(_unpack_block, mask=False)
-        weight = lambda r, code: getattr(e, f"lut{bits}")(code, t=f"t{r}")  # noqa: E731
-    else:
-        unpack = _fields_in_place
-        weight = lambda r, code: e.cvt(code)  # noqa: E731
-    blocks = [unpack(e, bits, f"q{r} + (size_t)blk * {bits}", f"u{r}") for r in range(rows)]
+    blocks = [_unpack_block(e, bits, f"q{r} + (size_t)blk * {bits}", f"u{r}", mask=False) for r in range(rows)]
     body = [s for stmts, _ in blocks for s in stmts]
     for f in range(32 // lanes):  # one activation vector live at a time, shared by all rows
         body.append(f"{{ {vf} xf = {e.load(f'a->xs + (size_t)blk * 32 + {f * lanes}')}; "
-                    + " ".join(f"g{r}{f % 2} = {e.fma(weight(r, fields[f]), 'xf', f'g{r}{f % 2}')};"
+                    + " ".join(f"g{r}{f % 2} = {e.fma(getattr(e, f'lut{bits}')(fields[f], t=f't{r}'), 'xf', f'g{r}{f % 2}')};"
                                for r, (_, fields) in enumerate(blocks)) + " }")
-    if lut:
-        return _gemv_frame(e, bits, rows, "gemvlut", body, 2, f"lutload{bits}")
-    return _gemv_frame(e, bits, rows, "gemv", body, 2)
+    return _gemv_frame(e, bits, rows, "gemvlut", body, 2, f"lutload{bits}")
 
 
 def _gemv_t16(e: _Emit, rows: int) -> str:
@@ -416,32 +370,23 @@ def _prefetch_next_tile(bits: int, rows: int) -> str:
     return " ".join(f"LB_PREFETCH(q0 + pf + (size_t)blk * {rows * bits} + {16 * j});" for j in range(lines))
 
 
-def _gemv_frame(e: _Emit, bits: int, rows: int, name: str, body: list[str], accs: int,
-                table: str | None = None, offset: int = 0) -> str:
-    """The loop over groups and blocks around `body`, which adds row r's block into g{r}0..g{r}{accs-1};
-    per group: one scale FMA and the zero-point fold through the group's sum of activations (less
-    `offset` when the body summed (q − offset)·x), or for a codebook (`table`: the OPS template that
-    loads row r's table of the group as t{r}) a plain sum (times the table's scale for T16)."""
+def _gemv_frame(e: _Emit, bits: int, rows: int, name: str, body: list[str], accs: int, table: str) -> str:
+    """The loop over groups and blocks around `body`, which adds row r's block into g{r}0..g{r}{accs-1}
+    of a codebook GEMV (`table`: the OPS template that loads row r's table of the group as t{r}); per
+    group a plain sum (times the table's scale for T16)."""
     vf, rr = e.ops["vf"], range(rows)
     gsum = lambda r: functools.reduce(e.add, [f"g{r}{j}" for j in range(accs)])  # noqa: E731
-    if table:
-        stride = T16_WORDS if table == "t16load" else 1 << bits
-        start = " ".join(getattr(e, table)(f"a->sc + ((size_t)(row + {r}) * a->groups + g) * {stride}", t=f"t{r}")
-                         for r in rr)
-        fold = " ".join(f"acc{r} = {e.fma(gsum(r), e.setf(f't{r}s'), f'acc{r}')};" if table == "t16load"
-                        else f"acc{r} = {e.add(gsum(r), f'acc{r}')};" for r in rr)
-    else:
-        start = ""
-        fold = " ".join(f'{{ size_t i = (size_t)(row + {r}) * a->groups + g; float s = {e.h2f("a->sc[i]")};'
-                        f' float z = (a->zp ? (float)a->zp[i] : (float)a->zdef){f" - {offset}.0f" if offset else ""};'
-                        f' acc{r} = {e.fma(gsum(r), e.setf("s"), f"acc{r}")}; corr{r} += s * z * a->xsum[g]; }}'
-                        for r in rr)
+    stride = T16_WORDS if table == "t16load" else 1 << bits
+    start = " ".join(getattr(e, table)(f"a->sc + ((size_t)(row + {r}) * a->groups + g) * {stride}", t=f"t{r}")
+                     for r in rr)
+    fold = " ".join(f"acc{r} = {e.fma(gsum(r), e.setf(f't{r}s'), f'acc{r}')};" if table == "t16load"
+                    else f"acc{r} = {e.add(gsum(r), f'acc{r}')};" for r in rr)
     return f"""
 static void {name}_b{bits}_r{rows}(const lb_args *a, int row) {{
     size_t stride = (size_t)a->nblocks * {bits}, tile = {rows} * stride;
     size_t pf = tile * (1 + LB_PF_BYTES / (4 * tile));  /* whole tiles, at least LB_PF_BYTES ahead */
     {' '.join(f'const uint32_t *q{r} = a->qw + (size_t)(row + {r}) * stride;' for r in rr)}
-    {' '.join(f'{vf} acc{r} = {e.zero()}; float corr{r} = 0;' for r in rr)}
+    {' '.join(f'{vf} acc{r} = {e.zero()};' for r in rr)}
     for (int g = 0; g < a->groups; g++) {{
         int b0 = g * a->bpg, b1 = b0 + a->bpg < a->nblocks ? b0 + a->bpg : a->nblocks;
         {' '.join(f'{vf} g{r}{j} = {e.zero()};' for r in rr for j in range(accs))} {start}
@@ -451,15 +396,14 @@ static void {name}_b{bits}_r{rows}(const lb_args *a, int row) {{
         }}
         {fold}
     }}
-    {' '.join(f'a->y[row + {r}] = {e.hsum(f"acc{r}")} - corr{r} + (a->bias ? a->bias[row + {r}] : 0.0f);'
-              for r in rr)}
+    {' '.join(f'a->y[row + {r}] = {e.hsum(f"acc{r}")} + (a->bias ? a->bias[row + {r}] : 0.0f);' for r in rr)}
 }}
 """
 
 
 def _dequant(e: _Emit, bits: int, lut: bool = False) -> str:
     """Blocks [kb, kb + nkb) of one row to fp32 (q - z)·s, or T[q] with lut: the reference's values."""
-    stmts, fields = _unpack_block(e, bits, f"q + (size_t)blk * {bits}", "u", mask=not lut)
+    stmts, fields = _unpack_block(e, bits, f"q + (size_t)blk * {bits * e.rows}", "u", mask=not lut)
     lanes = e.lanes
     if lut:
         stride = T16_WORDS if "t16load" in e.ops and bits == 4 else 1 << bits
@@ -473,15 +417,118 @@ def _dequant(e: _Emit, bits: int, lut: bool = False) -> str:
     nl = "\n        "
     return f"""
 static void dequant{'lut' * lut}_b{bits}(const lb_args *a, int row, int kb, int nkb, float *out) {{
-    const uint32_t *q = a->qw + (size_t)row * a->nblocks * {bits};
+    const uint32_t *q = {e.row_codes("row", bits)};
     for (int blk = kb; blk < kb + nkb; blk++) {{
-        size_t i = (size_t)row * a->groups + blk / a->bpg;
+        size_t i = {e.scale_index("row", "blk / a->bpg")};
         {setup}
         {nl.join(stmts)}
         {(';' + nl).join(stores)};
     }}
 }}
 """
+
+
+def _lane_codes(e: _Emit, bits: int, lane: int) -> str:
+    """Lane group `lane` of a tile block (words in w0, w1, ...), for every row at once: codes f·L + lane
+    (every field f) at bit L·f of each lane, as u8 with L = 8 (byte f), u8 and a zero byte with L = 16."""
+    lanes, fields = e.lanes, range(32 // e.lanes)
+
+    def plane(word: str, pb: int, shift: int, to: int = 0) -> str:
+        v = word if shift == to else e.srli(word, shift - to) if shift > to else e.slli(word, to - shift)
+        mask = sum(((1 << pb) - 1) << (lanes * f + to) for f in fields)
+        return v if mask == 0xFFFFFFFF else e.band(v, e.seti(f"(int){mask:#x}u"))
+    if bits == 3:  # the 2-bit plane (words 0-1) and the high bits (word 2) moved to bit 2
+        return e.bor(plane(f"w{lane % 2}", 2, pre_shifts(2, lanes)[lane]), plane("w2", 1, lane, 2))
+    return plane(f"w{lane % bits}", bits, pre_shifts(bits, lanes)[lane])
+
+
+def _lane_field(e: _Emit, bits: int, lane: int, f: int) -> str:
+    """Code f·L + lane of every row, as an int whose cvt is the code times 2^offset (_in_place_shifts:
+    the GEMV reads x scaled by 2^-offset, XSCALE), so a field costs one AND (the top one a shift too)."""
+    lanes, top = e.lanes, 32 // e.lanes - 1
+    offset = _in_place_shifts(bits, lanes)[f][lane]
+    if bits == 3:
+        return e.band(f"m{lane}", e.seti(f"(int){7 << offset:#x}u"))
+    word = f"w{lane % bits}"
+    if f == top:
+        v = e.srli(word, lanes * top)
+        return v if bits == lanes else e.band(v, e.seti(f"(int){((1 << bits) - 1) << offset:#x}u"))
+    return e.band(word, e.seti(f"(int){((1 << bits) - 1) << offset:#x}u"))
+
+
+def _rows_frame(e: _Emit, bits: int, name: str, per_block: list[str], accs: int, offset: int = 0) -> str:
+    """A GEMV over one interleaved tile (layout.interleave): rows [row, row + L) in the L lanes, so each
+    block's words are `bits` vector loads and nothing is summed across lanes. `per_block` adds block blk
+    (words in w0, w1, ...) into the group's `accs` accumulators acc0, acc1, ... Per group: one
+    scale FMA and the zero-point fold through the group's sum of x (less `offset`, see dot8s)."""
+    vf, vi, lanes = e.ops["vf"], e.ops["vi"], e.lanes
+    words = " ".join(f"{vi} w{j} = {e.loadi(f'qb + {j * lanes}')};" for j in range(bits))
+    lines = -(-bits * lanes * 4 // 64)
+    prefetch = " ".join(f"LB_PREFETCH(qb + LB_PF_BYTES / 4 + {16 * j});" for j in range(lines))
+    nl = "\n            "
+    return f"""
+static void {name}_b{bits}(const lb_args *a, int row) {{
+    const uint32_t *q = a->qw + (size_t)row * a->nblocks * {bits};  /* row: a tile's first */
+    const uint16_t *sc = a->sc + (size_t)row * a->groups;
+    const uint8_t *zp = a->zp ? a->zp + (size_t)row * a->groups : NULL;
+    {vf} res = {e.zero()}, cz = {e.zero()}, vz = {e.setf(f"(float)a->zdef - {offset}.0f")};
+    float out[{lanes}];
+    for (int g = 0; g < a->groups; g++) {{
+        int b0 = g * a->bpg, b1 = b0 + a->bpg < a->nblocks ? b0 + a->bpg : a->nblocks;
+        {vf} {", ".join(f"acc{j} = {e.zero()}" for j in range(accs))};
+        for (int blk = b0; blk < b1; blk++) {{
+            const uint32_t *qb = q + (size_t)blk * {bits * lanes};
+            {prefetch}
+            {words}
+            {nl.join(per_block)}
+        }}
+        {vf} s = {e.ldh(f"sc + (size_t)g * {lanes}")};
+        {vf} z = zp ? {e.sub(e.ldz(f"zp + (size_t)g * {lanes}"), e.setf(f"{offset}.0f"))} : vz;
+        res = {e.fma("s", functools.reduce(e.add, [f"acc{j}" for j in range(accs)]), "res")};
+        cz = {e.fma(e.mul("s", "z"), e.setf("a->xsum[g]"), "cz")};
+    }}
+    {e.store("out", e.sub("res", "cz"))};
+    lb_store_rows(a, row, out);
+}}
+"""
+
+
+def _gemv_rows(e: _Emit, bits: int) -> str:
+    """GEMV on fp32 activations over a tile: code f·L + l of the L rows meets x[f·L + l] (broadcast,
+    scaled by 2^-offset) in accumulator l, so L FMA chains run side by side."""
+    lanes, vi = e.lanes, e.ops["vi"]
+    body = ["const float *x = a->xs + (size_t)blk * 32;"]
+    for lane in range(lanes):
+        merged = f"{vi} m{lane} = {_lane_codes(e, 3, lane)}; " if bits == 3 else ""
+        body.append("{ " + merged + " ".join(
+            f"acc{lane} = {e.fma(e.cvt(_lane_field(e, bits, lane, f)), e.setf(f'x[{f * lanes + lane}]'), f'acc{lane}')};"
+            for f in range(32 // lanes)) + " }")
+    return _rows_frame(e, bits, "gemvr", body, lanes)
+
+
+def _gemvq_rows(e: _Emit, bits: int) -> str:
+    """GEMV on int8 activations over a tile: lane group l of the L rows (u8 codes f·L + l) times x's
+    int32 word l (its s8 codes f·L + l, see lb_linear_q) in one maddubs, summed in int16 over the
+    block (|sum| ≤ 16·15·127 < 2^15 for ≤ 4-bit codes), then to int32; 8-bit codes take the signed
+    dot and int32 sums; VNNI's dpbusd sums in int32 directly. One FMA per block applies x's scale."""
+    vi, lanes = e.ops["vi"], e.lanes
+    dot, offset = _int8_dot(e, bits)
+    xw = [f"{e.seti(f'x[{lane}]')}" for lane in range(lanes)]
+    codes = [_lane_codes(e, bits, lane) for lane in range(lanes)]
+    body = ["const int32_t *x = (const int32_t *)a->xq + (size_t)blk * " + str(lanes) + ";"]
+    if "dpbusd" in e.ops:
+        body.append(f"{vi} d = {dot(codes[0], xw[0])};")
+        body += [f"d = {e.dpbusd(c, x, 'd')};" for c, x in zip(codes[1:], xw[1:])]
+    elif bits == 8:
+        body.append(f"{vi} d = {dot(codes[0], xw[0])};")
+        body += [f"d = {e.add32('d', dot(c, x))};" for c, x in zip(codes[1:], xw[1:])]
+    else:
+        body.append(f"{vi} h = {e.maddubs(codes[0], xw[0])};")
+        body += [f"h = {e.add16('h', e.maddubs(c, x))};" for c, x in zip(codes[1:], xw[1:])]
+        body.append(f"{vi} d = {e.madd1('h')};")
+    body.append(f"acc0 = {e.fma(e.cvt('d'), e.setf('a->xd[blk]'), 'acc0')};")
+    return _rows_frame(e, bits, "gemvqr", body, 1, offset)
+
 
 
 def _micro(e: _Emit, mr: int, nr: int) -> str:
@@ -502,17 +549,19 @@ static void micro_{mr}x{nr}(const float *x, int ldx, const float *w, int ldw, in
 """
 
 
-def _gemv_task(name: str, bits: int, after: str = "", g32: str | None = None) -> str:
-    """Thread tid's band of rows, GEMV_ROWS at a time then one by one; through the `g32` kernels
-    instead when every group is one block."""
-    def rows(kernel: str) -> str:
-        return (f"for (; row + {GEMV_ROWS} <= hi; row += {GEMV_ROWS}) {kernel}_b{bits}_r{GEMV_ROWS}(a, row); "
-                f"for (; row < hi; row++) {kernel}_b{bits}_r1(a, row);")
-    loops = f"if (a->bpg == 1) {{ {rows(g32)} }} else {{ {rows(name)} }}" if g32 else rows(name)
+def _gemv_task(name: str, bits: int, after: str = "", tiles: bool = False) -> str:
+    """Thread tid's band of rows: one interleaved tile of LB_LANES rows at a time (`tiles`, the
+    UniformQ kernels), else GEMV_ROWS rows at a time then one by one."""
+    if tiles:
+        align, loops = "LB_LANES", f"for (; row < hi; row += LB_LANES) {name}r_b{bits}(a, row);"
+    else:
+        align = str(GEMV_ROWS)
+        loops = (f"for (; row + {GEMV_ROWS} <= hi; row += {GEMV_ROWS}) {name}_b{bits}_r{GEMV_ROWS}(a, row); "
+                 f"for (; row < hi; row++) {name}_b{bits}_r1(a, row);")
     return f"""
 static void {name}_task_b{bits}(void *p, int tid, int nthr) {{
     const lb_args *a = p;
-    int lo, hi; lb_band(a, tid, {GEMV_ROWS}, &lo, &hi);
+    int lo, hi; lb_band(a, tid, {align}, &lo, &hi);
     int row = lo;
     {loops}
     {after}
@@ -522,7 +571,7 @@ static void {name}_task_b{bits}(void *p, int tid, int nthr) {{
 
 
 def _per_bits_int8(bits: int) -> str:
-    return _gemv_task("gemvq", bits, g32="gemvq32") + f"""
+    return _gemv_task("gemvq", bits, tiles=True) + f"""
 LB_EXPORT void lb_linear_q_b{bits}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bits}); }}
 """
 
@@ -533,7 +582,7 @@ def _per_bits(bits: int, lut: bool = False, t16: bool = False) -> str:
     kind, after = ("lut", "lb_outliers(a, lo, hi);") if lut else ("", "")
     xform = ("NULL, T16_XORDER" if t16 else "NULL, NULL") if lut else f"XSCALE_B{bits}, NULL"
     return f"""
-{_gemv_task(f"gemv{kind}", bits, after)}
+{_gemv_task(f"gemv{kind}", bits, after, tiles=not lut)}
 
 static void gemm{kind}_task_b{bits}(void *p, int tid, int nthr) {{
     const lb_args *a = p;
@@ -579,7 +628,7 @@ typedef struct {
     int threads, nb, kc;
     float *xsum;
     int8_t *xq; float *xd;  /* int8 path: activations per 32-block (SIMD byte order) and their scales */
-    const float *xs;        /* fp32 GEMV: x times 2^-(bit offset of its code), see _fields_in_place,
+    const float *xs;        /* fp32 GEMV: x times 2^-(bit offset of its code), see _lane_field,
                                (codebook GEMVs on T16 tables read xq as int16, see lb_x16) */
     const int32_t *orp; const int32_t *ocol; const float *oval;  /* codebook outliers (CSR), or NULL */
 } lb_args;
@@ -600,6 +649,11 @@ static float *lb_alloc(size_t floats) {
 }
 
 typedef void (*lb_micro)(const float *, int, const float *, int, int, float *, int);
+
+/* A tile GEMV's results: the tile's rows that exist (the last tile may be partly padding), plus bias. */
+static void lb_store_rows(const lb_args *a, int row, const float *out) {
+    for (int l = 0; l < LB_LANES && row + l < a->n; l++) a->y[row + l] = out[l] + (a->bias ? a->bias[row + l] : 0.0f);
+}
 """
 
 _DRIVER_TAIL = """
@@ -671,7 +725,7 @@ static void lb_x16(lb_args *a, const uint8_t *order) {
     a->xq = (int8_t *)xq; a->xd = xd;
 }
 
-/* The GEMV reads x scaled per position in its block (xscale, see _fields_in_place), as int16 in
+/* The GEMV reads x scaled per position in its block (xscale, see _lane_field), as int16 in
    x16order (see lb_x16), or as it is (both NULL). */
 static void lb_linear(lb_args *a, lb_task gemv, lb_task gemm, const float *xscale, const uint8_t *x16order) {
     if (a->threads > lb_pool.n) a->threads = lb_pool.n;
@@ -732,17 +786,16 @@ __attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq) {
 def generate(isa: str) -> str:
     """The complete C source for `isa`: UniformQ (lb_linear_b*, lb_linear_q_b*) and CodebookQ
     (lb_linear_lut_b*) kernels."""
-    e = _Emit(isa)
+    e, tiled = _Emit(isa), _Emit(isa, interleaved=True)
     mr, nr = MICRO_TILE[isa]
     micro = "".join(_micro(e, m, n) for m in range(1, mr + 1) for n in range(1, nr + 1))
     table = ", ".join("{" + ", ".join(f"micro_{m}x{n}" for n in range(1, nr + 1)) + "}" for m in range(1, mr + 1))
     kernels = "".join(_xscale(b, e.lanes) for b in BITS)
-    kernels += "".join(_gemv(e, b, GEMV_ROWS) + _gemv(e, b, 1) + _dequant(e, b) for b in BITS)
+    kernels += "".join(_gemv_rows(tiled, b) + _dequant(tiled, b) for b in BITS)
     int8 = [b for b in INT8_BITS if "dot8" in e.ops]
-    kernels += "".join(_gemv_int8(e, b, GEMV_ROWS) + _gemv_int8(e, b, 1) + _gemv_int8_g32(e, b, GEMV_ROWS)
-                       + _gemv_int8_g32(e, b, 1) + _per_bits_int8(b) for b in int8)
+    kernels += "".join(_gemvq_rows(tiled, b) + _per_bits_int8(b) for b in int8)
     kernels += _t16_xorder(e.lanes) if "t16load" in e.ops else ""
-    kernels += "".join(_gemv(e, b, GEMV_ROWS, True) + _gemv(e, b, 1, True) + _dequant(e, b, True) + _per_bits(b, True, table16(isa, b))
+    kernels += "".join(_gemv_lut(e, b, GEMV_ROWS) + _gemv_lut(e, b, 1) + _dequant(e, b, True) + _per_bits(b, True, table16(isa, b))
                        for b in CODEBOOK_BITS)
     return "\n".join([
         f"/* Generated by lowbit.kernels.cpu.codegen for {isa}; do not edit. */",

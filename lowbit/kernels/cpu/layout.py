@@ -7,6 +7,12 @@ l % pb at bit L·f + pb·(l // pb). Unpacking field f for all lanes is then:
     shift right by L·f; mask with 2^pb − 1                                 (once per L codes)
 which yields codes f·L .. f·L+L−1 in order, ready to meet L contiguous activations. 3-bit codes are
 split into a 2-bit plane (words 0–1) and a 1-bit plane (word 2), so no code straddles a word.
+
+UniformQ then interleaves rows (`interleave`): L rows make a tile, and word j of every row of the
+tile sits next to word j of the others, so one vector load holds word j of L rows. The GEMVs keep
+rows in lanes (codegen._gemv_rows): the mask and shift that pull lane group l's codes out of word
+l % pb serve L rows at once, there is no horizontal sum, and a thread's tiles are one sequential
+stream. Scales and zero points are interleaved the same way (per group, L rows side by side).
 """
 
 from __future__ import annotations
@@ -46,3 +52,12 @@ def repack(qweight: torch.Tensor, bits: int, cols: int, lanes: int, rows_per_chu
             else [_plane_words(codes, bits, lanes)]
         out[start:start + rows_per_chunk] = torch.cat(parts, dim=2).view(chunk.shape[0], -1)
     return out
+
+
+def interleave(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """[N, C] -> [ceil(N / rows) · rows, C] as tiles of `rows` rows with their columns interleaved:
+    element (r, c) moves to tile r // rows, position c · rows + r % rows. Padding rows are zero."""
+    n, c = t.shape
+    tiles = -(-n // rows)
+    padded = torch.nn.functional.pad(t, (0, 0, 0, tiles * rows - n)) if tiles * rows != n else t
+    return padded.view(tiles, rows, c).transpose(1, 2).contiguous().view(tiles * rows, c)

@@ -3,8 +3,9 @@
 Like QIGen's mem_model, it is a few explicit inequalities, not a search:
 
 GEMV (one token) streams every weight once, so it is bandwidth-bound: each thread takes a contiguous
-band of output rows (its bytes are one sequential stream) and the kernel walks `GEMV_ROWS` rows at a
-time so each activation vector loaded from L1 feeds that many rows. Threads are only woken for
+band of output rows (its bytes are one sequential stream). UniformQ walks it one tile of L rows (the
+vector's lanes, layout.interleave) at a time, so each activation loaded from L1 feeds L rows; the
+codebook GEMV walks `GEMV_ROWS` rows at a time for the same reason. Threads are only woken for
 matrices big enough to pay for the wake-up (`min_bytes_per_thread` bytes of weights each).
 
 GEMM (many tokens) is compute-bound: a tile of NB rows × KC columns of W is dequantized to fp32 once

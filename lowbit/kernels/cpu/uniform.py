@@ -21,7 +21,7 @@ from ...formats.packing import BLOCK
 from ...formats.uniform import effective_group
 from .. import reference
 from . import build, isa as isa_mod, perf_model, threads
-from .layout import repack
+from .layout import interleave, repack
 
 
 _INT8 = {"on": os.environ.get("LOWBIT_INT8_ACT", "") not in ("", "0")}
@@ -45,8 +45,10 @@ class PackedUniform:
 
     def __init__(self, qt: UniformQ, isa: str, lib: ctypes.CDLL):
         self._layout(qt, isa)
-        self.scales = qt.scales.to(torch.float16).contiguous()
-        self.zeros = None if qt.zeros is None else qt.zeros.to(torch.uint8).contiguous()
+        lanes = perf_model.VECTOR_LANES[isa]  # tiles of `lanes` rows, see layout.interleave
+        self.qweight = interleave(self.qweight, lanes)
+        self.scales = interleave(qt.scales.to(torch.float16), lanes)
+        self.zeros = None if qt.zeros is None else interleave(qt.zeros.to(torch.uint8), lanes)
         self.zdef = 2 ** (qt.bits - 1)
         self.fn = getattr(lib, f"lb_linear_b{qt.bits}")
         self.qfn = getattr(lib, f"lb_linear_q_b{qt.bits}", None)
