@@ -12,6 +12,7 @@ from lowbit.formats import BITS, GROUP_SIZES, UniformQ
 from lowbit.formats.packing import pack
 from lowbit.kernels import reference
 from lowbit.kernels.cpu import build, isa, perf_model, threads, uniform
+from lowbit.kernels.cpu.layout import interleave
 
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
 needs_cc = pytest.mark.skipif(build.compiler() is None, reason="no C compiler")
@@ -102,6 +103,24 @@ def test_int8_activation_gemv(name, bits, group_size, sym, thread_count, int8_ac
         _close(packed(x, bias), reference.linear(uniform.quantize_activations(x), qt, bias), k)
     xs = torch.randn(4, k, generator=g)
     _close(packed(xs), reference.linear(xs, qt), k)
+    # a block's int16 sums at their bound: every code at its maximum meets s8 activations of 127
+    top = UniformQ(pack(torch.full((n, k), 2**bits - 1, dtype=torch.uint8), bits), qt.scales, qt.zeros, bits,
+                   group_size, (n, k))
+    ones = torch.ones(1, k)
+    _close(uniform.prepare(top, name)(ones), reference.linear(ones, top), k)
+
+
+def test_interleave_puts_word_j_of_a_tile_side_by_side():
+    """layout.interleave: tiles of `rows` rows, element (r, c) at tile r // rows, c · rows + r % rows,
+    a short last tile padded with zero rows."""
+    t = torch.arange(1, 16, dtype=torch.int32).view(5, 3)
+    out = interleave(t, 4)
+    assert out.shape == (8, 3)
+    tiles = out.view(2, 3, 4)
+    for r in range(5):
+        for c in range(3):
+            assert tiles[r // 4, c, r % 4] == t[r, c]
+    assert (tiles[1, :, 1:] == 0).all()
 
 
 @needs_cc

@@ -33,7 +33,8 @@ class Args(ctypes.Structure):
                 ("threads", ctypes.c_int), ("nb", ctypes.c_int), ("kc", ctypes.c_int), ("xsum", ctypes.c_void_p),
                 ("xq", ctypes.c_void_p), ("xd", ctypes.c_void_p), ("xs", ctypes.c_void_p),
                 # appended for CodebookQ (lb_linear_lut_b*): sparse outliers in CSR, NULL when none
-                ("orp", ctypes.c_void_p), ("ocol", ctypes.c_void_p), ("oval", ctypes.c_void_p)]
+                ("orp", ctypes.c_void_p), ("ocol", ctypes.c_void_p), ("oval", ctypes.c_void_p),
+                ("xi", ctypes.c_void_p)]  # int8 GEMV: per-block sums of the s8 activations
 
 
 @functools.lru_cache(maxsize=None)

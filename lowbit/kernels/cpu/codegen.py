@@ -197,9 +197,13 @@ OPS["avx512"].update(ldh="_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)({
                      mul="_mm512_mul_ps({a}, {b})", sub="_mm512_sub_ps({a}, {b})")
 # The rows-in-lanes int8 GEMV (_gemvq_rows): int16 pair products summed over a block, then to int32.
 OPS["avx2"].update(maddubs="_mm256_maddubs_epi16({a}, {b})", add16="_mm256_add_epi16({a}, {b})",
-                   add32="_mm256_add_epi32({a}, {b})", madd1="_mm256_madd_epi16({a}, _mm256_set1_epi16(1))")
+                   add32="_mm256_add_epi32({a}, {b})", madd1="_mm256_madd_epi16({a}, _mm256_set1_epi16(1))",
+                   sub32="_mm256_sub_epi32({a}, {b})", mullo="_mm256_mullo_epi32({a}, {b})",
+                   ldzi="_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)({a})))")
 OPS["avx512"].update(maddubs="_mm512_maddubs_epi16({a}, {b})", add16="_mm512_add_epi16({a}, {b})",
-                     add32="_mm512_add_epi32({a}, {b})", madd1="_mm512_madd_epi16({a}, _mm512_set1_epi16(1))")
+                     add32="_mm512_add_epi32({a}, {b})", madd1="_mm512_madd_epi16({a}, _mm512_set1_epi16(1))",
+                     sub32="_mm512_sub_epi32({a}, {b})", mullo="_mm512_mullo_epi32({a}, {b})",
+                     ldzi="_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)({a})))")
 OPS["scalar"].update(ldh="lb_ldh({a})", ldz="lb_ldz({a})", mul="(({a}) * ({b}))", sub="(({a}) - ({b}))",
                      loadi="lb_loadi({a})")
 OPS["scalar"]["helpers"] += """
@@ -456,34 +460,38 @@ def _lane_field(e: _Emit, bits: int, lane: int, f: int) -> str:
     return e.band(word, e.seti(f"(int){((1 << bits) - 1) << offset:#x}u"))
 
 
-def _rows_frame(e: _Emit, bits: int, name: str, per_block: list[str], accs: int, offset: int = 0) -> str:
+def _tile_block(e: _Emit, bits: int) -> list[str]:
+    """C statements that load block blk of the tile at q: its `bits` words of L rows into w0, w1, ...,
+    and a prefetch LB_PF_BYTES ahead (the tile and the next ones are one sequential run)."""
+    vi, lanes = e.ops["vi"], e.lanes
+    lines = -(-bits * lanes * 4 // 64)
+    return [f"const uint32_t *qb = q + (size_t)blk * {bits * lanes};",
+            " ".join(f"LB_PREFETCH(qb + LB_PF_BYTES / 4 + {16 * j});" for j in range(lines)),
+            " ".join(f"{vi} w{j} = {e.loadi(f'qb + {j * lanes}')};" for j in range(bits))]
+
+
+def _rows_frame(e: _Emit, bits: int, per_block: list[str], accs: int) -> str:
     """A GEMV over one interleaved tile (layout.interleave): rows [row, row + L) in the L lanes, so each
     block's words are `bits` vector loads and nothing is summed across lanes. `per_block` adds block blk
     (words in w0, w1, ...) into the group's `accs` accumulators acc0, acc1, ... Per group: one
-    scale FMA and the zero-point fold through the group's sum of x (less `offset`, see dot8s)."""
-    vf, vi, lanes = e.ops["vf"], e.ops["vi"], e.lanes
-    words = " ".join(f"{vi} w{j} = {e.loadi(f'qb + {j * lanes}')};" for j in range(bits))
-    lines = -(-bits * lanes * 4 // 64)
-    prefetch = " ".join(f"LB_PREFETCH(qb + LB_PF_BYTES / 4 + {16 * j});" for j in range(lines))
+    scale FMA and the zero-point fold through the group's sum of x."""
+    vf, lanes = e.ops["vf"], e.lanes
     nl = "\n            "
     return f"""
-static void {name}_b{bits}(const lb_args *a, int row) {{
+static void gemvr_b{bits}(const lb_args *a, int row) {{
     const uint32_t *q = a->qw + (size_t)row * a->nblocks * {bits};  /* row: a tile's first */
     const uint16_t *sc = a->sc + (size_t)row * a->groups;
     const uint8_t *zp = a->zp ? a->zp + (size_t)row * a->groups : NULL;
-    {vf} res = {e.zero()}, cz = {e.zero()}, vz = {e.setf(f"(float)a->zdef - {offset}.0f")};
+    {vf} res = {e.zero()}, cz = {e.zero()}, vz = {e.setf("(float)a->zdef")};
     float out[{lanes}];
     for (int g = 0; g < a->groups; g++) {{
         int b0 = g * a->bpg, b1 = b0 + a->bpg < a->nblocks ? b0 + a->bpg : a->nblocks;
         {vf} {", ".join(f"acc{j} = {e.zero()}" for j in range(accs))};
         for (int blk = b0; blk < b1; blk++) {{
-            const uint32_t *qb = q + (size_t)blk * {bits * lanes};
-            {prefetch}
-            {words}
-            {nl.join(per_block)}
+            {nl.join(_tile_block(e, bits) + per_block)}
         }}
         {vf} s = {e.ldh(f"sc + (size_t)g * {lanes}")};
-        {vf} z = zp ? {e.sub(e.ldz(f"zp + (size_t)g * {lanes}"), e.setf(f"{offset}.0f"))} : vz;
+        {vf} z = zp ? {e.ldz(f"zp + (size_t)g * {lanes}")} : vz;
         res = {e.fma("s", functools.reduce(e.add, [f"acc{j}" for j in range(accs)]), "res")};
         cz = {e.fma(e.mul("s", "z"), e.setf("a->xsum[g]"), "cz")};
     }}
@@ -503,7 +511,7 @@ def _gemv_rows(e: _Emit, bits: int) -> str:
         body.append("{ " + merged + " ".join(
             f"acc{lane} = {e.fma(e.cvt(_lane_field(e, bits, lane, f)), e.setf(f'x[{f * lanes + lane}]'), f'acc{lane}')};"
             for f in range(32 // lanes)) + " }")
-    return _rows_frame(e, bits, "gemvr", body, lanes)
+    return _rows_frame(e, bits, body, lanes)
 
 
 def _gemvq_rows(e: _Emit, bits: int) -> str:
@@ -526,8 +534,47 @@ def _gemvq_rows(e: _Emit, bits: int) -> str:
         body.append(f"{vi} h = {e.maddubs(codes[0], xw[0])};")
         body += [f"h = {e.add16('h', e.maddubs(c, x))};" for c, x in zip(codes[1:], xw[1:])]
         body.append(f"{vi} d = {e.madd1('h')};")
-    body.append(f"acc0 = {e.fma(e.cvt('d'), e.setf('a->xd[blk]'), 'acc0')};")
-    return _rows_frame(e, bits, "gemvqr", body, 1, offset)
+    return _gemvq_frame(e, bits, body, offset)
+
+
+def _gemvq_frame(e: _Emit, bits: int, body: list[str], offset: int) -> str:
+    """The int8 GEMV over one tile around `body` (block blk's integer dots of the L rows into d): the
+    zero point comes off in integers per block (d − (z − offset)·Σ x_q), so a group only scales;
+    one-block groups (g32, llama.cpp's Q4_0 shape) scale per block in a loop of their own."""
+    vf, vi, lanes = e.ops["vf"], e.ops["vi"], e.lanes
+    nl = "\n            "
+    zp = e.sub32(e.ldzi(f"zp + (size_t)(blk / a->bpg) * {lanes}"), "voff")
+    zsum = f"(zp ? {e.mullo(zp, e.seti('a->xi[blk]'))} : {e.seti('zdef * a->xi[blk]')})"
+    block = nl.join(_tile_block(e, bits) + body + [f"d = {e.sub32('d', zsum)};"])
+    return f"""
+static void gemvqr_b{bits}(const lb_args *a, int row) {{
+    const uint32_t *q = a->qw + (size_t)row * a->nblocks * {bits};  /* row: a tile's first */
+    const uint16_t *sc = a->sc + (size_t)row * a->groups;
+    const uint8_t *zp = a->zp ? a->zp + (size_t)row * a->groups : NULL;
+    int zdef = a->zdef - {offset};
+    {vi} voff = {e.seti(str(offset))};
+    {vf} res = {e.zero()};
+    float out[{lanes}];
+    if (a->bpg == 1) {{
+        for (int blk = 0; blk < a->nblocks; blk++) {{
+            {block}
+            res = {e.fma(e.cvt('d'), e.mul(e.ldh(f'sc + (size_t)blk * {lanes}'), e.setf('a->xd[blk]')), 'res')};
+        }}
+    }} else {{
+        for (int g = 0; g < a->groups; g++) {{
+            int b1 = (g + 1) * a->bpg < a->nblocks ? (g + 1) * a->bpg : a->nblocks;
+            {vf} acc = {e.zero()};
+            for (int blk = g * a->bpg; blk < b1; blk++) {{
+                {block}
+                acc = {e.fma(e.cvt('d'), e.setf('a->xd[blk]'), 'acc')};
+            }}
+            res = {e.fma(e.ldh(f'sc + (size_t)g * {lanes}'), 'acc', 'res')};
+        }}
+    }}
+    {e.store("out", "res")};
+    lb_store_rows(a, row, out);
+}}
+"""
 
 
 
@@ -631,6 +678,7 @@ typedef struct {
     const float *xs;        /* fp32 GEMV: x times 2^-(bit offset of its code), see _lane_field,
                                (codebook GEMVs on T16 tables read xq as int16, see lb_x16) */
     const int32_t *orp; const int32_t *ocol; const float *oval;  /* codebook outliers (CSR), or NULL */
+    int32_t *xi;            /* int8 GEMV: Σ of each block's s8 activations */
 } lb_args;
 
 /* Thread `tid`'s contiguous band of output rows, in multiples of `align` rows. */
@@ -755,13 +803,14 @@ static void lb_linear(lb_args *a, lb_task gemv, lb_task gemm, const float *xscal
 }
 
 /* int8 GEMV: x -> s8 per 32-block with scale amax/127 (round half to even), each code f·L + l at
-   byte 4·l + f·L/8 to meet the SIMD layout; xsum[g] = Σ over the group's blocks of scale · Σ x_q. */
+   byte 4·l + f·L/8 to meet the SIMD layout; xi[blk] = Σ x_q over the block (the zero-point fold). */
 __attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq) {
     if (a->threads > lb_pool.n) a->threads = lb_pool.n;
     int bb = 4 * LB_LANES;
     int8_t *xq = calloc((size_t)a->nblocks * bb, 1);
-    float *xd = malloc(sizeof(float) * a->nblocks), *xs = calloc(a->groups, sizeof(float));
-    if (!xq || !xd || !xs) abort();
+    float *xd = malloc(sizeof(float) * a->nblocks);
+    int32_t *xi = malloc(sizeof(int32_t) * a->nblocks);
+    if (!xq || !xd || !xi) abort();
     for (int blk = 0; blk < a->nblocks; blk++) {
         const float *x = a->x + (size_t)blk * 32;
         float amax = 0;
@@ -774,11 +823,11 @@ __attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq) {
             isum += v;
         }
         xd[blk] = d;
-        xs[blk / a->bpg] += d * (float)isum;
+        xi[blk] = isum;
     }
-    a->xq = xq; a->xd = xd; a->xsum = xs;
+    a->xq = xq; a->xd = xd; a->xi = xi;
     lb_pool_run(gemvq, a, a->threads);
-    free(xq); free(xd); free(xs);
+    free(xq); free(xd); free(xi);
 }
 """
 
