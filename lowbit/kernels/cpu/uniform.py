@@ -41,7 +41,9 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 class PackedUniform:
-    """A UniformQ in the SIMD layout of one ISA, callable as linear(x, bias). Built once per layer."""
+    """A UniformQ in the SIMD layout of one ISA, rows interleaved in tiles of the vector's lanes
+    (layout.interleave, the last tile padded with zero rows), callable as linear(x, bias). Built once
+    per layer."""
 
     def __init__(self, qt: UniformQ, isa: str, lib: ctypes.CDLL):
         self._layout(qt, isa)
