@@ -185,15 +185,12 @@ OPS["scalar"]["helpers"] += """
 static inline lb_vf lb_lut(const float *t, lb_vi i, uint32_t mask) {
     lb_vf v; for (int l = 0; l < LB_LANES; l++) v[l] = t[i[l] & mask]; return v;
 }"""
-# One-block groups (g32) on int8 activations: L blocks' scales as one vector (ldh: L fp16 values,
-# ldz: L u8 zero points, ldf: L floats), each block taking its lane (lane).
+# A tile's per-group values for its L rows (ldh: L fp16 scales, ldz: L u8 zero points as floats).
 OPS["avx2"].update(ldh="_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)({a})))",
                    ldz="_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)({a}))))",
-                   ldf="_mm256_loadu_ps({a})", lane="_mm256_permutevar8x32_ps({a}, _mm256_set1_epi32({b}))",
                    mul="_mm256_mul_ps({a}, {b})", sub="_mm256_sub_ps({a}, {b})")
 OPS["avx512"].update(ldh="_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)({a})))",
                      ldz="_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)({a}))))",
-                     ldf="_mm512_loadu_ps({a})", lane="_mm512_permutexvar_ps(_mm512_set1_epi32({b}), {a})",
                      mul="_mm512_mul_ps({a}, {b})", sub="_mm512_sub_ps({a}, {b})")
 # The rows-in-lanes int8 GEMV (_gemvq_rows): int16 pair products summed over a block, then to int32.
 OPS["avx2"].update(maddubs="_mm256_maddubs_epi16({a}, {b})", add16="_mm256_add_epi16({a}, {b})",
@@ -215,7 +212,7 @@ OPS["avx512vnni"] = {**OPS["avx512"], "dot8": _DPBUSD, "dot8s": _DPBUSD,
                      "dpbusd": "_mm512_dpbusd_epi32({c}, {a}, {b})"}
 INT8_BITS = (2, 3, 4, 8)
 T16_WORDS = 18  # uint16 words of one T16 table: 16 low bytes, 16 high bytes, an fp32 scale
-SIGNED_DOT = 128  # the offset dot8s takes off 8-bit codes (VNNI's dpbusd doesn't: see _gemv_int8)
+SIGNED_DOT = 128  # the offset dot8s takes off 8-bit codes (VNNI's dpbusd doesn't: see _int8_dot)
 FLAGS = {"avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"],
          "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"],
          "avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": ["-Wno-psabi"]}
