@@ -196,3 +196,21 @@ def test_quant_linear_model_logits(tiny_model_dir):
             kernels.use_reference(False)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@needs_cc
+def test_read_probe_reads_every_word():
+    """lb_read, the DRAM yardstick of eval.bench.bandwidth: it must touch every word (its four chains'
+    sums come back), else the bandwidth it reports would be fiction."""
+    import ctypes
+
+    from lowbit.eval.bench import bandwidth
+
+    lib = build.load(isa.selected())
+    threads.apply(lib)
+    lib.lb_read.restype = ctypes.c_uint64
+    buf = torch.arange(1, 4097, dtype=torch.int64)
+    chains = [int(buf[j::4].sum()) for j in range(4)]
+    assert lib.lb_read(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(buf.nbytes), 1) == \
+        chains[0] ^ chains[1] ^ chains[2] ^ chains[3]
+    assert 1e8 < bandwidth(1, gib=1 / 64) < 1e13

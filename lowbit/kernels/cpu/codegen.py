@@ -799,6 +799,32 @@ static void lb_linear(lb_args *a, lb_task gemv, lb_task gemm, const float *xscal
     lb_pool_run(gemm, a, a->threads);
 }
 
+/* The DRAM yardstick (eval/bench.bandwidth): `threads` threads each sum a contiguous share of a
+   buffer in four chains of 64-bit loads, a plain sequential read with no arithmetic to wait for. */
+typedef struct { const uint64_t *p; size_t words; int threads; uint64_t sums[64]; } lb_readjob;
+
+static void lb_read_task(void *arg, int tid, int nthr) {
+    lb_readjob *j = arg;
+    if (tid >= j->threads) return;
+    size_t per = j->words / j->threads / 4 * 4, lo = (size_t)tid * per;
+    size_t hi = tid == j->threads - 1 ? j->words / 4 * 4 : lo + per;
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (size_t i = lo; i < hi; i += 4) { s0 += j->p[i]; s1 += j->p[i + 1]; s2 += j->p[i + 2]; s3 += j->p[i + 3]; }
+    j->sums[tid] = s0 ^ s1 ^ s2 ^ s3;
+    (void)nthr;
+}
+
+LB_EXPORT uint64_t lb_read(const void *p, size_t bytes, int threads) {
+    if (threads > lb_pool.n) threads = lb_pool.n;
+    if (threads > 64) threads = 64;
+    if (threads < 1) threads = 1;
+    lb_readjob j = {p, bytes / 8, threads, {0}};
+    lb_pool_run(lb_read_task, &j, threads);
+    uint64_t s = 0;
+    for (int t = 0; t < threads; t++) s ^= j.sums[t];
+    return s;
+}
+
 /* int8 GEMV: x -> s8 per 32-block with scale amax/127 (round half to even), each code f·L + l at
    byte 4·l + f·L/8 to meet the SIMD layout; xi[blk] = Σ x_q over the block (the zero-point fold). */
 __attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq) {
