@@ -1,8 +1,9 @@
 """Generated CPU kernels vs torch on SmolLM2-135M and Llama-2-7B matrix shapes (issue #4).
 
-For each thread count: a STREAM-like read of a 1 GiB buffer gives this run's DRAM bandwidth; then
-per shape and batch: our time, bytes moved (packed weights + scales + zero points + activations in
-and out), GB/s and % of that bandwidth, next to torch F.linear fp32/bf16 and torch's int4 CPU
+For each thread count: a STREAM-like read of a 1 GiB buffer (the faster of torch's sum and the
+kernel library's own sequential read, `lb_read`) gives this run's DRAM bandwidth; then per shape and
+batch: our time, bytes moved (packed weights + scales + zero points + activations in and out), GB/s
+and % of that bandwidth, next to torch F.linear fp32/bf16 and torch's int4 CPU
 kernel (`_weight_int4pack_mm_for_cpu`, 4-bit asym, same group) at the same threads. Batch 1 is
 timed with fp32 activations and with int8 activations (`act`, see kernels/cpu/uniform.py).
 Batch 128 is compute-bound: its GB/s only says how far from the memory limit it is, so no % is given.
