@@ -25,7 +25,6 @@ class SignRound(MethodConfig):
     seed: int = 0
     name = "signround"
     needs_calib = True
-    fp_targets = True  # as auto-round (enable_quanted_input): quantized inputs, the float model's outputs
 
 
 CONFIG = SignRound

@@ -24,7 +24,6 @@ class TEQ(MethodConfig):
     seed: int = 0
     name = "teq"
     needs_calib = True
-    fp_targets = True  # quantized inputs, the float model's outputs (see calib.runner.quantize_blocks)
 
 
 CONFIG = TEQ
