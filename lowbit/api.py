@@ -128,7 +128,7 @@ def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: Meth
         if tokenizer is None:
             raise LowbitError(f"{config.name} needs calibration text: pass the model's tokenizer")
         batches = calibration_batches(tokenizer, text, calib_samples, calib_seq_len)
-        quantize_blocks(model, batches, _block_quantizer(config, layer_ids), progress, checkpoint)
+        quantize_blocks(model, batches, _block_quantizer(config, layer_ids), progress, checkpoint, config.fp_targets)
         names = [n for n in names if isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding))]
         config_rest = _rtn_like(config)
     else:

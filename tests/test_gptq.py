@@ -5,7 +5,8 @@ import torch
 
 import lowbit
 from lowbit.calib import builtin
-from lowbit.calib.runner import LayerStats, calibration_batches, capture_inputs, decoder_layers, run_block
+from lowbit.calib.runner import (LayerStats, calibration_batches, capture_inputs, decoder_layers, quantize_blocks,
+                                 run_block)
 from lowbit.errors import LowbitError
 from lowbit.methods import GPTQ, RTN, quantize_weight
 
@@ -78,6 +79,36 @@ def test_runner_reproduces_the_float_model(tiny_model_dir, tiny_tokenizer, model
         for x, ids in zip(inputs, batches):
             expected = model.get_decoder()(input_ids=ids, output_hidden_states=True).hidden_states[-1]
             torch.testing.assert_close(model.get_decoder().norm(x), expected)
+
+
+@pytest.mark.parametrize("fp_targets", [True, False])
+def test_block_targets_follow_the_float_model_or_the_block(tiny_model_dir, tiny_tokenizer, fp_targets):
+    """Every block's inputs come from the quantized blocks before it; its targets are, with fp_targets
+    (SignRound), the float model's own hidden states, else the float block's outputs on its
+    inputs, which drift from those once earlier blocks are rounded (to 2 bits here)."""
+    model = lowbit.load(tiny_model_dir("llama", num_hidden_layers=3))
+    batches = calibration_batches(tiny_tokenizer, builtin("calib"), 2, 40)
+    decoder = model.get_decoder()
+    with torch.no_grad():
+        hidden = [decoder(input_ids=ids, output_hidden_states=True).hidden_states for ids in batches]
+    seen = []
+
+    def round_block(block, inputs, kwargs, targets, stats):
+        seen.append(targets)
+        for m in block.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data = quantize_weight(m.weight.detach(), None, RTN(bits=2, group_size=32)).dequantize()
+        return {}
+
+    quantize_blocks(model, batches, round_block, progress=False, fp_targets=fp_targets)
+    last = len(seen) - 1
+    for i, targets in enumerate(seen):
+        for t, h in zip(targets, hidden):
+            got = decoder.norm(t) if i == last else t
+            if fp_targets or i == 0:
+                torch.testing.assert_close(got, h[i + 1])
+            else:
+                assert not torch.allclose(got, h[i + 1], atol=1e-3)
 
 
 def test_calibration_text_too_short(tiny_tokenizer):

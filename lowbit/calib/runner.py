@@ -152,18 +152,26 @@ BlockQuantizer = Callable[[nn.Module, list, dict, list, dict], dict]
 
 
 def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_block: BlockQuantizer,
-                    progress: bool = True, checkpoint=None) -> dict[str, float]:
-    """Quantize the model block by block. `quantize_block(block, inputs, kwargs, fp_outputs, stats)`
+                    progress: bool = True, checkpoint=None, fp_targets: bool = False) -> dict[str, float]:
+    """Quantize the model block by block. `quantize_block(block, inputs, kwargs, targets, stats)`
     replaces the block's linears in place and returns {layer name: ‖WX−ŴX‖/‖WX‖}; the returned
-    errors add, per block, "i.block": the relative error of the quantized block's output. A lazy
+    errors add, per block, "i.block": the relative error of the quantized block's output. `inputs`
+    come from the blocks already quantized (GPTQ's sequential order); `targets` are the float block's
+    outputs on them, or with `fp_targets` the float model's own outputs (a second, float stream of
+    activations, as auto-round's enable_quanted_input: a block trained to them also undoes the error
+    of the blocks before it). A lazy
     model (models/lazy.py) has each block's float weights read just before the block is quantized.
     With a `checkpoint` (io.BlockCheckpoint), each finished block is written there and dropped from
     memory (its tensors on meta): save the model with io.save, or io.reload it to run it."""
     layers = decoder_layers(model)
     lazy = getattr(model, "lowbit_lazy", None)
     inputs, layer_kwargs = capture_inputs(model, batches)
+    fp_inputs = inputs if fp_targets else None
     resumed = checkpoint.restore(layers) if checkpoint is not None else None
-    start, inputs = resumed if resumed else (0, inputs)
+    start = 0
+    if resumed:
+        start, inputs, stored_fp = resumed
+        fp_inputs = (stored_fp if stored_fp is not None else inputs) if fp_targets else None
     errors = {}
     bar = tqdm(list(enumerate(layers))[start:], desc="quantizing blocks", unit="block", disable=not progress,
                initial=start, total=len(layers))
@@ -171,18 +179,20 @@ def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_bloc
         if lazy is not None:
             lazy.load(i)
         stats, fp_outputs = gather_stats(block, inputs, layer_kwargs[i])
-        block_errors = quantize_block(block, inputs, layer_kwargs[i], fp_outputs, stats)
+        targets = run_block(block, fp_inputs, layer_kwargs[i]) if fp_targets else fp_outputs
+        block_errors = quantize_block(block, inputs, layer_kwargs[i], targets, stats)
         errors.update({f"{i}.{k}": v for k, v in block_errors.items()})
         inputs = run_block(block, inputs, layer_kwargs[i])
         errors[f"{i}.block"] = relative_error(fp_outputs, inputs)
+        fp_inputs = targets if fp_targets else None
         if lazy is not None:
             lazy.finish(i)
         if checkpoint is not None:
-            checkpoint.save(i, block, inputs)  # and the block leaves memory: io.save writes it from its file
+            checkpoint.save(i, block, inputs, fp_inputs)  # the block leaves memory: io.save writes it from its file
         worst = max(block_errors, key=block_errors.get) if block_errors else None
         bar.set_postfix_str((f"worst layer {worst} {block_errors[worst]:.4f}, " if worst else "")
                             + f"block output {errors[f'{i}.block']:.4f}")
-        del stats, fp_outputs  # one block's statistics at a time (GPTQ's Hessians: K² floats per layer)
+        del stats, fp_outputs, targets  # one block's statistics at a time (GPTQ's Hessians: K² floats per layer)
     return errors
 
 

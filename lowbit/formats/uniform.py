@@ -52,14 +52,19 @@ def group_params(wg: torch.Tensor, bits: int, sym: bool, shrink: torch.Tensor | 
                  lo_shrink: torch.Tensor | float | None = None):
     """Scale (fp16-representable, float32) and integer zero code for groups on the last dim of `wg`.
 
-    `shrink` (broadcast over the groups) narrows the range: the clipping knob of MSE search; for asym,
-    `lo_shrink` narrows the lower end separately (SignRound's min/max factors). Differentiable in
-    `wg` and the shrink factors (the zero code is rounded).
+    `shrink` (broadcast over the groups) narrows the range: the clipping knob of MSE search;
+    `lo_shrink` narrows the lower end separately (SignRound's min/max factors). With it, sym maps the
+    larger of the narrowed ends to code 0 (as auto-round does), the other end of RTN's choice on a tie.
+    Differentiable in `wg` and the shrink factors (the zero code is rounded).
     """
     maxq = 2**bits - 1
     if sym:
-        idx = wg.abs().argmax(-1, keepdim=True)
-        m = wg.gather(-1, idx).squeeze(-1) * shrink
+        m = wg.gather(-1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        if lo_shrink is None:
+            m = m * shrink
+        else:
+            hi, lo = wg.amax(-1).clamp(min=0) * shrink, -wg.amin(-1).clamp(max=0) * lo_shrink
+            m = torch.where(hi > lo, hi, torch.where(lo > hi, -lo, torch.where(m >= 0, hi, -lo)))
         scale = m / -(2 ** (bits - 1))
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:

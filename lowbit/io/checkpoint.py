@@ -48,17 +48,19 @@ class BlockCheckpoint:
             return None
         return state if state.get("key") == self.key else None
 
-    def restore(self, layers: torch.nn.ModuleList) -> tuple[int, list[torch.Tensor]] | None:
-        """(number of finished blocks, inputs of the next block), with the finished blocks installed
-        in `layers` as stored (on meta, nothing read but their headers); None when there is nothing
-        (matching) to resume."""
+    def restore(self, layers: torch.nn.ModuleList) -> tuple[int, list[torch.Tensor], list[torch.Tensor] | None] | None:
+        """(number of finished blocks, inputs of the next block, its float-stream inputs or None), with
+        the finished blocks installed in `layers` as stored (on meta, nothing read but their headers);
+        None when there is nothing (matching) to resume."""
         state = self._state()
         if state is None:
             return None
         for i in range(state["done"]):
             _install(layers[i], self.path / f"block_{i}", stored=True)
-        inputs = load_file(self.path / "inputs.safetensors")
-        return state["done"], [inputs[str(j)] for j in range(len(inputs))]
+        stored = load_file(self.path / "inputs.safetensors")
+        count = sum(1 for k in stored if not k.startswith("fp"))
+        fp = [stored[f"fp{j}"] for j in range(count)] if "fp0" in stored else None
+        return state["done"], [stored[str(j)] for j in range(count)], fp
 
     def keep(self, i: int, block: torch.nn.Module) -> None:
         """Write finished block i to its files, then drop it from memory."""
@@ -72,12 +74,15 @@ class BlockCheckpoint:
         del tensors
         _install(block, self.path / f"block_{i}", stored=True)
 
-    def save(self, i: int, block: torch.nn.Module, inputs: list[torch.Tensor]) -> None:
-        """Block i is finished and `inputs` are block i+1's inputs: keep the block, then the inputs
-        and the state that makes it resumable."""
+    def save(self, i: int, block: torch.nn.Module, inputs: list[torch.Tensor],
+             fp_inputs: list[torch.Tensor] | None = None) -> None:
+        """Block i is finished and `inputs` (and the float stream's `fp_inputs`, see
+        calib.runner.quantize_blocks) are block i+1's inputs: keep the block, then the inputs and the
+        state that makes it resumable."""
         self.keep(i, block)
-        _replace_file(self.path / "inputs.safetensors",
-                      lambda p: save_file({str(j): x.contiguous() for j, x in enumerate(inputs)}, p))
+        tensors = {str(j): x.contiguous() for j, x in enumerate(inputs)}
+        tensors.update({f"fp{j}": x.contiguous() for j, x in enumerate(fp_inputs or [])})
+        _replace_file(self.path / "inputs.safetensors", lambda p: save_file(tensors, p))
         _replace_file(self.path / "state.json",
                       lambda p: p.write_text(json.dumps({"key": self.key, "done": i + 1})))
 

@@ -16,6 +16,7 @@ class MethodConfig:
     sym: bool = True
     name: ClassVar[str]
     needs_calib: ClassVar[bool] = False
+    fp_targets: ClassVar[bool] = False  # block-output methods: train to the float model's own outputs
 
     def __post_init__(self):
         check_spec(self.bits, self.group_size)

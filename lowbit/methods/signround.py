@@ -1,6 +1,11 @@
 """SignRound (Cheng et al. 2023, Intel auto-round): learn, per decoder block, rounding offsets
-V ∈ [−0.5, 0.5] for every weight and per-group factors on the range's max (and min), by signed gradient
-descent on the block's output MSE against the float block; then round once with what was learned.
+V ∈ [−0.5, 0.5] for every weight and per-group factors in [0, 1] on the range's max and min, by
+signed gradient descent on the block's output MSE; then round once with what was learned.
+
+As auto-round (enable_quanted_input): the block sees the quantized model's inputs and is trained to
+the float model's own outputs (calib.runner's fp_targets), so it also corrects the blocks before it.
+Both range factors matter there: in SmolLM2 block 11 writes a ~23,000 attention-sink activation
+that dominates the MSE, and only a range that may narrow either end fits it (block loss 24 → 3.9).
 
 Defaults follow auto-round: 200 iterations, lr = 1/iters decaying linearly to 0, batches of 8
 samples, the best iterate (lowest loss) kept. With iters = 0 the result is exactly RTN.
@@ -25,6 +30,7 @@ class SignRound(MethodConfig):
     seed: int = 0
     name = "signround"
     needs_calib = True
+    fp_targets = True  # as auto-round (enable_quanted_input): quantized inputs, the float model's outputs
 
 
 CONFIG = SignRound
@@ -47,9 +53,7 @@ class _Learnable(nn.Module):
         """Per-group (scale, zero) under the learned range factors."""
         w = self.linear.weight.detach().float()
         wg, _ = grouped(w, self.g)
-        scale, zero = group_params(wg, self.spec.bits, self.spec.sym, self.max_factor,
-                                   None if self.spec.sym else self.min_factor)
-        return scale, zero
+        return group_params(wg, self.spec.bits, self.spec.sym, self.max_factor, self.min_factor)
 
     def _columns(self, per_group: torch.Tensor, cols: int) -> torch.Tensor:
         """[N, G] -> [N, cols]: each group's value repeated over its columns."""
@@ -57,19 +61,21 @@ class _Learnable(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         return fake_quantize(self.linear.weight.detach().float(), self.spec.bits, self.spec.group_size,
-                             self.spec.sym, self.v, self.max_factor, None if self.spec.sym else self.min_factor)
+                             self.spec.sym, self.v, self.max_factor, self.min_factor)
 
     def forward(self, x):
         return F.linear(x, self.dequantized().to(x.dtype), self.linear.bias)
 
     def learnable(self) -> list[nn.Parameter]:
-        return [self.v, self.max_factor] + ([] if self.spec.sym else [self.min_factor])
+        return [self.v, self.max_factor, self.min_factor]
 
     def clamp_(self):
+        """auto-round's bounds: V in [-0.5, 0.5], both range factors in [0, 1] (sym too: the larger
+        narrowed end sets the scale, see group_params)."""
         with torch.no_grad():
             self.v.clamp_(-0.5, 0.5)
-            self.max_factor.clamp_(0.5, 1.0)
-            self.min_factor.clamp_(0.5, 1.0)
+            self.max_factor.clamp_(0.0, 1.0)
+            self.min_factor.clamp_(0.0, 1.0)
 
     def to_qtensor(self) -> UniformQ:
         with torch.no_grad():
