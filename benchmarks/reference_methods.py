@@ -49,13 +49,21 @@ def peer_python(venv: str, requirement: str) -> Path:
     return py
 
 
+class PeerFailed(Exception):
+    """The reference implementation refused or crashed: its row says why, the table goes on."""
+
+
 def theirs(method, bits, group, a, model_dir, calib_file, work):
     venv, requirement = IMPL[method]
     out = work / f"{method}-{bits}-{group}.safetensors"
     cmd = [str(peer_python(venv, requirement)), str(RUNNER), venv, method, "--model", str(model_dir),
            "--calib", str(calib_file), "--out", str(out), "--bits", str(bits), "--group-size", str(group),
            "--iters", str(a.iters)] + (["--sym"] if SYM[method] else [])
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(work / "peer.log", "a"))
+    log = work / "peer.log"
+    with open(log, "a") as err:
+        if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err).returncode != 0:
+            lines = log.read_text().strip().splitlines()
+            raise PeerFailed(lines[-1] if lines else "no output")
     with safe_open(str(out), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["seconds"])
 
@@ -89,7 +97,12 @@ def main():
             t_ours = time.perf_counter() - t
             r_ours = evaluate(ours, src.tokenizer, text, max_windows=a.max_windows, progress=False)
             del ours
-            weights, t_theirs = theirs(method, bits, group, a, work / "model", work / "calib.safetensors", work)
+            try:
+                weights, t_theirs = theirs(method, bits, group, a, work / "model", work / "calib.safetensors", work)
+            except PeerFailed as e:
+                print(f"| {scheme} {'sym' if SYM[method] else 'asym'} | {method} | {r_ours.ppl:.3f} | failed: {e} "
+                      f"| - | {t_ours:.0f} | - |", flush=True)
+                continue
             model = copy.deepcopy(src.model)
             missing = set(weights) - set(model.state_dict())
             if missing:

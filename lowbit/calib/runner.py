@@ -159,8 +159,8 @@ def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_bloc
     come from the blocks already quantized (GPTQ's sequential order); `targets` are the float block's
     outputs on them, or with `fp_targets` the float model's own outputs (a second, float stream of
     activations, as auto-round's enable_quanted_input: a block trained to them also undoes the error
-    of the blocks before it). A lazy
-    model (models/lazy.py) has each block's float weights read just before the block is quantized.
+    of the blocks before it). A lazy model (models/lazy.py) has each block's float weights read just
+    before the block is quantized.
     With a `checkpoint` (io.BlockCheckpoint), each finished block is written there and dropped from
     memory (its tensors on meta): save the model with io.save, or io.reload it to run it."""
     layers = decoder_layers(model)
