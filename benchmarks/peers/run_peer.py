@@ -33,13 +33,15 @@ def llmcompressor(model, ids, a):
     if a.method == "gptq":
         recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128,
                                actorder=None, bypass_divisibility_checks=True)]
-    else:  # SmolLM2's 576 columns are not a multiple of 128: a ragged last group, as lowbit does
+    else:  # its observers still need the group to divide the columns (g128 fails on SmolLM2's 576)
         recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"],
                                                       bypass_divisibility_checks=True)]
+    float_keys = set(model.state_dict())  # llm-compressor adds scales and zero points beside them
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1],
             num_calibration_samples=ids.shape[0])
-    out = {}
+    # AWQ folds its scales into the norms and linears before them: every float tensor comes back
+    out = {k: v.detach().float().clone() for k, v in model.state_dict().items() if k in float_keys}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and hasattr(m, "weight_scale"):
             from compressed_tensors.quantization.lifecycle.forward import fake_quantize
