@@ -21,7 +21,8 @@ from .calib.runner import calibration_batches, quantize_blocks
 from .methods import METHODS, RTN, MethodConfig, quantize_weight
 from .models import check_finite, load_any, load_reference, load_source
 from .recipes import Auto
-from .runtime import GenerationStats, QuantEmbedding, QuantLinear, generate
+from .nn import QuantEmbedding, QuantLinear
+from .runtime import GenerationStats, generate
 
 
 def _targets(model: nn.Module, lm_head: bool, embeddings: bool) -> list[tuple[str, nn.Module]]:

@@ -5,7 +5,8 @@ import torch
 
 import lowbit
 from lowbit.calib import builtin
-from lowbit.calib.runner import calibration_batches, capture_inputs, decoder_layers, run_block
+from lowbit.calib.runner import calibration_batches
+from lowbit.models.blocks import capture_inputs, decoder_layers, run_block
 from lowbit.methods import AWQ, RTN
 from lowbit.methods.awq import GROUPS, _producer, fold_scales, search_scale
 

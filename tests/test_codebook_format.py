@@ -7,7 +7,7 @@ import lowbit
 from lowbit.errors import LowbitError
 from lowbit.formats import CodebookQ
 from lowbit.formats.packing import packed_words
-from lowbit.runtime import QuantLinear
+from lowbit.nn import QuantLinear
 
 
 def _random(n, k, bits, group_size, seed=0):

@@ -118,7 +118,7 @@ def test_engine_unquantized_and_quantized_head():
 def test_engine_runs_codebook_layers_through_the_same_contract():
     """The engine never looks inside a format: codebook (LUT) layers with outliers run unchanged."""
     from lowbit.formats.codebook import CodebookQ
-    from lowbit.runtime import QuantLinear
+    from lowbit.nn import QuantLinear
 
     model = tiny("qwen2")
     g = torch.Generator().manual_seed(8)
@@ -240,7 +240,7 @@ def test_fused_projections_stack_rows_and_refuse_mixed_layouts():
     """q/k/v (gate/up) become one matrix only when they share a UniformQ layout; its rows are theirs."""
     from lowbit.formats import UniformQ
     from lowbit.runtime.engine import _fused
-    from lowbit.runtime.quant_linear import QuantLinear
+    from lowbit.nn import QuantLinear
 
     g = torch.Generator().manual_seed(7)
 

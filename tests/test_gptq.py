@@ -5,8 +5,8 @@ import torch
 
 import lowbit
 from lowbit.calib import builtin
-from lowbit.calib.runner import (LayerStats, calibration_batches, capture_inputs, decoder_layers, quantize_blocks,
-                                 run_block)
+from lowbit.calib.runner import LayerStats, calibration_batches, quantize_blocks
+from lowbit.models.blocks import capture_inputs, decoder_layers, run_block
 from lowbit.errors import LowbitError
 from lowbit.methods import GPTQ, RTN, quantize_weight
 

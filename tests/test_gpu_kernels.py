@@ -109,7 +109,7 @@ def test_float32_activations():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="QuantLinear dispatches by the input's device type")
 def test_quant_linear_uses_triton_on_cuda():
-    from lowbit.runtime.quant_linear import QuantLinear
+    from lowbit.nn import QuantLinear
 
     g = torch.Generator().manual_seed(9)
     qt = UniformQ.from_float(torch.randn(64, 160, generator=g), 4, 32, False)

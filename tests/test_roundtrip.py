@@ -10,7 +10,7 @@ from torch import nn
 
 import lowbit
 from lowbit.errors import LowbitError
-from lowbit.runtime import QuantEmbedding, QuantLinear
+from lowbit.nn import QuantEmbedding, QuantLinear
 from tests.conftest import TINY_TYPES
 
 SAVE_MODULE = importlib.import_module("lowbit.io.save")  # the module, not the function it exports

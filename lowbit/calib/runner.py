@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
+from ..models.blocks import capture_inputs, decoder_layers, run_block
 
 SAMPLE_TOKENS = 2048  # input rows kept per layer for methods that search on activations (AWQ, TEQ)
 
@@ -74,62 +75,6 @@ def calibration_batches(tokenizer, text: str, n_samples: int, seq_len: int) -> l
                           f"{seq_len}, not {n_samples} (use fewer samples, shorter ones, or more text)")
     starts = torch.linspace(0, windows - 1, n_samples).round().long() * seq_len
     return [ids[s: s + seq_len].unsqueeze(0) for s in starts.tolist()]
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise LowbitError(f"calibrated methods need a decoder-only transformers model with `.layers`; "
-                          f"{type(model).__name__} has none")
-    return layers
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def capture_inputs(model: nn.Module, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
-    """Block 0's input hidden states per sample, and each block's keyword arguments (same for every
-    sample: same length, no padding)."""
-    layers = decoder_layers(model)
-    inputs, kwargs = [], [None] * len(layers)
-    originals = [layer.forward for layer in layers]
-
-    def recorder(i):
-        def forward(hidden_states, *args, **kw):
-            if i == 0:
-                inputs.append(hidden_states.detach())
-            if kwargs[i] is None:
-                kwargs[i] = {k: v for k, v in kw.items() if k not in ("past_key_values", "use_cache")}
-            if i == len(layers) - 1:
-                raise _Stop  # the rest of the model (final norm, head) is not needed
-            return hidden_states
-        return forward
-
-    decoder = model.get_decoder()
-    try:
-        for i, layer in enumerate(layers):
-            layer.forward = recorder(i)
-        for ids in batches:
-            try:
-                decoder(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for layer, forward in zip(layers, originals):
-            layer.forward = forward
-    return inputs, kwargs
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    outs = []
-    for x in inputs:
-        out = block(x, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
 
 
 @torch.no_grad()

@@ -18,6 +18,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..calib import load
+from ..kernels.cpu import build, isa, threads as pool
+from ..methods import MethodConfig
+from ..models import load_any, load_source
+from ..runtime import HFDecoder, decoder_for, use_threads
 from .size import model_size
 
 
@@ -50,8 +55,6 @@ def peak_rss_mb() -> float:
 
 def bench_tokens(tokenizer, n: int) -> list[int]:
     """`n` token ids of the built-in evaluation text (repeated if it is short)."""
-    from ..calib import load
-
     ids = list(tokenizer(load("eval")).input_ids)
     return (ids * (n // len(ids) + 1))[:n]
 
@@ -91,8 +94,6 @@ def bandwidth(threads: int, gib: float = 1.0) -> float:
     """DRAM read bytes/s: the best of several sequential reads of a buffer far larger than the caches,
     by the kernel library's own read loop (`lb_read`, on its thread pool) and by torch's sum; the
     faster of the two, so a kernel's "% of bandwidth" is never measured against a slow yardstick."""
-    from ..kernels.cpu import build, isa, threads as pool
-
     torch.set_num_threads(threads)
     buf = torch.ones(int(gib * 2**30) // 4)
     reads = [lambda: buf.sum()]
@@ -126,8 +127,6 @@ def bytes_per_token(model, decoder=None) -> int:
 def bench(model, tokenizer, threads: int | None = None, prompt_tokens: int = 512, gen_tokens: int = 128,
           runs: int = 3, engine: bool = True, roofline: bool = True, exact: bool = False) -> Speed:
     """Prefill and decode speed of `model` through `decoder_for` (the engine where it applies)."""
-    from ..runtime import decoder_for
-
     decoder = decoder_for(model, max_context=prompt_tokens + gen_tokens + 1, threads=threads, engine=engine,
                           exact=exact)
     threads = threads or torch.get_num_threads()
@@ -149,13 +148,8 @@ def side_by_side(models: list[str], ggufs: dict, peer, threads=(1, 2), pp=(128, 
                  runs: int = 3, hf: bool = True, print_fn=print) -> list[dict]:
     """Rows of tokens/s for lowbit `models`, llama.cpp (`peer(path, threads, tokens) -> dict`) at the same
     bits class, and transformers fp32/bf16 of the source; printed as a markdown table with ratios."""
-    from .. import api
-    from ..methods import MethodConfig
-    from ..models import load_source
-    from ..runtime import HFDecoder, decoder_for, use_threads
-
     rows = []
-    loaded = [(m, api.load(m)) for m in models]
+    loaded = [(m, load_any(m).model) for m in models]
     source = load_source(None)
     tokens = bench_tokens(source.tokenizer, max(pp) + tg + 1)
     cols = [f"pp{n}" for n in pp] + [f"tg{tg}"]

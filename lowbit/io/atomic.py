@@ -5,13 +5,13 @@ A crash, a kill or a full disk therefore never leaves a partial output under the
 partial one is named `.NAME.partial-*` and is removed on any error we see.
 """
 
-import errno
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..atomic_file import write_error as _write_error
 from ..errors import LowbitError
 
 
@@ -58,32 +58,6 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _write_error(out: Path, e: OSError) -> LowbitError:
-    if e.errno == errno.ENOSPC:
-        return LowbitError(f"disk full while writing {out}; nothing was written")
-    return LowbitError(f"could not write {out}: {e.strerror or e}")
-
-
-def atomic_write_text(out: str | Path, text: str) -> None:
-    """Write one small file the same way: a temporary file beside it, flushed, then one rename, so
-    readers (another process) see the old file or the new one, never half of one."""
-    out = Path(out).absolute()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
-    except OSError as e:
-        raise _write_error(out, e) from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise _write_error(out, e) from None
 
 
 def dir_size(path: str | Path) -> int:

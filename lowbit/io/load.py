@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from ..errors import LowbitError
 from ..formats import KINDS, from_tensors
+from ..nn import QuantEmbedding, QuantLinear
 from .check import check_safetensors
 from .save import FORMAT_VERSION
 
@@ -51,8 +52,6 @@ def install_quantized(model: torch.nn.Module, modules: dict[str, dict], state: d
                       dtype: torch.dtype, where) -> None:
     """Replace each listed module of `model` by its quantized form, taking (popping) its tensors
     from `state`."""
-    from ..runtime import QuantEmbedding, QuantLinear
-
     for name, meta in modules.items():
         if meta.get("kind") not in KINDS:
             raise LowbitError(f"{where}: module {name} has unknown format {meta.get('kind')!r}")

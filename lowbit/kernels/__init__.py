@@ -7,11 +7,11 @@ load time, cached by QuantLinear) and returns a callable `(x, bias) -> y`, or No
 `use_reference()` or LOWBIT_KERNELS=reference forces the reference everywhere (tests, benchmarks).
 """
 
-import os
 from collections.abc import Callable
 
 import torch
 
+from .. import settings
 from ..formats import QTensor
 from . import reference
 
@@ -19,7 +19,7 @@ Kernel = Callable[[torch.Tensor, QTensor, torch.Tensor | None], torch.Tensor]
 Bound = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 REGISTRY: dict[tuple[str, str], Kernel] = {}
 PREPARE: dict[tuple[str, str], Callable[[QTensor], Bound | None]] = {}
-_state = {"reference": os.environ.get("LOWBIT_KERNELS", "").lower() == "reference", "generation": 0}
+_state = {"reference": settings.reference_kernels(), "generation": 0}
 
 
 def register(kind: str, device: str, prepare: Callable[[QTensor], Bound | None] | None = None

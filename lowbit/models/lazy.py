@@ -13,7 +13,7 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from ..calib.runner import capture_inputs, decoder_layers, run_block
+from .blocks import capture_inputs, decoder_layers, run_block
 from ..errors import LowbitError
 from ..io import Shards
 

@@ -2,9 +2,8 @@
 
 from .generate import GenerationStats, generate
 from .hf_decoder import HFDecoder, decoder_for, use_threads
-from .quant_linear import QuantEmbedding, QuantLinear
 from .sampling import Sampler, SamplingParams
 from .session import Chat, Completion, Session
 
-__all__ = ["Chat", "Completion", "GenerationStats", "HFDecoder", "QuantEmbedding", "QuantLinear", "Sampler",
+__all__ = ["Chat", "Completion", "GenerationStats", "HFDecoder", "Sampler",
            "SamplingParams", "Session", "decoder_for", "generate", "use_threads"]

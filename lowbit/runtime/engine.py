@@ -34,7 +34,7 @@ from ..kernels.cpu import isa as isa_mod
 from ..kernels.cpu import threads as cpu_threads
 from ..methods import RTN, MethodConfig, quantize_weight
 from . import engine_c
-from .quant_linear import QuantEmbedding, QuantLinear
+from ..nn import QuantEmbedding, QuantLinear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -13,6 +13,8 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import LowbitError
+from ..kernels.cpu import threads
+from .engine import load_decoder
 
 
 class HFDecoder:
@@ -69,8 +71,6 @@ def use_threads(n: int | None) -> None:
         return
     if n < 1:
         raise LowbitError(f"--threads must be at least 1, got {n}")
-    from ..kernels.cpu import threads
-
     torch.set_num_threads(n)
     threads.set_threads(n)
 
@@ -90,10 +90,8 @@ def decoder_for(model, max_context: int | None = None, threads: int | None = Non
     use_threads(threads)
     if engine:
         try:
-            from .engine import load_decoder
-
             return load_decoder(model, max_context=max_context, threads=threads, **({} if exact else FAST))
-        except (ImportError, AttributeError, LowbitError) as e:
+        except (AttributeError, LowbitError) as e:
             why = str(e) if isinstance(e, LowbitError) else "not available"
             if why not in _noticed:
                 _noticed.add(why)

@@ -19,7 +19,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from ...models.default import cache_root
+from ... import settings
+from ...settings import cache_root
 from . import codegen
 
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden", "-std=gnu11", "-lm"]
@@ -40,7 +41,7 @@ class Args(ctypes.Structure):
 @functools.lru_cache(maxsize=None)
 def compiler() -> tuple[str, str] | None:
     """(path, version line) of the C compiler: $CC, else cc, gcc or clang on PATH."""
-    for name in filter(None, [os.environ.get("CC"), "cc", "gcc", "clang"]):
+    for name in filter(None, [settings.c_compiler(), "cc", "gcc", "clang"]):
         path = shutil.which(name)
         if path:
             try:

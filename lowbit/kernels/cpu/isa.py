@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import settings
+
 # Best first. Each ISA needs all of its flags (as /proc/cpuinfo spells them).
 ISA_FLAGS = {
     "avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"),
@@ -81,7 +83,7 @@ def detect() -> CPU:
 
 def selected() -> str:
     """The ISA to run: $LOWBIT_ISA if set (it must be one this CPU supports), else the best one."""
-    want = os.environ.get("LOWBIT_ISA")
+    want = settings.isa()
     if not want:
         return detect().best_isa
     if want not in ISA_FLAGS or not detect().supports(want):

@@ -32,7 +32,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...models.default import cache_root
+from ...settings import cache_root
 from .isa import CPU
 
 VECTOR_LANES = {"avx512vnni": 16, "avx512": 16, "avx2": 8, "scalar": 8}

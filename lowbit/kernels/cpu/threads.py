@@ -6,8 +6,8 @@ Every loaded kernel library has its own pool (see pool.py); `set_threads` resize
 from __future__ import annotations
 
 import ctypes
-import os
 
+from ... import settings
 from .isa import detect
 
 _threads: int | None = None
@@ -17,7 +17,7 @@ _libs: list[ctypes.CDLL] = []
 def get() -> int:
     global _threads
     if _threads is None:
-        _threads = max(1, int(os.environ.get("LOWBIT_THREADS") or detect().cores))
+        _threads = max(1, settings.threads() or detect().cores)
     return _threads
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ...errors import LowbitError
 from ...formats import UniformQ
 from ...formats.packing import BLOCK, packed_words
-from ...io.atomic import atomic_write_text
+from ...atomic_file import atomic_write_text
 from . import isa as isa_mod
 from . import perf_model
 from . import threads as threads_mod

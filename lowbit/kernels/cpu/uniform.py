@@ -12,10 +12,10 @@ maddubs cannot saturate.
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
+from ... import settings
 from ...formats import QTensor, UniformQ
 from ...formats.packing import BLOCK
 from ...formats.uniform import effective_group
@@ -24,7 +24,7 @@ from . import build, isa as isa_mod, perf_model, threads
 from .layout import interleave, repack
 
 
-_INT8 = {"on": os.environ.get("LOWBIT_INT8_ACT", "") not in ("", "0")}
+_INT8 = {"on": settings.int8_activations()}
 
 
 def set_int8_activations(on: bool = True) -> None:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ..formats import QTensor, from_tensors
+from . import kernels
+from .formats import QTensor, from_tensors
 
 
 class _QuantModule(nn.Module):
