@@ -49,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 from lowbit.eval.bench import bandwidth  # noqa: E402
 from lowbit.formats import CodebookQ, UniformQ  # noqa: E402
 from lowbit.formats.packing import BLOCK  # noqa: E402
+from lowbit import kernels  # noqa: E402
 from lowbit.kernels.cpu import codebook, isa, threads, uniform  # noqa: E402
 from peers import ggml_matmul  # noqa: E402  (benchmarks/peers/ggml_matmul.py)
 
@@ -99,7 +100,7 @@ def ours(p: uniform.PackedUniform, m: int, n: int, int8: bool) -> tuple[list, li
     """Calls of our C kernel on m tokens from prefilled Args, one per copy of the packed weights; and
     what they point at (keep it alive while calling)."""
     x, y = torch.randn(m, p.nblocks * BLOCK), torch.empty(m, p.n)
-    uniform.set_int8_activations(int8)
+    kernels.set_int8_activations(int8)
     calls, alive = [], [x, y]
     for i in range(n):
         q = p
@@ -112,7 +113,7 @@ def ours(p: uniform.PackedUniform, m: int, n: int, int8: bool) -> tuple[list, li
         args.x, args.y = x.data_ptr(), y.data_ptr()
         calls.append(functools.partial(KERNEL(addr), ctypes.addressof(args)))
         alive += [q, args]
-    uniform.set_int8_activations(False)
+    kernels.set_int8_activations(False)
     return calls, alive
 
 

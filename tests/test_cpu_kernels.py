@@ -76,9 +76,9 @@ def test_tiles_and_threads(name, bits, thread_count):
 
 @pytest.fixture
 def int8_activations():
-    uniform.set_int8_activations(True)
+    kernels.set_int8_activations(True)
     yield
-    uniform.set_int8_activations(False)
+    kernels.set_int8_activations(False)
 
 
 @pytest.mark.parametrize("name", ("avx2", "avx512", "avx512vnni"))
@@ -162,7 +162,7 @@ def test_force_reference():
     qt = UniformQ.from_float(torch.randn(8, 64), 4, 32, True)
     try:
         kernels.use_reference()
-        assert kernels.lookup("uniform", "cpu") is reference.linear
+        assert kernels.kernel_for(qt) == "reference"
         assert not isinstance(kernels.prepare(qt, "cpu"), uniform.PackedUniform)
     finally:
         kernels.use_reference(False)

@@ -11,7 +11,7 @@ from test_cpu_kernels import ISAS, _close, _isa, check_gemv_gemm, needs_cc
 from lowbit import kernels
 from lowbit.formats import CODEBOOK_BITS, CodebookQ
 from lowbit.kernels import reference
-from lowbit.kernels.cpu import build, codebook, perf_model, threads, uniform
+from lowbit.kernels.cpu import build, codebook, perf_model, threads
 
 
 def _codebook(n: int, k: int, bits: int, group_size: int, outliers: bool, seed: int) -> CodebookQ:
@@ -98,11 +98,11 @@ def test_registry_native_and_bf16(thread_count):
     assert isinstance(bound, codebook.PackedCodebook)
     x = torch.randn(3, 96)
     _close(kernels.linear(x, qt), reference.linear(x, qt), 96)
-    uniform.set_int8_activations(True)
+    kernels.set_int8_activations(True)
     try:
         _close(bound(x[:1]), reference.linear(x[:1], qt), 96)
     finally:
-        uniform.set_int8_activations(False)
+        kernels.set_int8_activations(False)
     fn, args = bound.native(1)
     y = torch.empty(24)
     args.x, args.y = x[0].contiguous().data_ptr(), y.data_ptr()

@@ -1,12 +1,17 @@
-"""The kernel registry and the reference kernel, checked against F.linear on dequantized weights."""
+"""The kernel table and registry, and the reference kernel checked against F.linear on dequantized weights."""
+
+import ctypes
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lowbit import kernels
-from lowbit.formats import BITS, GROUP_SIZES, UniformQ
-from lowbit.kernels import reference
+from lowbit.formats import BITS, CODEBOOK_BITS, GROUP_SIZES, KINDS, CodebookQ, UniformQ
+from lowbit.kernels import reference, table
+from lowbit.kernels.cpu import build, codegen
+from lowbit.kernels.cpu import isa as isa_mod
+from lowbit.kernels.cpu.isa import ISA_FLAGS
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -29,23 +34,73 @@ def test_reference_matches_f_linear(bits, group_size, sym, n, k, batch):
     torch.testing.assert_close(kernels.linear(x, qt, bias), expected, rtol=1e-4, atol=1e-4 * k ** 0.5)
 
 
-def test_registry_prefers_registered_kernel_and_falls_back():
-    qt = UniformQ.from_float(torch.randn(4, 32), 4, 32, True)
-    assert kernels.lookup("uniform", "cpu") is reference.linear or ("uniform", "cpu") in kernels.REGISTRY
-    calls = []
+# (kind, bit widths its format allows): every one needs a native CPU row on every ISA, unless listed in
+# REFERENCE_ONLY (none today), so a format or bit width the generator forgot fails here.
+FORMAT_BITS = {"uniform": BITS, "codebook": CODEBOOK_BITS}
+REFERENCE_ONLY: set[tuple[str, int]] = set()
 
-    def fake(x, q, b):
-        calls.append(q)
-        return reference.linear(x, q, b)
 
-    saved, saved_prepare = dict(kernels.REGISTRY), dict(kernels.PREPARE)
+def _random(kind: str, bits: int, n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        return UniformQ.from_float(torch.randn(n, k, generator=g), bits, 64, bits % 2 == 1)
+    return CodebookQ.from_indices(torch.randint(0, 2**bits, (n, k), generator=g),
+                                  torch.randn(n, -(-k // 64), 2**bits, generator=g), bits, 64)
+
+
+def test_table_rows_come_from_the_generator_and_cover_every_format():
+    assert set(FORMAT_BITS) == set(KINDS)
+    names = [r.name for r in table.ROWS]
+    assert len(names) == len(set(names))
+    for isa in ISA_FLAGS:
+        got = {(r.kind, r.bits) for r in table.ROWS if r.isa == isa and r.activations != "int8"}
+        assert got == {(kind, b) for kind, bits in FORMAT_BITS.items() for b in bits} - REFERENCE_ONLY, isa
+        assert [r.symbol for r in table.ROWS if r.isa == isa] == [e.symbol for e in codegen.entries(isa)]
+    # int8 rows exactly where the ISA has an integer dot product
+    assert {r.isa for r in table.ROWS if r.activations == "int8"} == {"avx512vnni", "avx512", "avx2"}
+    described = kernels.describe_table()
+    assert len(described) == len(table.ROWS)
+    assert set(described[0]) == {"kind", "bits", "isa", "activations", "symbol", "device", "available"}
+    assert any(d["available"] for d in described) == (build.compiler() is not None)
+
+
+@pytest.mark.skipif(build.compiler() is None, reason="no C compiler")
+@pytest.mark.parametrize("kind", FORMAT_BITS)
+def test_registry_dispatches_to_the_row_the_table_names(kind, thread_count):
+    """A real QTensor of every allowed bit width goes to the row kernel_for names (its symbol is the C
+    function the prepared layer calls), and that native result matches the reference on odd shapes."""
+    isa = isa_mod.selected()
+    lib = build.load(isa)
+    for bits in FORMAT_BITS[kind]:
+        n, k = 37 + bits, 75 + 16 * bits  # odd rows, K neither a multiple of 32 nor of the group
+        qt = _random(kind, bits, n, k, seed=bits)
+        row = table.select(qt, "cpu")
+        assert row.isa == isa and row.activations != "int8" and row.available()
+        assert kernels.kernel_for(qt) == row.name
+        bound = kernels.prepare(qt, "cpu")
+        assert ctypes.cast(bound.fn, ctypes.c_void_p).value == ctypes.cast(getattr(lib, row.symbol), ctypes.c_void_p).value
+        for m in (1, 5):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            expected = reference.linear(x, qt)
+            torch.testing.assert_close(bound(x), expected, rtol=1e-4, atol=1e-5 * k ** 0.5 * expected.abs().max().item())
+            torch.testing.assert_close(kernels.linear(x, qt), bound(x), rtol=0, atol=0)
+
+
+def test_switches_choose_the_row():
+    qt = _random("uniform", 4, 8, 64, seed=0)
+    kernels.set_int8_activations(True)
     try:
-        kernels.register("uniform", "cpu")(fake)
-        kernels.linear(torch.randn(2, 32), qt)
-        assert calls == [qt]
-        assert kernels.lookup("uniform", "no-such-device") is reference.linear
+        int8 = "int8" in {r.activations for r in table.rows("uniform", 4, isa_mod.selected())}
+        assert kernels.kernel_for(qt).endswith("-int8") == (int8 and build.compiler() is not None)
     finally:
-        kernels.REGISTRY.clear()
-        kernels.REGISTRY.update(saved)
-        kernels.PREPARE.clear()
-        kernels.PREPARE.update(saved_prepare)
+        kernels.set_int8_activations(False)
+    generation = kernels.generation()
+    kernels.use_reference()
+    try:
+        assert kernels.kernel_for(qt) == "reference"
+        assert kernels.generation() != generation
+        x = torch.randn(2, 64)
+        torch.testing.assert_close(kernels.linear(x, qt), reference.linear(x, qt), rtol=0, atol=0)
+    finally:
+        kernels.use_reference(False)
+    assert kernels.kernel_for(qt, "no-such-device") == "reference"

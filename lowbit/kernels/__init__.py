@@ -1,70 +1,48 @@
-"""The kernel registry: (QTensor kind, device type) -> linear(x, qt, bias).
+"""The kernel registry: a QTensor and a device -> the row of the kernel table (table.py) it runs.
 
-Generated CPU kernels and GPU kernels register here for the kinds they support; anything not
-registered runs the reference kernel, so every format always works, only at different speeds.
-A kernel may also register a `prepare(qt)` step that builds its own layout of the weights once (at
-load time, cached by QuantLinear) and returns a callable `(x, bias) -> y`, or None to decline.
-`use_reference()` or LOWBIT_KERNELS=reference forces the reference everywhere (tests, benchmarks).
+`prepare(qt, device)` builds the chosen row's layout of the weights once (at load time, cached by
+QuantLinear) and returns a callable `(x, bias) -> y`; anything without a row (or whose row declines,
+e.g. without a C compiler) runs the reference kernel, so every format always works, only at
+different speeds. The process-wide switches live in switches.py: `use_reference()` (or
+LOWBIT_KERNELS=reference) forces the reference everywhere (tests, benchmarks),
+`set_int8_activations()` picks the int8 rows for one-token GEMVs, `set_threads()` sizes the CPU
+kernels' pool. `describe_table()` and `kernel_for(qt)` say what runs natively on this machine.
 """
-
-from collections.abc import Callable
 
 import torch
 
-from .. import settings
 from ..formats import QTensor
-from . import reference
+from . import reference, switches, table
+from .cpu.threads import set_threads
+from .switches import generation, set_int8_activations, use_reference
 
-Kernel = Callable[[torch.Tensor, QTensor, torch.Tensor | None], torch.Tensor]
-Bound = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-REGISTRY: dict[tuple[str, str], Kernel] = {}
-PREPARE: dict[tuple[str, str], Callable[[QTensor], Bound | None]] = {}
-_state = {"reference": settings.reference_kernels(), "generation": 0}
-
-
-def register(kind: str, device: str, prepare: Callable[[QTensor], Bound | None] | None = None
-             ) -> Callable[[Kernel], Kernel]:
-    def add(fn: Kernel) -> Kernel:
-        REGISTRY[(kind, device)] = fn
-        PREPARE.pop((kind, device), None)
-        if prepare is not None:
-            PREPARE[(kind, device)] = prepare
-        _state["generation"] += 1
-        return fn
-    return add
-
-
-def use_reference(on: bool = True) -> None:
-    """Route every call to the reference kernel (on=True) or back to the registered kernels."""
-    _state["reference"] = on
-    _state["generation"] += 1
-
-
-def generation() -> int:
-    """Changes whenever the choice of kernel may have changed: prepared layers must be rebuilt."""
-    return _state["generation"]
-
-
-def lookup(kind: str, device: str) -> Kernel:
-    if _state["reference"]:
-        return reference.linear
-    return REGISTRY.get((kind, device), reference.linear)
+Bound = table.Bound
 
 
 def prepare(qt: QTensor, device: str) -> Bound:
     """`linear` bound to `qt`, with whatever the chosen kernel precomputes done now, once."""
-    if not _state["reference"] and REGISTRY.get((qt.kind, device)) is not None:
-        prep = PREPARE.get((qt.kind, device))
-        bound = prep(qt) if prep is not None else None
-        if bound is not None:
-            return bound
-    fn = lookup(qt.kind, device)
-    return lambda x, bias=None: fn(x, qt, bias)
+    row = None if switches.reference() else table.select(qt, device)
+    bound = None if row is None else row.prepare(qt)
+    return bound if bound is not None else lambda x, bias=None: reference.linear(x, qt, bias)
 
 
 def linear(x: torch.Tensor, qt: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return lookup(qt.kind, x.device.type)(x, qt, bias)
+    """One-off call (prepares every time): for callers without a place to keep the prepared layer."""
+    return prepare(qt, x.device.type)(x, bias)
 
 
-from . import cpu  # noqa: E402  (registers the generated CPU kernels)
-from . import gpu  # noqa: E402  (registers the Triton kernels; imports triton only on first use)
+def kernel_for(qt: QTensor, device: str = "cpu") -> str:
+    """The name of the table row `qt` runs on `device` on this machine now, or "reference"."""
+    row = None if switches.reference() else table.select(qt, device)
+    return row.name if row is not None and row.available() else "reference"
+
+
+def describe_table() -> list[dict]:
+    """Every row of the kernel table: kind, bits, isa, activations, symbol, device, and whether this
+    machine runs it (`available`)."""
+    return [{"kind": r.kind, "bits": r.bits, "isa": r.isa, "activations": r.activations, "symbol": r.symbol,
+             "device": r.device, "available": r.available()} for r in table.ROWS]
+
+
+__all__ = ["Bound", "describe_table", "generation", "kernel_for", "linear", "prepare", "reference",
+           "set_int8_activations", "set_threads", "use_reference"]

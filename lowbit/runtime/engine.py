@@ -6,7 +6,7 @@ At ~5 ms per token, Python cannot dispatch the ~15 ops × 30 layers of a decode 
 norms sit where and what they compute (probed numerically: w·x̂ or (1+w)·x̂), QK-norm, the MLP's
 activation (probed), RoPE tables computed by the model's own rotary module (so every scaling type HF
 implements comes out the same), attention scaling, sliding windows, soft-capping, embedding scale —
-and hands it to the C in engine_c.py. Quantized linears keep their packed format and run the
+and hands it to the C in engine.c. Quantized linears keep their packed format and run the
 generated kernels; fp linears (the tied head of SmolLM2) are kept in fp16 (bf16 if out of fp16
 range). Every weight the engine streams per token is copied once into one transparent-huge-page
 mapping (≈2× the effective bandwidth of 4 KiB pages on the development VM).
@@ -22,6 +22,7 @@ import functools
 import inspect
 import threading
 import weakref
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,8 +33,6 @@ from ..formats import UniformQ
 from ..kernels.cpu import build, codegen
 from ..kernels.cpu import isa as isa_mod
 from ..kernels.cpu import threads as cpu_threads
-from ..methods import RTN, MethodConfig, quantize_weight
-from . import engine_c
 from ..nn import QuantEmbedding, QuantLinear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
@@ -45,12 +44,14 @@ IN, ATTN_OUT, FFN_IN, FFN_OUT, QN, KN = range(6)
 DT_F16, DT_BF16 = 1, 2
 SCRATCH_BYTES = 64 << 20  # per-chunk activation buffers: the prefill chunk is sized to fit this
 MAX_CHUNK = 512
+SOURCE = Path(__file__).with_name("engine.c")
+PROFILE_OPS = ("norm", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "act", "down", "head")  # engine.c's P_*
 
 
 @functools.lru_cache(maxsize=None)
 def _library(isa: str) -> ctypes.CDLL:
     flags = [*codegen.FLAGS[isa], *([] if "-Wno-psabi" in codegen.FLAGS[isa] else ["-Wno-psabi"])]
-    lib = ctypes.CDLL(str(build.compile_source(engine_c.source(), flags, f"lowbit-engine-{isa}")))
+    lib = ctypes.CDLL(str(build.compile_source(SOURCE, flags, f"lowbit-engine-{isa}", (codegen.C_DIR,))))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     sig = {"eng_new": ([i] * 14 + [f, f, p, p], p), "eng_free": ([p], None), "eng_arena": ([ctypes.c_size_t], p),
            "eng_arena_free": ([p, ctypes.c_size_t], None), "eng_forward": ([p, p, i, i, p], None),
@@ -104,11 +105,12 @@ def _activation(act: nn.Module) -> int:
 class _Linear:
     """One projection as the C sees it: packed kernel (quantized) or fp16/bf16 rows (fp)."""
 
-    def __init__(self, module: nn.Module, name: str, requantize: MethodConfig | None = None):
+    def __init__(self, module: nn.Module, name: str, round_bits: int | None = None):
         self.bias = None if module.bias is None else module.bias.detach().float().contiguous()
         qt = module.qtensor if isinstance(module, QuantLinear) else None
-        if qt is None and requantize is not None and isinstance(module, nn.Linear):
-            qt = quantize_weight(module.weight.detach().float(), None, requantize)
+        if qt is None and round_bits is not None and isinstance(module, nn.Linear):
+            # round to nearest, symmetric, group 32: what `lowbit quantize --method rtn` gives this head
+            qt = UniformQ.from_float(module.weight.detach().float(), round_bits, 32, sym=True)
         if qt is not None:
             self.packed = kernels.prepare(qt, "cpu")
             if not hasattr(self.packed, "native"):
@@ -242,9 +244,9 @@ class Engine:
 
     def profile(self, on: bool | None = None) -> dict[str, float]:
         """Seconds spent per op since profiling was switched on; `on` switches it (and zeroes it)."""
-        out = (ctypes.c_double * len(engine_c.PROFILE_OPS))()
+        out = (ctypes.c_double * len(PROFILE_OPS))()
         self._lib.eng_profile(self._h, -1 if on is None else int(on), out)
-        return dict(zip(engine_c.PROFILE_OPS, out))
+        return dict(zip(PROFILE_OPS, out))
 
 
 def _release(lib, handle, ptr, nbytes):
@@ -273,11 +275,11 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     mapped lazily, so unused positions cost no memory. `threads`: threads of the kernels' pool
     (process-wide, fixed for this engine; default $LOWBIT_THREADS or the physical cores).
     `kv_dtype`: fp32, fp16 (default) or bf16 cache. `head_bits`: round an unquantized lm_head to
-    that many bits (RTN, group 32) instead of keeping it in fp16; 8 is llama.cpp's choice for Q4_0
+    that many bits (round to nearest, symmetric, group 32: UniformQ.from_float) instead of keeping it in fp16; 8 is llama.cpp's choice for Q4_0
     files (Q8_0 output) and halves the bytes read per token on small models like SmolLM2, at a
     small cost in fidelity. `int8_activations`: decode GEMVs on activations rounded to int8 per
     32-block, as llama.cpp (Q8_0) and Intel's runtime do (None: the process-wide setting of
-    kernels/cpu/uniform.py, off by default; exact fp32 activations when off). Raises LowbitError for
+    kernels/switches.py, off by default; exact fp32 activations when off). Raises LowbitError for
     anything it cannot run.
     """
     _check_supported(model)
@@ -330,7 +332,7 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
         built = {s: _Linear(m, f"layer {i} slot {s}") for s, m in slots.items()}
         lins += list(built.values())
         per_layer.append(built)
-    head = _Linear(model.lm_head, "lm_head", None if head_bits is None else RTN(bits=head_bits, group_size=32))
+    head = _Linear(model.lm_head, "lm_head", head_bits)
     inter = per_layer[0][DOWN].k
     if head.k != hidden or head.n != vocab:
         raise LowbitError(f"lm_head is {head.n}×{head.k}, the embedding {vocab}×{hidden}: not a plain decoder")

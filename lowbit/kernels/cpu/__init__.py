@@ -1,22 +1,20 @@
-"""Generated CPU kernels (QIGen-style): Python writes C per bit width and ISA, compiles it once.
+"""Generated CPU kernels (QIGen-style): Python writes the C that varies per format, bits and ISA,
+#includes the fixed C of c/, compiles it once.
 
     isa.py        what this CPU runs (flags, caches, physical cores)
     layout.py     the SIMD bit layout of a 32-code block, repacked at load time
     perf_model.py tile sizes and thread count from cache sizes, vector width and threads
     tune.py       `lowbit tune`: times the model's constants on this machine, caches the winners
-    pool.py       the kernels' own pthread pool (C), so no second OpenMP runtime is loaded
-    codegen.py    the C source for one ISA
-    build.py      compile + cache by hash + ctypes
+    codegen.py    the C for one ISA, and its entry points (the kernel table's CPU rows)
+    c/            the fixed C: driver.h (the drivers around the kernels), pool.h (the kernels' own
+                  pthread pool, so no second OpenMP runtime is loaded), args.h (lb_args, one call's
+                  arguments, with one block per format), avx2.h / avx512.h / scalar.h (ISA helpers)
+    build.py      compile + cache by hash + ctypes (build.Args is parsed from c/args.h)
     threads.py    the thread count ($LOWBIT_THREADS)
     uniform.py    UniformQ: prepare (repack) once per layer, then one C call per matmul
     codebook.py   CodebookQ: the same, with a table lookup for "scale × (q − zero)" and CSR outliers
 """
 
-from .. import register
-from . import codebook, uniform
 from .threads import set_threads
-
-register("uniform", "cpu", prepare=uniform.prepare)(uniform.linear)
-register("codebook", "cpu", prepare=codebook.prepare)(codebook.linear)
 
 __all__ = ["set_threads"]

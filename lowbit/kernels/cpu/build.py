@@ -5,6 +5,11 @@ a new compiler or a different ISA builds a new file next to the old ones, and co
 race harmlessly (each writes a temporary file and renames it into place). The cache lives in
 `cache_root() / "kernels"` ($LOWBIT_CACHE or the user's cache directory). Without a working compiler
 we warn once and return None: the registry then keeps using the reference kernel.
+
+C comes in two kinds: real files (the engine's engine.c, the fixed C of the kernels in C_DIR), compiled
+where they lie, and generated sources, written next to their library in the cache (`name-hash.c`) and
+kept there, so a compiler error names a file and line one can open. Included files come from the
+`include` directories (-I), and their contents are part of the hash: editing driver.h rebuilds.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -20,22 +26,32 @@ import warnings
 from pathlib import Path
 
 from ... import settings
+from ...atomic_file import atomic_write_text
+from ...errors import LowbitError
 from ...settings import cache_root
 from . import codegen
 
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden", "-std=gnu11", "-lm"]
 
 
+_CTYPES = {"int": ctypes.c_int}
+
+
+def _fields(header: Path) -> list[tuple[str, type]]:
+    """The fields of the C struct in `header` as ctypes: one `type name;` a line (pointers: c_void_p)."""
+    fields = []
+    for line in re.sub(r"/\*.*?\*/", "", header.read_text(), flags=re.S).splitlines():
+        m = re.fullmatch(r"\s*(?:const\s+)?(\w+)\s*(\*?)\s*(\w+);\s*", line)
+        if m:
+            fields.append((m[3], ctypes.c_void_p if m[2] else _CTYPES[m[1]]))
+        elif ";" in line and "}" not in line:
+            raise ValueError(f"{header}: one `type name;` a line, not {line.strip()!r}")
+    return fields
+
+
 class Args(ctypes.Structure):
-    """Mirror of the C `lb_args` (codegen._DRIVER): one call's pointers, shapes and tiles."""
-    _fields_ = [("qw", ctypes.c_void_p), ("sc", ctypes.c_void_p), ("zp", ctypes.c_void_p), ("zdef", ctypes.c_int),
-                ("n", ctypes.c_int), ("nblocks", ctypes.c_int), ("groups", ctypes.c_int), ("bpg", ctypes.c_int),
-                ("m", ctypes.c_int), ("x", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("y", ctypes.c_void_p),
-                ("threads", ctypes.c_int), ("nb", ctypes.c_int), ("kc", ctypes.c_int), ("xsum", ctypes.c_void_p),
-                ("xq", ctypes.c_void_p), ("xd", ctypes.c_void_p), ("xs", ctypes.c_void_p),
-                # appended for CodebookQ (lb_linear_lut_b*): sparse outliers in CSR, NULL when none
-                ("orp", ctypes.c_void_p), ("ocol", ctypes.c_void_p), ("oval", ctypes.c_void_p),
-                ("xi", ctypes.c_void_p)]  # int8 GEMV: per-block sums of the s8 activations
+    """The C `lb_args` (c/args.h, its one source): one call's pointers, shapes and tiles."""
+    _fields_ = _fields(codegen.C_DIR / "args.h")
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,30 +69,36 @@ def compiler() -> tuple[str, str] | None:
     return None
 
 
-def compile_source(source: str, flags: list[str], name: str) -> Path:
-    """Path of the shared library built from `source` (compiled now unless cached). Raises on failure."""
+def compile_source(source: str | Path, flags: list[str], name: str, include: tuple[Path, ...] = ()) -> Path:
+    """Path of the shared library built from `source` (C text, or a .c file compiled where it lies),
+    with `include` directories on the search path (compiled now unless cached). Raises on failure."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC or install gcc/clang)")
-    flags = BASE_FLAGS + flags
-    key = hashlib.sha256("\0".join([source, *flags, *cc]).encode()).hexdigest()[:16]
+    flags = BASE_FLAGS + flags + [f"-I{d}" for d in include]
+    text = source.read_text() if isinstance(source, Path) else source
+    headers = [f.read_text() for d in include for f in sorted(d.glob("*.h"))]
+    key = hashlib.sha256("\0".join([text, *headers, *flags, *cc]).encode()).hexdigest()[:16]
     out_dir = cache_root() / "kernels"
     path = out_dir / f"{name}-{key}.so"
     if path.is_file():
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
+    src = source
+    if not isinstance(source, Path):
+        src = out_dir / f"{name}-{key}.c"
+        atomic_write_text(src, source)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
-        src.write_text(source)
+        lib = Path(tmp) / f"{name}.so"
         done = subprocess.run([cc[0], *flags, "-o", str(lib), str(src)], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc[0]} failed on {name}:\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"{cc[0]} failed on {src}:\n{done.stderr[-2000:]}")
         os.replace(lib, path)
     return path
 
 
 def compile_isa(isa: str) -> Path:
-    return compile_source(codegen.generate(isa), codegen.FLAGS[isa], f"lowbit-{isa}")
+    return compile_source(codegen.generate(isa), codegen.FLAGS[isa], f"lowbit-{isa}", (codegen.C_DIR,))
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,7 +106,7 @@ def load(isa: str) -> ctypes.CDLL | None:
     """The loaded kernel library for `isa`, or None (after one warning) when it cannot be built."""
     try:
         return open_library(compile_isa(isa))
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, LowbitError) as e:
         warnings.warn(f"lowbit: generated CPU kernels unavailable ({e}); using the reference kernel",
                       RuntimeWarning, stacklevel=2)
         return None
@@ -92,9 +114,8 @@ def load(isa: str) -> ctypes.CDLL | None:
 
 def open_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    for name in ([f"lb_linear_b{b}" for b in codegen.BITS] + [f"lb_linear_q_b{b}" for b in codegen.INT8_BITS]
-                 + [f"lb_linear_lut_b{b}" for b in codegen.CODEBOOK_BITS]):
-        fn = getattr(lib, name, None)
+    for entry in {e for isa in codegen.FLAGS for e in codegen.entries(isa)}:
+        fn = getattr(lib, entry.symbol, None)
         if fn is not None:
             fn.argtypes, fn.restype = [ctypes.POINTER(Args)], None
     lib.lb_set_threads.argtypes, lib.lb_set_threads.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

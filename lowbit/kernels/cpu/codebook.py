@@ -1,11 +1,12 @@
 """CodebookQ on the CPU through the generated kernels: a PackedUniform whose dequantization is a lookup.
 
 The indices are packed like UniformQ codes, so the layer keeps the same repacked codes, plans and
-calls; the C reads the codebooks [N, G, 2^b] (fp16, or T16 records: `t16`) through the pointer that
-carries UniformQ's scales and turns each group's table into registers once (`lb_linear_lut_b{bits}`, see codegen.py). Sparse
-outliers go along as CSR (values widened to fp32 once here) and each thread adds its band's rows
-after the dense part. `set_int8_activations` does not apply: the fp16 tables meet fp32 activations,
-and the T16 tables of AVX2's 4-bit GEMV meet x rounded to int16 per 32-block (15 bits, see codegen).
+calls; the C reads the codebooks [N, G, 2^b] (fp16, or T16 records: `t16`) through CodebookQ's own
+block of lb_args (`lut`, c/args.h) and turns each group's table into registers once (the kernel
+table's codebook rows, see codegen.py). Sparse outliers go along as CSR (values widened to fp32 once
+here) and each thread adds its band's rows after the dense part. `set_int8_activations` does not
+apply: the fp16 tables meet fp32 activations, and the T16 tables of AVX2's 4-bit GEMV meet x rounded
+to int16 per 32-block (15 bits, see codegen; the row's activations say "int16-T16").
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from ...formats import CodebookQ
 from .. import reference
 from . import codegen
-from .uniform import PackedUniform
+from .uniform import PackedUniform, entry_point
 from .uniform import prepare as _prepare
 
 
@@ -36,25 +37,23 @@ def t16(codebook: torch.Tensor) -> torch.Tensor:
 class PackedCodebook(PackedUniform):
     """A CodebookQ in the SIMD layout of one ISA, callable as linear(x, bias). Built once per layer."""
 
-    WEIGHTS = ("qweight", "scales", "orp", "ocol", "oval")
+    WEIGHTS = ("qweight", "lut", "orp", "ocol", "oval")
 
     def __init__(self, qt: CodebookQ, isa: str, lib: ctypes.CDLL):
         self._layout(qt, isa)
-        # the tables, where UniformQ has scales
-        self.scales = t16(qt.codebook) if codegen.table16(isa, qt.bits) else qt.codebook.to(torch.float16).contiguous()
-        self.zeros, self.zdef, self.qfn = None, 0, None
+        table16 = codegen.table16(isa, qt.bits)
+        self.lut = t16(qt.codebook) if table16 else qt.codebook.to(torch.float16).contiguous()
         self.orp = self.ocol = self.oval = None
         if qt.has_outliers:
             self.orp = qt.outlier_rowptr.to(torch.int32).contiguous()
             self.ocol = qt.outlier_cols.to(torch.int32).contiguous()
             self.oval = qt.outlier_values.to(torch.float32).contiguous()
-        self.fn = getattr(lib, f"lb_linear_lut_b{qt.bits}")
+        self.fn, self.qfn = entry_point(lib, isa, qt, "int16-T16" if table16 else "fp32"), None
 
-    def _call(self, m: int, bias: torch.Tensor | None, int8: bool | None = None):
-        fn, args = super()._call(m, bias, int8)
-        if self.orp is not None:
-            args.orp, args.ocol, args.oval = self.orp.data_ptr(), self.ocol.data_ptr(), self.oval.data_ptr()
-        return fn, args
+    def _weights(self) -> dict[str, int | None]:
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        return {"qw": self.qweight.data_ptr(), "lut": self.lut.data_ptr(), "orp": ptr(self.orp),
+                "ocol": ptr(self.ocol), "oval": ptr(self.oval)}
 
 
 def prepare(qt: CodebookQ, isa: str | None = None) -> PackedCodebook | None:

@@ -1,6 +1,12 @@
 """Python writes the C: one source per ISA holding GEMV and GEMM for every bit width of UniformQ and
 CodebookQ.
 
+Only what varies per format, bits and ISA is generated (QIGen's point); the fixed C lives in real files
+in c/ (C_DIR) that the source #includes: driver.h (the drivers every entry point calls: bands of rows
+per thread, x's per-group sums and int8/int16 forms, GEMM tiles, outliers), pool.h (the thread pool),
+args.h (lb_args) and one header of helpers per ISA (`OPS[isa]["header"]`). `entries(isa)` lists the
+entry points the source exports, and is what the kernel table (kernels/table.py) is made of.
+
 The generator knows three things and emits straight-line C from them:
   - the ISA's vector operations (`OPS`: one table of C templates per ISA, like ggml's type table);
   - the SIMD layout of a 32-code block for a vector of L lanes (see `layout.py`), which makes
@@ -31,16 +37,17 @@ Its sparse outliers are one CSR pass per thread band after the dense part (`lb_o
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from pathlib import Path
 
 from ...formats import CODEBOOK_BITS
 from .layout import plane_bits, pre_shifts
 from .perf_model import GEMV_ROWS, MICRO_TILE, VECTOR_LANES
-from .pool import POOL_C
 
 BITS = (2, 3, 4, 8)
+C_DIR = Path(__file__).with_name("c")  # the fixed C: driver.h, pool.h, args.h, one header of helpers per ISA
 
 _COMMON = {
-    "include": "#include <immintrin.h>",
     "h2f": "_cvtsh_ss({a})",
     "band": "_{p}_and_si{w}({a}, {b})",
     "bor": "_{p}_or_si{w}({a}, {b})",
@@ -64,21 +71,16 @@ OPS = {
              "bcast2": "_mm256_set1_epi64x((long long)lb_ld64({a}))",
              "bcast4": "_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)({a})))",
              "bcast8": "_mm256_loadu_si256((const __m256i *)({a}))",
-             "helpers": """
-static inline float lb_hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}"""},
+             "header": "avx2.h"},
     "avx512": {**_COMMON, "p": "mm512", "w": "512", "vf": "__m512", "vi": "__m512i",
                "hsum": "_mm512_reduce_add_ps({a})",
                "bcast2": "_mm512_set1_epi64((long long)lb_ld64({a}))",
                "bcast4": "_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)({a})))",
                "bcast8": "_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)({a})))",
-               "helpers": ""},
+               "header": "avx512.h"},
     # Portable C: GCC/Clang vector extensions, which lower to scalar code (or whatever SIMD the
     # target's baseline has), so this runs on any CPU these compilers target.
-    "scalar": {"include": "", "vf": "lb_vf", "vi": "lb_vi", "h2f": "lb_h2f({a})",
+    "scalar": {"header": "scalar.h", "vf": "lb_vf", "vi": "lb_vi", "h2f": "lb_h2f({a})",
                "band": "(({a}) & ({b}))", "bor": "(({a}) | ({b}))", "srli": "(({a}) >> {b})",
                "slli": "(({a}) << {b})", "srlv": "(({a}) >> ({b}))", "seti": "((lb_vi){{0}} + (uint32_t)({a}))",
                "setf": "((lb_vf){{0}} + (float)({a}))", "zero": "((lb_vf){{0}})",
@@ -86,23 +88,7 @@ static inline float lb_hsum256(__m256 v) {
                "cvt": "__builtin_convertvector({a}, lb_vf)", "fma": "(({a}) * ({b}) + ({c}))", "add": "(({a}) + ({b}))",
                "setr": "((lb_vi){{{a}}})", "hsum": "lb_hsum({a})",
                "bcast1": "lb_bcast({a}, 1)", "bcast2": "lb_bcast({a}, 2)", "bcast4": "lb_bcast({a}, 4)",
-               "bcast8": "lb_bcast({a}, 8)",
-               "helpers": """
-typedef float lb_vf __attribute__((vector_size(4 * LB_LANES)));
-typedef uint32_t lb_vi __attribute__((vector_size(4 * LB_LANES)));
-static inline lb_vf lb_load(const float *p) { lb_vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void lb_store(float *p, lb_vf v) { memcpy(p, &v, sizeof v); }
-static inline lb_vi lb_bcast(const uint32_t *p, int words) {
-    lb_vi v; for (int l = 0; l < LB_LANES; l++) v[l] = p[l % words]; return v;
-}
-static inline float lb_hsum(lb_vf v) { float s = 0; for (int l = 0; l < LB_LANES; l++) s += v[l]; return s; }
-static inline float lb_h2f(uint16_t h) {  /* IEEE half -> float, subnormals included */
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
-    if (e == 31) bits = sign | 0x7f800000u | (m << 13);
-    else if (e) bits = sign | ((e + 112) << 23) | (m << 13);
-    else { float f = (float)m * (1.0f / 16777216.0f); memcpy(&bits, &f, 4); bits |= sign; }
-    float out; memcpy(&out, &bits, 4); return out;
-}"""},
+               "bcast8": "lb_bcast({a}, 8)"},
 }
 # Interleaved tiles (layout.interleave): gather{n} is bcast{n} for n words `b` apart.
 _SETR = lambda n: ", ".join(f"(int)({{a}})[{j} * {{b}}]" for j in range(n))  # noqa: E731
@@ -114,31 +100,15 @@ OPS["avx512"].update(gather2=f"_mm512_set1_epi64{_GATHER2}",
                      gather4=f"_mm512_broadcast_i32x4(_mm_setr_epi32({_SETR(4)}))",
                      gather8=f"_mm512_broadcast_i64x4(_mm256_setr_epi32({_SETR(8)}))")
 OPS["scalar"].update({f"gather{n}": f"lb_gather({{a}}, {n}, {{b}})" for n in (2, 4, 8)})
-OPS["scalar"]["helpers"] += """
-static inline lb_vi lb_gather(const uint32_t *p, int words, int stride) {
-    lb_vi v; for (int l = 0; l < LB_LANES; l++) v[l] = p[(l % words) * stride]; return v;
-}"""
 # dot8: u8 codes · s8 x summed per 32-bit lane. maddubs adds pairs in int16, which saturates for 8-bit
 # codes (255·127·2 > 32767), so dot8s takes signed codes w = q − 128 and multiplies |w| (u8, ≤ 128) by x
 # with w's sign (|x| ≤ 127): pairs stay ≤ 32512. VNNI sums in int32 and needs no such trick.
 OPS["avx2"].update(loadi="_mm256_loadu_si256((const __m256i *)({a}))",
                    dot8="_mm256_madd_epi16(_mm256_maddubs_epi16({a}, {b}), _mm256_set1_epi16(1))",
                    dot8s="lb_dot8s256({a}, {b})")
-OPS["avx2"]["helpers"] += """
-static inline __m256i lb_dot8s256(__m256i q, __m256i x) {
-    __m256i w = _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80));
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
-}"""
 OPS["avx512"].update(loadi="_mm512_loadu_si512((const void *)({a}))",
                      dot8="_mm512_madd_epi16(_mm512_maddubs_epi16({a}, {b}), _mm512_set1_epi16(1))",
                      dot8s="lb_dot8s512({a}, {b})")
-OPS["avx512"]["helpers"] += """
-static inline __m512i lb_dot8s512(__m512i q, __m512i x) {
-    __m512i w = _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
-    __mmask64 neg = _mm512_movepi8_mask(w);
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x)),
-                             _mm512_set1_epi16(1));
-}"""
 # Codebook lookups: lutload{b} puts a table of 2^b fp16 entries into registers as t, lut{b} looks
 # the codes of an int vector up in it. Only the low bits of each lane are read, so codes need no mask
 # (2- and 3-bit tables are repeated to fill the 4-, 8- or 16-entry permute). AVX2 keeps 4-bit tables
@@ -156,22 +126,6 @@ OPS["avx2"].update(
     # 4-bit tables in T16 form (see lb_planes16); the GEMM's fp32 table is built from the same values
     lutload4="__m256 {t}0, {t}1; lb_table16((const uint8_t *)({a}), &{t}0, &{t}1);",
     t16load="__m256i {t}l, {t}h; float {t}s; lb_planes16((const uint8_t *)({a}), &{t}l, &{t}h, &{t}s);")
-OPS["avx2"]["helpers"] += """
-/* A 4-bit table as the AVX2 kernels keep it (T16, 36 bytes, see codebook.py): the low bytes of its
-   16 int16 entries, their high bytes, then an fp32 scale; entry j = (int16)(lo[j] | hi[j] << 8) * s. */
-static inline void lb_planes16(const uint8_t *p, __m256i *lo, __m256i *hi, float *s) {
-    *lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
-    *hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 16)));
-    memcpy(s, p + 32, 4);
-}
-
-static inline void lb_table16(const uint8_t *p, __m256 *t0, __m256 *t1) {
-    __m128i lo = _mm_loadu_si128((const __m128i *)p), hi = _mm_loadu_si128((const __m128i *)(p + 16));
-    float s; memcpy(&s, p + 32, 4);
-    __m256 vs = _mm256_set1_ps(s);
-    *t0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_unpacklo_epi8(lo, hi))), vs);
-    *t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_unpackhi_epi8(lo, hi))), vs);
-}"""
 _PERMX = "_mm512_permutexvar_ps({a}, {t})"
 OPS["avx512"].update(
     lutload2="__m512 {t} = _mm512_cvtph_ps(_mm256_set1_epi64x((long long)lb_ld64((const uint32_t *)({a}))));",
@@ -181,10 +135,6 @@ OPS["avx512"].update(
 for _b in CODEBOOK_BITS:
     OPS["scalar"][f"lutload{_b}"] = f"float {{t}}[16]; for (int j = 0; j < 16; j++) {{t}}[j] = lb_h2f(({{a}})[j % {1 << _b}]);"
     OPS["scalar"][f"lut{_b}"] = f"lb_lut({{t}}, {{a}}, {(1 << _b) - 1})"
-OPS["scalar"]["helpers"] += """
-static inline lb_vf lb_lut(const float *t, lb_vi i, uint32_t mask) {
-    lb_vf v; for (int l = 0; l < LB_LANES; l++) v[l] = t[i[l] & mask]; return v;
-}"""
 # A tile's per-group values for its L rows (ldh: L fp16 scales, ldz: L u8 zero points as floats).
 OPS["avx2"].update(ldh="_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)({a})))",
                    ldz="_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)({a}))))",
@@ -203,10 +153,6 @@ OPS["avx512"].update(maddubs="_mm512_maddubs_epi16({a}, {b})", add16="_mm512_add
                      ldzi="_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)({a})))")
 OPS["scalar"].update(ldh="lb_ldh({a})", ldz="lb_ldz({a})", mul="(({a}) * ({b}))", sub="(({a}) - ({b}))",
                      loadi="lb_loadi({a})")
-OPS["scalar"]["helpers"] += """
-static inline lb_vi lb_loadi(const uint32_t *p) { lb_vi v; memcpy(&v, p, sizeof v); return v; }
-static inline lb_vf lb_ldh(const uint16_t *p) { lb_vf v; for (int l = 0; l < LB_LANES; l++) v[l] = lb_h2f(p[l]); return v; }
-static inline lb_vf lb_ldz(const uint8_t *p) { lb_vf v; for (int l = 0; l < LB_LANES; l++) v[l] = p[l]; return v; }"""
 _DPBUSD = "_mm512_dpbusd_epi32(_mm512_setzero_si512(), {a}, {b})"
 OPS["avx512vnni"] = {**OPS["avx512"], "dot8": _DPBUSD, "dot8s": _DPBUSD,
                      "dpbusd": "_mm512_dpbusd_epi32({c}, {a}, {b})"}
@@ -378,7 +324,7 @@ def _gemv_frame(e: _Emit, bits: int, rows: int, name: str, body: list[str], accs
     vf, rr = e.ops["vf"], range(rows)
     gsum = lambda r: functools.reduce(e.add, [f"g{r}{j}" for j in range(accs)])  # noqa: E731
     stride = T16_WORDS if table == "t16load" else 1 << bits
-    start = " ".join(getattr(e, table)(f"a->sc + ((size_t)(row + {r}) * a->groups + g) * {stride}", t=f"t{r}")
+    start = " ".join(getattr(e, table)(f"a->lut + ((size_t)(row + {r}) * a->groups + g) * {stride}", t=f"t{r}")
                      for r in rr)
     fold = " ".join(f"acc{r} = {e.fma(gsum(r), e.setf(f't{r}s'), f'acc{r}')};" if table == "t16load"
                     else f"acc{r} = {e.add(gsum(r), f'acc{r}')};" for r in rr)
@@ -408,7 +354,7 @@ def _dequant(e: _Emit, bits: int, lut: bool = False) -> str:
     lanes = e.lanes
     if lut:
         stride = T16_WORDS if "t16load" in e.ops and bits == 4 else 1 << bits
-        setup = getattr(e, f"lutload{bits}")(f"a->sc + i * {stride}", t="t")
+        setup = getattr(e, f"lutload{bits}")(f"a->lut + i * {stride}", t="t")
         values = [getattr(e, f"lut{bits}")(c, t="t") for c in fields]
     else:
         setup = (f"float s = {e.h2f('a->sc[i]')}, z = a->zp ? (float)a->zp[i] : (float)a->zdef; "
@@ -614,15 +560,17 @@ static void {name}_task_b{bits}(void *p, int tid, int nthr) {{
 """
 
 
-def _per_bits_int8(bits: int) -> str:
+def _per_bits_int8(entry: Entry) -> str:
+    bits = entry.bits
     return _gemv_task("gemvq", bits, tiles=True) + f"""
-LB_EXPORT void lb_linear_q_b{bits}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bits}); }}
+LB_EXPORT void {entry.symbol}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bits}); }}
 """
 
 
-def _per_bits(bits: int, lut: bool = False, t16: bool = False) -> str:
-    """The thread tasks and the exported entry point for one bit width (lut: of the codebook kind,
-    whose outliers each thread adds to its own band of rows)."""
+def _per_bits(entry: Entry) -> str:
+    """The thread tasks and the exported entry point of a UniformQ or CodebookQ entry on fp32 (or
+    T16's int16) activations (codebook: each thread adds its own band of rows' outliers)."""
+    bits, lut, t16 = entry.bits, entry.kind == "codebook", entry.activations == "int16-T16"
     kind, after = ("lut", "lb_outliers(a, lo, hi);") if lut else ("", "")
     xform = ("NULL, T16_XORDER" if t16 else "NULL, NULL") if lut else f"XSCALE_B{bits}, NULL"
     return f"""
@@ -646,235 +594,69 @@ static void gemm{kind}_task_b{bits}(void *p, int tid, int nthr) {{
     (void)nthr;
 }}
 
-LB_EXPORT void lb_linear{"_" * lut}{kind}_b{bits}(lb_args *a) {{
+LB_EXPORT void {entry.symbol}(lb_args *a) {{
     lb_linear(a, gemv{kind}_task_b{bits}, gemm{kind}_task_b{bits}, {xform});
 }}
 """
 
 
-_PREFETCH = """
-#ifndef LB_PF_BYTES
-#define LB_PF_BYTES 8192
-#endif
-#define LB_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 0)
-"""
+@dataclass(frozen=True)
+class Entry:
+    """One exported kernel of a generated library (kernels/table.py makes it a row of the kernel table)."""
+    kind: str  # the QTensor kind it multiplies
+    bits: int
+    activations: str  # what the one-token GEMV multiplies the codes with (GEMM: always fp32), see ACTIVATIONS
+    symbol: str  # the C entry point, void symbol(lb_args *)
 
-_LOADS = """
-static inline uint32_t lb_ld32(const uint32_t *p) { return *p; }
-static inline uint64_t lb_ld64(const uint32_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-"""
 
-_DRIVER = """
-typedef struct {
-    const uint32_t *qw; const uint16_t *sc; const uint8_t *zp; int zdef;
-    int n, nblocks, groups, bpg, m;
-    const float *x; const float *bias; float *y;
-    int threads, nb, kc;
-    float *xsum;
-    int8_t *xq; float *xd;  /* int8 path: activations per 32-block (SIMD byte order) and their scales */
-    const float *xs;        /* fp32 GEMV: x times 2^-(bit offset of its code), see _lane_field,
-                               (codebook GEMVs on T16 tables read xq as int16, see lb_x16) */
-    const int32_t *orp; const int32_t *ocol; const float *oval;  /* codebook outliers (CSR), or NULL */
-    int32_t *xi;            /* int8 GEMV: Σ of each block's s8 activations */
-} lb_args;
-
-/* Thread `tid`'s contiguous band of output rows, in multiples of `align` rows. */
-static void lb_band(const lb_args *a, int tid, int align, int *lo, int *hi) {
-    int units = (a->n + align - 1) / align, per = (units + a->threads - 1) / a->threads;
-    *lo = tid * per * align; *hi = (tid + 1) * per * align;
-    if (*lo > a->n) *lo = a->n;
-    if (*hi > a->n) *hi = a->n;
-    if (tid >= a->threads) *lo = *hi = a->n;
+ACTIVATIONS = {
+    "fp32": "fp32 activations",
+    "int8": "x rounded to s8 per 32-block (scale amax/127), u8 x s8 integer dots (maddubs, VNNI)",
+    "int16-T16": "x rounded to int16 per 32-block (scale amax/2^14) against T16 tables (vpshufb, pmaddwd)",
 }
 
-static float *lb_alloc(size_t floats) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, floats * sizeof(float) + 64)) abort();
-    return p;
-}
 
-typedef void (*lb_micro)(const float *, int, const float *, int, int, float *, int);
+@functools.lru_cache(maxsize=None)
+def entries(isa: str) -> tuple[Entry, ...]:
+    """Every kernel the library for `isa` exports, in the order `generate` writes them: UniformQ on fp32
+    activations (BITS), on int8 (INT8_BITS, where the ISA has an integer dot), CodebookQ (CODEBOOK_BITS,
+    on int16 activations where its tables are T16)."""
+    return (tuple(Entry("uniform", b, "fp32", f"lb_linear_b{b}") for b in BITS)
+            + tuple(Entry("uniform", b, "int8", f"lb_linear_q_b{b}") for b in INT8_BITS if "dot8" in OPS[isa])
+            + tuple(Entry("codebook", b, "int16-T16" if table16(isa, b) else "fp32", f"lb_linear_lut_b{b}")
+                    for b in CODEBOOK_BITS))
 
-/* A tile GEMV's results: the tile's rows that exist (the last tile may be partly padding), plus bias. */
-static void lb_store_rows(const lb_args *a, int row, const float *out) {
-    for (int l = 0; l < LB_LANES && row + l < a->n; l++) a->y[row + l] = out[l] + (a->bias ? a->bias[row + l] : 0.0f);
-}
-"""
 
-_DRIVER_TAIL = """
-/* One dequantized tile (rows × nkb blocks, row stride kc) times every token, MR × NR at a time. */
-static void lb_gemm_tile(const lb_args *a, const float *buf, int nt, int rows, int kb, int nkb) {
-    int ldx = a->nblocks * 32, kk = nkb * 32;
-    for (int m = 0; m < a->m; m += MICRO_MR) {
-        int mr = a->m - m < MICRO_MR ? a->m - m : MICRO_MR;
-        for (int r = 0; r < rows; r += MICRO_NR) {
-            int nr = rows - r < MICRO_NR ? rows - r : MICRO_NR;
-            MICRO[mr - 1][nr - 1](a->x + (size_t)m * ldx + (size_t)kb * 32, ldx, buf + (size_t)r * a->kc,
-                                  a->kc, kk, a->y + (size_t)m * a->n + nt + r, a->n);
-        }
-    }
-}
+def entry(isa: str, kind: str, bits: int, activations: str) -> Entry | None:
+    """The entry point of `isa`'s library for (kind, bits, activations), or None where there is none."""
+    return next((x for x in entries(isa) if (x.kind, x.bits, x.activations) == (kind, bits, activations)), None)
 
-/* Codebook kernels: rows [lo, hi) of y += S·x for every token, S the sparse outliers (CSR). For
-   several tokens x is transposed, 64 tokens at a time, so each entry meets 8 tokens' x as one
-   contiguous vector. */
-typedef float lb_f8 __attribute__((vector_size(32)));
 
-__attribute__((unused)) static void lb_outliers(const lb_args *a, int lo, int hi) {
-    if (!a->orp || lo >= hi) return;
-    int ldx = a->nblocks * 32;
-    if (a->m == 1) {
-        for (int r = lo; r < hi; r++) {
-            float s = 0;
-            for (int p = a->orp[r]; p < a->orp[r + 1]; p++) s += a->oval[p] * a->x[a->ocol[p]];
-            a->y[r] += s;
-        }
-        return;
-    }
-    enum { CHUNK = 64 };  /* tokens per transposed chunk (a multiple of 8) */
-    float *xt = lb_alloc((size_t)ldx * CHUNK);
-    for (int m0 = 0; m0 < a->m; m0 += CHUNK) {
-        int mc = a->m - m0 < CHUNK ? a->m - m0 : CHUNK, w = (mc + 7) & ~7;  /* xt rows: w tokens, 0-padded */
-        for (int m = 0; m < w; m++)
-            for (int k = 0; k < ldx; k++) xt[(size_t)k * w + m] = m < mc ? a->x[(size_t)(m0 + m) * ldx + k] : 0.0f;
-        for (int r = lo; r < hi; r++)
-            for (int m8 = 0; m8 < mc; m8 += 8) {  /* 8 tokens in a register, two chains of entries */
-                lb_f8 s0 = {0}, s1 = {0}, x0, x1;
-                int p = a->orp[r], end = a->orp[r + 1];
-                for (; p + 1 < end; p += 2) {
-                    memcpy(&x0, xt + (size_t)a->ocol[p] * w + m8, sizeof x0);
-                    memcpy(&x1, xt + (size_t)a->ocol[p + 1] * w + m8, sizeof x1);
-                    s0 += a->oval[p] * x0; s1 += a->oval[p + 1] * x1;
-                }
-                if (p < end) { memcpy(&x0, xt + (size_t)a->ocol[p] * w + m8, sizeof x0); s0 += a->oval[p] * x0; }
-                s0 += s1;
-                for (int j = 0; j < 8 && m8 + j < mc; j++) a->y[(size_t)(m0 + m8 + j) * a->n + r] += s0[j];
-            }
-    }
-    free(xt);
-}
-
-/* x as int16 per 32-block for the T16 GEMV: scale amax/2^14, element i of a block holds code
-   order[i] (T16_XORDER); into a->xq (as int16) and a->xd. */
-static void lb_x16(lb_args *a, const uint8_t *order) {
-    int16_t *xq = (int16_t *)lb_alloc((size_t)a->nblocks * 16);
-    float *xd = lb_alloc(a->nblocks);
-    for (int blk = 0; blk < a->nblocks; blk++) {
-        const float *x = a->x + (size_t)blk * 32;
-        float amax = 0;
-        for (int c = 0; c < 32; c++) amax = fabsf(x[c]) > amax ? fabsf(x[c]) : amax;
-        float d = amax / 16384.0f, inv = d > 0 ? 1.0f / d : 0.0f;
-        for (int i = 0; i < 32; i++) xq[(size_t)blk * 32 + i] = (int16_t)nearbyintf(x[order[i]] * inv);
-        xd[blk] = d;
-    }
-    a->xq = (int8_t *)xq; a->xd = xd;
-}
-
-/* The GEMV reads x scaled per position in its block (xscale, see _lane_field), as int16 in
-   x16order (see lb_x16), or as it is (both NULL). */
-static void lb_linear(lb_args *a, lb_task gemv, lb_task gemm, const float *xscale, const uint8_t *x16order) {
-    if (a->threads > lb_pool.n) a->threads = lb_pool.n;
-    if (a->m == 1) {  /* per-group sums of x, for the zero-point fold */
-        float xs[a->groups], *scaled = NULL;
-        if (xscale) {
-            scaled = lb_alloc((size_t)a->nblocks * 32);
-            for (int k = 0; k < a->nblocks * 32; k++) scaled[k] = a->x[k] * xscale[k % 32];
-        }
-        if (x16order) lb_x16(a, x16order);
-        a->xs = scaled ? scaled : a->x;
-        for (int g = 0; g < a->groups; g++) {
-            int k0 = g * a->bpg * 32, k1 = (g + 1) * a->bpg * 32;
-            if (k1 > a->nblocks * 32) k1 = a->nblocks * 32;
-            float s = 0; for (int k = k0; k < k1; k++) s += a->x[k];
-            xs[g] = s;
-        }
-        a->xsum = xs;
-        lb_pool_run(gemv, a, a->threads);
-        free(scaled);
-        if (x16order) { free(a->xq); free(a->xd); }
-        return;
-    }
-    for (int m = 0; m < a->m; m++)
-        for (int n = 0; n < a->n; n++) a->y[(size_t)m * a->n + n] = a->bias ? a->bias[n] : 0.0f;
-    lb_pool_run(gemm, a, a->threads);
-}
-
-/* The DRAM yardstick (eval/bench.bandwidth): `threads` threads each sum a contiguous share of a
-   buffer in four chains of 64-bit loads, a plain sequential read with no arithmetic to wait for. */
-typedef struct { const uint64_t *p; size_t words; int threads; uint64_t sums[64]; } lb_readjob;
-
-static void lb_read_task(void *arg, int tid, int nthr) {
-    lb_readjob *j = arg;
-    if (tid >= j->threads) return;
-    size_t per = j->words / j->threads / 4 * 4, lo = (size_t)tid * per;
-    size_t hi = tid == j->threads - 1 ? j->words / 4 * 4 : lo + per;
-    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (size_t i = lo; i < hi; i += 4) { s0 += j->p[i]; s1 += j->p[i + 1]; s2 += j->p[i + 2]; s3 += j->p[i + 3]; }
-    j->sums[tid] = s0 ^ s1 ^ s2 ^ s3;
-    (void)nthr;
-}
-
-LB_EXPORT uint64_t lb_read(const void *p, size_t bytes, int threads) {
-    if (threads > lb_pool.n) threads = lb_pool.n;
-    if (threads > 64) threads = 64;
-    if (threads < 1) threads = 1;
-    lb_readjob j = {p, bytes / 8, threads, {0}};
-    lb_pool_run(lb_read_task, &j, threads);
-    uint64_t s = 0;
-    for (int t = 0; t < threads; t++) s ^= j.sums[t];
-    return s;
-}
-
-/* int8 GEMV: x -> s8 per 32-block with scale amax/127 (round half to even), each code f·L + l at
-   byte 4·l + f·L/8 to meet the SIMD layout; xi[blk] = Σ x_q over the block (the zero-point fold). */
-__attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq) {
-    if (a->threads > lb_pool.n) a->threads = lb_pool.n;
-    int bb = 4 * LB_LANES;
-    int8_t *xq = calloc((size_t)a->nblocks * bb, 1);
-    float *xd = malloc(sizeof(float) * a->nblocks);
-    int32_t *xi = malloc(sizeof(int32_t) * a->nblocks);
-    if (!xq || !xd || !xi) abort();
-    for (int blk = 0; blk < a->nblocks; blk++) {
-        const float *x = a->x + (size_t)blk * 32;
-        float amax = 0;
-        for (int c = 0; c < 32; c++) amax = fabsf(x[c]) > amax ? fabsf(x[c]) : amax;
-        float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
-        int isum = 0;
-        for (int c = 0; c < 32; c++) {
-            int v = (int)nearbyintf(x[c] * inv);
-            xq[(size_t)blk * bb + 4 * (c % LB_LANES) + (c / LB_LANES) * (LB_LANES / 8)] = (int8_t)v;
-            isum += v;
-        }
-        xd[blk] = d;
-        xi[blk] = isum;
-    }
-    a->xq = xq; a->xd = xd; a->xi = xi;
-    lb_pool_run(gemvq, a, a->threads);
-    free(xq); free(xd); free(xi);
-}
-"""
+def _kernel(e: _Emit, tiled: _Emit, entry: Entry) -> str:
+    """The C of one entry point and of what only it uses."""
+    b = entry.bits
+    if entry.activations == "int8":
+        return _gemvq_rows(tiled, b) + _per_bits_int8(entry)
+    if entry.kind == "uniform":
+        return _xscale(b, e.lanes) + _gemv_rows(tiled, b) + _dequant(tiled, b) + _per_bits(entry)
+    return _gemv_lut(e, b, GEMV_ROWS) + _gemv_lut(e, b, 1) + _dequant(e, b, True) + _per_bits(entry)
 
 
 def generate(isa: str) -> str:
-    """The complete C source for `isa`: UniformQ (lb_linear_b*, lb_linear_q_b*) and CodebookQ
-    (lb_linear_lut_b*) kernels."""
+    """The C source for `isa` that varies per format, bits and ISA: the micro-kernels and every entry
+    point of `entries(isa)`. The fixed C (drivers, thread pool, lb_args, the ISA's helpers) is
+    #included from C_DIR."""
     e, tiled = _Emit(isa), _Emit(isa, interleaved=True)
     mr, nr = MICRO_TILE[isa]
     micro = "".join(_micro(e, m, n) for m in range(1, mr + 1) for n in range(1, nr + 1))
     table = ", ".join("{" + ", ".join(f"micro_{m}x{n}" for n in range(1, nr + 1)) + "}" for m in range(1, mr + 1))
-    kernels = "".join(_xscale(b, e.lanes) for b in BITS)
-    kernels += "".join(_gemv_rows(tiled, b) + _dequant(tiled, b) for b in BITS)
-    int8 = [b for b in INT8_BITS if "dot8" in e.ops]
-    kernels += "".join(_gemvq_rows(tiled, b) + _per_bits_int8(b) for b in int8)
-    kernels += _t16_xorder(e.lanes) if "t16load" in e.ops else ""
-    kernels += "".join(_gemv_lut(e, b, GEMV_ROWS) + _gemv_lut(e, b, 1) + _dequant(e, b, True) + _per_bits(b, True, table16(isa, b))
-                       for b in CODEBOOK_BITS)
+    ents = entries(isa)
+    t16 = _t16_xorder(e.lanes) if any(x.activations == "int16-T16" for x in ents) else ""
     return "\n".join([
         f"/* Generated by lowbit.kernels.cpu.codegen for {isa}; do not edit. */",
-        "#include <math.h>\n#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>", e.ops["include"],
-        "#define LB_EXPORT __attribute__((visibility(\"default\")))",
-        f"#define MICRO_MR {mr}\n#define MICRO_NR {nr}\n#define LB_LANES {e.lanes}", _PREFETCH, _LOADS, e.ops["helpers"],
-        POOL_C, _DRIVER, micro, f"static const lb_micro MICRO[{mr}][{nr}] = {{{table}}};",
-        _DRIVER_TAIL, kernels, "".join(_per_bits(b) for b in BITS),
+        f"#define MICRO_MR {mr}\n#define MICRO_NR {nr}\n#define LB_LANES {e.lanes}",
+        '#include "driver.h"', f'#include "{e.ops["header"]}"',
+        micro, f"static const lb_micro MICRO[{mr}][{nr}] = {{{table}}};", t16,
+        "".join(_kernel(e, tiled, x) for x in ents),
         f"LB_EXPORT int lb_lanes(void) {{ return {e.lanes}; }}",
     ])

@@ -1,6 +1,6 @@
 """How many threads the generated kernels use: $LOWBIT_THREADS, else the physical cores.
 
-Every loaded kernel library has its own pool (see pool.py); `set_threads` resizes all of them.
+Every loaded kernel library has its own pool (see c/pool.h); `set_threads` resizes all of them.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Decode (one token) can run on int8 activations, as llama.cpp (Q8_0) and Intel's 
 token is quantized per 32-block (`quantize_activations` is the exact scheme) and codes × activations
 become u8 × s8 integer dot products (maddubs / VNNI), ~2.5× less work per weight than fp32, which is
 what a 2–4-bit GEMV needs to keep up with DRAM. It changes the numbers (activation rounding), so it
-is opt-in: `set_int8_activations(True)` or LOWBIT_INT8_ACT=1; the scalar fallback always uses fp32
-activations. 8-bit codes take the signed form of the dot (see codegen.dot8s) so the int16 pair sums of
+is opt-in: `lowbit.kernels.set_int8_activations(True)` or LOWBIT_INT8_ACT=1 (kernels/switches.py); where
+the kernel table has no int8 row (the portable C) the GEMV stays on fp32 activations. 8-bit codes take the signed form of the dot (see codegen.dot8s) so the int16 pair sums of
 maddubs cannot saturate.
 """
 
@@ -15,20 +15,12 @@ import ctypes
 
 import torch
 
-from ... import settings
 from ...formats import QTensor, UniformQ
 from ...formats.packing import BLOCK
 from ...formats.uniform import effective_group
-from .. import reference
-from . import build, isa as isa_mod, perf_model, threads
+from .. import reference, switches
+from . import build, codegen, isa as isa_mod, perf_model, threads
 from .layout import interleave, repack
-
-
-_INT8 = {"on": settings.int8_activations()}
-
-
-def set_int8_activations(on: bool = True) -> None:
-    _INT8["on"] = on
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -52,8 +44,7 @@ class PackedUniform:
         self.scales = interleave(qt.scales.to(torch.float16), lanes)
         self.zeros = None if qt.zeros is None else interleave(qt.zeros.to(torch.uint8), lanes)
         self.zdef = 2 ** (qt.bits - 1)
-        self.fn = getattr(lib, f"lb_linear_b{qt.bits}")
-        self.qfn = getattr(lib, f"lb_linear_q_b{qt.bits}", None)
+        self.fn, self.qfn = entry_point(lib, isa, qt, "fp32"), entry_point(lib, isa, qt, "int8")
 
     def _layout(self, qt: QTensor, isa: str) -> None:
         """What every packed kind shares: shape, blocks, groups and the codes repacked for the ISA."""
@@ -79,15 +70,18 @@ class PackedUniform:
 
     WEIGHTS = ("qweight", "scales", "zeros")  # the tensors `native` points at (the engine may move them)
 
+    def _weights(self) -> dict[str, int | None]:
+        """This format's block of lb_args (c/args.h): where its weights are now."""
+        return {"qw": self.qweight.data_ptr(), "sc": self.scales.data_ptr(),
+                "zp": None if self.zeros is None else self.zeros.data_ptr(), "zdef": self.zdef}
+
     def _call(self, m: int, bias: torch.Tensor | None, int8: bool | None = None):
         """The kernel for m tokens and its Args, x and y still NULL; `int8`: int8 activations for
-        one token (None: the process-wide setting)."""
+        one token (None: the process-wide switch)."""
         p = self.plan(m)
-        args = build.Args(self.qweight.data_ptr(), self.scales.data_ptr(),
-                          None if self.zeros is None else self.zeros.data_ptr(), self.zdef, self.n,
-                          self.nblocks, self.groups, self.bpg, m, None,
-                          None if bias is None else bias.data_ptr(), None, p.threads, p.nb, p.kc)
-        int8 = _INT8["on"] if int8 is None else int8
+        args = build.Args(**self._weights(), n=self.n, nblocks=self.nblocks, groups=self.groups, bpg=self.bpg,
+                          m=m, bias=None if bias is None else bias.data_ptr(), threads=p.threads, nb=p.nb, kc=p.kc)
+        int8 = switches.int8_activations() if int8 is None else int8
         return self.qfn if m == 1 and int8 and self.qfn is not None else self.fn, args
 
     def native(self, m: int, bias: torch.Tensor | None = None, int8: bool | None = None) -> tuple[int, build.Args]:
@@ -113,6 +107,12 @@ class PackedUniform:
             args.x, args.y = x32.data_ptr(), y.data_ptr()
             fn(ctypes.byref(args))
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def entry_point(lib: ctypes.CDLL, isa: str, qt: QTensor, activations: str):
+    """The entry point of the kernel table's row (qt's kind and bits, isa, activations), or None."""
+    entry = codegen.entry(isa, qt.kind, qt.bits, activations)
+    return None if entry is None else getattr(lib, entry.symbol)
 
 
 def prepare(qt: UniformQ, isa: str | None = None, cls: type[PackedUniform] = PackedUniform) -> PackedUniform | None:

@@ -21,18 +21,39 @@ code straddles a word.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import triton
-import triton.language as tl
 
 from ...formats import CodebookQ, UniformQ
 from ...formats.packing import pack, unpack
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GEMV_MAX_BATCH = 8
+_KERNELS: list[str] = []  # the functions marked @_jit below
+tl = None  # triton.language, once _triton() has run: the kernels' `tl`
 
 
-@triton.jit
+def _jit(fn):
+    """Mark `fn` a Triton kernel: `_triton()` makes it one (triton.jit) on the first launch."""
+    _KERNELS.append(fn.__name__)
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    """Import triton (seconds, and absent on most CPU machines) and jit the kernels, once, on the first
+    launch: the kernels are plain functions of this module until then, and Triton reads their source and
+    resolves `tl` and each other here, in the module's globals."""
+    import triton
+    import triton.language
+
+    globals()["tl"] = triton.language
+    globals().update({name: triton.jit(globals()[name]) for name in _KERNELS})
+    return triton
+
+
+@_jit
 def _outliers(acc, x_ptr, rp_ptr, oc_ptr, ov_ptr, ms, mmask, rows, rmask, K):
     """acc[m, n] += Σ_e S[n, col_e] · x[m, col_e] over row n's CSR entries (GANQ★'s sparse part)."""
     start = tl.load(rp_ptr + rows, mask=rmask, other=0)
@@ -46,7 +67,7 @@ def _outliers(acc, x_ptr, rp_ptr, oc_ptr, ov_ptr, ms, mmask, rows, rmask, K):
     return acc
 
 
-@triton.jit
+@_jit
 def _epilogue(acc, x_ptr, rp_ptr, oc_ptr, ov_ptr, b_ptr, y_ptr, ms, rows, M, N, K,
               HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT):
     """Outliers and bias (added by the first K split only), then store, or add when K is split."""
@@ -65,7 +86,7 @@ def _epilogue(acc, x_ptr, rp_ptr, oc_ptr, ov_ptr, b_ptr, y_ptr, ms, rows, M, N, 
         tl.atomic_add(yp, acc.to(y_ptr.dtype.element_ty), mask=ym, sem="relaxed")
 
 
-@triton.jit
+@_jit
 def _gemv(x_ptr, qw_ptr, s_ptr, z_ptr, cb_ptr, rp_ptr, oc_ptr, ov_ptr, b_ptr, y_ptr,
           M, N, K, NB, G, GS, SPLIT,
           BITS: tl.constexpr, CODEBOOK: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -123,7 +144,7 @@ def _gemv(x_ptr, qw_ptr, s_ptr, z_ptr, cb_ptr, rp_ptr, oc_ptr, ov_ptr, b_ptr, y_
               tl.program_id(0) * BN + tl.arange(0, BN), M, N, K, HAS_OUTLIERS, HAS_BIAS, SPLIT)
 
 
-@triton.jit
+@_jit
 def _gemm(x_ptr, qw_ptr, s_ptr, z_ptr, cb_ptr, rp_ptr, oc_ptr, ov_ptr, b_ptr, y_ptr,
           M, N, K, NB, G, GS, SPLIT,
           BITS: tl.constexpr, CODEBOOK: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -261,6 +282,7 @@ class TritonLinear:
         split = config.pop("SPLIT")
         y = (torch.zeros if split > 1 else torch.empty)(m, self.n, dtype=x.dtype, device=x.device)
         if m:
+            triton = _triton()
             rp, oc, ov = self.outliers or (self.none,) * 3
             args = (x2, self.qweight, self.scales, self.none if self.zeros is None else self.zeros, self.table,
                     rp, oc, ov, self.none if bias is None else bias, y, m, self.n, self.k, self.blocks,
@@ -276,7 +298,8 @@ class TritonLinear:
         return y.view(*x.shape[:-1], self.n)
 
 
-def prepare(qt: UniformQ | CodebookQ) -> TritonLinear:
+def prepare(qt: UniformQ | CodebookQ, isa: str = "triton") -> TritonLinear:
+    """The layer on the current CUDA device (the kernel table's prepare step; one layout for every GPU)."""
     return TritonLinear(qt)
 
 

@@ -1,34 +1,17 @@
-"""The decode engine's C: one call runs the whole decoder for a chunk of tokens (see engine.py).
+/* The decode engine's C: one call runs the whole decoder for a chunk of tokens (see engine.py).
+   
+   Plain C with GCC/Clang vector extensions (8 floats), so the compiler emits AVX2/FMA/F16C code with
+   the kernels' flags and portable code elsewhere. What it does not know is how a quantized linear is
+   stored: each one is a kernel address from the generated library plus a prefilled `lb_args` (its
+   weights, tiles, threads), and the engine only fills in x, y and m, so every format the kernel
+   library supports runs here unchanged. Weights the engine reads itself (an unquantized head) are
+   fp16 or bf16. Parallel work (attention over heads, fp GEMV over rows) runs on the kernel library's
+   own thread pool (`lb_parallel`), so the process keeps one set of threads.
+   
+   Layer semantics, all taken from the HF model by engine.py: norms IN (before attention), ATTN_OUT
+   (Gemma's sandwich norm after attention, optional), FFN_IN (before the MLP), FFN_OUT (optional), QN/KN
+   (per-head QK-norm, optional); fused qkv / gate_up projections write one [m, q|k|v] row per token. */
 
-Plain C with GCC/Clang vector extensions (8 floats), so the compiler emits AVX2/FMA/F16C code with
-the kernels' flags and portable code elsewhere. What it does not know is how a quantized linear is
-stored: each one is a kernel address from the generated library plus a prefilled `lb_args` (its
-weights, tiles, threads), and the engine only fills in x, y and m, so every format the kernel
-library supports runs here unchanged. Weights the engine reads itself (an unquantized head) are
-fp16 or bf16. Parallel work (attention over heads, fp GEMV over rows) runs on the kernel library's
-own thread pool (`lb_parallel`), so the process keeps one set of threads.
-
-Layer semantics, all taken from the HF model by engine.py: norms IN (before attention), ATTN_OUT
-(Gemma's sandwich norm after attention, optional), FFN_IN (before the MLP), FFN_OUT (optional), QN/KN
-(per-head QK-norm, optional); fused qkv / gate_up projections write one [m, q|k|v] row per token.
-"""
-
-from __future__ import annotations
-
-import ctypes
-
-from ..kernels.cpu.build import Args
-
-_CTYPES = {ctypes.c_void_p: "void *", ctypes.c_int: "int"}
-
-
-def args_struct() -> str:
-    """The C mirror of build.Args, generated from its ctypes fields so the two cannot drift."""
-    fields = " ".join(f"{_CTYPES[t]} {name};" for name, t in Args._fields_)
-    return f"typedef struct {{ {fields} }} lb_args;"
-
-
-SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,7 +24,7 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint16_t v8u __attribute__((vector_size(16)));
 
-@ARGS@
+#include "args.h"  /* lb_args: one call of a generated kernel (kernels/cpu/c) */
 typedef void (*lb_kernel)(lb_args *);
 typedef void (*lb_task)(void *arg, int tid, int nthr);
 typedef void (*lb_par)(lb_task fn, void *arg, int want);
@@ -671,10 +654,3 @@ EX int eng_profile(eng *E, int on, double *out) {
     if (on >= 0) { E->profile = on; memset(E->prof, 0, sizeof E->prof); }
     return NPROF;
 }
-"""
-
-PROFILE_OPS = ("norm", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "act", "down", "head")
-
-
-def source() -> str:
-    return SOURCE.replace("@ARGS@", args_struct())

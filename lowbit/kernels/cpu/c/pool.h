@@ -1,14 +1,12 @@
-"""The kernels' own thread pool, in C (emitted into every generated library).
+/* The kernels' own thread pool, part of every generated kernel library (driver.h includes it).
 
-Why our own: torch wheels bundle libgomp; loading a second OpenMP runtime into the process would
-give two thread teams fighting over the same cores. A fixed set of pthreads, sized once
-(`lb_set_threads`, default: physical cores), is all a bandwidth-bound GEMV needs. Workers spin for
-50 µs after each job (a decode step calls hundreds of small kernels back to back, and a
-futex wake-up costs more than a 576×576 GEMV) and then sleep on a condition variable, so they leave
-the cores to torch between forward passes. The calling thread is worker 0.
-"""
-
-POOL_C = r"""
+   Why our own: torch wheels bundle libgomp; loading a second OpenMP runtime into the
+   process would give two thread teams fighting over the same cores. A fixed set of pthreads, sized
+   once (`lb_set_threads`, default: physical cores), is all a bandwidth-bound GEMV needs. Workers spin
+   for 50 us after each job (a decode step calls hundreds of small kernels back to back, and a futex
+   wake-up costs more than a 576x576 GEMV) and then sleep on a condition variable, so they leave the
+   cores to torch between forward passes. The calling thread is worker 0. */
+#pragma once
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdatomic.h>
@@ -116,4 +114,3 @@ static void lb_pool_run(lb_task fn, void *arg, int want) {
 __attribute__((visibility("default"))) void lb_parallel(lb_task fn, void *arg, int want) {
     lb_pool_run(fn, arg, want);
 }
-"""
