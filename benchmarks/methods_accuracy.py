@@ -13,7 +13,7 @@ import time
 
 import lowbit
 from common import start
-from lowbit.eval import evaluate, model_size
+from lowbit.eval import evaluate
 
 
 def main():
@@ -45,9 +45,9 @@ def main():
             q = lowbit.quantize(copy.deepcopy(src.model), cfg, tokenizer=src.tokenizer, calib_samples=a.samples,
                                 calib_seq_len=a.seq_len, progress=False)
             took = time.perf_counter() - t
-            r = evaluate(q, src.tokenizer, text, max_windows=a.max_windows, source=None if a.no_kld else src.model,
+            r = evaluate(q.model, src.tokenizer, text, max_windows=a.max_windows, source=None if a.no_kld else src.model,
                          progress=False)
-            bpw = model_size(q).quantized_bpw
+            bpw = q.size().quantized_bpw
             kld = "-" if a.no_kld else f"{r.kld:.5f}"
             print(f"| {scheme} | {method} | {r.ppl:.4f} | {kld} | {bpw:.3f} | {took:.0f} |", flush=True)
             del q

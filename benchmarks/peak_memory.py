@@ -124,8 +124,7 @@ if args[0] == "--eager":
     import lowbit
     from lowbit.models import load_source
     loaded = load_source(args[1])
-    q = lowbit.quantize(loaded.model, lowbit.RTN(bits=4, group_size=128), progress=False)
-    lowbit.save(q, args[2], loaded.tokenizer, overwrite=True)
+    lowbit.quantize(loaded, lowbit.RTN(bits=4, group_size=128), progress=False).save(args[2], overwrite=True)
 else:
     from lowbit.cli import main
     sys.exit(main(args))

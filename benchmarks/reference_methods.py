@@ -95,7 +95,7 @@ def main():
             ours = lowbit.quantize(copy.deepcopy(src.model), cfg, tokenizer=src.tokenizer,
                                    calib_samples=a.samples, calib_seq_len=a.seq_len, progress=False)
             t_ours = time.perf_counter() - t
-            r_ours = evaluate(ours, src.tokenizer, text, max_windows=a.max_windows, progress=False)
+            r_ours = evaluate(ours.model, src.tokenizer, text, max_windows=a.max_windows, progress=False)
             del ours
             try:
                 weights, t_theirs = theirs(method, bits, group, a, work / "model", work / "calib.safetensors", work)

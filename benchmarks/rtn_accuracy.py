@@ -12,13 +12,12 @@ import time
 import lowbit
 from common import start
 from lowbit.eval import evaluate, model_size
+from lowbit.recipes import scheme_fields
 
 
 def parse(scheme: str) -> lowbit.RTN:
-    """'W4-g128[-asym][-clip]' -> RTN config."""
-    parts = scheme.split("-")
-    group = -1 if parts[1] == "row" else int(parts[1][1:])
-    return lowbit.RTN(bits=int(parts[0][1:]), group_size=group, sym="asym" not in parts, mse_clip="clip" in parts)
+    """'W4-g128[-asym][-clip]' -> RTN config: a scheme string (recipes/scheme.py), `-clip` for mse_clip."""
+    return lowbit.RTN(**scheme_fields(scheme.removesuffix("-clip")), mse_clip=scheme.endswith("-clip"))
 
 
 def main():
@@ -38,8 +37,8 @@ def main():
         t = time.perf_counter()
         q = lowbit.quantize(copy.deepcopy(src.model), parse(scheme), progress=False)
         took = time.perf_counter() - t
-        r = evaluate(q, src.tokenizer, text, a.ctx, max_windows=a.max_windows, source=src.model, progress=False)
-        size = model_size(q)
+        r = evaluate(q.model, src.tokenizer, text, a.ctx, max_windows=a.max_windows, source=src.model, progress=False)
+        size = q.size()
         print(f"| RTN {scheme} | {r.ppl:.4f} | {100 * (r.ppl / base.ppl - 1):+.2f}% | {r.kld:.5f} | "
               f"{size.quantized_bpw:.3f} | {size.total_bytes:,} | {took:.1f} |", flush=True)
         del q

@@ -8,7 +8,6 @@ Every engine runs the same protocol (lowbit/eval/bench.py): a fresh cache, one p
 tokens, then tg single-token steps, median of the runs; ratios are ours / theirs.
 
     python benchmarks/vs_llamacpp.py MODEL [MODEL ...] [--threads 1 2] [--runs 3] [--build-only]
-    lowbit bench MODEL --vs llama.cpp      # the same
 """
 
 from __future__ import annotations

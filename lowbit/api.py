@@ -1,191 +1,211 @@
-"""The Python API: one verb (`quantize`) with a config object, plus `save` and `load`."""
+"""The Python API: one object for a model, `QuantizedModel`, that every verb takes and returns.
+
+    q = lowbit.quantize("default", lowbit.GPTQ(bits=4, group_size=128))  # or "W4A16-g128", a Plan, lowbit.Auto()
+    q.save("smollm2-w4")
+    q = lowbit.load("smollm2-w4")                   # the same object: model, tokenizer, plan, source
+    text, stats = q.generate("Once upon a time")
+    q.evaluate(kld=True)                            # perplexity, and KL divergence from its source
+
+`quantize` is three steps: the model (a source loaded by name, lazily when it is an HF directory), its
+Plan (recipes/: one config over every layer, a scheme string, a Plan as given, or the automatic
+choice), and `recipes.apply`. `quantize_to` (the `lowbit quantize` command) composes load, quantize,
+save, then the accuracy check and a sample from the saved directory.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import calib as texts
-from . import recipes
-from . import io
-from . import methods
+from . import io, methods, recipes
 from .errors import LowbitError
 from .eval import EvalResult, ModelSize, evaluate, model_size
-from .calib.runner import calibration_batches, quantize_blocks
-from .methods import METHODS, RTN, MethodConfig, quantize_weight
-from .models import check_finite, load_any, load_reference, load_source
-from .recipes import Auto
-from .nn import QuantEmbedding, QuantLinear
-from .runtime import GenerationStats, generate
+from .eval.bench import Speed, bench
+from .kernels.cpu import tune as tuning
+from .methods import METHODS, MethodConfig
+from .models import Loaded, load_any, load_reference, load_source
+from .recipes import Auto, Plan
+from .runtime import Chat, GenerationStats, SamplingParams, Session, generate
+from .runtime.server import serve
+
+# every name `--method` accepts: the methods, and the automatic choice among them
+CONFIGS: dict[str, type] = {**{name: m.CONFIG for name, m in METHODS.items()}, Auto.name: Auto}
+
+# the quantization_config keys that are not the model's record (io's own, and format 1's)
+_FORMAT_KEYS = ("quant_method", "format_version", "modules", "plan", "method", "source", "lm_head", "embeddings")
 
 
-def _targets(model: nn.Module, lm_head: bool, embeddings: bool) -> list[tuple[str, nn.Module]]:
-    """The modules to quantize: every nn.Linear (the output head only if asked), the input embedding if asked."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and (lm_head or m is not head):
-            out.append((name, m))
-        elif embeddings and isinstance(m, nn.Embedding) and m is embed:
-            out.append((name, m))
-    return out
+@dataclass
+class QuantizedModel:
+    """A model with what belongs to it: `plan` is None for a float model (a source loaded to be
+    quantized or compared); `source` names the float model it came from ("default" or an absolute
+    path; for KL divergence); `info` records the rest of how it was made (calibration, auto's report)."""
+    model: nn.Module
+    tokenizer: object | None = None
+    plan: Plan | None = None
+    source: str | None = None
+    info: dict = field(default_factory=dict)
+    checkpoint: io.BlockCheckpoint | None = field(default=None, repr=False)  # where finished blocks wait
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise LowbitError("this model has no tokenizer: pass one to lowbit.quantize(..., tokenizer=)")
+        return self.tokenizer
+
+    def save(self, out_dir: str | os.PathLike, overwrite: bool = False, max_shard_size: int | str = "2GB",
+             extra_files: dict[str, str] | None = None) -> Path:
+        """Write the model, its tokenizer and its plan to a directory, atomically (blocks waiting in a
+        checkpoint are streamed from their files)."""
+        if self.plan is None:
+            raise LowbitError("model has no quantized modules: run lowbit.quantize first")
+        record = {"plan": self.plan.to_record(), "source": self.source, **self.info}
+        stored = self.checkpoint.stored_in(self.model) if self.checkpoint is not None else None
+        return io.save(self.model, out_dir, self.tokenizer, record, overwrite, max_shard_size, extra_files, stored)
+
+    def reload(self) -> None:
+        """Bring blocks waiting in the checkpoint back into memory, to run the model."""
+        if self.checkpoint is not None:
+            self.checkpoint.reload()
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
+                 on_text=None, **options) -> tuple[str, GenerationStats]:
+        """(generated text, GenerationStats), streamed to `on_text`; `options`: see runtime.generate."""
+        return generate(self.model, self._tokenizer(), prompt, max_new_tokens, temperature, seed, on_text, **options)
+
+    def session(self, **options) -> Session:
+        """A decoding session (KV cache reused across calls) over the model; `options`: max_context,
+        threads, engine, exact (runtime/session.py)."""
+        return Session.for_model(self.model, self._tokenizer(), **options)
+
+    def chat(self, system: str | None = None, **session) -> Chat:
+        return Chat(self.session(**session), system)
+
+    def serve(self, name: str, host: str = "127.0.0.1", port: int = 8000, defaults: dict | None = None,
+              max_queue: int = 64, **session) -> None:
+        """The OpenAI-compatible HTTP server (runtime/server.py), until interrupted."""
+        serve(self.session(**session), name, host, port, defaults, max_queue)
+
+    def evaluate(self, text: str | os.PathLike | None = None, *, kld: bool = False, reference=None,
+                 ctx: int = 512, stride: int | None = None, max_windows: int | None = None,
+                 progress: bool = True) -> EvalResult:
+        """Perplexity on the evaluation `text` (a file; default: the built-in held-out split); with
+        `kld`, also the KL divergence from `reference` (default: the source, streamed block by block
+        when it is an HF directory)."""
+        eval_text = texts.load("eval", text)
+        if kld and reference is None:
+            if self.plan is None or self.source is None:
+                raise LowbitError("--kld compares a quantized model with its source: this is not a lowbit "
+                                  "model that records its source")
+            reference = load_reference(self.source)
+        return evaluate(self.model, self._tokenizer(), eval_text, ctx, stride, max_windows,
+                        reference if kld else None, progress)
+
+    def size(self) -> ModelSize:
+        return model_size(self.model)
+
+    def bench(self, threads: int | None = None, prompt_tokens: int = 512, gen_tokens: int = 128, runs: int = 3,
+              exact: bool = False) -> Speed:
+        """Prefill and decode tokens/s, % of the bandwidth roofline, peak memory (eval/bench.py)."""
+        return bench(self.model, self._tokenizer(), threads, prompt_tokens, gen_tokens, runs, exact=exact)
 
 
-def _check_fits(name: str, weight: torch.Tensor, config: MethodConfig) -> None:
-    cols = weight.shape[1]
-    if config.group_size > cols:
-        raise LowbitError(f"group size {config.group_size} does not fit layer {name} with "
-                          f"{cols} input features (use a smaller group or -1 for whole rows)")
+def config_for(name: str, scheme: str | None = None, **kwargs) -> MethodConfig | Auto:
+    """A method's or recipe's config from its name (every method in lowbit.methods, and "auto"), its
+    format from a `scheme` string ("W4A16-g128") or from `kwargs` (bits, group_size, sym)."""
+    if scheme is not None:
+        given = sorted({"bits", "group_size", "sym"} & set(kwargs))
+        if given:
+            raise LowbitError(f"the scheme sets bits, group size and grid: drop {', '.join(given)} or the scheme")
+        kwargs.update(recipes.scheme_fields(scheme))
+    return methods.config_for(name, {Auto.name: Auto}, **kwargs)
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module, qt) -> None:
-    if isinstance(module, nn.Embedding):
-        model.set_submodule(name, QuantEmbedding(qt, module.padding_idx, module.weight.dtype))
+def _how(how) -> MethodConfig | Plan | Auto:
+    """What `quantize` accepts: a method config, a Plan, lowbit.Auto, or a scheme string (RTN)."""
+    if isinstance(how, str):
+        return recipes.parse_scheme(how)
+    if not isinstance(how, (MethodConfig, Plan, Auto)):
+        raise LowbitError(f"quantize takes a method config such as lowbit.RTN(bits=4), a Plan, lowbit.Auto() "
+                          f"or a scheme string such as 'W4A16-g128', got {how!r}")
+    return how
+
+
+def _start(model_or_source, tokenizer, lazy: bool) -> Loaded:
+    """The float model to quantize, whatever form it was given in."""
+    if isinstance(model_or_source, Loaded):
+        start = model_or_source
+    elif isinstance(model_or_source, QuantizedModel):
+        if model_or_source.plan is not None:
+            raise LowbitError("the model is quantized already: quantize its source")
+        start = Loaded(model_or_source.model, model_or_source.tokenizer, model_or_source.source)
+    elif isinstance(model_or_source, nn.Module):
+        start = Loaded(model_or_source, None, None)
     else:
-        model.set_submodule(name, QuantLinear(qt, module.bias))
+        start = load_source(model_or_source, lazy=lazy)
+    if tokenizer is not None:
+        start.tokenizer = tokenizer
+    return start
 
 
-def _block_quantizer(config: MethodConfig, targets: set[int]):
-    """Quantizes the targeted linears of one block with the method, layer by layer or as a block."""
-    method = METHODS[config.name]
+def quantize(model_or_source, how, calib: str | os.PathLike | None = None, *, lm_head: bool = False,
+             embeddings: bool = False, calib_samples: int = 128, calib_seq_len: int = 512, tokenizer=None,
+             calib_text: str | None = None, progress: bool = True, checkpoint=None) -> QuantizedModel:
+    """Quantize a model in place by `how`; the QuantizedModel holding it.
 
-    def run(block, inputs, kwargs, fp_outputs, stats):
-        mine = {name: m for name, m in block.named_modules() if id(m) in targets}
-        if hasattr(method, "quantize_block"):
-            qts = method.quantize_block(block, mine, stats, config, inputs=inputs, kwargs=kwargs,
-                                        fp_outputs=fp_outputs)
-        else:
-            qts = {name: method.quantize(m.weight.detach(), stats[name], config) for name, m in mine.items()}
-        errors = {}
-        for name, qt in qts.items():
-            errors[name] = stats[name].relative_error(mine[name].weight.detach(), qt.dequantize())
-            _replace(block, name, mine[name], qt)
-        return errors
-    return run
-
-
-def config_for(name: str, **kwargs) -> MethodConfig:
-    """A method's or recipe's config from its name: every method in lowbit.methods, and "auto"."""
-    return methods.config_for(name, {"auto": Auto}, **kwargs)
-
-
-def _rtn_like(config: MethodConfig) -> RTN:
-    return RTN(bits=config.bits, group_size=config.group_size, sym=config.sym)
-
-
-def quantize(model_or_source: nn.Module | str | os.PathLike | None, config: MethodConfig,
-             calib: str | os.PathLike | None = None, *, lm_head: bool = False,
-             embeddings: bool = False, calib_samples: int = 128, calib_seq_len: int = 512,
-             tokenizer=None, calib_text: str | None = None, progress: bool = True,
-             checkpoint=None) -> nn.Module:
-    """Quantize every linear layer of a torch module (or of a source loaded by name) in place.
-
-    `model_or_source`: any nn.Module holding nn.Linear layers, or a source for `lowbit.models`
-    (HF directory, .gguf file, None/'default' for the embedded model). `lm_head` and `embeddings`
-    also quantize the output head and the input embedding (off by default: they are accuracy-critical).
-    Calibrated methods (GPTQ, ...) need a transformers decoder model and its tokenizer; they run
-    block by block on `calib_samples` windows of `calib_seq_len` tokens of `calib` (a .txt/.jsonl
-    file; default: the built-in calibration split; or the text itself as `calib_text`). Layers outside
-    the decoder blocks (a quantized head or embedding) are rounded to nearest in the same format.
-    `lowbit.Auto(...)` tries several methods and keeps the best (see recipes/auto.py). A
-    `checkpoint` (io.BlockCheckpoint) makes a calibrated run resumable block by block; with it, the
-    finished blocks (of a calibrated run, or any run on a lazy model) wait in its files, not in
-    memory: write the result with `save`, or `io.reload` it to run it.
+    `model_or_source`: a source for `lowbit.models` (HF directory, .gguf file, None/'default' for the
+    embedded model), a float QuantizedModel (`lowbit.load` of a source) or models.Loaded, or any
+    nn.Module holding nn.Linear layers (then `tokenizer` is None unless given). `how`: a method
+    config (`lowbit.GPTQ(bits=4, group_size=128)`: every linear layer; `lm_head` and `embeddings`
+    add the output head and the input embedding, accuracy-critical and off by default), a scheme
+    string ("W4A16-g128": RTN), a `Plan` (its layers, each with its own spec), or `lowbit.Auto(...)`
+    (tries methods, keeps the best; recipes/auto.py). Calibrated methods need a transformers decoder
+    and its tokenizer; they run block by block on `calib_samples` windows of `calib_seq_len` tokens
+    of `calib` (a .txt/.jsonl file; default: the built-in calibration split; or the text itself as
+    `calib_text`). A `checkpoint` (io.BlockCheckpoint) makes a calibrated run resumable block by
+    block; with it, finished blocks (of a calibrated run, or any run on a lazy model) wait in its
+    files, not in memory: `.save` streams them, `.reload()` brings them back to run the model.
     """
-    if not isinstance(config, MethodConfig):
-        raise LowbitError(f"config must be a method config such as lowbit.RTN(bits=4), got {config!r}")
+    how = _how(how)
+    search = isinstance(how, Auto)  # the search quantizes copies of the model: it needs it in memory
     text = calib_text if calib_text is not None else \
-        texts.load("calib", calib) if calib is not None or config.needs_calib else None
-    if isinstance(model_or_source, nn.Module):
-        model, source = model_or_source, None
-    else:
-        loaded = load_source(model_or_source, lazy=not isinstance(config, Auto))
-        model, source = loaded.model, loaded.source
-        model.lowbit_tokenizer = loaded.tokenizer
-    if isinstance(config, Auto):
-        q = recipes.select(model, config, tokenizer or getattr(model, "lowbit_tokenizer", None), text,
-                           quantize, progress, lm_head=lm_head, embeddings=embeddings,
-                           calib_samples=calib_samples, calib_seq_len=calib_seq_len)
-        q.lowbit_info["source"] = source
-        return q
-    targets = _targets(model, lm_head, embeddings)
-    if not targets:
-        raise LowbitError("the model has no nn.Linear layers to quantize")
-    check_finite(model)  # a lazy model's files were checked as it was loaded
-    for name, m in targets:
-        _check_fits(name, m.weight, config)
-    # From here on modules are named, not held: a replaced layer's float weights must be freed at once.
-    layer_ids, names = {id(m) for _, m in targets}, [name for name, _ in targets]
-    del targets
-    if config.needs_calib:
-        tokenizer = tokenizer or getattr(model, "lowbit_tokenizer", None)
-        if tokenizer is None:
-            raise LowbitError(f"{config.name} needs calibration text: pass the model's tokenizer")
-        batches = calibration_batches(tokenizer, text, calib_samples, calib_seq_len)
-        quantize_blocks(model, batches, _block_quantizer(config, layer_ids), progress, checkpoint, config.fp_targets)
-        names = [n for n in names if isinstance(model.get_submodule(n), (nn.Linear, nn.Embedding))]
-        config_rest = _rtn_like(config)
-    else:
-        config_rest = config
-    lazy = getattr(model, "lowbit_lazy", None)
-    if lazy is not None and checkpoint is not None:
-        lazy.on_finish = checkpoint.keep  # each rounded block goes to disk and leaves memory
-    for name in tqdm(names, desc=f"quantizing {config_rest.name} {config.scheme}", unit="layer",
-                     disable=not progress or not names):
-        if lazy is not None:
-            lazy.need(name)  # rounding block by block: one float block in memory at a time
-        m = model.get_submodule(name)
-        with torch.no_grad():
-            _replace(model, name, m, quantize_weight(m.weight.detach(), None, config_rest))
-        del m
-    if lazy is not None:
-        lazy.close()
-    if (lm_head or embeddings) and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        model.config.tie_word_embeddings = False  # head and embedding are now stored separately
-    model.lowbit_info = {"method": config.to_dict(), "source": source,
-                         "lm_head": lm_head, "embeddings": embeddings}
-    if config.needs_calib:
-        model.lowbit_info["calibration"] = {"samples": calib_samples, "seq_len": calib_seq_len,
-                                            "text": str(calib) if calib else "builtin"}
-    return model
+        texts.load("calib", calib) if calib is not None or how.needs_calib else None
+    start = _start(model_or_source, tokenizer, lazy=not search)
+    calibration = {"samples": calib_samples, "seq_len": calib_seq_len, "text": str(calib) if calib else "builtin"}
+    if search:
+        choice = recipes.select(start.model, how, start.tokenizer, text, progress, lm_head=lm_head,
+                                embeddings=embeddings, calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+        info = {"calibration": calibration} if choice.plan.needs_calib else {}
+        return QuantizedModel(choice.model, start.tokenizer, choice.plan, start.source, {**info, "auto": choice.report})
+    plan = how if isinstance(how, Plan) else Plan.uniform(start.model, how, lm_head, embeddings)
+    recipes.apply(start.model, plan, tokenizer=start.tokenizer, text=text, calib_samples=calib_samples,
+                  calib_seq_len=calib_seq_len, lazy=start.lazy, checkpoint=checkpoint, progress=progress)
+    info = {"calibration": calibration} if plan.needs_calib else {}
+    return QuantizedModel(start.model, start.tokenizer, plan, start.source, info, checkpoint)
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
-         max_shard_size: int | str = "2GB"):
-    """Write a quantized transformers model (and its tokenizer) to a directory, atomically."""
-    return io.save(model, out_dir, tokenizer or getattr(model, "lowbit_tokenizer", None),
-                   overwrite=overwrite, max_shard_size=max_shard_size)
-
-
-def load(path: str | os.PathLike) -> nn.Module:
-    """A quantized model from `save`'s directory (tokenizer at `.lowbit_tokenizer`), or any source."""
+def load(path: str | os.PathLike | None) -> QuantizedModel:
+    """A quantized directory (its plan rebuilt from config.json, old directories included), or any
+    source (a float model: plan None)."""
     loaded = load_any(path)
-    loaded.model.lowbit_tokenizer = loaded.tokenizer
-    return loaded.model
+    qc = loaded.quantization
+    if qc is None:
+        return QuantizedModel(loaded.model, loaded.tokenizer, None, loaded.source)
+    info = {k: v for k, v in qc.items() if k not in _FORMAT_KEYS}
+    return QuantizedModel(loaded.model, loaded.tokenizer, Plan.from_config(qc, loaded.model), qc.get("source"), info)
 
 
-def evaluate_model(spec: str | os.PathLike | None, kld: bool = False, text: str | os.PathLike | None = None,
-                   ctx: int = 512, stride: int | None = None, max_windows: int | None = None,
-                   progress: bool = True) -> EvalResult:
-    """Perplexity of a quantized directory or any source on the evaluation text; with `kld`, also the
-    KL divergence from the source model the quantized one records."""
-    eval_text = texts.load("eval", text)
-    loaded = load_any(spec)
-    source = None
-    if kld:
-        origin = getattr(loaded.model, "lowbit_info", {}).get("source") if loaded.quantized else None
-        if origin is None:
-            raise LowbitError("--kld compares a quantized model with its source: "
-                              f"{spec or 'default'} is not a lowbit model that records its source")
-        source = load_reference(origin)  # an HF directory is streamed block by block: bounded memory
-    return evaluate(loaded.model, loaded.tokenizer, eval_text, ctx, stride, max_windows, source, progress)
+def tune(threads: int | None = None, quick: bool = False, show: bool = False, reset: bool = False) -> str:
+    """`lowbit tune`: time the CPU kernels' tile and thread choices and cache the best (or show or
+    forget the cached ones); what to print."""
+    if reset:
+        removed, path = tuning.reset(threads)
+        return f"removed {path}" if removed else f"nothing cached at {path}"
+    return tuning.show(threads) if show else tuning.render(*tuning.run(threads, quick=quick))
 
 
 SAMPLE_PROMPT = "Once upon a time"
@@ -196,55 +216,66 @@ class QuantizeReport:
     out: Path
     size: ModelSize
     disk_bytes: int
-    method: str = ""
+    plan: str = ""  # the plan's summary, e.g. "gptq W4-g128-sym"
     auto_report: str | None = None
     check: EvalResult | None = None
     sample: str | None = None
     generation: GenerationStats | None = None
 
 
-def quantize_to(source: str | os.PathLike | None, out: str | os.PathLike, config: MethodConfig,
-                calib: str | os.PathLike | None = None, *, overwrite: bool = False,
-                check_windows: int | None = 0, progress: bool = True, **options) -> QuantizeReport:
-    """Load, quantize (`options` go to `quantize`), save; then (check_windows != 0) measure perplexity
-    and KLD against the source on the held-out text (None = every window) and time a short generation
-    from the saved model. Calibrated methods keep per-block progress in `.OUT.progress` beside the
-    output: the same call after a crash resumes from the last finished block."""
-    io.check_destination(Path(out).absolute(), overwrite)  # fail before any expensive work
+def _progress(out: Path, how, start: Loaded, calib, options: dict) -> io.BlockCheckpoint | None:
+    """The per-block progress directory beside the output (`.OUT.progress`): a calibrated run resumes
+    from it; a lazy run parks its finished blocks there (not resumable). None for the search, which
+    quantizes copies in memory."""
+    if isinstance(how, Auto) or not (how.needs_calib or start.lazy is not None):
+        return None
+    key = how.to_record() if isinstance(how, Plan) else how.to_dict()
+    return io.BlockCheckpoint.beside(out, {"config": key, "source": start.source, "calib": str(calib), **options})
+
+
+def check(q: QuantizedModel, reference=None, windows: int | None = None, progress: bool = True) -> EvalResult:
+    """Perplexity and KLD of `q` against its source (`reference`, or the source read again) on the
+    held-out text: `windows` of 512 tokens (None = all)."""
+    return q.evaluate(kld=True, reference=reference, max_windows=windows, progress=progress)
+
+
+def sample(out: str | os.PathLike) -> tuple[str, GenerationStats]:
+    """A short generation from the saved directory, reloaded as a user would."""
+    return load(out).generate(SAMPLE_PROMPT, max_new_tokens=32)
+
+
+def quantize_to(source, out: str | os.PathLike, how, calib: str | os.PathLike | None = None, *,
+                overwrite: bool = False, check_windows: int | None = 0, progress: bool = True,
+                **options) -> QuantizeReport:
+    """Load, `quantize` (`options` go to it), save; then (check_windows != 0) `check` against the
+    source (None = every window) and `sample` the saved model. Calibrated methods keep per-block
+    progress in `.OUT.progress` beside the output: the same call after a crash resumes from the last
+    finished block."""
+    out = Path(out)
+    io.check_destination(out.absolute(), overwrite)  # fail before any expensive work
+    how = _how(how)
     text = texts.load("calib", calib) if calib is not None else None  # bad text fails before loading
-    loaded = load_source(source, lazy=not isinstance(config, Auto))
+    start = _start(source, None, lazy=not isinstance(how, Auto))
     # The check's reference: a copy of an eager (small) source; a lazy source is read again from its
     # shards at check time, one block at a time (StreamedSource), so the check stays bounded too.
-    lazy = hasattr(loaded.model, "lowbit_lazy")
-    reference = copy.deepcopy(loaded.model) if check_windows != 0 and not lazy else None
-    checkpoint = None
-    resumable = config.needs_calib and not isinstance(config, Auto)
-    if resumable or lazy:  # a lazy RTN run parks its finished blocks there too (not resumable)
-        checkpoint = io.BlockCheckpoint.beside(out, {"config": config.to_dict(), "source": loaded.source,
-                                                     "calib": str(calib), **options})
+    reference = copy.deepcopy(start.model) if check_windows != 0 and start.lazy is None else None
+    checkpoint = _progress(out, how, start, calib, options)
     try:
-        model = quantize(loaded.model, config, calib, tokenizer=loaded.tokenizer, calib_text=text,
-                         progress=progress, checkpoint=checkpoint, **options)
-        model.lowbit_info["source"] = loaded.source
-        extra = {"auto_report.md": recipes.report(model.lowbit_info["auto"])} if "auto" in model.lowbit_info else {}
-        io.save(model, out, loaded.tokenizer, overwrite=overwrite, extra_files=extra)  # stored blocks streamed
+        q = quantize(start, how, calib, calib_text=text, progress=progress, checkpoint=checkpoint, **options)
+        auto = {"auto_report.md": recipes.report(q.info["auto"])} if "auto" in q.info else {}
+        q.save(out, overwrite=overwrite, extra_files=auto)
     except BaseException:
-        if checkpoint is not None and not resumable:
+        if checkpoint is not None and not how.needs_calib:  # only a calibrated run can resume
             checkpoint.clear()
         raise
     if checkpoint is not None:
         if check_windows != 0:
-            io.reload(model)  # the check runs the quantized model: its blocks come back from disk
+            q.reload()  # the check runs the quantized model: its blocks come back from disk
         checkpoint.clear()
-    report = QuantizeReport(Path(out), model_size(model), io.dir_size(out), model.lowbit_info["method"]["method"],
-                            extra.get("auto_report.md"))
+        q.checkpoint = None
+    report = QuantizeReport(out, q.size(), io.dir_size(out), q.plan.summary(), auto.get("auto_report.md"))
     if check_windows != 0:
-        if lazy:
-            reference = load_reference(loaded.source)
-        report.check = evaluate(model, loaded.tokenizer, texts.load("eval"), max_windows=check_windows,
-                                source=reference, progress=progress)
-        del reference, model, loaded.model  # the saved model is reloaded below: one copy at a time
-        saved = load(out)
-        report.sample, report.generation = generate(saved, saved.lowbit_tokenizer, SAMPLE_PROMPT,
-                                                    max_new_tokens=32)
+        report.check = check(q, reference, check_windows, progress)
+        del reference, q, start  # the saved model is reloaded below: one copy at a time
+        report.sample, report.generation = sample(out)
     return report

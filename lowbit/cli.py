@@ -1,19 +1,14 @@
 """The `lowbit` command: parses arguments, calls the package API, prints. No logic of its own."""
 
 import argparse
+import dataclasses
 import json
-import subprocess
 import sys
+import typing
 from pathlib import Path
 
 from . import api
 from .errors import LowbitError
-from .eval import model_size
-from .methods import METHODS
-from .models import load_any
-from .eval.bench import bench
-from .kernels.cpu import tune
-from .runtime import Chat, SamplingParams, Session
 
 
 def _human(n: float) -> str:
@@ -24,15 +19,13 @@ def _human(n: float) -> str:
 
 
 def cmd_quantize(a) -> None:
-    extra = {k: v for k, v in (("mse_clip", a.mse_clip), ("act_order", a.act_order), ("damp", a.damp),
-                               ("budget_minutes", a.budget_minutes), ("group_size", a.group_size),
-                               ("iters", a.iters), ("outlier_ratio", a.outlier_ratio))
-             if v is not None and v is not False}
-    config = api.config_for(a.method, bits=a.bits, sym=a.sym, **extra)
-    r = api.quantize_to(a.source, a.output, config, a.calib, lm_head=a.lm_head, embeddings=a.embeddings,
+    options = {name: tuple(v) if isinstance(v, list) else v for name in _config_fields()
+               if (v := getattr(a, name)) is not None}
+    how = api.config_for(a.method, scheme=a.scheme, **options)
+    r = api.quantize_to(a.source, a.output, how, a.calib, lm_head=a.lm_head, embeddings=a.embeddings,
                         calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len, overwrite=a.overwrite,
                         check_windows=0 if a.no_check else (a.check_windows or None))
-    print(f"saved {r.out}  ({r.method} {config.scheme}, {len(r.size.layers)} layers quantized)")
+    print(f"saved {r.out}  ({r.plan}, {len(r.size.layers)} layers quantized)")
     if r.auto_report:
         print(r.auto_report)
     print(f"size: {r.disk_bytes:,} bytes on disk ({_human(r.disk_bytes)}); "
@@ -58,23 +51,25 @@ def _stats(stats) -> str:
             f"decode {stats.decode_tps:.1f} tok/s{cached}]")
 
 
-def _sampling(a) -> SamplingParams:
-    return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                          repetition_penalty=a.repetition_penalty, seed=a.seed)
+def _sampling(a):
+    return api.SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                              repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def _session(a) -> dict:
+    return {"max_context": a.max_context, "threads": a.threads, "exact": a.exact}
 
 
 def cmd_generate(a) -> None:
-    model = api.load(a.model)
+    q = api.load(a.model)
     print(a.prompt, end="", flush=True)
-    _, stats = api.generate(model, model.lowbit_tokenizer, a.prompt, a.max_tokens, on_text=_show,
-                            sampling=_sampling(a), stop=a.stop or (), threads=a.threads, max_context=a.max_context,
-                            exact=a.exact)
+    _, stats = q.generate(a.prompt, a.max_tokens, on_text=_show, sampling=_sampling(a), stop=a.stop or (),
+                          **_session(a))
     print("\n" + _stats(stats), file=sys.stderr)
 
 
 def cmd_chat(a) -> None:
-    model = api.load(a.model)
-    chat = Chat(Session.for_model(model, model.lowbit_tokenizer, a.max_context, a.threads, exact=a.exact), a.system)
+    chat = api.load(a.model).chat(a.system, **_session(a))
     interactive = sys.stdin.isatty()
     if interactive:
         print("one message per line; /reset starts over; Ctrl-D ends", file=sys.stderr)
@@ -94,26 +89,13 @@ def cmd_chat(a) -> None:
 
 
 def cmd_serve(a) -> None:
-    from .runtime.server import serve
-
-    model = api.load(a.model)
-    session = Session.for_model(model, model.lowbit_tokenizer, a.max_context, a.threads, exact=a.exact)
     defaults = {k: getattr(a, k) for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")}
-    serve(session, a.name or Path(a.model).name, a.host, a.port, defaults, a.max_queue)
+    api.load(a.model).serve(a.name or Path(a.model).name, a.host, a.port, defaults, a.max_queue, **_session(a))
 
 
 def cmd_bench(a) -> None:
-    if a.vs:
-        script = Path(__file__).resolve().parent.parent / "benchmarks" / "vs_llamacpp.py"
-        if not script.is_file():
-            raise LowbitError("--vs llama.cpp runs benchmarks/vs_llamacpp.py from a lowbit source checkout")
-        cmd = [sys.executable, str(script), *a.models, "--threads", *map(str, a.threads or [1, 2]),
-               "--pp", *map(str, sorted({128, a.prompt_tokens})), "--tg", str(a.gen_tokens), "--runs", str(a.runs)]
-        sys.exit(subprocess.run(cmd).returncode)
     for spec in a.models:
-        model = api.load(spec)
-        s = bench(model, model.lowbit_tokenizer, a.threads[0] if a.threads else None, a.prompt_tokens,
-                  a.gen_tokens, a.runs, exact=a.exact)
+        s = api.load(spec).bench(a.threads, a.prompt_tokens, a.gen_tokens, a.runs, exact=a.exact)
         if a.json:
             print(json.dumps({"model": spec, **s.to_dict()}))
             continue
@@ -125,8 +107,8 @@ def cmd_bench(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    r = api.evaluate_model(a.model, kld=a.kld, text=a.text, ctx=a.ctx, stride=a.stride,
-                           max_windows=a.max_windows, progress=not a.json)
+    r = api.load(a.model).evaluate(a.text, kld=a.kld, ctx=a.ctx, stride=a.stride, max_windows=a.max_windows,
+                                   progress=not a.json)
     if a.json:
         print(json.dumps(r.to_dict()))
         return
@@ -138,23 +120,54 @@ def cmd_eval(a) -> None:
 
 
 def cmd_inspect(a) -> None:
-    size = model_size(load_any(a.model).model)
+    size = api.load(a.model).size()
     print(f"{'module':<44} {'format':<24} {'shape':>12} {'bytes':>11} {'bpw':>7}")
     for s in size.layers:
-        m = s.meta
-        fmt = f"{m['kind']} {m['bits']}b " + ("row" if m["group_size"] == -1 else f"g{m['group_size']}") \
-            + (" sym" if m.get("sym") else " asym") if m["kind"] == "uniform" else m["kind"]
-        print(f"{s.name:<44} {fmt:<24} {'x'.join(map(str, m['shape'])):>12} {s.nbytes:>11,} {s.bpw:>7.3f}")
+        print(f"{s.name:<44} {s.format:<24} {'x'.join(map(str, s.meta['shape'])):>12} {s.nbytes:>11,} {s.bpw:>7.3f}")
     print(f"{len(size.layers)} quantized layers, {size.quantized_bpw:.3f} bits/weight; whole model "
           f"{size.total_bytes:,} bytes, {size.model_bpw:.3f} bits/weight")
 
 
 def cmd_tune(a) -> None:
-    if a.reset:
-        removed, path = tune.reset(a.threads)
-        print(f"removed {path}" if removed else f"nothing cached at {path}")
-        return
-    print(tune.show(a.threads) if a.show else tune.render(*tune.run(a.threads, quick=a.quick)))
+    print(api.tune(a.threads, quick=a.quick, show=a.show, reset=a.reset))
+
+
+def _config_fields() -> dict[str, dict]:
+    """Every field of the method and recipe configs (api.CONFIGS): name -> its type, metadata, and
+    the default of each config that has it."""
+    out = {}
+    for method, cls in api.CONFIGS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            entry = out.setdefault(f.name, {"type": hints[f.name], "metadata": f.metadata, "defaults": {}})
+            entry["defaults"][method] = f.default
+    return out
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    """One option per config field, typed and described by the field; an option left out (None) keeps
+    the chosen method's default."""
+    for name, f in _config_fields().items():
+        flag, kind, defaults = "--" + name.replace("_", "-"), f["type"], f["defaults"]
+        usual = max(defaults.values(), key=list(defaults.values()).count)
+        default = ", ".join([_shown(usual)] + [f"{m}: {_shown(d)}" for m, d in defaults.items() if d != usual])
+        owners = "" if len(defaults) == len(api.CONFIGS) else ", ".join(defaults) + ": "
+        help = f"{owners}{f['metadata'].get('help', '')}"
+        if kind is bool:
+            off = "--" + f["metadata"].get("off", "no-" + name.replace("_", "-"))
+            flags = p.add_mutually_exclusive_group()
+            flags.add_argument(flag, dest=name, action="store_const", const=True,
+                               help=f"{help} (default: on; {off} turns it off)" if usual else f"{help} (default: off)")
+            flags.add_argument(off, dest=name, action="store_const", const=False, help=argparse.SUPPRESS)
+        elif typing.get_origin(kind) is tuple:
+            p.add_argument(flag, dest=name, nargs="+", type=typing.get_args(kind)[0], help=f"{help} (default: {default})")
+        else:
+            types = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+            p.add_argument(flag, dest=name, type=types[0], help=f"{help} (default: {default})")
 
 
 def _sampling_options(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -190,21 +203,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("source", nargs="?", default=None,
                    help="HF model directory, .gguf file, or omitted/'default' for SmolLM2-135M-Instruct")
     q.add_argument("-o", "--output", required=True, help="output directory")
-    q.add_argument("--method", default="rtn", choices=sorted(METHODS) + ["auto"],
+    q.add_argument("--method", default="rtn", choices=sorted(api.CONFIGS),
                    help="auto: try the methods that fit --budget-minutes and keep the best")
-    q.add_argument("--budget-minutes", type=float, help="auto: time budget (default 30)")
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group-size", type=int,
-                   help="32, 64, 128, or -1 for whole rows (default: 128; ganq: -1, one codebook per row)")
-    sym = q.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True)
-    sym.add_argument("--asym", dest="sym", action="store_false")
-    q.add_argument("--mse-clip", action="store_true", help="rtn: search the clipping range per group")
-    q.add_argument("--act-order", action="store_true", help="gptq: visit columns by decreasing activation")
-    q.add_argument("--damp", type=float, help="gptq, ganq: Hessian dampening, fraction of mean diagonal (0.01)")
-    q.add_argument("--iters", type=int, help="signround, ganq: optimisation iterations (200, 10)")
-    q.add_argument("--outlier-ratio", type=float,
-                   help="ganq: fraction of weights kept exactly as sparse outliers (0; the paper's GANQ★: 0.005)")
+    q.add_argument("--scheme", help="format as a scheme string: W4A16-g128, W3A16-g64-asym, W2-row "
+                   "(instead of --bits, --group-size, --sym/--asym)")
+    _config_options(q)
     q.add_argument("--calib", help="calibration text (.txt or .jsonl); default: built-in corpus")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (calibrated methods)")
     q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
@@ -239,12 +242,11 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", parents=[common], help="prefill/decode tokens/s, roofline, peak memory")
     b.add_argument("models", nargs="+", metavar="MODEL", help="quantized directory, source, or 'default'")
-    b.add_argument("--threads", type=int, nargs="+", help="thread counts (default: all cores; --vs: 1 2)")
+    b.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--gen-tokens", type=int, default=128)
     b.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported)")
     b.add_argument("--json", action="store_true", help="one JSON object per model")
-    b.add_argument("--vs", choices=["llama.cpp"], help="side-by-side table with llama.cpp and transformers")
     _exact_option(b)
     b.set_defaults(func=cmd_bench)
 

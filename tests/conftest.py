@@ -67,10 +67,9 @@ def tiny_quantized_dir(tiny_model_dir, tmp_path_factory):
     import lowbit
 
     loaded = lowbit.load(tiny_model_dir("llama"))
-    tokenizer = loaded.lowbit_tokenizer
-    tokenizer.chat_template = CHATML
+    loaded.tokenizer.chat_template = CHATML
     out = tmp_path_factory.mktemp("tiny-w4") / "tiny-w4"
-    lowbit.save(lowbit.quantize(loaded, lowbit.RTN(bits=4, group_size=32), progress=False), out, tokenizer)
+    lowbit.quantize(loaded, lowbit.RTN(bits=4, group_size=32), progress=False).save(out)
     return out
 
 

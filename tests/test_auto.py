@@ -2,9 +2,13 @@
 
 import json
 
+import torch
+
 import lowbit
 from lowbit.calib import builtin
 from lowbit.cli import main
+from lowbit.eval import evaluate
+from lowbit.methods import config_for
 from lowbit.recipes import split_holdout
 
 
@@ -16,13 +20,25 @@ def test_holdout_split_is_disjoint_and_fixed():
 
 
 def test_auto_keeps_the_closest_method(tiny_model_dir):
-    q = lowbit.quantize(tiny_model_dir("llama"), lowbit.Auto(bits=3, group_size=32, candidates=("rtn", "gptq", "awq")),
-                        calib_samples=6, calib_seq_len=48, progress=False)
-    info = q.lowbit_info["auto"]
-    rows = {r["method"]: r for r in info["rows"]}
-    assert set(rows) == {"rtn", "gptq", "awq"}
-    best = min(rows.values(), key=lambda r: r["kld"])
-    assert info["chosen"] == best["method"] == q.lowbit_info["method"]["method"]
+    """The choice agrees with a measurement of its own: each candidate quantized alone on the fitting
+    part of the text, its KL divergence from the float model on the held-out part; the kept model is
+    the one with the smallest (its logits, not the last candidate's)."""
+    path = tiny_model_dir("llama")
+    opts = dict(calib_samples=6, calib_seq_len=48, progress=False)
+    auto = lowbit.Auto(bits=3, group_size=32, candidates=("rtn", "gptq", "awq"))
+    q = lowbit.quantize(path, auto, **opts)
+    fit, held_out = split_holdout(builtin("calib"))
+    source, ids = lowbit.load(path), torch.arange(3, 60).unsqueeze(0)
+    alone, kld = {}, {}
+    for name in auto.candidates:
+        alone[name] = lowbit.quantize(path, config_for(name, bits=3, group_size=32), calib_text=fit, **opts)
+        kld[name] = evaluate(alone[name].model, source.tokenizer, held_out, max_windows=8, source=source.model,
+                             progress=False).kld
+    winner = min(kld, key=kld.get)
+    assert q.info["auto"]["chosen"] == winner
+    assert q.plan == alone[winner].plan
+    with torch.no_grad():
+        assert torch.equal(q.model(ids).logits, alone[winner].model(ids).logits)
 
 
 def test_auto_cli_respects_the_budget_and_writes_a_report(tiny_model_dir, tmp_path, capsys):
@@ -34,5 +50,5 @@ def test_auto_cli_respects_the_budget_and_writes_a_report(tiny_model_dir, tmp_pa
     report = (out / "auto_report.md").read_text()
     assert "chose rtn" in report and report.count("skipped") == 4
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["method"]["method"] == "rtn" and config["auto"]["chosen"] == "rtn"
+    assert [entry["spec"]["method"] for entry in config["plan"]] == ["rtn"] and config["auto"]["chosen"] == "rtn"
     assert "| rtn |" in capsys.readouterr().out

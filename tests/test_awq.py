@@ -14,7 +14,7 @@ from lowbit.methods.awq import GROUPS, _producer, fold_scales, search_scale
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma", "gemma2"])
 def test_folding_leaves_the_float_block_unchanged(tiny_model_dir, tiny_tokenizer, model_type):
     extra = {"num_key_value_heads": 4} if model_type == "llama" else {}  # no GQA: o_proj is folded too
-    model = lowbit.load(tiny_model_dir(model_type, **extra))
+    model = lowbit.load(tiny_model_dir(model_type, **extra)).model
     batches = calibration_batches(tiny_tokenizer, builtin("calib"), 2, 32)
     inputs, kwargs = capture_inputs(model, batches)
     block = decoder_layers(model)[0]
@@ -53,16 +53,16 @@ def test_scale_search_finds_the_salient_channels():
 
 def test_teq_lowers_block_error(tiny_model_dir, tiny_tokenizer):
     """Trained scales must lower the quantized blocks' output error below untrained ones (= RTN)."""
-    from lowbit.api import _block_quantizer, _targets
     from lowbit.calib.runner import quantize_blocks
+    from lowbit.recipes import block_quantizer, targets
 
     path = tiny_model_dir("llama", num_key_value_heads=4)
     batches = calibration_batches(tiny_tokenizer, builtin("calib"), 8, 48)
     total = {}
     for steps in (0, 40):
-        model = lowbit.load(path)
-        targets = {id(m) for _, m in _targets(model, False, False)}
+        model = lowbit.load(path).model
         spec = lowbit.TEQ(bits=2, group_size=32, sym=False, steps=steps, lr=2e-2)
-        errors = quantize_blocks(model, batches, _block_quantizer(spec, targets), progress=False)
+        specs = {id(model.get_submodule(name)): spec for name in targets(model)}
+        errors = quantize_blocks(model, batches, block_quantizer(specs), progress=False)
         total[steps] = sum(v for k, v in errors.items() if k.endswith("block"))
     assert total[40] < 0.99 * total[0]

@@ -61,22 +61,25 @@ def test_bad_codebooks_are_refused():
 def test_save_load_round_trip_in_a_model(tiny_model_dir, tiny_tokenizer, tmp_path):
     """Every linear of a tiny llama replaced by a random codebook weight (some with outliers):
     save -> load gives the same tensors, the same meta and the same logits."""
-    model = lowbit.load(tiny_model_dir("llama"))
+    model = lowbit.load(tiny_model_dir("llama")).model
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                and m is not model.get_output_embeddings()]
+    plan = {}
     for n, (name, m) in enumerate(linears):
         bits, group = (2, 3, 4)[n % 3], (-1, 32)[n % 2]
+        plan[name] = lowbit.GANQ(bits=bits, group_size=group)
         idx, codebook = _random(m.out_features, m.in_features, bits, group, seed=n)
         extra = torch.zeros(m.out_features, m.in_features)
         if n % 4 == 0:
             extra[n % m.out_features, 3] = 0.5
         model.set_submodule(name, QuantLinear(CodebookQ.from_indices(idx, codebook, bits, group, outliers=extra)))
     ids = tiny_tokenizer("the quick brown fox jumps", return_tensors="pt")["input_ids"]
-    lowbit.save(model, tmp_path / "q", tokenizer=tiny_tokenizer)
+    lowbit.QuantizedModel(model, tiny_tokenizer, lowbit.Plan(plan)).save(tmp_path / "q")
     loaded = lowbit.load(tmp_path / "q")
+    assert loaded.plan == lowbit.Plan(plan)
     for name, _ in linears:
-        a, b = model.get_submodule(name), loaded.get_submodule(name)
+        a, b = model.get_submodule(name), loaded.model.get_submodule(name)
         assert a.meta == b.meta
         assert all(torch.equal(a.qtensor.tensors()[t], b.qtensor.tensors()[t]) for t in a.qtensor.tensors())
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+        torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)

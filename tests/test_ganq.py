@@ -126,19 +126,21 @@ def test_ganq_end_to_end_on_a_tiny_llama(tiny_model_dir, tiny_tokenizer, tmp_pat
     path = tiny_model_dir("llama")
     ids = calibration_batches(tiny_tokenizer, builtin("eval"), 2, 48)[0]
     with torch.no_grad():
-        ref = lowbit.load(path)(ids).logits
-        rtn = (lowbit.quantize(path, RTN(bits=3, group_size=-1), progress=False)(ids).logits - ref).pow(2).mean()
+        ref = lowbit.load(path).model(ids).logits
+        rtn = (lowbit.quantize(path, RTN(bits=3, group_size=-1), progress=False).model(ids).logits - ref).pow(2).mean()
         q = lowbit.quantize(path, GANQ(bits=3, iters=4), calib_samples=8, calib_seq_len=48, lm_head=True,
                             progress=False)
-        assert (q(ids).logits - ref).pow(2).mean() < rtn
-    kinds = {name: m.meta["kind"] for name, m in q.named_modules() if hasattr(m, "qtensor")}
+        assert (q.model(ids).logits - ref).pow(2).mean() < rtn
+    kinds = {name: m.meta["kind"] for name, m in q.model.named_modules() if hasattr(m, "qtensor")}
     assert kinds.pop("lm_head") == "uniform" and set(kinds.values()) == {"codebook"}
-    lowbit.save(q, tmp_path / "q")
+    specs = dict(q.plan.layers)  # the head, outside the blocks, is rounded to nearest in the same bits
+    assert specs.pop("lm_head") == RTN(bits=3, group_size=-1) and set(specs.values()) == {GANQ(bits=3, iters=4)}
+    q.save(tmp_path / "q")
     loaded = lowbit.load(tmp_path / "q")
-    assert loaded.lowbit_info["method"]["method"] == "ganq"
+    assert loaded.plan == q.plan
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, q(ids).logits)
-    text, stats = lowbit.generate(loaded, loaded.lowbit_tokenizer, "Once upon a time", max_new_tokens=4)
+        assert torch.equal(loaded.model(ids).logits, q.model(ids).logits)
+    text, stats = loaded.generate("Once upon a time", max_new_tokens=4)
     assert 1 <= stats.new_tokens <= 4 and isinstance(text, str)
 
 
@@ -150,8 +152,8 @@ def test_cli_quantizes_with_ganq(tiny_model_dir, tmp_path, capsys):
     assert rc == 0
     assert "W3-lut-row-o0.5%" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["method"] == GANQ(bits=3, iters=2, outlier_ratio=0.005).to_dict()
-    model = lowbit.load(out)
+    assert [entry["spec"] for entry in config["plan"]] == [GANQ(bits=3, iters=2, outlier_ratio=0.005).to_dict()]
+    model = lowbit.load(out).model
     layer = model.model.layers[0].mlp.down_proj
     assert layer.meta == {"kind": "codebook", "bits": 3, "group_size": -1, "shape": [64, 128], "outliers": True}
 
@@ -164,6 +166,6 @@ def test_ganq_beats_rtn_on_smollm2():
 
     rtn = lowbit.quantize(None, RTN(bits=3, group_size=-1), progress=False)
     ganq = lowbit.quantize(None, GANQ(bits=3, iters=1), calib_samples=4, calib_seq_len=256, progress=False)
-    ppl = {name: evaluate(m, m.lowbit_tokenizer, load_text("eval"), ctx=256, max_windows=3, progress=False).ppl
-           for name, m in (("rtn", rtn), ("ganq", ganq))}
+    ppl = {name: evaluate(q.model, q.tokenizer, load_text("eval"), ctx=256, max_windows=3, progress=False).ppl
+           for name, q in (("rtn", rtn), ("ganq", ganq))}
     assert ppl["ganq"] < ppl["rtn"]

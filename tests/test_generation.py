@@ -10,34 +10,34 @@ import torch
 import lowbit
 from lowbit.cli import main
 from lowbit.errors import LowbitError
-from lowbit.runtime import Chat, HFDecoder, SamplingParams, Session, decoder_for
+from lowbit.runtime import Chat, HFDecoder, SamplingParams, decoder_for
 from lowbit.runtime.session import Detokenizer, StopStrings
 
 PROMPT = "The quick brown fox"
 
 
 @pytest.fixture
-def model(tiny_quantized_dir):
+def q(tiny_quantized_dir):
     return lowbit.load(tiny_quantized_dir)
 
 
-def _session(model, **kw):
-    return Session.for_model(model, model.lowbit_tokenizer, **kw)
+def _session(q, **kw):
+    return q.session(**kw)
 
 
-def test_greedy_equals_transformers_generate(model):
-    s = _session(model, engine=False)
+def test_greedy_equals_transformers_generate(q):
+    s = _session(q, engine=False)
     ids = s.encode(PROMPT)
     out = s.generate(ids, 20)
     with torch.inference_mode():
-        ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+        ref = q.model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
     assert out.tokens == ref[:len(out.tokens)] and len(out.tokens) in (len(ref), 20)
 
 
-def test_any_decoder_gives_the_universal_logits(model):
+def test_any_decoder_gives_the_universal_logits(q):
     """Whatever decoder_for picks (the native engine where it exists) agrees with the universal one."""
-    ids = model.lowbit_tokenizer(PROMPT).input_ids
-    ours, ref = decoder_for(model, exact=True), HFDecoder(model)
+    ids = q.tokenizer(PROMPT).input_ids
+    ours, ref = decoder_for(q.model, exact=True), HFDecoder(q.model)
     for step in (ids, [5], [17]):
         a, b = ours.forward(step), ref.forward(step)
         assert a.dtype == torch.float32 and a.shape == (ours.vocab_size,)
@@ -45,13 +45,13 @@ def test_any_decoder_gives_the_universal_logits(model):
     assert ours.position == ref.position == len(ids) + 2
 
 
-def test_fast_engine_tracks_the_exact_one(model):
+def test_fast_engine_tracks_the_exact_one(q):
     """decoder_for's default (int8 activations, 8-bit head: llama.cpp's trade) stays close to the exact
     engine: same greedy token, logits within a few percent of their range."""
-    fast, exact = decoder_for(model), decoder_for(model, exact=True)
+    fast, exact = decoder_for(q.model), decoder_for(q.model, exact=True)
     if isinstance(exact, HFDecoder):
         pytest.skip("no native engine here")
-    ids = model.lowbit_tokenizer(PROMPT).input_ids
+    ids = q.tokenizer(PROMPT).input_ids
     for step in (ids, [5], [17]):
         a, b = fast.forward(step), exact.forward(step)
         assert not torch.equal(a, b)  # the settings took effect
@@ -59,23 +59,23 @@ def test_fast_engine_tracks_the_exact_one(model):
         assert (a - b).abs().max() < 0.05 * (b.max() - b.min())
 
 
-def test_truncate_then_forward_equals_fresh(model):
-    ids = model.lowbit_tokenizer(PROMPT + " jumps over the lazy dog").input_ids
-    d = HFDecoder(model)
+def test_truncate_then_forward_equals_fresh(q):
+    ids = q.tokenizer(PROMPT + " jumps over the lazy dog").input_ids
+    d = HFDecoder(q.model)
     d.forward(ids)
     d.truncate(3)
     assert d.position == 3
     again = d.forward(ids[3:6])
-    fresh = HFDecoder(model).forward(ids[:6])
+    fresh = HFDecoder(q.model).forward(ids[:6])
     assert torch.allclose(again, fresh, atol=1e-5)
 
 
-def test_streamed_text_is_the_completion(model):
+def test_streamed_text_is_the_completion(q):
     pieces = []
-    out = _session(model).generate(_session(model).encode(PROMPT), 24, on_text=pieces.append)
-    assert "".join(pieces) == out.text == model.lowbit_tokenizer.decode(out.tokens, skip_special_tokens=True)
+    out = _session(q).generate(_session(q).encode(PROMPT), 24, on_text=pieces.append)
+    assert "".join(pieces) == out.text == q.tokenizer.decode(out.tokens, skip_special_tokens=True)
     assert out.finish_reason == "length" and len(out.tokens) == 24
-    assert out.stats.new_tokens == 24 and out.stats.prompt_tokens == len(_session(model).encode(PROMPT))
+    assert out.stats.new_tokens == 24 and out.stats.prompt_tokens == len(_session(q).encode(PROMPT))
 
 
 def test_detokenizer_keeps_multibyte_characters_whole(tiny_tokenizer):
@@ -99,11 +99,11 @@ def test_stop_strings_unit():
     assert s.flush() == "<" and s.text == "x<"
 
 
-def test_stop_string_split_across_tokens(model):
-    s = _session(model)
+def test_stop_string_split_across_tokens(q):
+    s = _session(q)
     ids = s.encode(PROMPT)
     full = s.generate(ids, 30)
-    pieces = [model.lowbit_tokenizer.decode(full.tokens[:i], skip_special_tokens=True) for i in range(31)]
+    pieces = [q.tokenizer.decode(full.tokens[:i], skip_special_tokens=True) for i in range(31)]
     # a stop string made of the end of one token and the start of the next
     i = next(i for i in range(5, 29) if len(pieces[i]) - len(pieces[i - 1]) >= 2
              and len(pieces[i + 1]) - len(pieces[i]) >= 2)
@@ -115,8 +115,8 @@ def test_stop_string_split_across_tokens(model):
     assert stop not in "".join(streamed)
 
 
-def test_stop_token_and_max_tokens(model):
-    s = _session(model)
+def test_stop_token_and_max_tokens(q):
+    s = _session(q)
     ids = s.encode(PROMPT)
     full = s.generate(ids, 12)
     cut = full.tokens[5]
@@ -124,32 +124,32 @@ def test_stop_token_and_max_tokens(model):
         pytest.skip("the tiny model repeats that token earlier")
     out = s.generate(ids, 12, stop_tokens=[cut])
     assert out.finish_reason == "stop" and out.tokens == full.tokens[:6]
-    assert out.text == model.lowbit_tokenizer.decode(full.tokens[:5], skip_special_tokens=True)
+    assert out.text == q.tokenizer.decode(full.tokens[:5], skip_special_tokens=True)
     assert s.generate(ids, 3).tokens == full.tokens[:3]
 
 
-def test_prefix_cache_reuse_changes_nothing_but_time(model):
+def test_prefix_cache_reuse_changes_nothing_but_time(q):
     # exact: with int8 decode activations the cached positions (decoded) and a fresh prefill (fp32
     # GEMM) round differently, so only the exact engine reproduces tokens bit for bit
-    s = _session(model, exact=True)
+    s = _session(q, exact=True)
     first = s.encode(PROMPT)
     a = s.generate(first, 8)
     longer = first + a.tokens + s.encode(" and then")
     b = s.generate(longer, 8)
     assert b.stats.cached_tokens == len(first) + len(a.tokens) - 1  # all but the last reply token was cached
-    assert b.tokens == _session(model, exact=True).generate(longer, 8).tokens
+    assert b.tokens == _session(q, exact=True).generate(longer, 8).tokens
 
 
-def test_seeded_sampling_reproduces(model):
-    s = _session(model)
+def test_seeded_sampling_reproduces(q):
+    s = _session(q)
     ids = s.encode(PROMPT)
     p = SamplingParams(temperature=1.0, top_k=40, top_p=0.95, min_p=0.01, repetition_penalty=1.1, seed=5)
     assert s.generate(ids, 16, p).tokens == s.generate(ids, 16, p).tokens
     assert s.generate(ids, 16, p).tokens != s.generate(ids, 16, SamplingParams(temperature=1.0, seed=6)).tokens
 
 
-def test_context_limits_and_cancel(model):
-    s = _session(model, max_context=40)
+def test_context_limits_and_cancel(q):
+    s = _session(q, max_context=40)
     with pytest.raises(LowbitError, match="context"):
         s.generate(list(range(5, 45)), 4)
     out = s.generate(list(range(5, 35)), 100)
@@ -159,8 +159,8 @@ def test_context_limits_and_cancel(model):
     assert out.finish_reason == "cancelled" and len(out.tokens) == 2  # polled at the prefill and per token
 
 
-def test_chat_keeps_the_cache_between_turns(model):
-    chat = Chat(_session(model), system="You are terse.")
+def test_chat_keeps_the_cache_between_turns(q):
+    chat = Chat(_session(q), system="You are terse.")
     one = chat.send("Hello there", 6)
     two = chat.send("Tell me more", 6)
     assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
@@ -170,16 +170,16 @@ def test_chat_keeps_the_cache_between_turns(model):
     assert chat.messages == [{"role": "system", "content": "You are terse."}]
 
 
-def test_chat_needs_a_template(model):
-    model.lowbit_tokenizer.chat_template = None
+def test_chat_needs_a_template(q):
+    q.tokenizer.chat_template = None
     with pytest.raises(LowbitError, match="chat template"):
-        Chat(_session(model)).send("hi")
+        Chat(_session(q)).send("hi")
 
 
-def test_api_generate_keeps_its_signature(model):
-    text, stats = lowbit.generate(model, model.lowbit_tokenizer, PROMPT, 10, 0.0, None)
+def test_api_generate_keeps_its_signature(q):
+    text, stats = q.generate(PROMPT, 10, 0.0, None)
     assert stats.new_tokens == 10 and stats.prefill_tps > 0 and stats.decode_tps > 0
-    assert text == _session(model).generate(_session(model).encode(PROMPT), 10).text
+    assert text == _session(q).generate(_session(q).encode(PROMPT), 10).text
 
 
 def _cli(*args, stdin=""):

@@ -67,7 +67,7 @@ def test_gptq_handles_dead_inputs_and_ragged_groups():
 @pytest.mark.parametrize("model_type,extra", [("llama", {}), ("qwen2", {}), ("gemma", {}),
                                               ("gemma2", {"sliding_window": 8})])
 def test_runner_reproduces_the_float_model(tiny_model_dir, tiny_tokenizer, model_type, extra):
-    model = lowbit.load(tiny_model_dir(model_type, **extra))
+    model = lowbit.load(tiny_model_dir(model_type, **extra)).model
     batches = calibration_batches(tiny_tokenizer, builtin("calib"), 3, 40)
     assert [b.shape for b in batches] == [(1, 40)] * 3
     again = calibration_batches(tiny_tokenizer, builtin("calib"), 3, 40)
@@ -86,7 +86,7 @@ def test_block_targets_follow_the_float_model_or_the_block(tiny_model_dir, tiny_
     """Every block's inputs come from the quantized blocks before it; its targets are, with fp_targets
     (SignRound), the float model's own hidden states, else the float block's outputs on its
     inputs, which drift from those once earlier blocks are rounded (to 2 bits here)."""
-    model = lowbit.load(tiny_model_dir("llama", num_hidden_layers=3))
+    model = lowbit.load(tiny_model_dir("llama", num_hidden_layers=3)).model
     batches = calibration_batches(tiny_tokenizer, builtin("calib"), 2, 40)
     decoder = model.get_decoder()
     with torch.no_grad():

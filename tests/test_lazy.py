@@ -2,6 +2,7 @@
 before use, float weights gone after) and gives the same bytes as the eager path."""
 
 import gc
+import importlib
 import weakref
 
 import pytest
@@ -16,6 +17,8 @@ from lowbit.eval import evaluate
 from lowbit.io import Shards
 from lowbit.models import StreamedSource, load_source
 from lowbit.models.lazy import LazyBlocks
+
+apply_module = importlib.import_module("lowbit.recipes.apply")  # the module, not the function it exports
 
 OPTS = dict(calib_samples=4, calib_seq_len=48)
 
@@ -43,10 +46,8 @@ def sharded(tiny_model_dir, tmp_path_factory):
 
 def _eager(src, cfg, out, **opts):
     loaded = load_source(src)
-    assert not hasattr(loaded.model, "lowbit_lazy")
-    q = api.quantize(loaded.model, cfg, tokenizer=loaded.tokenizer, progress=False, **opts)
-    q.lowbit_info["source"] = loaded.source
-    api.save(q, out, loaded.tokenizer)
+    assert loaded.lazy is None
+    api.quantize(loaded, cfg, progress=False, **opts).save(out)
 
 
 def _same_dirs(a, b):
@@ -65,8 +66,7 @@ def test_lazy_gives_the_eager_bytes(sharded, tmp_path, method, model_type, tied)
     api.quantize_to(src, tmp_path / "lazy", cfg, check_windows=0, progress=False, **opts)
     _same_dirs(tmp_path / "eager", tmp_path / "lazy")
     if method == "rtn":  # the Python verb on a path is lazy too
-        q = api.quantize(str(src), cfg, progress=False)
-        api.save(q, tmp_path / "verb")
+        api.quantize(str(src), cfg, progress=False).save(tmp_path / "verb")
         _same_dirs(tmp_path / "eager", tmp_path / "verb")
 
 
@@ -83,7 +83,7 @@ def _block_state(block: nn.Module) -> str:
 def test_one_float_block_at_a_time(sharded, tmp_path, monkeypatch, method):
     src = sharded("llama", num_hidden_layers=4)
     loaded = load_source(src, lazy=True)
-    lazy, layers = loaded.model.lowbit_lazy, loaded.model.lowbit_lazy.layers
+    lazy, layers = loaded.lazy, loaded.lazy.layers
     assert [_block_state(b) for b in layers] == ["meta"] * 4
     assert lazy.block_bytes(0) == sum(p.numel() * 4 for p in layers[0].parameters())
     seen, weights, real_load = [], [], LazyBlocks.load
@@ -97,8 +97,7 @@ def test_one_float_block_at_a_time(sharded, tmp_path, monkeypatch, method):
         weights.append([weakref.ref(m.weight) for m in layers[i].modules() if isinstance(m, nn.Linear)])
     monkeypatch.setattr(LazyBlocks, "load", observe)
     cfg = lowbit.methods.config_for(method, bits=4, group_size=32)
-    q = api.quantize(loaded.model, cfg, tokenizer=loaded.tokenizer, progress=False,
-                     **(OPTS if cfg.needs_calib else {}))
+    q = api.quantize(loaded, cfg, progress=False, **(OPTS if cfg.needs_calib else {}))
     assert [i for i, _, _, _ in seen] == [0, 1, 2, 3]
     for i, loaded_before, states, alive in seen:
         assert loaded_before == set()  # the previous block was finished before this one was read
@@ -107,7 +106,7 @@ def test_one_float_block_at_a_time(sharded, tmp_path, monkeypatch, method):
     assert [_block_state(b) for b in layers] == ["quantized"] * 4
     gc.collect()
     assert all(r() is None for refs in weights for r in refs)
-    assert not hasattr(q, "lowbit_lazy")
+    assert not any(t.is_meta for t in q.model.state_dict().values())  # the loader is done with it
 
 
 def test_streamed_reference_matches_the_model_in_memory(sharded, tiny_tokenizer):
@@ -116,7 +115,7 @@ def test_streamed_reference_matches_the_model_in_memory(sharded, tiny_tokenizer)
     src = sharded("llama", num_hidden_layers=3)
     eager = load_source(src).model
     text = lowbit.calib.builtin("eval")[:3000]
-    streamed = StreamedSource(load_source(src, lazy=True).model)
+    streamed = StreamedSource(load_source(src, lazy=True).lazy)
     a = evaluate(eager, tiny_tokenizer, text, ctx=200, source=eager, progress=False)
     b = evaluate(eager, tiny_tokenizer, text, ctx=200, source=streamed, progress=False)
     assert a.windows > 2 and len({h.shape[1] for h in streamed.finals.values()}) == 2  # 200 and shorter
@@ -130,11 +129,11 @@ def test_lazy_check_step(sharded, tmp_path):
     cfg = lowbit.RTN(bits=3, group_size=32)
     r = api.quantize_to(src, tmp_path / "out", cfg, check_windows=2, progress=False)
     q = api.load(tmp_path / "out")
-    ref = evaluate(q, q.lowbit_tokenizer, lowbit.calib.builtin("eval"), max_windows=2,
+    ref = evaluate(q.model, q.tokenizer, lowbit.calib.builtin("eval"), max_windows=2,
                    source=load_source(src).model, progress=False)
     assert r.check.source_ppl == pytest.approx(ref.source_ppl, rel=1e-5)
     assert r.check.kld == pytest.approx(ref.kld, rel=1e-4) and r.check.kld > 0
-    again = api.evaluate_model(tmp_path / "out", kld=True, max_windows=2, progress=False)  # `lowbit eval --kld`
+    again = api.load(tmp_path / "out").evaluate(kld=True, max_windows=2, progress=False)  # `lowbit eval --kld`
     assert again.kld == pytest.approx(ref.kld, rel=1e-4)
 
 
@@ -187,7 +186,7 @@ def test_shard_changed_after_the_check_is_a_lowbit_error(sharded, tmp_path):
     for shard in src.glob("model-*.safetensors"):
         shard.write_bytes(b"")
     with pytest.raises(LowbitError, match="cannot read"):
-        api.quantize(loaded.model, lowbit.RTN(bits=4, group_size=32), progress=False)
+        api.quantize(loaded, lowbit.RTN(bits=4, group_size=32), progress=False)
 
 
 def test_nan_in_a_late_block_fails_before_any_work(sharded, tmp_path, capsys):
@@ -229,17 +228,17 @@ def test_finished_blocks_leave_memory(sharded, tmp_path, monkeypatch, method):
     """With a checkpoint, each finished block is written there and dropped: when block i is read, every
     earlier block is on meta and none of its quantized tensors is referenced anywhere. Saved from those
     files (sharded here), the model has the eager path's bytes; reloaded, it computes the same logits."""
-    from lowbit.io import BlockCheckpoint, reload
+    from lowbit.io import BlockCheckpoint
 
     src = sharded("llama", num_hidden_layers=4)
     cfg = lowbit.methods.config_for(method, bits=3, group_size=32)
     opts = OPTS if cfg.needs_calib else {}
     eager = load_source(src)
-    qe = api.quantize(eager.model, cfg, tokenizer=eager.tokenizer, progress=False, **opts)
-    api.save(qe, tmp_path / "eager", eager.tokenizer, max_shard_size="20KB")
+    qe = api.quantize(eager, cfg, progress=False, **opts)
+    qe.save(tmp_path / "eager", max_shard_size="20KB")
 
     loaded = load_source(src, lazy=True)
-    layers = loaded.model.lowbit_lazy.layers
+    layers = loaded.lazy.layers
     seen, kept, real_load, real_keep = [], [], LazyBlocks.load, BlockCheckpoint.keep
 
     def observe(self, i):
@@ -253,30 +252,29 @@ def test_finished_blocks_leave_memory(sharded, tmp_path, monkeypatch, method):
         real_keep(self, i, block)
     monkeypatch.setattr(LazyBlocks, "load", observe)
     monkeypatch.setattr(BlockCheckpoint, "keep", keep)
-    q = api.quantize(loaded.model, cfg, tokenizer=loaded.tokenizer, progress=False,
-                     checkpoint=BlockCheckpoint(tmp_path / "progress", {}), **opts)
+    q = api.quantize(loaded, cfg, progress=False, checkpoint=BlockCheckpoint(tmp_path / "progress", {}), **opts)
     assert len(seen) == 4 and all(states == ["meta"] * 4 and alive == [] for states, alive in seen)
     assert [_block_state(b) for b in layers] == ["meta"] * 4 and len(kept) == 4 and all(kept)
     gc.collect()
     assert all(r() is None for refs in kept for r in refs)
 
-    api.save(q, tmp_path / "stored", loaded.tokenizer, max_shard_size="20KB")
+    q.save(tmp_path / "stored", max_shard_size="20KB")
     files = sorted(p.name for p in (tmp_path / "eager").iterdir())
     assert len([f for f in files if f.endswith(".safetensors")]) >= 3
     assert files == sorted(p.name for p in (tmp_path / "stored").iterdir())
     for name in files:
         assert (tmp_path / "eager" / name).read_bytes() == (tmp_path / "stored" / name).read_bytes(), name
-    reload(q)
+    q.reload()
     assert [_block_state(b) for b in layers] == ["quantized"] * 4
     ids = torch.arange(3, 40).unsqueeze(0)
     with torch.no_grad():
-        assert torch.equal(q(ids).logits, qe(ids).logits)
+        assert torch.equal(q.model(ids).logits, qe.model(ids).logits)
 
 
 def test_failed_lazy_rtn_leaves_no_progress(sharded, tmp_path, monkeypatch):
     """A lazy RTN run parks finished blocks beside the output; it cannot resume, so a failure removes them."""
     src = sharded("llama", num_hidden_layers=3)
-    real, calls = api.quantize_weight, []
+    real, calls = apply_module.quantize_weight, []
 
     def fail_in_block_1(*args):
         calls.append(1)
@@ -284,7 +282,7 @@ def test_failed_lazy_rtn_leaves_no_progress(sharded, tmp_path, monkeypatch):
             assert (tmp_path / ".out.progress" / "block_0.safetensors").is_file()
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(api, "quantize_weight", fail_in_block_1)
+    monkeypatch.setattr(apply_module, "quantize_weight", fail_in_block_1)
     with pytest.raises(KeyboardInterrupt):
         api.quantize_to(src, tmp_path / "out", lowbit.RTN(bits=4, group_size=32), progress=False)
     assert list(tmp_path.iterdir()) == []

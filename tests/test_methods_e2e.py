@@ -23,13 +23,13 @@ def test_calibrated_method_beats_rtn(tiny_model_dir, tiny_tokenizer, tmp_path, m
     ids = calibration_batches(tiny_tokenizer, builtin("eval"), 2, 48)[0]
     rtn_cfg = RTN(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym)
     with torch.no_grad():
-        ref = lowbit.load(path)(ids).logits
-        rtn_err = (lowbit.quantize(path, rtn_cfg, progress=False)(ids).logits - ref).pow(2).mean()
+        ref = lowbit.load(path).model(ids).logits
+        rtn_err = (lowbit.quantize(path, rtn_cfg, progress=False).model(ids).logits - ref).pow(2).mean()
         q = lowbit.quantize(path, cfg, calib_samples=8, calib_seq_len=48, progress=False)
-        assert (q(ids).logits - ref).pow(2).mean() < rtn_err
-    lowbit.save(q, tmp_path / "q")
+        assert (q.model(ids).logits - ref).pow(2).mean() < rtn_err
+    q.save(tmp_path / "q")
     loaded = lowbit.load(tmp_path / "q")
-    assert loaded.lowbit_info["method"]["method"] == cfg.name
-    assert loaded.lowbit_info["calibration"] == {"samples": 8, "seq_len": 48, "text": "builtin"}
+    assert loaded.plan == q.plan and set(loaded.plan.layers.values()) == {cfg}
+    assert loaded.info["calibration"] == {"samples": 8, "seq_len": 48, "text": "builtin"}
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, q(ids).logits)
+        assert torch.equal(loaded.model(ids).logits, q.model(ids).logits)

@@ -16,9 +16,9 @@ from tests.conftest import TINY_TYPES
 SAVE_MODULE = importlib.import_module("lowbit.io.save")  # the module, not the function it exports
 
 
-def _logits(model, ids):
+def _logits(q, ids):
     with torch.inference_mode():
-        return model(ids).logits
+        return q.model(ids).logits
 
 
 @pytest.fixture
@@ -29,19 +29,21 @@ def ids():
 @pytest.mark.parametrize("model_type", TINY_TYPES)
 @pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (3, 64, False), (2, -1, True), (8, 32, False)])
 def test_save_load_reproduces_logits(tiny_model_dir, tmp_path, ids, model_type, bits, group, sym):
-    q = lowbit.quantize(tiny_model_dir(model_type), lowbit.RTN(bits=bits, group_size=group, sym=sym),
-                        progress=False)
-    linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
-    assert len(linears) == 2 * 7 and not isinstance(q.get_output_embeddings(), QuantLinear)
+    spec, path = lowbit.RTN(bits=bits, group_size=group, sym=sym), tiny_model_dir(model_type)
+    q = lowbit.quantize(path, spec, progress=False)
+    linears = [m for m in q.model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 2 * 7 and not isinstance(q.model.get_output_embeddings(), QuantLinear)
     expected = _logits(q, ids)
-    lowbit.save(q, tmp_path / "out")
+    q.save(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "lowbit" and config["method"]["method"] == "rtn"
+    assert config["quant_method"] == "lowbit" and config["plan"] == [
+        {"spec": spec.to_dict(), "layers": [n for n, m in q.model.named_modules() if isinstance(m, QuantLinear)]}]
     assert config["modules"]["model.layers.0.self_attn.q_proj"] == {
         "kind": "uniform", "bits": bits, "group_size": group, "sym": sym, "shape": [64, 64]}
     loaded = lowbit.load(tmp_path / "out")
     assert torch.equal(_logits(loaded, ids), expected)
-    out = loaded.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=3, do_sample=False)
+    assert loaded.plan == q.plan and loaded.source == q.source == str(path.absolute())
+    out = loaded.model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 26)
 
 
@@ -55,7 +57,7 @@ def test_quantization_changes_the_model_by_the_expected_amount(tiny_model_dir, i
 
 def test_sharded_save(tiny_model_dir, tmp_path, ids):
     q = lowbit.quantize(tiny_model_dir("qwen2"), lowbit.RTN(bits=4, group_size=32), progress=False)
-    lowbit.save(q, tmp_path / "out", max_shard_size="20KB")
+    q.save(tmp_path / "out", max_shard_size="20KB")
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     assert torch.equal(_logits(lowbit.load(tmp_path / "out"), ids), _logits(q, ids))
@@ -64,11 +66,12 @@ def test_sharded_save(tiny_model_dir, tmp_path, ids):
 def test_lm_head_and_embeddings_optional(tiny_model_dir, tmp_path, ids):
     q = lowbit.quantize(tiny_model_dir("llama"), lowbit.RTN(bits=8, group_size=32), lm_head=True,
                         embeddings=True, progress=False)
-    assert isinstance(q.get_output_embeddings(), QuantLinear)
-    assert isinstance(q.get_input_embeddings(), QuantEmbedding)
-    lowbit.save(q, tmp_path / "out")
+    assert isinstance(q.model.get_output_embeddings(), QuantLinear)
+    assert isinstance(q.model.get_input_embeddings(), QuantEmbedding)
+    q.save(tmp_path / "out")
     loaded = lowbit.load(tmp_path / "out")
-    assert isinstance(loaded.get_input_embeddings(), QuantEmbedding)
+    assert isinstance(loaded.model.get_input_embeddings(), QuantEmbedding)
+    assert loaded.plan == q.plan
     assert torch.equal(_logits(loaded, ids), _logits(q, ids))
 
 
@@ -78,15 +81,16 @@ def test_any_module_with_linears():
     x = torch.randn(3, 64)
     before = model(x)
     q = lowbit.quantize(model, lowbit.RTN(bits=8, group_size=32), progress=False)
-    assert q is model and isinstance(q[0], QuantLinear) and isinstance(q[2], QuantLinear)
-    torch.testing.assert_close(q(x), before, atol=0.05, rtol=0.05)
+    assert q.model is model and isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
+    assert q.tokenizer is None and q.source is None and list(q.plan.layers) == ["0", "2"]
+    torch.testing.assert_close(model(x), before, atol=0.05, rtol=0.05)
     with pytest.raises(LowbitError, match="transformers model"):
-        lowbit.save(q, "unused")
+        q.save("unused")
 
 
 def test_full_disk_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     q = lowbit.quantize(tiny_model_dir("llama"), lowbit.RTN(bits=4, group_size=32), progress=False)
-    lowbit.save(q, tmp_path / "old")
+    q.save(tmp_path / "old")
     before = sorted(p.name for p in (tmp_path / "old").iterdir())
 
     def full(*args, **kwargs):
@@ -94,9 +98,9 @@ def test_full_disk_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(SAVE_MODULE, "_write_tensors", full)
     with pytest.raises(LowbitError, match="disk full"):
-        lowbit.save(q, tmp_path / "new")
+        q.save(tmp_path / "new")
     with pytest.raises(LowbitError, match="disk full"):
-        lowbit.save(q, tmp_path / "old", overwrite=True)
+        q.save(tmp_path / "old", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no new dir, no partial dirs
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == before
     lowbit.load(tmp_path / "old")
@@ -110,5 +114,5 @@ def test_interrupted_save_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(SAVE_MODULE, "_write_tensors", killed)
     with pytest.raises(KeyboardInterrupt):
-        lowbit.save(q, tmp_path / "out")
+        q.save(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

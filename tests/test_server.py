@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 import lowbit
-from lowbit.runtime import Session
 from lowbit.runtime.server import Running, create_app
 
 openai = pytest.importorskip("openai")
@@ -20,7 +19,7 @@ NAME = "tiny-w4"
 @pytest.fixture
 def server(tiny_quantized_dir):
     model = lowbit.load(tiny_quantized_dir)
-    app = create_app(Session.for_model(model, model.lowbit_tokenizer, max_context=256), NAME)
+    app = create_app(model.session(max_context=256), NAME)
     running = Running(app)
     running.model, running.app = model, app
     yield running
@@ -33,7 +32,7 @@ def client(server):
 
 
 def _reference(model, prompt_ids, max_tokens, **kw):
-    return Session.for_model(model, model.lowbit_tokenizer).generate(prompt_ids, max_tokens, **kw)
+    return model.session().generate(prompt_ids, max_tokens, **kw)
 
 
 def test_models(client):
@@ -42,7 +41,7 @@ def test_models(client):
 
 def test_completion_stream_and_not(client, server):
     r = client.completions.create(model=NAME, prompt="The quick brown fox", max_tokens=12, temperature=0)
-    tok = server.model.lowbit_tokenizer
+    tok = server.model.tokenizer
     ref = _reference(server.model, tok("The quick brown fox").input_ids, 12)
     assert r.choices[0].text == ref.text and r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.stats.prompt_tokens, 12)
@@ -56,7 +55,7 @@ def test_completion_stream_and_not(client, server):
 def test_chat_stream_and_not(client, server):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
     r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0)
-    prompt = Session.for_model(server.model, server.model.lowbit_tokenizer).chat_ids(messages)
+    prompt = server.model.session().chat_ids(messages)
     ref = _reference(server.model, prompt, 10)
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == ref.text
     stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0, stream=True)
@@ -117,7 +116,7 @@ def test_malformed_json_and_unknown_routes(server):
 
 def test_disconnect_cancels_generation(client, server):
     prompt = "Go on and on."
-    ids = server.model.lowbit_tokenizer(prompt).input_ids
+    ids = server.model.tokenizer(prompt).input_ids
     assert _reference(server.model, ids, 200).finish_reason == "length"  # it would run all 200 tokens
     counts = server.app.state.worker.counts
     before = dict(counts)

@@ -15,7 +15,7 @@ def test_zero_iterations_equals_rtn(tiny_model_dir):
     for sym in (True, False):
         rtn = lowbit.quantize(path, RTN(bits=3, group_size=32, sym=sym), progress=False)
         sr = _quantize(path, SignRound(bits=3, group_size=32, sym=sym, iters=0))
-        for (name, a), b in zip(rtn.state_dict().items(), sr.state_dict().values()):
+        for (name, a), b in zip(rtn.model.state_dict().items(), sr.model.state_dict().values()):
             assert torch.equal(a, b), name
 
 

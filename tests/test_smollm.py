@@ -31,7 +31,8 @@ def eval_text():
 
 
 def _quantized(smollm, **spec):
-    return lowbit.quantize(copy.deepcopy(smollm.model), lowbit.RTN(**spec), progress=False)
+    return lowbit.quantize(copy.deepcopy(smollm.model), lowbit.RTN(**spec), tokenizer=smollm.tokenizer,
+                           progress=False)
 
 
 def test_default_model_is_smollm2(smollm):
@@ -62,7 +63,7 @@ def test_rtn_accuracy_ordering(smollm, eval_text):
     results = {}
     for bits in (8, 4, 3):
         q = _quantized(smollm, bits=bits, group_size=128)
-        results[bits] = evaluate(q, smollm.tokenizer, eval_text, max_windows=WINDOWS, source=smollm.model,
+        results[bits] = evaluate(q.model, smollm.tokenizer, eval_text, max_windows=WINDOWS, source=smollm.model,
                                  progress=False)
     src = results[8].source_ppl
     assert abs(results[8].ppl / src - 1) < 0.01  # W8 g128 within 1% of the source
@@ -74,14 +75,14 @@ def test_save_load_generate_is_exact(smollm, tmp_path):
     q = _quantized(smollm, bits=4, group_size=64, sym=False)
     ids = smollm.tokenizer("The Python interpreter", return_tensors="pt").input_ids
     with torch.inference_mode():
-        expected = q(ids).logits
-    lowbit.save(q, tmp_path / "q", smollm.tokenizer)
+        expected = q.model(ids).logits
+    q.save(tmp_path / "q")
     loaded = lowbit.load(tmp_path / "q")
     with torch.inference_mode():
-        assert torch.equal(loaded(ids).logits, expected)
-    text, stats = lowbit.generate(loaded, loaded.lowbit_tokenizer, "The Python interpreter", max_new_tokens=4)
+        assert torch.equal(loaded.model(ids).logits, expected)
+    text, stats = loaded.generate("The Python interpreter", max_new_tokens=4)
     assert stats.new_tokens == 4 and text.strip()
-    size = model_size(loaded)
+    size = model_size(loaded.model)
     assert len(size.layers) == 30 * 7
     assert size.quantized_bpw == pytest.approx(4 + 24 / 64)
 
@@ -100,4 +101,7 @@ def test_cli_quantize_eval_inspect(tmp_path, capsys):
     assert "model.layers.29.mlp.down_proj" in table and "uniform 4b g32 sym" in table
     assert main(["generate", str(out), "Hello", "--max-new-tokens", "3", "--seed", "1",
                  "--temperature", "0.7"]) == 0
-    assert capsys.readouterr().out.startswith("Hello")
+    printed = capsys.readouterr().out
+    continuation, stats = lowbit.load(out).generate("Hello", 3, temperature=0.7, seed=1)  # the same draw
+    assert stats.new_tokens == 3 and continuation.strip()
+    assert printed == "Hello" + continuation  # the echoed prompt, then exactly the model's new text

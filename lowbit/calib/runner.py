@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
+from ..models import LazyBlocks
 from ..models.blocks import capture_inputs, decoder_layers, run_block
 
 SAMPLE_TOKENS = 2048  # input rows kept per layer for methods that search on activations (AWQ, TEQ)
@@ -97,19 +98,19 @@ BlockQuantizer = Callable[[nn.Module, list, dict, list, dict], dict]
 
 
 def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_block: BlockQuantizer,
-                    progress: bool = True, checkpoint=None, fp_targets: bool = False) -> dict[str, float]:
+                    progress: bool = True, checkpoint=None, fp_targets: bool = False,
+                    lazy: LazyBlocks | None = None) -> dict[str, float]:
     """Quantize the model block by block. `quantize_block(block, inputs, kwargs, targets, stats)`
     replaces the block's linears in place and returns {layer name: ‖WX−ŴX‖/‖WX‖}; the returned
     errors add, per block, "i.block": the relative error of the quantized block's output. `inputs`
     come from the blocks already quantized (GPTQ's sequential order); `targets` are the float block's
     outputs on them, or with `fp_targets` the float model's own outputs (a second, float stream of
     activations, as auto-round's enable_quanted_input: a block trained to them also undoes the error
-    of the blocks before it). A lazy model (models/lazy.py) has each block's float weights read just
-    before the block is quantized.
+    of the blocks before it). A lazy model (its loader `lazy`, models/lazy.py) has each block's float
+    weights read just before the block is quantized.
     With a `checkpoint` (io.BlockCheckpoint), each finished block is written there and dropped from
     memory (its tensors on meta): save the model with io.save, or io.reload it to run it."""
     layers = decoder_layers(model)
-    lazy = getattr(model, "lowbit_lazy", None)
     inputs, layer_kwargs = capture_inputs(model, batches)
     fp_inputs = inputs if fp_targets else None
     resumed = checkpoint.restore(layers) if checkpoint is not None else None

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..formats import describe
+
 
 @dataclass
 class LayerSize:
@@ -15,6 +17,11 @@ class LayerSize:
     @property
     def bpw(self) -> float:
         return 8 * self.nbytes / self.params
+
+    @property
+    def format(self) -> str:
+        """The stored format in a few words ("uniform 4b g32 sym")."""
+        return describe(self.meta)
 
 
 @dataclass

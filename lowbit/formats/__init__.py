@@ -12,4 +12,9 @@ def from_tensors(meta: dict, tensors) -> QTensor:
     return KINDS[meta["kind"]].from_tensors(meta, tensors)
 
 
-__all__ = ["BITS", "CODEBOOK_BITS", "CodebookQ", "check_codebook_spec", "GROUP_SIZES", "KINDS", "QTensor", "UniformQ", "check_spec", "from_tensors"]
+def describe(meta: dict) -> str:
+    """One short line for any stored QTensor's meta ("uniform 4b g32 sym", "codebook 3b row +outliers")."""
+    return KINDS[meta["kind"]].describe(meta)
+
+
+__all__ = ["BITS", "CODEBOOK_BITS", "CodebookQ", "check_codebook_spec", "GROUP_SIZES", "KINDS", "QTensor", "UniformQ", "check_spec", "describe", "from_tensors"]

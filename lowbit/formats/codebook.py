@@ -108,6 +108,11 @@ class CodebookQ(QTensor):
         return {"kind": self.kind, "bits": self.bits, "group_size": self.group_size,
                 "shape": list(self.shape), "outliers": self.has_outliers}
 
+    @staticmethod
+    def describe(meta: dict) -> str:
+        group = "row" if meta["group_size"] == -1 else f"g{meta['group_size']}"
+        return f"codebook {meta['bits']}b {group}" + (" +outliers" if meta.get("outliers") else "")
+
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> CodebookQ:
         return cls(tensors["qweight"], tensors["codebook"], int(meta["bits"]), int(meta["group_size"]),

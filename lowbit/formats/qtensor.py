@@ -6,7 +6,8 @@ codebook, ...) provides the same five things, so callers never branch on the kin
   - `tensors()`     the named tensors that are stored (safetensors names get the module prefix);
   - `meta()`        a JSON-able description (kind + parameters) for config.json;
   - `from_tensors(meta, tensors)`  the inverse of the two above;
-  - `bits_per_weight` / `nbytes`  the honest storage cost, scales and zeros included.
+  - `bits_per_weight` / `nbytes`  the honest storage cost, scales and zeros included;
+  - `describe(meta)`  one short human line for a stored meta ("uniform 4b g32 sym"), as `lowbit inspect` prints.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class QTensor:
 
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> QTensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def describe(meta: dict) -> str:
         raise NotImplementedError
 
     @property

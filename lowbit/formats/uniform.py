@@ -179,6 +179,11 @@ class UniformQ(QTensor):
         return {"kind": self.kind, "bits": self.bits, "group_size": self.group_size,
                 "sym": self.sym, "shape": list(self.shape)}
 
+    @staticmethod
+    def describe(meta: dict) -> str:
+        group = "row" if meta["group_size"] == -1 else f"g{meta['group_size']}"
+        return f"uniform {meta['bits']}b {group} {'sym' if meta['sym'] else 'asym'}"
+
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> UniformQ:
         return cls(tensors["qweight"], tensors["scales"], tensors.get("zeros"), int(meta["bits"]),

@@ -5,9 +5,10 @@ killed run continues from the last finished block and produces the same bytes.
 Each write goes to a temporary name first and `state.json` (which block is done) is replaced last,
 so the directory is consistent after a crash at any point.
 
-A kept block leaves memory (`keep`): its modules stay, with their tensors on meta, and the module
-records its file (`lowbit_stored`); io/save.py writes the final model from those files, one block at
-a time, and `reload` brings the blocks back for a run of the model (the accuracy check).
+A kept block leaves memory (`keep`): its modules stay, with their tensors on meta, and the checkpoint
+records which block waits in which file (`stored_in`); io/save.py, given that map, writes the final
+model from those files, one block at a time, and `reload` brings the blocks back for a run of the
+model (the accuracy check).
 """
 
 import hashlib
@@ -35,6 +36,7 @@ class BlockCheckpoint:
     def __init__(self, path: str | Path, key: dict):
         self.path = Path(path)
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        self._stored: dict[int, tuple[torch.nn.Module, Path]] = {}  # id(block) -> (block, its file stem)
 
     @classmethod
     def beside(cls, out: str | Path, key: dict) -> "BlockCheckpoint":
@@ -56,7 +58,7 @@ class BlockCheckpoint:
         if state is None:
             return None
         for i in range(state["done"]):
-            _install(layers[i], self.path / f"block_{i}", stored=True)
+            self._store(layers[i], self.path / f"block_{i}")
         stored = load_file(self.path / "inputs.safetensors")
         count = sum(1 for k in stored if not k.startswith("fp"))
         fp = [stored[f"fp{j}"] for j in range(count)] if "fp0" in stored else None
@@ -72,7 +74,22 @@ class BlockCheckpoint:
         _replace_file(self.path / f"block_{i}.safetensors", lambda p: save_file(tensors, p))
         _replace_file(self.path / f"block_{i}.json", lambda p: p.write_text(json.dumps(modules)))
         del tensors
-        _install(block, self.path / f"block_{i}", stored=True)
+        self._store(block, self.path / f"block_{i}")
+
+    def _store(self, block: torch.nn.Module, stem: Path) -> None:
+        _install(block, stem, stored=True)
+        self._stored[id(block)] = (block, stem)
+
+    def stored_in(self, model: torch.nn.Module) -> dict[str, Path]:
+        """name prefix -> file of every block of `model` whose tensors wait on disk (for io.save)."""
+        return {name + ".": self._stored[id(m)][1].with_suffix(".safetensors")
+                for name, m in model.named_modules() if id(m) in self._stored}
+
+    def reload(self) -> None:
+        """Read every stored block back into memory (to run the model)."""
+        for block, stem in self._stored.values():
+            _install(block, stem, stored=False)
+        self._stored.clear()
 
     def save(self, i: int, block: torch.nn.Module, inputs: list[torch.Tensor],
              fp_inputs: list[torch.Tensor] | None = None) -> None:
@@ -97,8 +114,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 def _install(block: torch.nn.Module, stem: Path, stored: bool) -> None:
     """Make `block` the one saved as `stem`.safetensors/.json: its tensors read (stored=False), or
-    only their shapes, on meta, with the file recorded for io/save.py (stored=True). Fresh modules
-    replace the quantized ones, so nothing (a kernel's prepared copy) holds the old tensors."""
+    only their shapes, on meta (stored=True). Fresh modules replace the quantized ones, so nothing
+    (a kernel's prepared copy) holds the old tensors."""
     file = stem.with_suffix(".safetensors")
     if stored:
         with safe_open(file, "pt") as f:
@@ -108,13 +125,3 @@ def _install(block: torch.nn.Module, stem: Path, stored: bool) -> None:
         tensors = load_file(file)
     install_quantized(block, json.loads(stem.with_suffix(".json").read_text()), tensors, torch.float32, file)
     block.load_state_dict(tensors, strict=False, assign=True)  # assign: in place of meta, or onto it
-    if stored:
-        block.lowbit_stored = str(file)
-    elif hasattr(block, "lowbit_stored"):
-        del block.lowbit_stored
-
-
-def reload(model: torch.nn.Module) -> None:
-    """Read every stored block of `model` back into memory (to run the model)."""
-    for m in [m for m in model.modules() if hasattr(m, "lowbit_stored")]:
-        _install(m, Path(m.lowbit_stored).with_suffix(""), stored=False)

@@ -71,7 +71,8 @@ def install_quantized(model: torch.nn.Module, modules: dict[str, dict], state: d
 
 
 def load(path: str | Path):
-    """(model, tokenizer) from a lowbit directory; the model is in eval mode and generates."""
+    """(model, tokenizer, quantization_config) from a lowbit directory; the model is in eval mode and
+    generates."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     path = Path(path)
@@ -96,9 +97,8 @@ def load(path: str | Path):
     still_empty = [n for n, p in model.named_parameters() if p.is_meta]
     if still_empty:
         raise LowbitError(f"{path} is incomplete: no weights for {', '.join(still_empty[:3])}")
-    model.lowbit_info = {k: v for k, v in qc.items() if k not in ("modules", "quant_method", "format_version")}
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    return model, tokenizer
+    return model, tokenizer, qc

@@ -5,10 +5,14 @@ Layout: model.safetensors (or model-0000i-of-0000n.safetensors + model.safetenso
 tokenizer files and generation_config.json. config.json is written last and the directory appears
 under its name only when complete (see atomic.py).
 
+`quantization_config` holds what the caller records (the per-layer plan, the source, ...: a plain dict,
+io does not interpret it) plus the format version and `modules` (each quantized module's QTensor meta,
+all the loader needs to rebuild the weights).
+
 The safetensors files are written by a streaming writer (the same bytes as safetensors' save_file): a
-decoder block whose tensors wait on disk (`lowbit_stored`, io/checkpoint.py: only its module
-structure is in memory, on meta) is read from its file and written one block at a time, so saving
-a model larger than memory needs no more than one block of it.
+decoder block whose tensors wait on disk (`stored`: name prefix -> file, from io.BlockCheckpoint; only
+its module structure is in memory, on meta) is read from its file and written one block at a time, so
+saving a model larger than memory needs no more than one block of it.
 """
 
 import json
@@ -23,7 +27,7 @@ from safetensors.torch import save as serialize
 from ..errors import LowbitError
 from .atomic import atomic_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the caller's record is a per-layer plan; 1 recorded one "method" for every module
 
 
 def quantized_modules(model: torch.nn.Module) -> dict[str, dict]:
@@ -31,9 +35,8 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, dict]:
     return {name: dict(m.meta) for name, m in model.named_modules() if hasattr(m, "qtensor")}
 
 
-def quantization_config(model: torch.nn.Module) -> dict:
-    info = getattr(model, "lowbit_info", {})
-    return {"quant_method": "lowbit", "format_version": FORMAT_VERSION, **info,
+def quantization_config(model: torch.nn.Module, record: dict | None = None) -> dict:
+    return {"quant_method": "lowbit", "format_version": FORMAT_VERSION, **(record or {}),
             "modules": quantized_modules(model)}
 
 
@@ -48,11 +51,6 @@ def _tensors_to_store(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         seen.add(key)
         state[name] = t.detach().contiguous()
     return state
-
-
-def _stored_blocks(model: torch.nn.Module) -> dict[str, Path]:
-    """name prefix -> file of every module whose tensors wait on disk (io/checkpoint.py)."""
-    return {name + ".": Path(m.lowbit_stored) for name, m in model.named_modules() if hasattr(m, "lowbit_stored")}
 
 
 @cache
@@ -111,9 +109,10 @@ def _write_tensors(state: dict[str, torch.Tensor], files: dict[str, list[str]], 
 
 def write_model_dir(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
                     max_shard_size: int | str = "2GB", quantization: dict | None = None,
-                    extra_files: dict[str, str] | None = None) -> Path:
+                    extra_files: dict[str, str] | None = None, stored: dict[str, Path] | None = None) -> Path:
     """Weights, config.json (with `quantization` as its quantization_config, if given), tokenizer and
-    generation config of a transformers model, written atomically."""
+    generation config of a transformers model, written atomically; `stored` blocks are read from their
+    files."""
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise LowbitError("save needs a transformers model (with a config); "
                           "for a plain nn.Module use its state_dict()")
@@ -126,7 +125,7 @@ def write_model_dir(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
     split = split_torch_state_dict_into_shards({n: t.to("meta") for n, t in state.items()},
                                                max_shard_size=max_shard_size)
     with atomic_dir(out_dir, overwrite) as tmp:
-        _write_tensors(state, split.filename_to_tensors, tmp, _stored_blocks(model))
+        _write_tensors(state, split.filename_to_tensors, tmp, stored or {})
         if split.is_sharded:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": split.tensor_to_filename}
@@ -141,10 +140,12 @@ def write_model_dir(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
     return Path(out_dir)
 
 
-def save(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False,
-         max_shard_size: int | str = "2GB", extra_files: dict[str, str] | None = None) -> Path:
-    """Write `model` (quantized by lowbit.quantize) to `out_dir` atomically."""
-    quantization = quantization_config(model)
+def save(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, record: dict | None = None,
+         overwrite: bool = False, max_shard_size: int | str = "2GB", extra_files: dict[str, str] | None = None,
+         stored: dict[str, Path] | None = None) -> Path:
+    """Write `model` (quantized by lowbit.quantize) to `out_dir` atomically, `record` (JSON-able: how it
+    was quantized) in its quantization_config."""
+    quantization = quantization_config(model, record)
     if not quantization["modules"]:
         raise LowbitError("model has no quantized modules: run lowbit.quantize first")
-    return write_model_dir(model, out_dir, tokenizer, overwrite, max_shard_size, quantization, extra_files)
+    return write_model_dir(model, out_dir, tokenizer, overwrite, max_shard_size, quantization, extra_files, stored)

@@ -8,7 +8,7 @@ linear); then search each layer's clipping range per group on its output error (
 the reference implementation).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,8 +30,8 @@ CLIP_TOKENS = 512
 
 @dataclass(frozen=True)
 class AWQ(MethodConfig):
-    grid: int = 20  # α ∈ {0, 1/grid, ..., (grid-1)/grid}
-    clip: bool = True
+    grid: int = field(default=20, metadata={"help": "scale exponents tried: α ∈ {0, 1/grid, ..., (grid-1)/grid}"})
+    clip: bool = field(default=True, metadata={"help": "search a clipping range per group after scaling"})
     name = "awq"
     needs_calib = True
 

@@ -1,9 +1,11 @@
 """Config objects: one typed dataclass per method, like torchao's `Int4WeightOnlyConfig`.
 
 Every method shares the target format fields (bits, group size, symmetry) and adds its own knobs.
+Each field's `metadata["help"]` is its one-line description (the CLI's options are made from them;
+`metadata["off"]` names a boolean's negative flag).
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 from ..formats import check_spec
@@ -11,9 +13,9 @@ from ..formats import check_spec
 
 @dataclass(frozen=True)
 class MethodConfig:
-    bits: int = 4
-    group_size: int = 128  # -1 = whole row
-    sym: bool = True
+    bits: int = field(default=4, metadata={"help": "bits per weight"})
+    group_size: int = field(default=128, metadata={"help": "weights per scale: 32, 64, 128, or -1 for whole rows"})
+    sym: bool = field(default=True, metadata={"help": "symmetric grid (asym: a zero point per group)", "off": "asym"})
     name: ClassVar[str]
     needs_calib: ClassVar[bool] = False
     fp_targets: ClassVar[bool] = False  # block-output methods: train to the float model's own outputs

@@ -17,7 +17,7 @@ start from a k-means (or quantile) grid of each row weighted by diag(H). With
 format's sparse part, and left out of the fit.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +36,12 @@ INITS = ("kmeans", "quantile")
 
 @dataclass(frozen=True)
 class GANQ(MethodConfig):
-    bits: int = 4
-    group_size: int = -1  # one codebook per row, as in the paper
-    iters: int = 10
-    damp: float = 0.01
-    outlier_ratio: float = 0.0  # fraction of weights kept exactly (the paper's GANQ★ uses 0.005)
-    init: str = "kmeans"
+    bits: int = field(default=4, metadata={"help": "bits per weight"})
+    group_size: int = field(default=-1, metadata={"help": "weights per codebook (ganq default -1: one per row, as in the paper)"})
+    iters: int = field(default=10, metadata={"help": "alternating optimisation iterations"})
+    damp: float = field(default=0.01, metadata={"help": "Hessian dampening, fraction of its mean diagonal"})
+    outlier_ratio: float = field(default=0.0, metadata={"help": "fraction of weights kept exactly as sparse outliers (GANQ★: 0.005)"})
+    init: str = field(default="kmeans", metadata={"help": "codebook initialisation: kmeans or quantile"})
     name = "ganq"
     needs_calib = True
 

@@ -7,7 +7,7 @@ error-updated weights). With `act_order`, columns are visited by decreasing diag
 then fixed up front from the original weights ("static groups") so the stored layout is unchanged.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,9 +18,9 @@ from .config import MethodConfig
 
 @dataclass(frozen=True)
 class GPTQ(MethodConfig):
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = False
+    damp: float = field(default=0.01, metadata={"help": "Hessian dampening, fraction of its mean diagonal"})
+    block_size: int = field(default=128, metadata={"help": "columns per lazy batch update"})
+    act_order: bool = field(default=False, metadata={"help": "visit columns by decreasing activation"})
     name = "gptq"
     needs_calib = True
 

@@ -1,6 +1,6 @@
 """Round-to-nearest: no calibration data; optionally an MSE-optimal clipping range per group."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,7 +10,7 @@ from .config import MethodConfig
 
 @dataclass(frozen=True)
 class RTN(MethodConfig):
-    mse_clip: bool = False  # search a shrink factor per group that minimises its squared error
+    mse_clip: bool = field(default=False, metadata={"help": "search the clipping range per group (least squared error)"})
     name = "rtn"
 
 

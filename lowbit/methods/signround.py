@@ -11,7 +11,7 @@ Defaults follow auto-round: 200 iterations, lr = 1/iters decaying linearly to 0,
 samples, the best iterate (lowest loss) kept. With iters = 0 the result is exactly RTN.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,10 @@ from .config import MethodConfig
 
 @dataclass(frozen=True)
 class SignRound(MethodConfig):
-    iters: int = 200
-    lr: float | None = None  # None = 1 / iters
-    batch_size: int = 8
-    seed: int = 0
+    iters: int = field(default=200, metadata={"help": "optimisation iterations per block"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate (None: 1 / iters)"})
+    batch_size: int = field(default=8, metadata={"help": "calibration windows per optimisation step"})
+    seed: int = field(default=0, metadata={"help": "seed of the batch order"})
     name = "signround"
     needs_calib = True
     fp_targets = True  # as auto-round (enable_quanted_input): quantized inputs, the float model's outputs

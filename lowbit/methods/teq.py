@@ -4,7 +4,7 @@ the layers computing Q(W·diag(s))·(x/s) with straight-through rounding; then f
 producer exactly as AWQ does and round to nearest.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,10 @@ from .config import MethodConfig
 
 @dataclass(frozen=True)
 class TEQ(MethodConfig):
-    steps: int = 200
-    lr: float = 1e-3
-    batch_size: int = 8
-    seed: int = 0
+    steps: int = field(default=200, metadata={"help": "optimisation steps per block"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    batch_size: int = field(default=8, metadata={"help": "calibration windows per optimisation step"})
+    seed: int = field(default=0, metadata={"help": "seed of the batch order"})
     name = "teq"
     needs_calib = True
 

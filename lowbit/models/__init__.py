@@ -1,7 +1,7 @@
 """Source models: HF directories, GGUF files, the embedded default."""
 
 from .default import default_gguf
-from .lazy import StreamedSource, check_finite
+from .lazy import LazyBlocks, StreamedSource, check_finite
 from .source import Loaded, load_any, load_reference, load_source
 
-__all__ = ["Loaded", "StreamedSource", "check_finite", "default_gguf", "load_any", "load_reference", "load_source"]
+__all__ = ["LazyBlocks", "Loaded", "StreamedSource", "check_finite", "default_gguf", "load_any", "load_reference", "load_source"]

@@ -7,6 +7,8 @@ so their float weights go with them; what stays is the block's QTensors and its 
 (norms, biases). A reference that is only run (`StreamedSource`) puts each block back on meta after use.
 """
 
+from __future__ import annotations
+
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ from torch import nn
 
 from .blocks import capture_inputs, decoder_layers, run_block
 from ..errors import LowbitError
-from ..io import Shards
+from ..io import BlockCheckpoint, Shards
 
 
 def check_finite(module: nn.Module) -> None:
@@ -88,22 +90,21 @@ class LazyBlocks:
                               assign=True)
         self.loaded.discard(i)
 
-    def close(self) -> None:
-        """Every tensor is real now (or stored on disk, io/checkpoint.py): the model no longer needs
-        its loader."""
+    def close(self, checkpoint: BlockCheckpoint | None = None) -> None:
+        """Every tensor is real now, or in a block waiting in the `checkpoint`'s files: the model no
+        longer needs its loader."""
         for i in list(self.loaded):
             self.finish(i)
-        stored = tuple(n + "." for n, m in self.model.named_modules() if hasattr(m, "lowbit_stored"))
+        stored = tuple(checkpoint.stored_in(self.model)) if checkpoint is not None else ()
         empty = [n for n, t in self.model.state_dict().items() if t.is_meta and not n.startswith(stored)]
         if empty:
             raise RuntimeError(f"lazy model still has tensors on meta: {', '.join(empty[:3])}")
-        del self.model.lowbit_lazy
 
 
-def load_lazy(path: Path, dtype: torch.dtype):
-    """A model whose decoder blocks stay on meta until `model.lowbit_lazy.load(i)`, or None when the
-    checkpoint's tensor names do not match the model's (then only transformers' own loader, which
-    renames, can read it)."""
+def load_lazy(path: Path, dtype: torch.dtype) -> LazyBlocks | None:
+    """The loader of a model whose decoder blocks stay on meta until `.load(i)` (the model is its
+    `.model`), or None when the checkpoint's tensor names do not match the model's (then only
+    transformers' own loader, which renames, can read it)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     shards = Shards(path)
@@ -127,8 +128,8 @@ def load_lazy(path: Path, dtype: torch.dtype):
     model.tie_weights()
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    model.lowbit_lazy = lazy
-    return model.eval()
+    model.eval()
+    return lazy
 
 
 class StreamedSource:
@@ -137,8 +138,8 @@ class StreamedSource:
     run, put back on meta); calling it on one of those windows then finishes the forward pass (final
     norm, head) from the stored last hidden state."""
 
-    def __init__(self, model: nn.Module):
-        self.model, self.lazy = model, model.lowbit_lazy
+    def __init__(self, lazy: LazyBlocks):
+        self.model, self.lazy = lazy.model, lazy
         self.finals: dict[bytes, torch.Tensor] = {}
 
     @torch.no_grad()

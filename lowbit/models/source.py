@@ -12,7 +12,7 @@ import torch
 from ..errors import LowbitError
 from ..io import check_gguf, check_safetensors, is_lowbit_dir, load, read_config, write_model_dir
 from .default import NAME as DEFAULT, converted_dir, default_gguf
-from .lazy import StreamedSource, load_lazy
+from .lazy import LazyBlocks, StreamedSource, load_lazy
 
 
 @dataclass
@@ -20,7 +20,8 @@ class Loaded:
     model: torch.nn.Module
     tokenizer: object
     source: str  # "default" or an absolute path: how to find this source again (for KLD)
-    quantized: bool = False
+    quantization: dict | None = None  # a lowbit directory's quantization_config (None: a source)
+    lazy: LazyBlocks | None = None  # the loader of a lazy source's blocks (models/lazy.py)
 
 
 def _check_architecture(model_type: str | None, where) -> None:
@@ -102,7 +103,7 @@ def load_source(source: str | os.PathLike | None = None, dtype: torch.dtype = to
                 lazy: bool = False) -> Loaded:
     """Load an unquantized source: None/'default', a .gguf file, or an HF directory with safetensors.
     `lazy`: an HF directory's decoder blocks stay on the meta device until the block runner reads them
-    (models/lazy.py; the model then has `.lowbit_lazy`); the default and GGUF sources load eagerly."""
+    (models/lazy.py; `Loaded.lazy` is their loader); the default and GGUF sources load eagerly."""
     if source is None or str(source) == DEFAULT:
         return Loaded(*_load_default(dtype), DEFAULT)
     path = Path(source).absolute()
@@ -120,25 +121,25 @@ def load_source(source: str | os.PathLike | None = None, dtype: torch.dtype = to
         raise LowbitError(f"{path} has no .safetensors weights (pickled .bin files are never loaded)")
     for shard in shards:
         check_safetensors(shard)
-    model = None
+    blocks = None
     if lazy:
         with _loading(path):
-            model = load_lazy(path, dtype)
-    if model is not None:
-        return Loaded(model, _tokenizer(path), str(path))
+            blocks = load_lazy(path, dtype)
+    if blocks is not None:
+        return Loaded(blocks.model, _tokenizer(path), str(path), lazy=blocks)
     return Loaded(*_from_pretrained(path, dtype), str(path))
 
 
 def load_reference(source: str):
     """A source as the reference of an evaluation (KLD): an HF directory streamed one block at a time
     (StreamedSource: memory bounded by one block, whatever the model size), the others loaded whole."""
-    model = load_source(source, lazy=True).model
-    return StreamedSource(model) if hasattr(model, "lowbit_lazy") else model
+    loaded = load_source(source, lazy=True)
+    return StreamedSource(loaded.lazy) if loaded.lazy is not None else loaded.model
 
 
 def load_any(spec: str | os.PathLike | None, dtype: torch.dtype = torch.float32) -> Loaded:
     """A lowbit directory, or any source accepted by `load_source`."""
     if spec is not None and str(spec) != DEFAULT and is_lowbit_dir(spec):
-        model, tokenizer = load(spec)
-        return Loaded(model, tokenizer, str(Path(spec).absolute()), quantized=True)
+        model, tokenizer, quantization = load(spec)
+        return Loaded(model, tokenizer, str(Path(spec).absolute()), quantization)
     return load_source(spec, dtype)

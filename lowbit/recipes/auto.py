@@ -1,16 +1,25 @@
-"""The automatic flow: try methods in order of cost within a time budget, keep the one whose
+"""The automatic recipe: try methods in order of cost within a time budget, keep the one whose
 quantized model is closest to the source (KL divergence) on held-out calibration text.
 
 The calibration text is split once: the last 10 % (at a paragraph boundary) is kept for the selection
-and never used to fit; the rest feeds the calibrated methods.
+and never used to fit; the rest feeds the calibrated methods. The result is a Plan (the winner's
+uniform plan) with its report; the winner's quantized model comes with it, so it is not made twice.
 """
+
+from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from torch import nn
+
+from ..errors import LowbitError
 from ..eval import evaluate
-from ..methods import METHODS, MethodConfig
+from ..formats import check_spec
+from ..methods import METHODS
+from .apply import apply
+from .plan import Plan
 
 HOLDOUT = 0.1
 SELECT_WINDOWS = 8
@@ -19,11 +28,30 @@ COST_VS_GPTQ = {"rtn": 0.02, "gptq": 1.0, "awq": 1.0, "teq": 3.0, "signround": 6
 
 
 @dataclass(frozen=True)
-class Auto(MethodConfig):
-    budget_minutes: float = 30.0
-    candidates: tuple[str, ...] = ("rtn", "gptq", "awq", "teq", "signround")
+class Auto:
+    """Which method, chosen by measurement: the candidates' shared format, the budget, the candidates."""
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    budget_minutes: float = field(default=30.0, metadata={"help": "time budget in minutes"})
+    candidates: tuple[str, ...] = field(default=("rtn", "gptq", "awq", "teq", "signround"),
+                                        metadata={"help": "methods to try, cheapest first"})
     name = "auto"
-    needs_calib = True
+    needs_calib = True  # its candidates include calibrated methods: it reads calibration text
+
+    def __post_init__(self):
+        check_spec(self.bits, self.group_size)
+        unknown = [c for c in self.candidates if c not in COST_VS_GPTQ]
+        if unknown or not self.candidates:
+            raise LowbitError(f"auto candidates must be some of {', '.join(COST_VS_GPTQ)}, got "
+                              f"{', '.join(self.candidates) or 'none'}")
+
+
+@dataclass
+class Choice:
+    plan: Plan
+    model: nn.Module  # the winner, quantized
+    report: dict  # rows (method, ppl, kld, seconds or skipped), chosen, budget_minutes, selection_tokens
 
 
 def split_holdout(text: str) -> tuple[str, str]:
@@ -33,35 +61,36 @@ def split_holdout(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def select(model, config: Auto, tokenizer, text: str, quantize, progress: bool = True, **options):
-    """Quantize copies of `model` with each candidate method that fits the budget; return the best
-    quantized model, with the comparison table in `lowbit_info["auto"]`."""
+def select(model: nn.Module, auto: Auto, tokenizer, text: str, progress: bool = True, *, lm_head: bool = False,
+           embeddings: bool = False, **calibration) -> Choice:
+    """Quantize copies of `model` with each candidate method that fits the budget (`calibration`:
+    calib_samples, calib_seq_len for `apply`); the one closest to `model` on the held-out text wins."""
+    if tokenizer is None:
+        raise LowbitError("auto measures candidates on text: pass the model's tokenizer")
     fit, held_out = split_holdout(text)
     source = copy.deepcopy(model)
     start, rows, best, gptq_s = time.perf_counter(), [], None, None
-    for name in config.candidates:
+    for name in auto.candidates:
         elapsed = time.perf_counter() - start
         guess = COST_VS_GPTQ[name] * gptq_s if gptq_s else 0.0
-        if rows and elapsed + guess > config.budget_minutes * 60:
+        if rows and elapsed + guess > auto.budget_minutes * 60:
             rows.append({"method": name, "skipped": f"expected {guess / 60:.1f} min, over the budget"})
             continue
-        spec = METHODS[name].CONFIG(bits=config.bits, group_size=config.group_size, sym=config.sym)
+        spec = METHODS[name].CONFIG(bits=auto.bits, group_size=auto.group_size, sym=auto.sym)
         t = time.perf_counter()
-        q = quantize(copy.deepcopy(source), spec, tokenizer=tokenizer, calib_text=fit, progress=progress,
-                     **options)
+        q = copy.deepcopy(source)
+        plan = Plan.uniform(q, spec, lm_head, embeddings)
+        apply(q, plan, tokenizer=tokenizer, text=fit, progress=progress, **calibration)
         took = time.perf_counter() - t
         gptq_s = took if name == "gptq" else gptq_s
         r = evaluate(q, tokenizer, held_out, max_windows=SELECT_WINDOWS, source=source, progress=False)
         rows.append({"method": name, "ppl": r.ppl, "kld": r.kld, "seconds": took})
-        if best is None or r.kld < best[1]:
-            best = (q, r.kld, spec)
-        else:
-            del q
-    q, _, spec = best
-    q.lowbit_info["method"] = spec.to_dict()
-    q.lowbit_info["auto"] = {"rows": rows, "chosen": spec.name, "budget_minutes": config.budget_minutes,
-                             "selection_tokens": r.tokens}
-    return q
+        if best is None or r.kld < best[0]:
+            best = (r.kld, name, plan, q)
+        del q
+    _, chosen, plan, q = best
+    return Choice(plan, q, {"rows": rows, "chosen": chosen, "budget_minutes": auto.budget_minutes,
+                            "selection_tokens": r.tokens})
 
 
 def report(info: dict) -> str:

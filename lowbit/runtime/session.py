@@ -127,7 +127,7 @@ class Session:
     def for_model(cls, model, tokenizer, max_context: int | None = None, threads: int | None = None,
                   engine: bool = True, exact: bool = False) -> "Session":
         if tokenizer is None:
-            raise LowbitError("the model has no tokenizer: save it with one (lowbit.save(model, dir, tokenizer))")
+            raise LowbitError("the model has no tokenizer: quantize or load it with one")
         return cls(decoder_for(model, max_context, threads, engine, exact), tokenizer,
                    model_stop_tokens(model, tokenizer))
 

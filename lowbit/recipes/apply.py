@@ -1,0 +1,133 @@
+"""Applying a Plan to a model: every named layer replaced by its quantized form, in place.
+
+Two passes, both in the model's module order:
+1. Calibrated (if any layer's spec needs calibration): the block runner (calib/runner.py) goes
+   through the decoder blocks; in each, the plan's layers are grouped by spec and each group goes to
+   its method: layer-wise methods (`quantize(W, stats, spec)`: rtn, gptq, ganq) one layer at a time,
+   so a block may mix them freely; block-wise methods (`quantize_block`: awq, teq, signround) transform
+   the whole block (they fold or train scales across its layers), so a plan that uses one gives it
+   every quantized layer inside the blocks, with one spec.
+2. Everything else (a plan without calibration, or layers outside the blocks): each layer rounded
+   by its spec with no statistics; a lazy model's blocks are read one at a time as the walk gets to them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calib.runner import calibration_batches, quantize_blocks
+from ..errors import LowbitError
+from ..methods import METHODS, MethodConfig, quantize_weight
+from ..models import LazyBlocks, check_finite
+from ..nn import QuantEmbedding, QuantLinear
+from .plan import Plan, block_prefix
+
+
+def replace(model: nn.Module, name: str, module: nn.Module, qt) -> None:
+    if isinstance(module, nn.Embedding):
+        model.set_submodule(name, QuantEmbedding(qt, module.padding_idx, module.weight.dtype))
+    else:
+        model.set_submodule(name, QuantLinear(qt, module.bias))
+
+
+def _blockwise(spec: MethodConfig) -> bool:
+    return hasattr(METHODS[spec.name], "quantize_block")
+
+
+def block_quantizer(specs: dict[int, MethodConfig]):
+    """The block runner's step for the layers in `specs` (id(module) -> spec): quantize each group of
+    one spec with its method, replace the layers, return their relative output errors."""
+
+    def run(block, inputs, kwargs, fp_outputs, stats):
+        mine = {name: m for name, m in block.named_modules() if id(m) in specs}
+        qts = {}
+        for spec in dict.fromkeys(specs[id(m)] for m in mine.values()):
+            group = {name: m for name, m in mine.items() if specs[id(m)] == spec}
+            method = METHODS[spec.name]
+            if _blockwise(spec):
+                qts.update(method.quantize_block(block, group, stats, spec, inputs=inputs, kwargs=kwargs,
+                                                 fp_outputs=fp_outputs))
+            else:
+                qts.update({name: method.quantize(m.weight.detach(), stats[name], spec) for name, m in group.items()})
+        errors = {}
+        for name, qt in qts.items():
+            errors[name] = stats[name].relative_error(mine[name].weight.detach(), qt.dequantize())
+            replace(block, name, mine[name], qt)
+        return errors
+    return run
+
+
+def _check(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
+    """The plan's modules in the model's order, after checking that each exists and its spec fits."""
+    modules = {name: m for name, m in model.named_modules() if name in plan.layers}
+    missing = [name for name in plan.layers if name not in modules]
+    if missing:
+        raise LowbitError(f"the plan names {missing[0]}, which the model does not have")
+    for name, m in modules.items():
+        if not isinstance(m, (nn.Linear, nn.Embedding)):
+            raise LowbitError(f"the plan names {name}, a {type(m).__name__}: only linear layers and the "
+                              "input embedding are quantized")
+        cols, group = m.weight.shape[1], plan.layers[name].group_size
+        if group > cols:
+            raise LowbitError(f"group size {group} does not fit layer {name} with "
+                              f"{cols} input features (use a smaller group or -1 for whole rows)")
+    return modules
+
+
+def _calibrated(model: nn.Module, plan: Plan) -> tuple[dict[str, MethodConfig], bool]:
+    """The layers the block runner quantizes (name -> spec), and whether it trains to the float
+    model's outputs; a LowbitError for a plan it cannot run."""
+    prefix = block_prefix(model)
+    outside = [n for n, s in plan.layers.items() if s.needs_calib and not n.startswith(prefix)]
+    if outside:
+        raise LowbitError(f"the plan gives {plan.layers[outside[0]].name} to {outside[0]}, outside the "
+                          "decoder blocks: calibrated methods run only inside them (use rtn there)")
+    inside = {n: s for n, s in plan.layers.items() if n.startswith(prefix)}
+    blockwise = [s for s in dict.fromkeys(inside.values()) if _blockwise(s)]
+    if blockwise and len(set(inside.values())) > 1:
+        others = ", ".join(sorted({f"{s.name} {s.scheme}" for s in inside.values() if s != blockwise[0]}))
+        raise LowbitError(f"the plan mixes {blockwise[0].name} with {others} inside the decoder blocks: "
+                          f"{blockwise[0].name} transforms whole blocks and takes one spec for all their layers")
+    return inside, any(s.fp_targets for s in inside.values())
+
+
+def apply(model: nn.Module, plan: Plan, *, tokenizer=None, text: str | None = None, calib_samples: int = 128,
+          calib_seq_len: int = 512, lazy: LazyBlocks | None = None, checkpoint=None,
+          progress: bool = True) -> None:
+    """Quantize `model` in place by `plan`. Calibrated specs need the model's `tokenizer` and the
+    calibration `text` (`calib_samples` windows of `calib_seq_len` tokens). `lazy`: the loader of a
+    lazy model (models/lazy.py). `checkpoint` (io.BlockCheckpoint): each finished block is written
+    there and leaves memory (a calibrated run resumes from it)."""
+    check_finite(model)  # a lazy model's files were checked as it was loaded
+    modules = _check(model, plan)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    unties = any(m is head or m is embed for m in modules.values())
+    names = list(modules)
+    del modules  # from here on modules are named, not held: a replaced layer's float weights must be freed at once
+    if plan.needs_calib:
+        if tokenizer is None:
+            first = next(s for s in plan.specs if s.needs_calib)
+            raise LowbitError(f"{first.name} needs calibration text: pass the model's tokenizer")
+        inside, fp_targets = _calibrated(model, plan)
+        batches = calibration_batches(tokenizer, text, calib_samples, calib_seq_len)
+        specs = {id(model.get_submodule(n)): s for n, s in inside.items()}
+        quantize_blocks(model, batches, block_quantizer(specs), progress, checkpoint, fp_targets, lazy)
+        names = [n for n in names if n not in inside]
+    if lazy is not None and checkpoint is not None:
+        lazy.on_finish = checkpoint.keep  # each rounded block goes to disk and leaves memory
+    rest = Plan({n: plan.layers[n] for n in names}) if names else None
+    for name in tqdm(names, desc=f"quantizing {rest.summary() if rest else ''}", unit="layer",
+                     disable=not progress or not names):
+        if lazy is not None:
+            lazy.need(name)  # rounding block by block: one float block in memory at a time
+        m = model.get_submodule(name)
+        with torch.no_grad():
+            replace(model, name, m, quantize_weight(m.weight.detach(), None, plan.layers[name]))
+        del m
+    if lazy is not None:
+        lazy.close(checkpoint)
+    if unties and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # head and embedding are now stored separately
