@@ -109,7 +109,8 @@ def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_bloc
     of the blocks before it). A lazy model (its loader `lazy`, models/lazy.py) has each block's float
     weights read just before the block is quantized.
     With a `checkpoint` (io.BlockCheckpoint), each finished block is written there and dropped from
-    memory (its tensors on meta): save the model with io.save, or io.reload it to run it."""
+    memory (its tensors on meta): io.save writes the model from those files, the checkpoint's `reload` brings
+    them back to run it."""
     layers = decoder_layers(model)
     inputs, layer_kwargs = capture_inputs(model, batches)
     fp_inputs = inputs if fp_targets else None
