@@ -93,7 +93,7 @@ def main() -> None:
         fp = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).eval()
     else:
         fp = start(details)[0].model
-    q = lowbit.quantize(copy.deepcopy(fp), lowbit.RTN(bits=4, group_size=32), progress=False)
+    q = lowbit.quantize(copy.deepcopy(fp), lowbit.RTN(bits=4, group_size=32), progress=False).model
     ids = torch.randint(0, fp.config.vocab_size, (512,), generator=torch.Generator().manual_seed(0))
     rows = []
     for n in args.threads:

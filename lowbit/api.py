@@ -24,6 +24,7 @@ from torch import nn
 from . import calib as texts
 from . import io, methods, recipes
 from .errors import LowbitError
+from .kernels import describe_table
 from .eval import EvalResult, ModelSize, evaluate, model_size
 from .eval.bench import Speed, bench
 from .kernels.cpu import tune as tuning
@@ -197,6 +198,11 @@ def load(path: str | os.PathLike | None) -> QuantizedModel:
         return QuantizedModel(loaded.model, loaded.tokenizer, None, loaded.source)
     info = {k: v for k, v in qc.items() if k not in _FORMAT_KEYS}
     return QuantizedModel(loaded.model, loaded.tokenizer, Plan.from_config(qc, loaded.model), qc.get("source"), info)
+
+
+def kernel_table() -> list[dict]:
+    """Every row of the kernel table (kernels/table.py) and whether this machine runs it."""
+    return describe_table()
 
 
 def tune(threads: int | None = None, quick: bool = False, show: bool = False, reset: bool = False) -> str:

@@ -120,10 +120,21 @@ def cmd_eval(a) -> None:
 
 
 def cmd_inspect(a) -> None:
+    if a.kernels:
+        rows = api.kernel_table()
+        print(f"{'kind':<9} {'bits':>4} {'isa':<11} {'activations':<12} {'symbol':<22} {'device':<6} here")
+        for r in rows:
+            print(f"{r['kind']:<9} {r['bits']:>4} {r['isa']:<11} {r['activations']:<12} {r['symbol']:<22} "
+                  f"{r['device']:<6} {'yes' if r['available'] else 'no'}")
+        if a.model is None:
+            return
+    if a.model is None:
+        raise LowbitError("inspect needs a MODEL (or --kernels for the kernel table)")
     size = api.load(a.model).size()
-    print(f"{'module':<44} {'format':<24} {'shape':>12} {'bytes':>11} {'bpw':>7}")
+    print(f"{'module':<44} {'format':<24} {'shape':>12} {'bytes':>11} {'bpw':>7}  kernel")
     for s in size.layers:
-        print(f"{s.name:<44} {s.format:<24} {'x'.join(map(str, s.meta['shape'])):>12} {s.nbytes:>11,} {s.bpw:>7.3f}")
+        print(f"{s.name:<44} {s.format:<24} {'x'.join(map(str, s.meta['shape'])):>12} {s.nbytes:>11,} {s.bpw:>7.3f}"
+              f"  {s.kernel}")
     print(f"{len(size.layers)} quantized layers, {size.quantized_bpw:.3f} bits/weight; whole model "
           f"{size.total_bytes:,} bytes, {size.model_bpw:.3f} bits/weight")
 
@@ -261,8 +272,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
 
-    i = sub.add_parser("inspect", parents=[common], help="per-layer formats, sizes and bits per weight")
-    i.add_argument("model")
+    i = sub.add_parser("inspect", parents=[common], help="per-layer formats, sizes, bits per weight and kernels")
+    i.add_argument("model", nargs="?", help="quantized directory or source")
+    i.add_argument("--kernels", action="store_true", help="print the kernel table: what runs natively here")
     i.set_defaults(func=cmd_inspect)
 
     t = sub.add_parser("tune", parents=[common],

@@ -184,7 +184,7 @@ def test_no_compiler_falls_back(monkeypatch):
 @needs_cc
 def test_quant_linear_model_logits(tiny_model_dir):
     """The real path: QuantLinear layers of a quantized model, prefill (GEMM) and one decode step (GEMV)."""
-    q = lowbit.quantize(str(tiny_model_dir()), lowbit.RTN(bits=4, group_size=32))
+    q = lowbit.quantize(str(tiny_model_dir()), lowbit.RTN(bits=4, group_size=32)).model
     ids = torch.randint(0, 200, (1, 11))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

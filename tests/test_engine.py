@@ -57,7 +57,7 @@ def tiny(family: str, **extra) -> torch.nn.Module:
 
 
 def quantized(family: str, scheme: str = "w4g32") -> torch.nn.Module:
-    return lowbit.quantize(tiny(family), lowbit.RTN(**SCHEMES[scheme]), progress=False)
+    return lowbit.quantize(tiny(family), lowbit.RTN(**SCHEMES[scheme]), progress=False).model
 
 
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ def test_engine_unquantized_and_quantized_head():
     weight, hence the looser bound) and a quantized lm_head."""
     ids = torch.randint(0, TINY["vocab_size"], (11,), generator=torch.Generator().manual_seed(4))
     check_agreement(tiny("llama"), ids, prompt=7, rel=5e-3)
-    head = lowbit.quantize(tiny("gemma2"), lowbit.RTN(bits=4, group_size=32), lm_head=True, progress=False)
+    head = lowbit.quantize(tiny("gemma2"), lowbit.RTN(bits=4, group_size=32), lm_head=True, progress=False).model
     check_agreement(head, ids, prompt=7)
 
 
@@ -136,11 +136,11 @@ def test_engine_runs_codebook_layers_through_the_same_contract():
 def test_engine_head_bits_rounds_the_fp_head_like_lowbit_quantize():
     ids = torch.randint(0, TINY["vocab_size"], (10,), generator=torch.Generator().manual_seed(7))
     spec = lowbit.RTN(bits=8, group_size=32)
-    everything = lowbit.quantize(tiny("llama"), spec, lm_head=True, progress=False)
-    eng = load_decoder(lowbit.quantize(tiny("llama"), spec, progress=False), kv_dtype="fp32", head_bits=8)
+    everything = lowbit.quantize(tiny("llama"), spec, lm_head=True, progress=False).model
+    eng = load_decoder(lowbit.quantize(tiny("llama"), spec, progress=False).model, kv_dtype="fp32", head_bits=8)
     assert_close(eng.forward(ids), hf_logits(everything, ids)[-1])
     # bytes streamed per token: the 8-bit head (1 byte + an fp16 scale per 32) instead of fp16 (2 bytes)
-    fp16_head = load_decoder(lowbit.quantize(tiny("llama"), spec, progress=False), kv_dtype="fp32")
+    fp16_head = load_decoder(lowbit.quantize(tiny("llama"), spec, progress=False).model, kv_dtype="fp32")
     head = TINY["vocab_size"] * TINY["hidden_size"]
     assert fp16_head.bytes_per_token - eng.bytes_per_token == pytest.approx(head * (2 - 1 - 2 / 32), rel=0.05)
 
@@ -172,7 +172,7 @@ def test_engine_blocked_prefill_equals_token_by_token(kv_dtype):
     blocks, a window that starts inside a panel, GQA groups of 3 and a head size of 20 (a 32-wide
     P·V tile does not fit, 8-wide ones and a scalar tail do) give the logits of one token at a time."""
     model = lowbit.quantize(tiny("mistral", num_attention_heads=6, num_key_value_heads=2, head_dim=20,
-                                 sliding_window=19), lowbit.RTN(bits=8, group_size=32), progress=False)
+                                 sliding_window=19), lowbit.RTN(bits=8, group_size=32), progress=False).model
     ids = torch.randint(0, TINY["vocab_size"], (45,), generator=torch.Generator().manual_seed(12))
     eng = load_decoder(model, max_context=64, kv_dtype=kv_dtype)
     steps = [eng.forward([t]) for t in ids.tolist()][-1]
@@ -228,7 +228,7 @@ def test_engine_matches_hf_on_smollm2():
     from lowbit.models import load_source
 
     loaded = load_source()
-    model = lowbit.quantize(copy.deepcopy(loaded.model), lowbit.RTN(bits=4, group_size=32), progress=False)
+    model = lowbit.quantize(copy.deepcopy(loaded.model), lowbit.RTN(bits=4, group_size=32), progress=False).model
     ids = loaded.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids[0]
     check_agreement(model, ids, prompt=len(ids) - 3)
     want = hf_logits(model, ids)[-1]

@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lowbit
 from lowbit import kernels
+from lowbit.cli import main
 from lowbit.formats import BITS, CODEBOOK_BITS, GROUP_SIZES, KINDS, CodebookQ, UniformQ
-from lowbit.kernels import reference, table
+from lowbit.kernels import describe_table, kernel_for, reference, table
 from lowbit.kernels.cpu import build, codegen
 from lowbit.kernels.cpu import isa as isa_mod
 from lowbit.kernels.cpu.isa import ISA_FLAGS
@@ -104,3 +106,23 @@ def test_switches_choose_the_row():
     finally:
         kernels.use_reference(False)
     assert kernels.kernel_for(qt, "no-such-device") == "reference"
+
+
+def test_cli_inspect_kernels_prints_the_table(capsys):
+    """`lowbit inspect --kernels` prints one line per table row, saying which ones run here."""
+    assert main(["inspect", "--kernels"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = describe_table()
+    assert len(lines) == 1 + len(rows)
+    for line, row in zip(lines[1:], rows):
+        assert line.split() == [row["kind"], str(row["bits"]), row["isa"], row["activations"], row["symbol"],
+                                row["device"], "yes" if row["available"] else "no"]
+
+
+def test_cli_inspect_names_each_layers_kernel(tiny_quantized_dir, capsys):
+    """`lowbit inspect MODEL` names, per layer, the table row its matmuls run (what kernel_for says)."""
+    q = lowbit.load(tiny_quantized_dir)
+    expected = {name: kernel_for(m.qtensor) for name, m in q.model.named_modules() if hasattr(m, "qtensor")}
+    assert main(["inspect", str(tiny_quantized_dir)]) == 0
+    shown = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert shown == expected and any(k != "reference" for k in expected.values())

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..formats import describe
+from ..kernels import kernel_for
 
 
 @dataclass
@@ -13,6 +14,7 @@ class LayerSize:
     meta: dict
     params: int  # weights represented
     nbytes: int  # bytes stored for them (codes, scales, zeros)
+    kernel: str  # the kernel-table row its matmuls run on this CPU (kernels.kernel_for), or "reference"
 
     @property
     def bpw(self) -> float:
@@ -42,8 +44,12 @@ class ModelSize:
 
 
 def model_size(model: nn.Module) -> ModelSize:
-    layers = [LayerSize(name, dict(m.meta), m.qtensor.shape[0] * m.qtensor.shape[1], m.qtensor.nbytes)
-              for name, m in model.named_modules() if hasattr(m, "qtensor")]
+    layers = []
+    for name, m in model.named_modules():
+        if hasattr(m, "qtensor"):
+            qt = m.qtensor
+            kernel = kernel_for(qt) if hasattr(m, "in_features") else "lookup (dequantized rows)"  # an embedding
+            layers.append(LayerSize(name, dict(m.meta), qt.shape[0] * qt.shape[1], qt.nbytes, kernel))
     params = list(model.parameters())  # shared (tied) parameters appear once
     return ModelSize(layers,
                      sum(p.numel() * p.element_size() for p in params) + sum(s.nbytes for s in layers),
