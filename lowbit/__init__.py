@@ -5,13 +5,25 @@
     q.save("smollm2-w4")
     q = lowbit.load("smollm2-w4")
     text, stats = q.generate("Once upon a time")
+
+The names below are imported on first use (PEP 562): `import lowbit` alone, and the `lowbit` command
+before it has parsed its arguments, do not pay for importing torch and transformers.
 """
 
-from .api import QuantizedModel, load, quantize, quantize_to
-from .errors import LowbitError
-from .formats import QTensor, UniformQ
-from .methods import AWQ, GANQ, GPTQ, RTN, TEQ, MethodConfig, SignRound
-from .recipes import Auto, Plan
+import importlib
 
-__all__ = ["AWQ", "Auto", "GANQ", "GPTQ", "RTN", "SignRound", "TEQ", "LowbitError", "MethodConfig", "Plan",
-           "QTensor", "QuantizedModel", "UniformQ", "load", "quantize", "quantize_to"]
+from .errors import LowbitError
+
+_HOME = {"QuantizedModel": "api", "load": "api", "quantize": "api", "quantize_to": "api",
+         "QTensor": "formats", "UniformQ": "formats", "Auto": "recipes", "Plan": "recipes",
+         **dict.fromkeys(["AWQ", "GANQ", "GPTQ", "RTN", "TEQ", "MethodConfig", "SignRound"], "methods")}
+
+__all__ = sorted([*_HOME, "LowbitError"])
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value

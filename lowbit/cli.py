@@ -1,14 +1,28 @@
-"""The `lowbit` command: parses arguments, calls the package API, prints. No logic of its own."""
+"""The `lowbit` command: parses arguments, calls the package API, prints. No logic of its own.
+
+The package API (torch, transformers) takes seconds to import, so the parser is built without it
+and `api` is imported after parsing: `lowbit --help` answers at once, and arguments that cannot work
+(`--max-tokens 0`, a negative temperature, an empty prompt, a port in use) are refused before a model
+loads. Only `quantize` needs `api` to build its parser (its options are the config classes' fields).
+"""
 
 import argparse
 import dataclasses
 import json
+import socket
 import sys
 import typing
 from pathlib import Path
 
-from . import api
 from .errors import LowbitError
+
+api = None  # the package API, imported by main() once the arguments are parsed
+
+
+def _import_api() -> None:
+    global api
+    from . import api as imported
+    api = imported
 
 
 def _human(n: float) -> str:
@@ -56,11 +70,34 @@ def _sampling(a):
                               repetition_penalty=a.repetition_penalty, seed=a.seed)
 
 
+def _check_generation(a) -> None:
+    """Refuse generation arguments that cannot work, before the model loads."""
+    if getattr(a, "max_tokens", 1) < 1:
+        raise LowbitError(f"--max-tokens must be at least 1, got {a.max_tokens}")
+    if getattr(a, "prompt", "x") == "":
+        raise LowbitError("the prompt is empty: give the text to continue")
+    for name in ("threads", "max_context"):
+        if getattr(a, name, None) is not None and getattr(a, name) < 1:
+            raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    api.SamplingParams(**{k: v for k in _SERVE_DEFAULTS if (v := getattr(a, k)) is not None}).check()
+
+
+def _check_port(host: str, port: int) -> None:
+    """The server's address must be free: found out now, not after the model has loaded."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise LowbitError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def _session(a) -> dict:
     return {"max_context": a.max_context, "threads": a.threads, "exact": a.exact}
 
 
 def cmd_generate(a) -> None:
+    _check_generation(a)
     q = api.load(a.model)
     print(a.prompt, end="", flush=True)
     _, stats = q.generate(a.prompt, a.max_tokens, on_text=_show, sampling=_sampling(a), stop=a.stop or (),
@@ -69,6 +106,7 @@ def cmd_generate(a) -> None:
 
 
 def cmd_chat(a) -> None:
+    _check_generation(a)
     chat = api.load(a.model).chat(a.system, **_session(a))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -88,8 +126,13 @@ def cmd_chat(a) -> None:
             print(_stats(reply.stats), file=sys.stderr, flush=True)
 
 
+_SERVE_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
 def cmd_serve(a) -> None:
-    defaults = {k: getattr(a, k) for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")}
+    _check_generation(a)
+    _check_port(a.host, a.port)
+    defaults = {k: getattr(a, k) for k in _SERVE_DEFAULTS}
     api.load(a.model).serve(a.name or Path(a.model).name, a.host, a.port, defaults, a.max_queue, **_session(a))
 
 
@@ -204,21 +247,29 @@ def _exact_option(p: argparse.ArgumentParser) -> None:
                    "head as stored (default: int8 activations and an 8-bit head, as llama.cpp)")
 
 
+DESCRIPTION = """Quantize Hugging Face causal language models to 2-8 bits, run them on this machine's CPU
+(generate, chat, an OpenAI-compatible server), and measure them (eval, bench, inspect).
+Start with `lowbit quantize -o OUT` (the embedded SmolLM2-135M-Instruct), then `lowbit generate OUT "..."`."""
+
+
 def _parser() -> argparse.ArgumentParser:
+    """The whole parser; `quantize`'s method options only once `api` is imported (main does that for
+    `lowbit quantize ...`), so every other command parses without importing torch."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    p = argparse.ArgumentParser(prog="lowbit", description=__doc__, parents=[common])
+    p = argparse.ArgumentParser(prog="lowbit", description=DESCRIPTION, parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a model and save it")
     q.add_argument("source", nargs="?", default=None,
                    help="HF model directory, .gguf file, or omitted/'default' for SmolLM2-135M-Instruct")
     q.add_argument("-o", "--output", required=True, help="output directory")
-    q.add_argument("--method", default="rtn", choices=sorted(api.CONFIGS),
-                   help="auto: try the methods that fit --budget-minutes and keep the best")
+    if api is not None:
+        q.add_argument("--method", default="rtn", choices=sorted(api.CONFIGS),
+                       help="auto: try the methods that fit --budget-minutes and keep the best")
+        _config_options(q)
     q.add_argument("--scheme", help="format as a scheme string: W4A16-g128, W3A16-g64-asym, W2-row "
                    "(instead of --bits, --group-size, --sym/--asym)")
-    _config_options(q)
     q.add_argument("--calib", help="calibration text (.txt or .jsonl); default: built-in corpus")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (calibrated methods)")
     q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
@@ -288,9 +339,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if next((w for w in argv if not w.startswith("-")), None) == "quantize":
+        _import_api()  # its options come from the config classes
     args = _parser().parse_args(argv)
     args.debug = getattr(args, "debug", False)
     try:
+        _import_api()
         args.func(args)
     except LowbitError as e:
         if args.debug:
