@@ -15,6 +15,7 @@ save, then the accuracy check and a sample from the saved directory.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,14 +230,18 @@ class QuantizeReport:
     generation: GenerationStats | None = None
 
 
-def _progress(out: Path, how, start: Loaded, calib, options: dict) -> io.BlockCheckpoint | None:
+def _progress(out: Path, how, start: Loaded, calib, calib_text: str | None,
+              options: dict) -> io.BlockCheckpoint | None:
     """The per-block progress directory beside the output (`.OUT.progress`): a calibrated run resumes
     from it; a lazy run parks its finished blocks there (not resumable). None for the search, which
-    quantizes copies in memory."""
+    quantizes copies in memory. Keyed by everything that shapes the blocks (config, source, calibration
+    file and text, options): another configuration never reuses them."""
     if isinstance(how, Auto) or not (how.needs_calib or start.lazy is not None):
         return None
     key = how.to_record() if isinstance(how, Plan) else how.to_dict()
-    return io.BlockCheckpoint.beside(out, {"config": key, "source": start.source, "calib": str(calib), **options})
+    text = hashlib.sha256(calib_text.encode()).hexdigest() if calib_text is not None else None
+    return io.BlockCheckpoint.beside(out, {"config": key, "source": start.source, "calib": str(calib),
+                                           "calib_text": text, **options})
 
 
 def check(q: QuantizedModel, reference=None, windows: int | None = None, progress: bool = True) -> EvalResult:
@@ -250,13 +255,19 @@ def sample(out: str | os.PathLike) -> tuple[str, GenerationStats]:
     return load(out).generate(SAMPLE_PROMPT, max_new_tokens=32)
 
 
-def quantize_to(source, out: str | os.PathLike, how, calib: str | os.PathLike | None = None, *,
-                overwrite: bool = False, check_windows: int | None = 0, progress: bool = True,
+def quantize_to(source, out: str | os.PathLike, how, calib: str | os.PathLike | None = None,
                 **options) -> QuantizeReport:
     """Load, `quantize` (`options` go to it), save; then (check_windows != 0) `check` against the
     source (None = every window) and `sample` the saved model. Calibrated methods keep per-block
     progress in `.OUT.progress` beside the output: the same call after a crash resumes from the last
-    finished block."""
+    finished block. The run holds OUT's lock throughout: a second run into the same OUT fails at once."""
+    with io.output_lock(out):
+        return _quantize_to(source, out, how, calib, **options)
+
+
+def _quantize_to(source, out: str | os.PathLike, how, calib: str | os.PathLike | None = None, *,
+                 overwrite: bool = False, check_windows: int | None = 0, progress: bool = True,
+                 **options) -> QuantizeReport:
     out = Path(out)
     io.check_destination(out.absolute(), overwrite)  # fail before any expensive work
     how = _how(how)
@@ -265,14 +276,18 @@ def quantize_to(source, out: str | os.PathLike, how, calib: str | os.PathLike | 
     # The check's reference: a copy of an eager (small) source; a lazy source is read again from its
     # shards at check time, one block at a time (StreamedSource), so the check stays bounded too.
     reference = copy.deepcopy(start.model) if check_windows != 0 and start.lazy is None else None
-    checkpoint = _progress(out, how, start, calib, options)
+    checkpoint = _progress(out, how, start, calib, text, options)
     try:
         q = quantize(start, how, calib, calib_text=text, progress=progress, checkpoint=checkpoint, **options)
         auto = {"auto_report.md": recipes.report(q.info["auto"])} if "auto" in q.info else {}
         q.save(out, overwrite=overwrite, extra_files=auto)
-    except BaseException:
+    except BaseException as e:
         if checkpoint is not None and not how.needs_calib:  # only a calibrated run can resume
             checkpoint.clear()
+        if isinstance(e, LowbitError) and checkpoint is not None and checkpoint.resumable() \
+                and str(checkpoint.path) not in str(e):
+            raise LowbitError(f"{e}; the {checkpoint.resumable()} finished blocks are kept in {checkpoint.path}: "
+                              f"the same command resumes from them") from None
         raise
     if checkpoint is not None:
         if check_windows != 0:

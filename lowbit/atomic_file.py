@@ -12,10 +12,12 @@ from pathlib import Path
 from .errors import LowbitError
 
 
-def write_error(out: Path, e: OSError) -> LowbitError:
-    if e.errno == errno.ENOSPC:
-        return LowbitError(f"disk full while writing {out}; nothing was written")
-    return LowbitError(f"could not write {out}: {e.strerror or e}")
+def write_error(out: Path, e: OSError, kept: str = "nothing was written") -> LowbitError:
+    """A failed write as one line; `kept` says what is left of the work (a partial output never is).
+    EFBIG (a file-size limit, RLIMIT_FSIZE or the filesystem's) is a full disk to the user as well."""
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return LowbitError(f"disk full while writing {out}; {kept}")
+    return LowbitError(f"could not write {out}: {e.strerror or e}; {kept}")
 
 
 def atomic_write_text(out: str | Path, text: str) -> None:

@@ -4,8 +4,9 @@ from .atomic import atomic_dir, check_destination, dir_size
 from .check import check_gguf, check_safetensors
 from .checkpoint import BlockCheckpoint
 from .load import is_lowbit_dir, load, read_config
+from .lock import output_lock
 from .save import quantization_config, save, write_model_dir
 from .shards import Shards
 
 __all__ = ["BlockCheckpoint", "atomic_dir", "check_destination", "dir_size", "check_gguf", "check_safetensors", "is_lowbit_dir",
-           "load", "quantization_config", "read_config", "save", "Shards", "write_model_dir"]
+           "load", "output_lock", "quantization_config", "read_config", "save", "Shards", "write_model_dir"]

@@ -2,7 +2,10 @@
 it into place.
 
 A crash, a kill or a full disk therefore never leaves a partial output under the destination name: the
-partial one is named `.NAME.partial-*` and is removed on any error we see.
+partial one is named `.NAME.partial-PID-*` and is removed on any error we see. One a killed process
+left behind (kill -9, power loss) is removed by the next write of the same output: its name records the
+pid of the process that made it, and one whose process is gone is nobody's. The write holds the
+output's lock (lock.py) throughout.
 """
 
 import os
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from ..atomic_file import write_error as _write_error
 from ..errors import LowbitError
+from .lock import output_lock
 
 
 def check_destination(out: Path, overwrite: bool) -> None:
@@ -35,29 +39,57 @@ def _finish_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> None:
+    """Remove the temporary siblings of `out` (`.OUT.partial-PID-*`, `.OUT.old-PID-*`) whose process
+    is dead."""
+    for kind in ("partial", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = path.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _temporary(out: Path, kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+
+
 @contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False):
     """Yield a fresh temporary directory; on success it becomes `out` in one rename."""
     out = Path(out).absolute()
-    check_destination(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        _finish_tree(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "dir")
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(out, e) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(out):
+        check_destination(out, overwrite)
+        remove_stale(out)
+        try:
+            tmp = _temporary(out, "partial")
+        except OSError as e:
+            raise _write_error(out, e) from None
+        try:
+            yield tmp
+            _finish_tree(tmp)
+            if out.exists():
+                old = _temporary(out, "old")
+                out.rename(old / "dir")
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(out, e) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def dir_size(path: str | Path) -> int:
