@@ -7,6 +7,7 @@ forward on the same tokens within float tolerance.
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -253,3 +254,22 @@ def test_fused_projections_stack_rows_and_refuse_mixed_layouts():
     assert torch.allclose(fused(x), torch.cat([p(x) for p in parts], -1), atol=1e-5)
     assert _fused([lin(40, 4), lin(8, 8)]) is None  # different bits: kept apart
     assert _fused([lin(40, 4), torch.nn.Linear(96, 8)]) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2"])
+@pytest.mark.parametrize("head", ["float", "quantized"])
+def test_eval_scores_on_the_engine_equal_transformers(family, head):
+    """eval's scorer on the engine (every position's hidden state, the model's own head) gives the
+    log-probabilities of the model's own forward, so perplexity and KLD mean the same on either path."""
+    from lowbit.eval import metrics
+
+    model = lowbit.quantize(tiny(family), lowbit.RTN(bits=4, group_size=32), lm_head=head == "quantized",
+                            embeddings=head == "quantized", progress=False).model
+    assert load_decoder(model, max_context=40) is not None  # the engine path really runs
+    ids = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(1))
+    fast, slow = metrics.scorer(model, 40)(ids), metrics.scorer(model, 40, engine=False)(ids)
+    assert fast.shape == slow.shape == (39, 320)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=2e-4)
+    target = ids[1:, None]
+    ppl = [math.exp(-lp.gather(1, target).mean().item()) for lp in (fast, slow)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-5)

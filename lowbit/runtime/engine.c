@@ -548,8 +548,10 @@ static void layer_forward(eng *E, int l, int m, int pos0) {
     TOC(P_DOWN);
 }
 
-/* Append n tokens at positions pos0.. (the caller checked pos0 + n <= max_ctx); logits of the last. */
-EX void eng_forward(eng *E, const int32_t *ids, int n, int pos0, float *logits) {
+/* Append n tokens at positions pos0.. (the caller checked pos0 + n <= max_ctx); logits of the last
+   (when `logits` is not NULL), and every position's final-normed hidden state [n][hidden] (when
+   `states` is not NULL: evaluation applies the output head to all of them itself). */
+EX void eng_forward(eng *E, const int32_t *ids, int n, int pos0, float *logits, float *states) {
     int H = E->hidden;
     for (int c0 = 0; c0 < n; c0 += E->chunk) {
         int m = n - c0 < E->chunk ? n - c0 : E->chunk;
@@ -558,7 +560,10 @@ EX void eng_forward(eng *E, const int32_t *ids, int n, int pos0, float *logits) 
             for (int j = 0; j < H; j++) E->x[(size_t)i * H + j] = row[j] * E->embed_scale;
         }
         for (int l = 0; l < E->layers; l++) layer_forward(E, l, m, pos0 + c0);
-        if (c0 + m == n) {
+        if (states)
+            for (int i = 0; i < m; i++)
+                rmsnorm(E->x + (size_t)i * H, E->final_norm, E->final_eps, H, states + (size_t)(c0 + i) * H);
+        if (logits && c0 + m == n) {
             TIC;
             rmsnorm(E->x + (size_t)(m - 1) * H, E->final_norm, E->final_eps, H, E->t);
             linear(E, &E->head, E->t, 1, logits);

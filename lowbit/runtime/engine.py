@@ -54,7 +54,7 @@ def _library(isa: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build.compile_source(SOURCE, flags, f"lowbit-engine-{isa}", (codegen.C_DIR,))))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     sig = {"eng_new": ([i] * 14 + [f, f, p, p], p), "eng_free": ([p], None), "eng_arena": ([ctypes.c_size_t], p),
-           "eng_arena_free": ([p, ctypes.c_size_t], None), "eng_forward": ([p, p, i, i, p], None),
+           "eng_arena_free": ([p, ctypes.c_size_t], None), "eng_forward": ([p, p, i, i, p, p], None),
            "eng_set_linear": ([p, i, i, i, i, i, p, p, p, p, p, i, p], None),
            "eng_set_norm": ([p, i, i, p, f], None), "eng_set_layer": ([p, i, i, i, i, i, f, f], None),
            "eng_set_rope": ([p, i, p, p], None), "eng_set_threads": ([p, i], None), "eng_profile": ([p, i, p], i)}
@@ -214,28 +214,37 @@ def _rope_tables(model, layer_types: list[str], max_ctx: int, head_dim: int) -> 
 class Engine:
     """A Decoder (runtime/decoder.py) for one sequence, running natively. Build it with load_decoder."""
 
-    def __init__(self, lib, handle, keep: list, vocab: int, max_context: int, arena: _Arena):
+    def __init__(self, lib, handle, keep: list, vocab: int, hidden: int, max_context: int, arena: _Arena):
         self._lib, self._h, self._keep, self._arena = lib, handle, keep, arena
-        self.vocab_size, self.max_context, self.position = vocab, max_context, 0
+        self.vocab_size, self.hidden, self.max_context, self.position = vocab, hidden, max_context, 0
         self.bytes_per_token = arena.bytes  # every weight a decode step streams lives in the arena
         self._lock = threading.Lock()  # the C call releases the GIL; one sequence, one step at a time
         weakref.finalize(self, _release, lib, handle, arena.ptr, arena.bytes)
 
     def forward(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        return self._run(ids, states=False)
+
+    def states(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Append `ids` like `forward`, but return every position's hidden state after the final norm
+        [n, hidden] (not the last one's logits): the output head's input, for scoring every position."""
+        return self._run(ids, states=True)
+
+    def _run(self, ids, states: bool) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.int32).reshape(-1).contiguous()
         n = ids.numel()
         if n == 0:
             raise LowbitError("forward() needs at least one token id")
         if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
             raise LowbitError(f"token ids must lie in [0, {self.vocab_size})")
-        logits = torch.empty(self.vocab_size, dtype=torch.float32)
+        out = torch.empty((n, self.hidden) if states else self.vocab_size, dtype=torch.float32)
         with self._lock:
             if self.position + n > self.max_context:
                 raise LowbitError(f"{self.position} cached + {n} new tokens exceed the engine's context of "
                                   f"{self.max_context} (truncate() first, or load_decoder(max_context=...))")
-            self._lib.eng_forward(self._h, ids.data_ptr(), n, self.position, logits.data_ptr())
+            self._lib.eng_forward(self._h, ids.data_ptr(), n, self.position, None if states else out.data_ptr(),
+                                  out.data_ptr() if states else None)
             self.position += n
-        return logits
+        return out
 
     def truncate(self, n: int) -> None:
         if not 0 <= n <= self.position:
@@ -388,4 +397,4 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     except BaseException:
         _release(lib, h, arena.ptr, arena.bytes)
         raise
-    return Engine(lib, h, keep, head.n, max_ctx, arena)
+    return Engine(lib, h, keep, head.n, hidden, max_ctx, arena)
