@@ -333,6 +333,60 @@ def test_foreign_safetensors_in_quantized_dir(capsys, quantized, content):
     assert_one_line_error(*run(capsys, "eval", quantized, "--max-windows", "1"), str(f))
 
 
+Q_PROJ_MODULE = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("tensor", ["scales", "qweight-neighbour"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("command", ["inspect", "generate"])
+def test_non_finite_values_in_quantized_dir(capsys, quantized, tensor, bad, command):
+    """fp16 NaN/Inf in one layer's scales (or in a float tensor beside the quantized ones) is refused
+    on load, naming it, instead of generating garbage with exit 0."""
+    f = quantized / "model.safetensors"
+    state = load_file(f)
+    name = f"{Q_PROJ_MODULE}.scales" if tensor == "scales" else "model.layers.0.input_layernorm.weight"
+    state[name].view(-1)[3] = bad
+    save_file(state, f, metadata={"format": "pt"})
+    args = [command, quantized] + (["hello", "--max-new-tokens", "2"] if command == "generate" else [])
+    assert_one_line_error(*run(capsys, *args), Q_PROJ_MODULE if tensor == "scales" else name, "NaN or Inf")
+
+
+def _edit_quantization(model_dir: Path, edit) -> None:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    edit(cfg, cfg["quantization_config"], cfg["quantization_config"]["modules"].get(Q_PROJ_MODULE))
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda c, qc, m: m.update(bits=7), ["module " + Q_PROJ_MODULE, "bits 7"]),
+    (lambda c, qc, m: m.update(group_size=0), ["module " + Q_PROJ_MODULE, "group_size 0"]),
+    (lambda c, qc, m: m.update(bits="4"), ["module " + Q_PROJ_MODULE, "bits '4'"]),
+    (lambda c, qc, m: m.update(sym="yes"), ["module " + Q_PROJ_MODULE, "sym"]),
+    (lambda c, qc, m: m.update(kind="lattice"), ["module " + Q_PROJ_MODULE, "unknown format"]),
+    (lambda c, qc, m: m.update(shape=[64, 96]), ["module " + Q_PROJ_MODULE, "qweight"]),
+    (lambda c, qc, m: m.update(shape=[64]), ["module " + Q_PROJ_MODULE, "shape"]),
+    (lambda c, qc, m: qc.pop("modules"), ["'modules'"]),
+    (lambda c, qc, m: qc.update(modules=[1, 2]), ["'modules'"]),
+    (lambda c, qc, m: qc.update(format_version="2"), ["format_version"]),
+    (lambda c, qc, m: qc["modules"].update({"model.nothing": m}), ["model.nothing"]),
+    (lambda c, qc, m: c.update(num_hidden_layers=1000000), ["num_hidden_layers = 1000000"]),
+    (lambda c, qc, m: c.update(hidden_size=1e9), ["hidden_size = 1000000000.0"]),
+    (lambda c, qc, m: c.update(hidden_size=-64), ["hidden_size = -64"]),
+    (lambda c, qc, m: c.update(hidden_size=128, head_dim=32), ["config.json and the weights disagree"]),
+    (lambda c, qc, m: c.update(intermediate_size=256), ["config.json", "disagree"]),
+    (lambda c, qc, m: c.update(vocab_size=4), ["config.json and the weights disagree"]),
+], ids=["bits-7", "group-0", "bits-str", "sym-str", "kind", "shape-cols", "shape-1d", "no-modules", "modules-list",
+        "version-str", "module-not-in-model", "layers-1e6", "hidden-1e9", "hidden-negative", "hidden-other",
+        "intermediate-other", "vocab-other"])
+@pytest.mark.parametrize("command", ["inspect", "generate"])
+def test_damaged_quantization_config(capsys, quantized, edit, needles, command):
+    """Every field of quantization_config and every dimension is checked (against the safetensors
+    header) before anything is built: one line, never an internal error or a runaway allocation."""
+    _edit_quantization(quantized, edit)
+    args = [command, quantized] + (["hello", "--max-new-tokens", "2"] if command == "generate" else [])
+    assert_one_line_error(*run(capsys, *args), str(quantized), *needles)
+
+
 # ----------------------------------------------------------------------------------- output directory
 
 def test_output_not_empty(capsys, tmp_path, tiny):

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LowbitError
-from .packing import pack, unpack
-from .qtensor import QTensor
+from .packing import pack, packed_words, unpack
+from .qtensor import QTensor, check_int, check_shape
 from .uniform import GROUP_SIZES, effective_group
 
 CODEBOOK_BITS = (2, 3, 4)
@@ -112,6 +112,31 @@ class CodebookQ(QTensor):
     def describe(meta: dict) -> str:
         group = "row" if meta["group_size"] == -1 else f"g{meta['group_size']}"
         return f"codebook {meta['bits']}b {group}" + (" +outliers" if meta.get("outliers") else "")
+
+    @classmethod
+    def layout(cls, meta: dict) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype, bool]]:
+        n, k = check_shape(meta)
+        bits, group = check_int(meta, "bits", CODEBOOK_BITS), check_int(meta, "group_size", GROUP_SIZES)
+        outliers = meta.get("outliers", False)
+        if not isinstance(outliers, bool):
+            raise LowbitError(f"outliers {outliers!r} is not true or false")
+        groups = -(-k // effective_group(group, k))
+        return {"qweight": ((n, packed_words(k, bits)), torch.int32, True),
+                "codebook": ((n, groups, 2 ** bits), torch.float16, True),
+                "outlier_rowptr": ((n + 1,), torch.int32, outliers),
+                "outlier_cols": (None, torch.int32, outliers),
+                "outlier_values": (None, torch.float16, outliers)}
+
+    @classmethod
+    def check_values(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        if "outlier_rowptr" not in tensors:
+            return
+        rowptr, cols, values = (tensors[f"outlier_{n}"] for n in ("rowptr", "cols", "values"))
+        nnz = cols.numel()
+        rows_ok = int(rowptr[0]) == 0 and int(rowptr[-1]) == nnz and not bool((rowptr.diff() < 0).any())
+        cols_ok = nnz == 0 or 0 <= int(cols.min()) and int(cols.max()) < meta["shape"][1]
+        if cols.dim() != 1 or values.shape != cols.shape or not rows_ok or not cols_ok:
+            raise LowbitError("holds inconsistent sparse outliers (row pointers, columns and values disagree)")
 
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> CodebookQ:

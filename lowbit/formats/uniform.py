@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LowbitError
-from .packing import pack, unpack
-from .qtensor import QTensor
+from .packing import pack, packed_words, unpack
+from .qtensor import QTensor, check_int, check_shape
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per row
@@ -183,6 +183,24 @@ class UniformQ(QTensor):
     def describe(meta: dict) -> str:
         group = "row" if meta["group_size"] == -1 else f"g{meta['group_size']}"
         return f"uniform {meta['bits']}b {group} {'sym' if meta['sym'] else 'asym'}"
+
+    @classmethod
+    def layout(cls, meta: dict) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype, bool]]:
+        n, k = check_shape(meta)
+        bits, group = check_int(meta, "bits", BITS), check_int(meta, "group_size", GROUP_SIZES)
+        if not isinstance(meta.get("sym"), bool):
+            raise LowbitError(f"sym {meta.get('sym')!r} is not true or false")
+        groups = -(-k // effective_group(group, k))
+        return {"qweight": ((n, packed_words(k, bits)), torch.int32, True),
+                "scales": ((n, groups), torch.float16, True),
+                "zeros": ((n, groups), torch.uint8, not meta["sym"])}
+
+    @classmethod
+    def check_values(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        if meta["sym"] and "zeros" in tensors:
+            raise LowbitError("is symmetric but holds zero points")
+        if "zeros" in tensors and int(tensors["zeros"].max()) >= 2 ** meta["bits"]:
+            raise LowbitError(f"holds zero points out of the {meta['bits']}-bit range")
 
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> UniformQ:

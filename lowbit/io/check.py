@@ -1,13 +1,51 @@
 """Cheap structural checks of weight files before anything parses them: a truncated or foreign file
-gets a one-line error naming it, instead of a deep traceback from a loader."""
+gets a one-line error naming it, instead of a deep traceback from a loader. A config.json's dimensions
+are checked against the weights' headers before a model is built from it: a damaged
+`num_hidden_layers: 1000000` would otherwise allocate until memory runs out."""
 
 import json
+import re
 import struct
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from ..errors import LowbitError
+
+# config.json's integer dimensions: each a positive int below MAX_DIM wherever a config has it
+DIMENSIONS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+MAX_DIM = 1 << 24
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def header_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (checked) safetensors file as an empty tensor on meta: shapes and dtypes from
+    its header, nothing read."""
+    with safe_open(path, "pt") as f:
+        slices = {k: f.get_slice(k) for k in f.keys()}
+        return {k: torch.empty(s.get_shape(), dtype=DTYPES.get(s.get_dtype(), torch.uint8), device="meta")
+                for k, s in slices.items()}
+
+
+def check_dimensions(config: dict, header: dict[str, torch.Tensor], where) -> None:
+    """A LowbitError unless config.json's dimensions are positive integers in range and its layer
+    count is the one the weights (`header`: name -> tensor, on meta is enough) hold."""
+    for name in DIMENSIONS:
+        value = config.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_DIM):
+            raise LowbitError(f"{where}: config.json has {name} = {json.dumps(value)}, not a positive integer "
+                              f"up to {MAX_DIM}: the file is damaged (restore or re-download it)")
+    layers = {int(m.group(1)) for n in header if (m := _LAYER.search(n))}
+    count = config.get("num_hidden_layers")
+    if layers and count is not None and count != len(layers):
+        raise LowbitError(f"{where}: config.json says num_hidden_layers = {count}, the weights hold "
+                          f"{len(layers)} layers: the config does not belong to these weights")
 
 GGUF_MAGIC = b"GGUF"
 

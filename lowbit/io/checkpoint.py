@@ -25,13 +25,12 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as serialize
 
 from ..atomic_file import write_error
 from ..errors import LowbitError
-from .check import check_safetensors
+from .check import check_safetensors, header_tensors
 from .load import install_quantized
 
 
@@ -165,20 +164,13 @@ class BlockCheckpoint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
 def _install(block: torch.nn.Module, stem: Path, stored: bool) -> None:
     """Make `block` the one saved as `stem`.safetensors/.json: its tensors read (stored=False), or
     only their shapes, on meta (stored=True). Fresh modules replace the quantized ones, so nothing
     (a kernel's prepared copy) holds the old tensors."""
     file = stem.with_suffix(".safetensors")
     if stored:
-        with safe_open(file, "pt") as f:
-            tensors = {k: torch.empty(f.get_slice(k).get_shape(), dtype=_DTYPES[f.get_slice(k).get_dtype()],
-                                      device="meta") for k in f.keys()}
+        tensors = header_tensors(file)
     else:
         tensors = load_file(file)
     install_quantized(block, json.loads(stem.with_suffix(".json").read_text()), tensors, torch.float32, file)

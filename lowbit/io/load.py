@@ -1,4 +1,11 @@
-"""Load a directory written by save.py into a transformers model with QuantLinear modules."""
+"""Load a directory written by save.py into a transformers model with QuantLinear modules.
+
+Nothing is trusted before it is checked: quantization_config's every field (formats.check), the
+config's dimensions and every shape against the safetensors headers (only headers are read, the model
+is built on meta), then the tensors' values (NaN or Inf in any of them, codes out of range). A damaged
+directory is a one-line LowbitError naming the module or tensor, never garbage output or an internal
+error deep in a kernel.
+"""
 
 import json
 from pathlib import Path
@@ -8,9 +15,9 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file
 
 from ..errors import LowbitError
-from ..formats import KINDS, from_tensors
+from ..formats import check, from_tensors
 from ..nn import QuantEmbedding, QuantLinear
-from .check import check_safetensors
+from .check import check_dimensions, check_safetensors, header_tensors
 from .save import FORMAT_VERSION
 
 
@@ -31,43 +38,79 @@ def is_lowbit_dir(path: str | Path) -> bool:
     return qc.get("quant_method") == "lowbit"
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, after checking every file."""
+def _weight_files(path: Path) -> list[Path]:
+    """The (checked) safetensors files of a possibly sharded checkpoint."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    state = {}
-    for name in files:
-        f = path / name
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise LowbitError(f"{index} is not a valid safetensors index") from None
+    files = []
+    for name in names:
+        f = path / str(name)
         if not f.is_file():
             raise LowbitError(f"{path} is incomplete: {name} is missing")
         check_safetensors(f)
-        state.update(load_file(f))
-    return state
+        files.append(f)
+    return files
+
+
+def _module_tensors(name: str, state: dict[str, torch.Tensor], pop: bool = False) -> dict[str, torch.Tensor]:
+    """The QTensor's own tensors of module `name` in `state` (its bias stays with the module)."""
+    prefix = name + "."
+    keys = [k for k in state if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] != "bias"]
+    return {k[len(prefix):]: state.pop(k) if pop else state[k] for k in keys}
+
+
+def _checked(where, name: str, meta, tensors: dict[str, torch.Tensor]) -> None:
+    try:
+        check(meta, tensors)
+    except LowbitError as e:
+        raise LowbitError(f"{where}: module {name} {e} (a damaged file: quantize it again)") from None
 
 
 def install_quantized(model: torch.nn.Module, modules: dict[str, dict], state: dict[str, torch.Tensor],
                       dtype: torch.dtype, where) -> None:
     """Replace each listed module of `model` by its quantized form, taking (popping) its tensors
-    from `state`."""
+    from `state`, after checking them (shapes, and the values of real ones)."""
     for name, meta in modules.items():
-        if meta.get("kind") not in KINDS:
-            raise LowbitError(f"{where}: module {name} has unknown format {meta.get('kind')!r}")
-        prefix = name + "."
-        try:
-            qt = from_tensors(meta, {k[len(prefix):]: state.pop(k) for k in list(state)
-                                     if k.startswith(prefix) and "." not in k[len(prefix):]
-                                     and k[len(prefix):] != "bias"})
-        except KeyError as e:
-            raise LowbitError(f"{where} is incomplete: {name} lacks tensor {e}") from None
+        tensors = _module_tensors(name, state, pop=True)
+        _checked(where, name, meta, tensors)
+        qt = from_tensors(meta, tensors)
         old = model.get_submodule(name)
         if isinstance(old, torch.nn.Embedding):
             new = QuantEmbedding(qt, old.padding_idx, dtype)
         else:
-            new = QuantLinear(qt, state.pop(prefix + "bias", None))
+            new = QuantLinear(qt, state.pop(name + ".bias", None))
         model.set_submodule(name, new)
+
+
+def _check_structure(model: torch.nn.Module, modules: dict, header: dict[str, torch.Tensor], where) -> None:
+    """Every quantized module is a linear or embedding layer of the model with the recorded shape and
+    its tensors in the header; every other tensor of the header has the model's shape for it."""
+    for name, meta in modules.items():
+        _checked(where, name, meta, _module_tensors(name, header))
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise LowbitError(f"{where}: quantization_config lists module {name}, which the model does not have") from None
+        if not isinstance(old, (torch.nn.Linear, torch.nn.Embedding)) or list(old.weight.shape) != meta["shape"]:
+            raise LowbitError(f"{where}: module {name} is recorded as {meta['shape']}, the model's is "
+                              f"{list(getattr(old, 'weight', torch.empty(0)).shape)}: config.json and the weights disagree")
+    params = dict(model.named_parameters())
+    for name, t in header.items():
+        if name in params and params[name].shape != t.shape:
+            raise LowbitError(f"{where}: {name} is {list(t.shape)} in the weights, {list(params[name].shape)} by "
+                              f"config.json: config.json and the weights disagree")
+
+
+def _modules(qc: dict, where) -> dict[str, dict]:
+    modules = qc.get("modules")
+    if not isinstance(modules, dict) or not modules or not all(isinstance(n, str) and n for n in modules):
+        raise LowbitError(f"{where}: quantization_config has no valid 'modules' (the quantized layers): the "
+                          f"config.json is damaged, quantize the model again")
+    return modules
 
 
 def load(path: str | Path):
@@ -78,18 +121,36 @@ def load(path: str | Path):
     path = Path(path)
     raw = read_config(path)
     qc = raw.pop("quantization_config", None) or {}
-    if qc.get("quant_method") != "lowbit":
+    if not isinstance(qc, dict) or qc.get("quant_method") != "lowbit":
         raise LowbitError(f"{path} is not a lowbit-quantized model (quantization_config missing)")
-    if qc.get("format_version", 0) > FORMAT_VERSION:
-        raise LowbitError(f"{path} was written by a newer lowbit (format {qc['format_version']})")
-    state = read_safetensors(path)
+    version = qc.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise LowbitError(f"{path}: quantization_config has format_version {json.dumps(version)}, not an integer")
+    if version > FORMAT_VERSION:
+        raise LowbitError(f"{path} was written by a newer lowbit (format {version})")
+    modules = _modules(qc, path)
+    files = _weight_files(path)
+    header = {k: t for f in files for k, t in header_tensors(f).items()}
+    check_dimensions(raw, header, path)
     try:
         config = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    except (KeyError, ValueError) as e:
-        raise LowbitError(f"{path}: unknown architecture ({e})") from None
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    install_quantized(model, qc["modules"], state, config.dtype or torch.float32, path)
+    except (KeyError, ValueError, TypeError) as e:
+        raise LowbitError(f"{path}: unknown architecture or damaged config ({e})") from None
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+    except (ValueError, TypeError, AttributeError, AssertionError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise LowbitError(f"{path}: config.json describes no buildable model ({first})") from None
+    _check_structure(model, modules, header, path)
+    del header
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    install_quantized(model, modules, state, config.dtype or torch.float32, path)
+    bad = next((n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise LowbitError(f"{path}: {bad} holds NaN or Inf (a damaged file: quantize it again)")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise LowbitError(f"{path} holds tensors the model does not have: {', '.join(unexpected[:3])}")

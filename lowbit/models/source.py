@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LowbitError
-from ..io import check_gguf, check_safetensors, is_lowbit_dir, load, read_config, write_model_dir
+from ..io import check_dimensions, check_gguf, check_safetensors, header_tensors, is_lowbit_dir, load, read_config, write_model_dir
 from .default import NAME as DEFAULT, converted_dir, default_gguf
 from .lazy import LazyBlocks, StreamedSource, load_lazy
 
@@ -121,6 +121,7 @@ def load_source(source: str | os.PathLike | None = None, dtype: torch.dtype = to
         raise LowbitError(f"{path} has no .safetensors weights (pickled .bin files are never loaded)")
     for shard in shards:
         check_safetensors(shard)
+    check_dimensions(config, {k: t for shard in shards for k, t in header_tensors(shard).items()}, path)
     blocks = None
     if lazy:
         with _loading(path):
