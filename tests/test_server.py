@@ -154,3 +154,87 @@ def test_port_in_use_is_a_clear_error(server):
     port = int(server.url.rsplit(":", 1)[1].split("/")[0])
     with pytest.raises(LowbitError, match=f"cannot listen on 127.0.0.1:{port}"):
         listen("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**63, -1, "7", 1.5])
+def test_bad_seed_is_a_400(client, seed):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=NAME, prompt="hello", max_tokens=2, seed=seed) if isinstance(seed, int) \
+            else client.completions.create(model=NAME, prompt="hello", max_tokens=2, extra_body={"seed": seed})
+    assert e.value.status_code == 400 and (e.value.body["param"], e.value.body["code"]) == ("seed", "invalid_value")
+
+
+@pytest.fixture
+def small_server(tiny_quantized_dir):
+    """A server that takes bodies of at most 4 kB and tokenizes slowly (0.3 s per prompt)."""
+    model = lowbit.load(tiny_quantized_dir)
+    session = model.session(max_context=256)
+    session.tokenizer = SlowTokenizer(session.tokenizer)
+    running = Running(create_app(session, NAME, max_body_bytes=4096))
+    running.vocab = model.tokenizer.get_vocab()
+    yield running
+    running.stop()
+
+
+class SlowTokenizer:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, *a, **kw):
+        time.sleep(0.3)
+        return self.inner(*a, **kw)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getattr__(self, name):  # not for "inner" itself: deepcopy looks it up before setting it
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def test_body_over_the_limit_is_a_413(small_server):
+    body = json.dumps({"model": NAME, "prompt": "x" * 5000}).encode()
+    status, err = _raw(small_server, "/completions", body)
+    assert status == 413 and err["error"]["code"] == "request_too_large" and err["error"]["type"]
+    # chunked, no Content-Length: refused as the limit is passed
+    import http.client
+
+    host, port = small_server.url.split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", body=iter([body[:3000], body[3000:]]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
+    conn.close()
+    status, ok = _raw(small_server, "/completions", json.dumps({"model": NAME, "prompt": "hi", "max_tokens": 2}).encode())
+    assert status == 200 and ok["choices"][0]["text"] is not None
+
+
+def test_prompt_longer_than_the_context_is_refused_before_tokenizing(small_server):
+    chars = 256 * (max(len(t) for t in small_server.vocab) + 1) + 1
+    assert chars < 4096  # inside the body limit: the length bound refuses it, not the size
+    t = time.time()
+    status, err = _raw(small_server, "/completions", json.dumps({"model": NAME, "prompt": "y" * chars}).encode())
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded" and "characters" in err["error"]["message"]
+    assert time.time() - t < 0.3  # the slow tokenizer never ran
+    status, err = _raw(small_server, "/completions", json.dumps({"model": NAME, "prompt": [1] * 300}).encode())
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded"
+
+
+def test_models_answers_while_prompts_are_tokenized(small_server):
+    """Tokenizing runs off the event loop: /v1/models answers at once while prompts are tokenized."""
+    import threading
+
+    posts = [threading.Thread(target=_raw, args=(small_server, "/completions",
+                                                 json.dumps({"model": NAME, "prompt": "hello " * 100,
+                                                             "max_tokens": 1}).encode())) for _ in range(6)]
+    for p in posts:
+        p.start()
+    time.sleep(0.2)
+    t = time.time()
+    with urllib.request.urlopen(small_server.url + "/models", timeout=30) as r:
+        assert r.status == 200
+    assert time.time() - t < 0.5, f"/v1/models took {time.time() - t:.2f} s behind 6 × 0.3 s of tokenizing"
+    for p in posts:
+        p.join()

@@ -32,7 +32,9 @@ class SamplingParams:
                ("min_p", not 0 <= self.min_p <= 1, "in [0, 1]"),
                ("repetition_penalty", self.repetition_penalty <= 0, "positive (1 = off)"),
                ("presence_penalty", not -2 <= self.presence_penalty <= 2, "between -2 and 2"),
-               ("frequency_penalty", not -2 <= self.frequency_penalty <= 2, "between -2 and 2")]
+               ("frequency_penalty", not -2 <= self.frequency_penalty <= 2, "between -2 and 2"),
+               ("seed", self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+                "an integer in [0, 2^63)")]
         for name, wrong, want in bad:
             if wrong:
                 raise LowbitError(f"{name} must be {want}, got {getattr(self, name)}")

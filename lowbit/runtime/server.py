@@ -5,6 +5,11 @@ queue and run one at a time in arrival order, so every client is served in turn 
 common prefix (a shared system prompt, the previous chat turn) is reused across requests. A client
 that disconnects, while waiting or while streaming, cancels its job before the next token. Bad
 requests get OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}.
+
+A request cannot stall the others: its body is read up to a limit (`max_body_bytes`, 413 past it), a
+prompt longer in characters than the context could hold in tokens is refused before tokenizing, and
+tokenizing runs on a thread of its own, so the event loop keeps answering (/v1/models, other streams)
+while a large prompt is tokenized.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import json
 import queue
 import socket
@@ -19,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -30,6 +37,7 @@ from .sampling import SamplingParams
 from .session import Completion, Session
 
 DISCONNECT_POLL_S = 0.25
+MAX_BODY_BYTES = 2 << 20  # default request-body limit: a full 128k-token context is ~0.5 MB of text
 
 
 class APIError(Exception):
@@ -125,7 +133,7 @@ def _sampling(body: dict, defaults: dict) -> SamplingParams:
                                       lambda v: 0 < v <= 10, "in (0, 10]")),
         presence_penalty=float(_get(body, "presence_penalty", num, 0.0, lambda v: -2 <= v <= 2, "in [-2, 2]")),
         frequency_penalty=float(_get(body, "frequency_penalty", num, 0.0, lambda v: -2 <= v <= 2, "in [-2, 2]")),
-        seed=_get(body, "seed", (int,), d.get("seed")))
+        seed=_get(body, "seed", (int,), d.get("seed"), lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"))
     return p
 
 
@@ -172,16 +180,31 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _prompt(body: dict, encode) -> list[int]:
+def _prompt(body: dict, vocab: int) -> str | list[int]:
+    """The completion's prompt: text (to tokenize) or token ids (each below `vocab`)."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return encode(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
-    raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
+    if isinstance(prompt, list) and prompt and \
+            all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+        return prompt
+    raise APIError(400, f"'prompt' must be a string or a list of token ids below {vocab} (one prompt per request)",
                    param="prompt")
+
+
+def _too_long(size: int, limit: int, unit: str, context: int, param: str) -> None:
+    if size > limit:
+        raise APIError(400, f"the prompt has {size} {unit}; this model's context holds {context} tokens: "
+                       f"shorten it", param=param, code="context_length_exceeded")
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters of the tokenizer's longest token (its text form: byte-level pieces spell every byte
+    as one character, so no token decodes to more characters than this)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return max((len(t) for t in vocab), default=64) + 1
 
 
 # ---- responses --------------------------------------------------------------------------------------
@@ -198,13 +221,32 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(session: Session, name: str, defaults: dict | None = None, max_queue: int = 64) -> FastAPI:
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to pass `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body has {declared} bytes; this server takes at most {limit}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body passes {limit} bytes, the most this server takes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(session: Session, name: str, defaults: dict | None = None, max_queue: int = 64,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `session` under the model id `name`; `defaults` are sampling values
-    (temperature, top_k, ...) used when a request omits them."""
+    (temperature, top_k, ...) used when a request omits them; a body past `max_body_bytes` is refused."""
     defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
     SamplingParams(**defaults).check()
     worker = Worker(session, max_queue)
-    tokenizer = copy.deepcopy(session.tokenizer)  # the event loop's own: the worker decodes with the other
+    tokenizer = copy.deepcopy(session.tokenizer)  # the tokenizing thread's own: the worker decodes with the other
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="lowbit-tokenize")  # one at a time: off the event loop
+    max_chars = session.max_context * _longest_token(tokenizer)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -212,6 +254,7 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
         worker.start()
         yield
         worker.stop()
+        tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lowbit", lifespan=lifespan)
     app.state.worker = worker
@@ -233,32 +276,43 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
                                             "owned_by": "lowbit", "max_model_len": session.max_context}]}
 
+    def tokenize(chat: bool, what) -> list[int]:
+        """On the tokenizing thread: the chat template's rendering of `what` (messages), or the text."""
+        try:
+            if not chat:
+                return list(tokenizer(what).input_ids)
+            text = tokenizer.apply_chat_template(what, tokenize=False, add_generation_prompt=True)
+            return list(tokenizer(text, add_special_tokens=False).input_ids)
+        except Exception as e:  # the template rejected the messages
+            raise APIError(400, f"cannot render the prompt: {str(e)[:200]}", param="messages") from None
+
     async def parse(request: Request, chat: bool) -> tuple[dict, list[int], int]:
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            body = json.loads(await _read_body(request, max_body_bytes))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         model = body.get("model")
         if model != name:
-            raise APIError(404, f"the model '{model}' does not exist: this server serves '{name}'",
+            raise APIError(404, f"the model '{str(model)[:100]}' does not exist: this server serves '{name}'",
                            param="model", code="model_not_found")
         _unsupported(body)
-        try:
-            if chat:
-                text = tokenizer.apply_chat_template(_messages(body), tokenize=False, add_generation_prompt=True) \
-                    if getattr(tokenizer, "chat_template", None) else None
-                if text is None:
-                    raise APIError(400, "this model has no chat template: use /v1/completions",
-                                   param="messages", code="no_chat_template")
-                prompt = list(tokenizer(text, add_special_tokens=False).input_ids)
+        param = "messages" if chat else "prompt"
+        if chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise APIError(400, "this model has no chat template: use /v1/completions",
+                               param="messages", code="no_chat_template")
+            what = _messages(body)
+            _too_long(sum(len(m["content"]) for m in what), max_chars, "characters", session.max_context, param)
+        else:
+            what = _prompt(body, len(tokenizer))
+            if isinstance(what, list):
+                _too_long(len(what), session.max_context - 1, "tokens", session.max_context, param)
             else:
-                prompt = _prompt(body, lambda s: list(tokenizer(s).input_ids))
-        except APIError:
-            raise
-        except Exception as e:  # the template rejected the messages
-            raise APIError(400, f"cannot render the prompt: {e}", param="messages") from None
+                _too_long(len(what), max_chars, "characters", session.max_context, param)
+        prompt = what if not chat and isinstance(what, list) else \
+            await asyncio.get_running_loop().run_in_executor(tokenizing, functools.partial(tokenize, chat, what))
         room = session.max_context - len(prompt)
         if not prompt or room < 1:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context holds "
@@ -383,11 +437,11 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(session: Session, name: str, host: str = "127.0.0.1", port: int = 8000, defaults: dict | None = None,
-          max_queue: int = 64, log_level: str = "info") -> None:
+          max_queue: int = 64, log_level: str = "info", max_body_bytes: int = MAX_BODY_BYTES) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
-    app = create_app(session, name, defaults, max_queue)
+    app = create_app(session, name, defaults, max_queue, max_body_bytes)
     sock = listen(host, port)
     print(f"lowbit: serving '{name}' at http://{host}:{sock.getsockname()[1]}/v1 "
           f"(context {session.max_context} tokens); Ctrl-C stops", file=sys.stderr, flush=True)
