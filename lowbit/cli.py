@@ -9,6 +9,7 @@ loads. Only `quantize` needs `api` to build its parser (its options are the conf
 import argparse
 import dataclasses
 import json
+import math
 import socket
 import sys
 import typing
@@ -36,7 +37,9 @@ def cmd_quantize(a) -> None:
     options = {name: tuple(v) if isinstance(v, list) else v for name in _config_fields()
                if (v := getattr(a, name)) is not None}
     how = api.config_for(a.method, scheme=a.scheme, **options)
-    r = api.quantize_to(a.source, a.output, how, a.calib, lm_head=a.lm_head, embeddings=a.embeddings,
+    edge = False if a.float_embeddings else api.EDGE  # the head and embedding unless --lm-head/--embeddings
+    r = api.quantize_to(a.source, a.output, how, a.calib, lm_head=a.lm_head or edge,
+                        embeddings=a.embeddings or edge,
                         calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len, overwrite=a.overwrite,
                         check_windows=0 if a.no_check else (a.check_windows or None))
     print(f"saved {r.out}  ({r.plan}, {len(r.size.layers)} layers quantized)")
@@ -45,13 +48,16 @@ def cmd_quantize(a) -> None:
     print(f"size: {r.disk_bytes:,} bytes on disk ({_human(r.disk_bytes)}); "
           f"{r.size.quantized_bpw:.3f} bits/weight in quantized layers, "
           f"{r.size.model_bpw:.3f} over the whole model")
+    if r.source_note:
+        print(f"note: {r.source_note}")
     if r.check:
         c = r.check
         print(f"perplexity (ctx {c.ctx}, {c.tokens:,} tokens of held-out text): "
               f"source {c.source_ppl:.3f} -> quantized {c.ppl:.3f} ({100 * (c.ppl / c.source_ppl - 1):+.2f}%)")
         print(f"KL divergence vs source: {c.kld:.5f} nats/token")
-        g = r.generation
-        print(f"speed (reloaded model): prefill {g.prefill_tps:.1f} tok/s, decode {g.decode_tps:.1f} tok/s")
+        g = r.speed
+        print(f"speed (reloaded model, {g.decoder}, {g.threads} threads): prefill {g.prefill_tps:.0f} tok/s "
+              f"(pp{g.prompt_tokens}), decode {g.decode_tps:.0f} tok/s (tg{g.gen_tokens}); `lowbit bench` for more")
         print(f"sample: {api.SAMPLE_PROMPT}{r.sample}")
 
 
@@ -178,7 +184,11 @@ def cmd_inspect(a) -> None:
     for s in size.layers:
         print(f"{s.name:<44} {s.format:<24} {'x'.join(map(str, s.meta['shape'])):>12} {s.nbytes:>11,} {s.bpw:>7.3f}"
               f"  {s.kernel}")
-    print(f"{len(size.layers)} quantized layers, {size.quantized_bpw:.3f} bits/weight; whole model "
+    for f in size.floats:
+        print(f"{f.name:<44} {f.dtype:<24} {'x'.join(map(str, f.shape)):>12} {f.nbytes:>11,} "
+              f"{8 * f.nbytes / max(1, math.prod(f.shape)):>7.3f}  float")
+    print(f"{len(size.layers)} quantized layers, {size.quantized_bpw:.3f} bits/weight; {len(size.floats)} float "
+          f"tensors, {sum(f.nbytes for f in size.floats):,} bytes; whole model "
           f"{size.total_bytes:,} bytes, {size.model_bpw:.3f} bits/weight")
 
 
@@ -273,8 +283,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", help="calibration text (.txt or .jsonl); default: built-in corpus")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (calibrated methods)")
     q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
-    q.add_argument("--lm-head", action="store_true", help="also quantize the output head")
-    q.add_argument("--embeddings", action="store_true", help="also quantize the input embedding")
+    q.add_argument("--lm-head", action="store_true", help="quantize the output head in the layers' format "
+                   "(default: 8-bit RTN, group 32, as llama.cpp's Q8_0)")
+    q.add_argument("--embeddings", action="store_true", help="quantize the input embedding in the layers' "
+                   "format (default: 8-bit RTN, group 32)")
+    q.add_argument("--float-embeddings", action="store_true",
+                   help="keep the output head and the input embedding in float (larger file)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--no-check", action="store_true", help="skip the accuracy check after saving")
     q.add_argument("--check-windows", type=int, default=0,

@@ -61,3 +61,26 @@ def test_serve_refuses_a_busy_port_before_loading(no_load, capsys):
         assert cli.main(["serve", "m", "--port", str(port)]) == 1
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
+
+
+def test_quantize_rounds_head_and_embedding_to_8_bits_and_prints_engine_speed(tiny_model_dir, tmp_path, capsys):
+    """The command's default (issue 16, items 8 and 10): the embedding and the head at 8 bits (EDGE),
+    `inspect` lists every tensor, float ones too, and the printed speed is bench's steady state."""
+    src = tiny_model_dir("llama", tie_word_embeddings=True, max_position_embeddings=1024)
+    assert cli.main(["quantize", str(src), "-o", str(tmp_path / "q"), "--group-size", "32",
+                     "--check-windows", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill" in out and "(pp512)" in out and "(tg64)" in out
+    q = api.load(tmp_path / "q")
+    specs = {name: q.plan.layers[name] for name in ("lm_head", "model.embed_tokens")}
+    assert all(s.bits == 8 and s.group_size == 32 for s in specs.values())
+    assert q.plan.layers["model.layers.0.mlp.down_proj"].bits == 4
+    assert cli.main(["inspect", str(tmp_path / "q")]) == 0
+    listing = capsys.readouterr().out
+    assert "model.norm.weight" in listing and "float32" in listing and "lm_head" in listing
+    assert "whole model" in listing
+
+    assert cli.main(["quantize", str(src), "-o", str(tmp_path / "f"), "--group-size", "32",
+                     "--float-embeddings", "--no-check"]) == 0
+    plan = api.load(tmp_path / "f").plan.layers
+    assert "lm_head" not in plan and "model.embed_tokens" not in plan

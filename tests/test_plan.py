@@ -121,7 +121,9 @@ def test_cli_scheme_option(tiny_model_dir, tmp_path, capsys):
                  "--no-check"]) == 0
     assert "rtn W3-g32-asym" in capsys.readouterr().out
     plan = json.loads((out / "config.json").read_text())["quantization_config"]["plan"]
-    assert [entry["spec"] for entry in plan] == [lowbit.RTN(bits=3, group_size=32, sym=False).to_dict()]
+    assert [entry["spec"] for entry in plan] == [lowbit.RTN(bits=3, group_size=32, sym=False).to_dict(),
+                                                 lowbit.recipes.EDGE.to_dict()]  # the head and embedding
+    assert sorted(plan[1]["layers"]) == ["lm_head", "model.embed_tokens"]
     assert main(["quantize", str(tiny_model_dir("llama")), "-o", str(tmp_path / "x"), "--scheme", "W4A16-g32",
                  "--bits", "3", "--no-check"]) == 1
     assert "drop bits or the scheme" in capsys.readouterr().err

@@ -27,8 +27,17 @@ class LayerSize:
 
 
 @dataclass
+class FloatTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float32"
+    nbytes: int
+
+
+@dataclass
 class ModelSize:
     layers: list[LayerSize]
+    floats: list[FloatTensor]  # every tensor left in float (norms, biases, an unquantized head), tied ones once
     total_bytes: int  # every tensor the model holds (float ones included), tied ones once
     total_params: int  # weights represented, quantized or not
 
@@ -51,6 +60,8 @@ def model_size(model: nn.Module) -> ModelSize:
             kernel = kernel_for(qt) if hasattr(m, "in_features") else "lookup (dequantized rows)"  # an embedding
             layers.append(LayerSize(name, dict(m.meta), qt.shape[0] * qt.shape[1], qt.nbytes, kernel))
     params = list(model.parameters())  # shared (tied) parameters appear once
-    return ModelSize(layers,
+    floats = [FloatTensor(name, tuple(p.shape), str(p.dtype).removeprefix("torch."), p.numel() * p.element_size())
+              for name, p in model.named_parameters()]
+    return ModelSize(layers, floats,
                      sum(p.numel() * p.element_size() for p in params) + sum(s.nbytes for s in layers),
                      sum(p.numel() for p in params) + sum(s.params for s in layers))

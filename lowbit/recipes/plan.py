@@ -10,6 +10,12 @@ does not name stays in float.
 embedding only if asked), with one rule: calibrated methods run inside the decoder blocks only, so a
 head or embedding gets round-to-nearest in the same format (RTN with the config's bits, group, sym).
 
+EDGE is what the command line gives the head and the embedding unless told otherwise: 8-bit RTN,
+group 32, symmetric: llama.cpp's Q8_0, the type of the token embedding in SmolLM2's own Q4_1 GGUF.
+Left in float they are most of a small model's bytes (SmolLM2-135M: 28 of its 135 M weights, tied,
+113 MB in fp32 against ~60 MB for the 4-bit body), and they tolerate 8 bits with a KLD cost far
+below the body's 4-bit error (BENCHMARKS.md); 4 bits there costs visibly more.
+
 Stored in a model directory's quantization_config as a list of {"spec": config dict, "layers": [names]},
 one entry per distinct spec in first-use order (compact, readable, and `from_record` rebuilds the same
 Plan). Directories of format 1 recorded one "method" for every module: `from_config` reads both.
@@ -26,15 +32,23 @@ from ..methods import RTN, MethodConfig, config_for
 from ..models.blocks import decoder_layers
 
 
+EDGE = RTN(bits=8, group_size=32, sym=True)
+
+
 @dataclass(frozen=True)
 class Plan:
     layers: dict[str, MethodConfig]  # applied in the model's module order, whatever the order here
 
     @classmethod
-    def uniform(cls, model: nn.Module, spec: MethodConfig, lm_head: bool = False,
-                embeddings: bool = False) -> Plan:
-        """`spec` for every linear layer of `model` (see the module docstring)."""
-        return cls.over(model, spec, targets(model, lm_head, embeddings))
+    def uniform(cls, model: nn.Module, spec: MethodConfig, lm_head: bool | MethodConfig = False,
+                embeddings: bool | MethodConfig = False) -> Plan:
+        """`spec` for every linear layer of `model` (see the module docstring); the output head and
+        the input embedding stay in float (False), take `spec`'s format (True), or a config of their
+        own (EDGE: what the command line gives them)."""
+        plan = cls.over(model, spec, targets(model, lm_head is True, embeddings is True))
+        own = {name: cfg for name, cfg in zip(edge_names(model), (lm_head, embeddings))
+               if name is not None and isinstance(cfg, MethodConfig)}
+        return cls({**plan.layers, **own})
 
     @classmethod
     def over(cls, model: nn.Module, spec: MethodConfig, names: list[str]) -> Plan:
@@ -98,6 +112,14 @@ def targets(model: nn.Module, lm_head: bool = False, embeddings: bool = False) -
     return [name for name, m in model.named_modules()
             if (isinstance(m, nn.Linear) and (lm_head or m is not head))
             or (embeddings and isinstance(m, nn.Embedding) and m is embed)]
+
+
+def edge_names(model: nn.Module) -> tuple[str | None, str | None]:
+    """The names of the output head and of the input embedding (None where the model has none)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    names = {id(m): name for name, m in model.named_modules()}
+    return names.get(id(head)), names.get(id(embed))
 
 
 def block_prefix(model: nn.Module) -> str:
