@@ -16,7 +16,7 @@ def from_tensors(meta: dict, tensors) -> QTensor:
 def check(meta: dict, tensors) -> None:
     """A LowbitError unless `meta` (any JSON value) is a stored QTensor's entry and `tensors` (real,
     or on meta: shapes from a file's header) are its tensors (QTensor.check)."""
-    if not isinstance(meta, dict) or meta.get("kind") not in KINDS:
+    if not isinstance(meta, dict) or not isinstance(meta.get("kind"), str) or meta["kind"] not in KINDS:
         kind = meta.get("kind") if isinstance(meta, dict) else meta
         raise LowbitError(f"has unknown format {kind!r} (known: {', '.join(KINDS)})")
     KINDS[meta["kind"]].check(meta, tensors)

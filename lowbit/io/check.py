@@ -50,6 +50,11 @@ def check_dimensions(config: dict, header: dict[str, torch.Tensor], where) -> No
 GGUF_MAGIC = b"GGUF"
 
 
+def _offsets(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and \
+        all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
 def check_safetensors(path: Path) -> None:
     """A safetensors file is an 8-byte header length, a JSON header, then exactly the data it lists."""
     size = path.stat().st_size
@@ -65,7 +70,7 @@ def check_safetensors(path: Path) -> None:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise LowbitError(f"{path} is not a safetensors file (header is not JSON)") from None
     entries = [v for k, v in header.items() if k != "__metadata__"] if isinstance(header, dict) else None
-    if entries is None or not all(isinstance(v, dict) and "data_offsets" in v for v in entries):
+    if entries is None or not all(isinstance(v, dict) and _offsets(v.get("data_offsets")) for v in entries):
         raise LowbitError(f"{path} is not a safetensors file (header does not list tensors)")
     end = max((v["data_offsets"][1] for v in entries), default=0)
     if 8 + n + end != size:

@@ -23,19 +23,22 @@ from .save import FORMAT_VERSION
 
 def read_config(path: Path) -> dict:
     try:
-        return json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
         raise LowbitError(f"{path} is not a model directory (no config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise LowbitError(f"{path / 'config.json'} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise LowbitError(f"{path / 'config.json'} is not a JSON object: the file is damaged")
+    return config
 
 
 def is_lowbit_dir(path: str | Path) -> bool:
     path = Path(path)
     if not (path / "config.json").is_file():
         return False
-    qc = read_config(path).get("quantization_config") or {}
-    return qc.get("quant_method") == "lowbit"
+    qc = read_config(path).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == "lowbit"
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -105,6 +108,11 @@ def _check_structure(model: torch.nn.Module, modules: dict, header: dict[str, to
                               f"config.json: config.json and the weights disagree")
 
 
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:200] or type(e).__name__
+
+
 def _modules(qc: dict, where) -> dict[str, dict]:
     modules = qc.get("modules")
     if not isinstance(modules, dict) or not modules or not all(isinstance(n, str) and n for n in modules):
@@ -132,16 +140,12 @@ def load(path: str | Path):
     files = _weight_files(path)
     header = {k: t for f in files for k, t in header_tensors(f).items()}
     check_dimensions(raw, header, path)
-    try:
-        config = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    except (KeyError, ValueError, TypeError) as e:
-        raise LowbitError(f"{path}: unknown architecture or damaged config ({e})") from None
-    try:
+    try:  # transformers validates the config its own way: any of its errors means a damaged config.json
+        config = AutoConfig.for_model(raw.pop("model_type", None), **raw)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    except (ValueError, TypeError, AttributeError, AssertionError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise LowbitError(f"{path}: config.json describes no buildable model ({first})") from None
+    except Exception as e:
+        raise LowbitError(f"{path}: config.json describes no model lowbit can build ({_first_line(e)})") from None
     _check_structure(model, modules, header, path)
     del header
     state = {}
