@@ -33,7 +33,7 @@ from .methods import METHODS, MethodConfig
 from .models import Loaded, load_any, load_reference, load_source
 from .recipes import EDGE, Auto, Plan
 from .runtime import Chat, GenerationStats, SamplingParams, Session, generate
-from .runtime.server import serve
+from .runtime.server import MAX_BODY_BYTES, serve
 
 # every name `--method` accepts: the methods, and the automatic choice among them
 CONFIGS: dict[str, type] = {**{name: m.CONFIG for name, m in METHODS.items()}, Auto.name: Auto}
@@ -88,9 +88,9 @@ class QuantizedModel:
         return Chat(self.session(**session), system)
 
     def serve(self, name: str, host: str = "127.0.0.1", port: int = 8000, defaults: dict | None = None,
-              max_queue: int = 64, **session) -> None:
+              max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES, **session) -> None:
         """The OpenAI-compatible HTTP server (runtime/server.py), until interrupted."""
-        serve(self.session(**session), name, host, port, defaults, max_queue)
+        serve(self.session(**session), name, host, port, defaults, max_queue, max_body_bytes=max_body_bytes)
 
     def evaluate(self, text: str | os.PathLike | None = None, *, kld: bool = False, reference=None,
                  ctx: int = 512, stride: int | None = None, max_windows: int | None = None,

@@ -137,9 +137,12 @@ _SERVE_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty
 
 def cmd_serve(a) -> None:
     _check_generation(a)
+    if a.max_body_mb < 1:
+        raise LowbitError(f"--max-body-mb must be at least 1, got {a.max_body_mb}")
     _check_port(a.host, a.port)
     defaults = {k: getattr(a, k) for k in _SERVE_DEFAULTS}
-    api.load(a.model).serve(a.name or Path(a.model).name, a.host, a.port, defaults, a.max_queue, **_session(a))
+    api.load(a.model).serve(a.name or Path(a.model).name, a.host, a.port, defaults, a.max_queue,
+                            max_body_bytes=a.max_body_mb << 20, **_session(a))
 
 
 def cmd_bench(a) -> None:
@@ -313,6 +316,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", help="model id clients use (default: the directory's name)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get HTTP 503")
+    s.add_argument("--max-body-mb", type=int, default=2, help="request bodies past this many MiB get HTTP 413")
     _sampling_options(s, max_tokens=None)
     s.set_defaults(func=cmd_serve)
 

@@ -13,7 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import lowbit
+from lowbit.calib import load as load_text
 from lowbit.cli import main
+from lowbit.eval import evaluate
 from lowbit.errors import LowbitError
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -456,3 +459,19 @@ def test_debug_before_subcommand_also_raises(tmp_path):
     """`lowbit --debug quantize ...` (the top-level parser advertises --debug) must behave the same."""
     with pytest.raises(LowbitError, match="not found"):
         main(["--debug", "quantize", str(tmp_path / "nonexistent"), "-o", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("engine", [True, False])
+def test_eval_never_reports_a_non_finite_result(tiny, engine):
+    """Weights that pass every load check but overflow at run time (a final-norm weight of 1e38: the
+    logits are ±Inf, their log-softmax NaN) make evaluation fail with one line, not print NaN with exit 0."""
+    q = lowbit.load(tiny)
+    with torch.no_grad():
+        q.model.get_decoder().norm.weight.fill_(1e38)
+    text = load_text("eval")[:4000]
+    with pytest.raises(LowbitError, match="not finite"):
+        evaluate(q.model, q.tokenizer, text, ctx=64, max_windows=2, progress=False, engine=engine)
+    source = lowbit.load(tiny)
+    with pytest.raises(LowbitError, match="not finite|KL divergence"):
+        evaluate(source.model, source.tokenizer, text, ctx=64, max_windows=2, source=q.model, progress=False,
+                 engine=engine)

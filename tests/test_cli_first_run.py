@@ -44,6 +44,7 @@ def no_load(monkeypatch):
     (["chat", "m", "--max-tokens", "-3"], "--max-tokens must be at least 1"),
     (["serve", "m", "--temperature", "-1"], "temperature must be"),
     (["generate", "m", "hi", "--threads", "0"], "--threads must be at least 1"),
+    (["serve", "m", "--max-body-mb", "0"], "--max-body-mb must be at least 1"),
 ])
 def test_bad_generation_arguments_refused_before_loading(no_load, capsys, argv, says):
     t = time.perf_counter()

@@ -109,7 +109,18 @@ def evaluate(model, tokenizer, text: str, ctx: int = 512, stride: int | None = N
             src_nll -= slp.gather(1, target[:, None]).sum().item()
             kld += (slp.exp() * (slp - lp)).sum().item()
         tokens += len(target)
-    result = EvalResult(math.exp(nll / tokens), tokens, len(spans), ctx)
+    result = EvalResult(_perplexity(nll / tokens, "the model"), tokens, len(spans), ctx)
     if source is not None:
-        result.kld, result.source_ppl = kld / tokens, math.exp(src_nll / tokens)
+        result.kld, result.source_ppl = kld / tokens, _perplexity(src_nll / tokens, "the source model")
+        if not math.isfinite(result.kld):
+            raise LowbitError(f"the KL divergence came out as {result.kld}: one of the models gives NaN or Inf "
+                              "log-probabilities (damaged weights, or activations that overflow their dtype)")
     return result
+
+
+def _perplexity(mean_nll: float, who: str) -> float:
+    """exp(mean NLL); a non-finite or overflowing result is a broken model, never a number to report."""
+    if not math.isfinite(mean_nll) or mean_nll > 700:
+        raise LowbitError(f"the perplexity of {who} is not finite (mean log-loss {mean_nll}): it gives NaN or "
+                          "Inf log-probabilities (damaged weights, or activations that overflow their dtype)")
+    return math.exp(mean_nll)
