@@ -9,7 +9,8 @@ from lowbit.calib import builtin
 from lowbit.cli import main
 from lowbit.eval import evaluate
 from lowbit.methods import config_for
-from lowbit.recipes import split_holdout
+from lowbit.methods import RTN
+from lowbit.recipes import EDGE, split_holdout
 
 
 def test_holdout_split_is_disjoint_and_fixed():
@@ -50,5 +51,7 @@ def test_auto_cli_respects_the_budget_and_writes_a_report(tiny_model_dir, tmp_pa
     report = (out / "auto_report.md").read_text()
     assert "chose rtn" in report and report.count("skipped") == 4
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert [entry["spec"]["method"] for entry in config["plan"]] == ["rtn"] and config["auto"]["chosen"] == "rtn"
+    # the chosen method over the blocks; the command's 8-bit head and embedding (recipes.EDGE) beside it
+    assert [entry["spec"] for entry in config["plan"]] == [RTN(bits=3, group_size=32).to_dict(), EDGE.to_dict()]
+    assert config["auto"]["chosen"] == "rtn"
     assert "| rtn |" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import CodebookQ
 from lowbit.methods import GANQ, GPTQ, RTN, config_for, quantize_weight
 from lowbit.methods.ganq import damped_cholesky, fit, lookup, row_objective, s_step, t_step
+from lowbit.recipes import EDGE
 from test_gptq import _correlated_stats
 
 
@@ -152,7 +153,8 @@ def test_cli_quantizes_with_ganq(tiny_model_dir, tmp_path, capsys):
     assert rc == 0
     assert "W3-lut-row-o0.5%" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert [entry["spec"] for entry in config["plan"]] == [GANQ(bits=3, iters=2, outlier_ratio=0.005).to_dict()]
+    assert [entry["spec"] for entry in config["plan"]] == [GANQ(bits=3, iters=2, outlier_ratio=0.005).to_dict(),
+                                                           EDGE.to_dict()]  # the command's 8-bit head and embedding
     model = lowbit.load(out).model
     layer = model.model.layers[0].mlp.down_proj
     assert layer.meta == {"kind": "codebook", "bits": 3, "group_size": -1, "shape": [64, 128], "outliers": True}

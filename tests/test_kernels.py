@@ -125,4 +125,5 @@ def test_cli_inspect_names_each_layers_kernel(tiny_quantized_dir, capsys):
     expected = {name: kernel_for(m.qtensor) for name, m in q.model.named_modules() if hasattr(m, "qtensor")}
     assert main(["inspect", str(tiny_quantized_dir)]) == 0
     shown = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:-1]}
-    assert shown == expected and any(k != "reference" for k in expected.values())
+    assert {name: shown[name] for name in expected} == expected and any(k != "reference" for k in expected.values())
+    assert {k for name, k in shown.items() if name not in expected} == {"float"}  # the float tensors
