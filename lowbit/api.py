@@ -39,7 +39,8 @@ from .runtime.server import MAX_BODY_BYTES, serve
 CONFIGS: dict[str, type] = {**{name: m.CONFIG for name, m in METHODS.items()}, Auto.name: Auto}
 
 # the quantization_config keys that are not the model's record (io's own, and format 1's)
-_FORMAT_KEYS = ("quant_method", "format_version", "modules", "plan", "method", "source", "lm_head", "embeddings")
+_FORMAT_KEYS = ("quant_method", "format_version", "modules", "shared", "plan", "method", "source", "lm_head",
+               "embeddings")
 
 
 @dataclass

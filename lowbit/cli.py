@@ -184,9 +184,9 @@ def cmd_inspect(a) -> None:
         raise LowbitError("inspect needs a MODEL (or --kernels for the kernel table)")
     size = api.load(a.model).size()
     print(f"{'module':<44} {'format':<24} {'shape':>12} {'bytes':>11} {'bpw':>7}  kernel")
-    for s in size.layers:
-        print(f"{s.name:<44} {s.format:<24} {'x'.join(map(str, s.meta['shape'])):>12} {s.nbytes:>11,} {s.bpw:>7.3f}"
-              f"  {s.kernel}")
+    for s in size.layers:  # a layer that shares its twin's tensors (a tied head) costs no bytes of its own
+        cost = f"{s.nbytes:>11,} {s.bpw:>7.3f}" if s.shares is None else f"{'(' + s.shares.split('.')[-1] + ')':>11} {'-':>7}"
+        print(f"{s.name:<44} {s.format:<24} {'x'.join(map(str, s.meta['shape'])):>12} {cost}  {s.kernel}")
     for f in size.floats:
         print(f"{f.name:<44} {f.dtype:<24} {'x'.join(map(str, f.shape)):>12} {f.nbytes:>11,} "
               f"{8 * f.nbytes / max(1, math.prod(f.shape)):>7.3f}  float")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import lowbit
@@ -116,3 +117,41 @@ def test_interrupted_save_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         q.save(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("head_spec", [None, lowbit.RTN(bits=4, group_size=32)])
+def test_tied_head_and_embedding_are_quantized_and_stored_once(tiny_model_dir, tmp_path, ids, head_spec):
+    """A tied head and embedding with one spec share one QTensor, stored once (as llama.cpp stores a tied
+    output), and come back shared; with different specs each is its own."""
+    spec = lowbit.RTN(bits=8, group_size=32)
+    q = lowbit.quantize(tiny_model_dir("llama", tie_word_embeddings=True), spec, progress=False,
+                        lm_head=head_spec or True, embeddings=True)
+    head, embed = q.model.get_output_embeddings(), q.model.get_input_embeddings()
+    assert (head.qweight.data_ptr() == embed.qweight.data_ptr()) == (head_spec is None)
+    q.save(tmp_path / "out")
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    if head_spec is None:
+        assert not any(k.startswith("lm_head.") for k in stored) and qc["shared"] == {"lm_head": "model.embed_tokens"}
+    else:
+        assert "lm_head.qweight" in stored and "shared" not in qc
+    loaded = lowbit.load(tmp_path / "out")
+    head, embed = loaded.model.get_output_embeddings(), loaded.model.get_input_embeddings()
+    assert (head.qweight.data_ptr() == embed.qweight.data_ptr()) == (head_spec is None)
+    assert loaded.plan == q.plan and torch.equal(_logits(loaded, ids), _logits(q, ids))
+    size = loaded.size()
+    assert size.total_bytes <= sum(t.numel() * t.element_size() for t in stored.values())
+
+
+@pytest.mark.parametrize("shared", [{"lm_head": "model.nope"}, {"lm_head": "model.layers.0.mlp.up_proj"}, ["lm_head"],
+                                    {"model.embed_tokens": "lm_head", "lm_head": "model.embed_tokens"}])
+def test_damaged_shared_entry_is_one_line_error(tiny_model_dir, tmp_path, shared):
+    q = lowbit.quantize(tiny_model_dir("llama", tie_word_embeddings=True), lowbit.RTN(bits=8, group_size=32),
+                        progress=False, lm_head=True, embeddings=True)
+    q.save(tmp_path / "out")
+    config_path = tmp_path / "out" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["shared"] = shared
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(LowbitError, match="'shared' is damaged"):
+        lowbit.load(tmp_path / "out")

@@ -15,6 +15,7 @@ class LayerSize:
     params: int  # weights represented
     nbytes: int  # bytes stored for them (codes, scales, zeros)
     kernel: str  # the kernel-table row its matmuls run on this CPU (kernels.kernel_for), or "reference"
+    shares: str | None = None  # the layer whose tensors it holds (a tied head quantized once): counted once
 
     @property
     def bpw(self) -> float:
@@ -43,9 +44,10 @@ class ModelSize:
 
     @property
     def quantized_bpw(self) -> float:
-        """Bits per weight over the quantized layers only."""
-        params = sum(s.params for s in self.layers)
-        return 8 * sum(s.nbytes for s in self.layers) / params if params else 0.0
+        """Bits per weight over the quantized layers only (a shared layer's weights counted once)."""
+        own = [s for s in self.layers if s.shares is None]
+        params = sum(s.params for s in own)
+        return 8 * sum(s.nbytes for s in own) / params if params else 0.0
 
     @property
     def model_bpw(self) -> float:
@@ -53,15 +55,17 @@ class ModelSize:
 
 
 def model_size(model: nn.Module) -> ModelSize:
-    layers = []
+    layers, owners = [], {}
     for name, m in model.named_modules():
         if hasattr(m, "qtensor"):
             qt = m.qtensor
             kernel = kernel_for(qt) if hasattr(m, "in_features") else "lookup (dequantized rows)"  # an embedding
-            layers.append(LayerSize(name, dict(m.meta), qt.shape[0] * qt.shape[1], qt.nbytes, kernel))
+            key = tuple(t.data_ptr() for t in m.buffers(recurse=False))
+            layers.append(LayerSize(name, dict(m.meta), qt.shape[0] * qt.shape[1], qt.nbytes, kernel, owners.get(key)))
+            owners.setdefault(key, name)
     params = list(model.parameters())  # shared (tied) parameters appear once
     floats = [FloatTensor(name, tuple(p.shape), str(p.dtype).removeprefix("torch."), p.numel() * p.element_size())
               for name, p in model.named_parameters()]
     return ModelSize(layers, floats,
-                     sum(p.numel() * p.element_size() for p in params) + sum(s.nbytes for s in layers),
-                     sum(p.numel() for p in params) + sum(s.params for s in layers))
+                     sum(p.numel() * p.element_size() for p in params) + sum(s.nbytes for s in layers if s.shares is None),
+                     sum(p.numel() for p in params) + sum(s.params for s in layers if s.shares is None))

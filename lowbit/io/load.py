@@ -74,13 +74,20 @@ def _checked(where, name: str, meta, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def install_quantized(model: torch.nn.Module, modules: dict[str, dict], state: dict[str, torch.Tensor],
-                      dtype: torch.dtype, where) -> None:
+                      dtype: torch.dtype, where, shared: dict[str, str] | None = None) -> None:
     """Replace each listed module of `model` by its quantized form, taking (popping) its tensors
-    from `state`, after checking them (shapes, and the values of real ones)."""
-    for name, meta in modules.items():
-        tensors = _module_tensors(name, state, pop=True)
-        _checked(where, name, meta, tensors)
-        qt = from_tensors(meta, tensors)
+    from `state`, after checking them (shapes, and the values of real ones); a `shared` module
+    (name -> owner) holds its owner's QTensor, the same tensors."""
+    shared = shared or {}
+    qts = {}
+    for name in sorted(modules, key=lambda n: n in shared):  # owners first
+        meta = modules[name]
+        if name in shared:
+            qt = qts[shared[name]]
+        else:
+            tensors = _module_tensors(name, state, pop=True)
+            _checked(where, name, meta, tensors)
+            qt = qts[name] = from_tensors(meta, tensors)
         old = model.get_submodule(name)
         if isinstance(old, torch.nn.Embedding):
             new = QuantEmbedding(qt, old.padding_idx, dtype)
@@ -89,11 +96,13 @@ def install_quantized(model: torch.nn.Module, modules: dict[str, dict], state: d
         model.set_submodule(name, new)
 
 
-def _check_structure(model: torch.nn.Module, modules: dict, header: dict[str, torch.Tensor], where) -> None:
+def _check_structure(model: torch.nn.Module, modules: dict, header: dict[str, torch.Tensor], where,
+                     shared: dict[str, str]) -> None:
     """Every quantized module is a linear or embedding layer of the model with the recorded shape and
-    its tensors in the header; every other tensor of the header has the model's shape for it."""
+    its tensors (or, shared, its owner's) in the header; every other tensor of the header has the
+    model's shape for it."""
     for name, meta in modules.items():
-        _checked(where, name, meta, _module_tensors(name, header))
+        _checked(where, name, meta, _module_tensors(shared.get(name, name), header))
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -121,6 +130,18 @@ def _modules(qc: dict, where) -> dict[str, dict]:
     return modules
 
 
+def _shared(qc: dict, modules: dict[str, dict], where) -> dict[str, str]:
+    """quantization_config's "shared" (module -> the module whose tensors it holds), checked: both
+    quantized, the same format, and the owner not itself shared."""
+    shared = qc.get("shared", {})
+    if not isinstance(shared, dict) or not all(
+            isinstance(n, str) and isinstance(o, str) and n in modules and o in modules and o not in shared
+            and n != o and modules[n] == modules[o] for n, o in shared.items()):
+        raise LowbitError(f"{where}: quantization_config's 'shared' is damaged (each entry must name two quantized "
+                          "modules of the same format): quantize the model again")
+    return shared
+
+
 def load(path: str | Path):
     """(model, tokenizer, quantization_config) from a lowbit directory; the model is in eval mode and
     generates."""
@@ -137,6 +158,7 @@ def load(path: str | Path):
     if version > FORMAT_VERSION:
         raise LowbitError(f"{path} was written by a newer lowbit (format {version})")
     modules = _modules(qc, path)
+    shared = _shared(qc, modules, path)
     files = _weight_files(path)
     header = {k: t for f in files for k, t in header_tensors(f).items()}
     check_dimensions(raw, header, path)
@@ -146,12 +168,12 @@ def load(path: str | Path):
             model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
     except Exception as e:
         raise LowbitError(f"{path}: config.json describes no model lowbit can build ({_first_line(e)})") from None
-    _check_structure(model, modules, header, path)
+    _check_structure(model, modules, header, path, shared)
     del header
     state = {}
     for f in files:
         state.update(load_file(f))
-    install_quantized(model, modules, state, config.dtype or torch.float32, path)
+    install_quantized(model, modules, state, config.dtype or torch.float32, path, shared)
     bad = next((n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:
         raise LowbitError(f"{path}: {bad} holds NaN or Inf (a damaged file: quantize it again)")

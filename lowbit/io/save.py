@@ -35,9 +35,24 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, dict]:
     return {name: dict(m.meta) for name, m in model.named_modules() if hasattr(m, "qtensor")}
 
 
+def shared_modules(model: torch.nn.Module) -> dict[str, str]:
+    """name -> the earlier quantized module whose tensors it holds (a tied head quantized once with its
+    embedding, recipes/apply.py): its tensors are stored once, under the earlier name."""
+    owners, shared = {}, {}
+    for name, m in model.named_modules():
+        if hasattr(m, "qtensor"):
+            key = tuple((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+                        for t in m.buffers(recurse=False) if t.numel() and not t.is_meta)
+            if key and key in owners:
+                shared[name] = owners[key]
+            owners.setdefault(key, name)
+    return shared
+
+
 def quantization_config(model: torch.nn.Module, record: dict | None = None) -> dict:
+    shared = shared_modules(model)
     return {"quant_method": "lowbit", "format_version": FORMAT_VERSION, **(record or {}),
-            "modules": quantized_modules(model)}
+            "modules": quantized_modules(model), **({"shared": shared} if shared else {})}
 
 
 def _tensors_to_store(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -93,6 +93,17 @@ def _calibrated(model: nn.Module, plan: Plan) -> tuple[dict[str, MethodConfig], 
     return inside, any(s.fp_targets for s in inside.values())
 
 
+def _tied_pair(modules: dict[str, nn.Module], plan: Plan, head, embed) -> dict[str, str]:
+    """{head: embedding, embedding: head} when both are in the plan with one spec and hold the same
+    weight (tie_word_embeddings): quantized once, the two layers share one QTensor (io stores it once,
+    as llama.cpp stores a tied output); else {}."""
+    names = {m: n for n, m in modules.items()}
+    if head is None or embed is None or head not in names or embed not in names \
+            or head.weight is not embed.weight or plan.layers[names[head]] != plan.layers[names[embed]]:
+        return {}
+    return {names[head]: names[embed], names[embed]: names[head]}
+
+
 def apply(model: nn.Module, plan: Plan, *, tokenizer=None, text: str | None = None, calib_samples: int = 128,
           calib_seq_len: int = 512, lazy: LazyBlocks | None = None, checkpoint=None,
           progress: bool = True) -> None:
@@ -105,6 +116,7 @@ def apply(model: nn.Module, plan: Plan, *, tokenizer=None, text: str | None = No
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     unties = any(m is head or m is embed for m in modules.values())
+    tied = _tied_pair(modules, plan, head, embed)
     names = list(modules)
     del modules  # from here on modules are named, not held: a replaced layer's float weights must be freed at once
     if plan.needs_calib:
@@ -119,14 +131,21 @@ def apply(model: nn.Module, plan: Plan, *, tokenizer=None, text: str | None = No
     if lazy is not None and checkpoint is not None:
         lazy.on_finish = checkpoint.keep  # each rounded block goes to disk and leaves memory
     rest = Plan({n: plan.layers[n] for n in names}) if names else None
+    shared = {}  # a tied head's or embedding's QTensor, for its twin
     for name in tqdm(names, desc=f"quantizing {rest.summary() if rest else ''}", unit="layer",
                      disable=not progress or not names):
         if lazy is not None:
             lazy.need(name)  # rounding block by block: one float block in memory at a time
         m = model.get_submodule(name)
-        with torch.no_grad():
-            replace(model, name, m, quantize_weight(m.weight.detach(), None, plan.layers[name]))
-        del m
+        if name in tied and tied[name] in shared:
+            qt = shared[tied[name]]  # the tied twin was rounded already: the same tensors, stored once
+        else:
+            with torch.no_grad():
+                qt = quantize_weight(m.weight.detach(), None, plan.layers[name])
+            if name in tied:
+                shared[name] = qt
+        replace(model, name, m, qt)
+        del m, qt
     if lazy is not None:
         lazy.close(checkpoint)
     if unties and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
