@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 
 
@@ -75,11 +76,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int)
     a = p.parse_args(argv)
+    with running_server(a.model, "m", a.threads) as (server, port):
+        result = run_load(f"http://127.0.0.1:{port}/v1", "m", a.clients, a.max_tokens)
+        result["server_peak_rss_mb"] = _rss_mb(server.pid)
+        print(json.dumps(result))
+
+
+@contextmanager
+def running_server(model: str, name: str, threads: int | None):
+    """`lowbit serve MODEL` in a subprocess on a free loopback port, once it accepts connections:
+    yields (process, port); terminated on exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "lowbit", "serve", a.model, "--port", str(port), "--name", "m"] \
-        + (["--threads", str(a.threads)] if a.threads else [])
+    cmd = [sys.executable, "-m", "lowbit", "serve", model, "--port", str(port), "--name", name] \
+        + (["--threads", str(threads)] if threads else [])
     log = tempfile.TemporaryFile("w+")  # the server's log, read back only if it dies
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
@@ -95,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                 if time.time() > deadline:
                     raise SystemExit("the server did not start in 300 s")
                 time.sleep(0.5)
-        result = run_load(f"http://127.0.0.1:{port}/v1", "m", a.clients, a.max_tokens)
-        result["server_peak_rss_mb"] = _rss_mb(server.pid)
-        print(json.dumps(result))
+        yield server, port
     finally:
         server.terminate()
         server.wait(30)

@@ -22,13 +22,10 @@ import json
 import os
 import random
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
-from serve_load import _rss_mb
+from serve_load import _rss_mb, running_server
 
 NAME = "m"
 
@@ -105,27 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--threads", type=int)
     a = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "lowbit", "serve", a.model, "--port", str(port), "--name", NAME] \
-        + (["--threads", str(a.threads)] if a.threads else [])
-    log = tempfile.TemporaryFile("w+")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 300
-        while True:
-            if server.poll() is not None:
-                log.seek(0)
-                raise SystemExit(f"the server exited: {log.read()[-2000:]}")
-            try:
-                if _request(port, "GET", "/v1/models", None)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise SystemExit("the server did not start in 300 s")
-            time.sleep(0.5)
+    with running_server(a.model, NAME, a.threads) as (server, port):
         _request(port, "POST", "/v1/completions", json.dumps({"model": NAME, "prompt": "warm", "max_tokens": 4}).encode())
         rss_before = _rss_now_mb(server.pid)
         tally, lock = {"good": 0, "bad": 0, "drop": 0, "unexpected": []}, threading.Lock()
@@ -153,9 +130,6 @@ def main(argv: list[str] | None = None) -> None:
                           "answers_after": status == 200, "rss_before_mb": round(rss_before, 1),
                           "rss_after_mb": round(_rss_now_mb(server.pid), 1),
                           "rss_peak_mb": round(_rss_mb(server.pid), 1)}))
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 if __name__ == "__main__":
