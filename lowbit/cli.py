@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import socket
 import sys
 import typing
@@ -373,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`lowbit inspect MODEL | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush stays quiet
+        return 0
     except Exception as e:  # anything unexpected: one line unless --debug
         if args.debug:
             raise

@@ -1,6 +1,7 @@
 """The command line's first impressions (issue 16, items 6 and 11): help without the package's import
 cost or developer prose, and arguments that cannot work refused before any model loads."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -85,3 +86,13 @@ def test_quantize_rounds_head_and_embedding_to_8_bits_and_prints_engine_speed(ti
                      "--float-embeddings", "--no-check"]) == 0
     plan = api.load(tmp_path / "f").plan.layers
     assert "lm_head" not in plan and "model.embed_tokens" not in plan
+
+
+def test_output_cut_short_by_the_reader_is_not_an_error(monkeypatch, capsys):
+    """`lowbit inspect --kernels | head -1`: the reader has left (its end of the pipe is closed, so every
+    write fails with EPIPE); lowbit stops quietly with exit 0 instead of an internal error."""
+    read, write = os.pipe()
+    os.close(read)
+    with capsys.disabled(), os.fdopen(write, "w", buffering=1) as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert cli.main(["inspect", "--kernels"]) == 0
