@@ -85,9 +85,9 @@ def int8_activations():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("sym", [True, False])
-def test_int8_activation_gemv(name, bits, group_size, sym, thread_count, int8_activations):
-    """u8 codes × s8 activations (maddubs on AVX2/AVX-512, VNNI dpbusd) vs the reference on the same
-    rounded activations; GEMM keeps fp32 activations."""
+def test_int8_activation_gemv_gemm(name, bits, group_size, sym, thread_count, int8_activations):
+    """u8 codes × s8 activations (maddubs on AVX2/AVX-512, VNNI dpbusd), one token (GEMV) and several
+    (GEMM: every token-tile tail), vs the reference on the same rounded activations."""
     name = _isa(name)
     g = torch.Generator().manual_seed(bits * 5 + group_size)
     n, k = 45, 296  # 10 blocks: g32 kernels take 8 (AVX2) or 16 (AVX-512) blocks at a time, so a tail
@@ -96,18 +96,36 @@ def test_int8_activation_gemv(name, bits, group_size, sym, thread_count, int8_ac
         qt.qweight.copy_(pack(torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8) * 255, 8))
     packed = uniform.prepare(qt, name)
     assert packed.qfn is not None
-    x, bias = torch.randn(1, k, generator=g) * 3, torch.randn(n, generator=g)
-    x[0, 5] = 40.0  # an outlier only changes its own block's scale
-    for t in (1, 2):
-        thread_count(t)
-        _close(packed(x, bias), reference.linear(uniform.quantize_activations(x), qt, bias), k)
-    xs = torch.randn(4, k, generator=g)
-    _close(packed(xs), reference.linear(xs, qt), k)
-    # a block's int16 sums at their bound: every code at its maximum meets s8 activations of 127
+    bias = torch.randn(n, generator=g)
+    for m in (1, 2, 5, 9):
+        x = torch.randn(m, k, generator=g) * 3
+        x[0, 5] = 40.0  # an outlier only changes its own block's scale
+        x[-1, 64:96] = 0.0  # an all-zero block: scale 0
+        for t in (1, 2):
+            thread_count(t)
+            _close(packed(x, bias), reference.linear(uniform.quantize_activations(x), qt, bias), k)
+    # the integer sums at their bound: every code at its maximum meets s8 activations of ±127
     top = UniformQ(pack(torch.full((n, k), 2**bits - 1, dtype=torch.uint8), bits), qt.scales, qt.zeros, bits,
                    group_size, (n, k))
-    ones = torch.ones(1, k)
-    _close(uniform.prepare(top, name)(ones), reference.linear(ones, top), k)
+    for x in (torch.ones(1, k), torch.ones(3, k), -torch.ones(6, k)):
+        _close(uniform.prepare(top, name)(x), reference.linear(x, top), k)
+
+
+@pytest.mark.parametrize("name", ("avx2", "avx512", "avx512vnni"))
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_int8_gemm_chunks_tiles_and_threads(name, bits, thread_count, int8_activations):
+    """The int8 GEMM over several K chunks (unequal last group), tile pairs with a lone last tile, and
+    thread bands; asymmetric, so every block's zero point comes off in integers."""
+    name = _isa(name)
+    g = torch.Generator().manual_seed(bits)
+    n, k = 203, 2100
+    qt = UniformQ.from_float(torch.randn(n, k, generator=g), bits, 64, False)
+    packed = uniform.prepare(qt, name)
+    x = torch.randn(13, k, generator=g)
+    expected = reference.linear(uniform.quantize_activations(x), qt)
+    for t in (1, 2, 3):
+        thread_count(t)
+        _close(packed(x), expected, k)
 
 
 def test_interleave_puts_word_j_of_a_tile_side_by_side():

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from ...formats import CODEBOOK_BITS
 from .layout import plane_bits, pre_shifts
-from .perf_model import GEMV_ROWS, MICRO_TILE, VECTOR_LANES
+from .perf_model import GEMMQ_KBLOCKS, GEMMQ_TILE, GEMV_ROWS, MICRO_TILE, VECTOR_LANES
 
 BITS = (2, 3, 4, 8)
 C_DIR = Path(__file__).with_name("c")  # the fixed C: driver.h, pool.h, args.h, one header of helpers per ISA
@@ -151,6 +151,8 @@ OPS["avx512"].update(maddubs="_mm512_maddubs_epi16({a}, {b})", add16="_mm512_add
                      add32="_mm512_add_epi32({a}, {b})", madd1="_mm512_madd_epi16({a}, _mm512_set1_epi16(1))",
                      sub32="_mm512_sub_epi32({a}, {b})", mullo="_mm512_mullo_epi32({a}, {b})",
                      ldzi="_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)({a})))")
+OPS["avx2"]["storei"] = "_mm256_storeu_si256((__m256i *)({a}), {b})"
+OPS["avx512"]["storei"] = "_mm512_storeu_si512((void *)({a}), {b})"
 OPS["scalar"].update(ldh="lb_ldh({a})", ldz="lb_ldz({a})", mul="(({a}) * ({b}))", sub="(({a}) - ({b}))",
                      loadi="lb_loadi({a})")
 _DPBUSD = "_mm512_dpbusd_epi32(_mm512_setzero_si512(), {a}, {b})"
@@ -168,7 +170,7 @@ class _Emit:
     """Expands `OPS` templates for one ISA: e.fma(a, b, c) -> the C expression."""
 
     def __init__(self, isa: str, interleaved: bool = False):
-        self.ops, self.lanes = OPS[isa], VECTOR_LANES[isa]
+        self.isa, self.ops, self.lanes = isa, OPS[isa], VECTOR_LANES[isa]
         self.rows = self.lanes if interleaved else 1  # rows per tile (layout.interleave); 1: row after row
 
     def words(self, n: int, ptr: str) -> str:
@@ -521,6 +523,118 @@ static void gemvqr_b{bits}(const lb_args *a, int row) {{
 
 
 
+def _unpackq(e: _Emit, bits: int) -> str:
+    """One interleaved tile's blocks [kb, kb + nkb) as u8 codes for the int8 GEMM: vector 8·b + j holds,
+    in lane l, codes 4j .. 4j + 3 of block kb + b of the tile's row l, in natural order, so one s8 word
+    of x (4 consecutive activations, broadcast) meets them in one dpbusd. Code c = f·L + l' sits in
+    lane group l' (_lane_codes) at byte f·L/8; each of a quad's 4 bytes is masked out of its lane
+    group and shifted to its place."""
+    vi, lanes = e.ops["vi"], e.lanes
+    groups = [f"{vi} c{l} = {_lane_codes(e, bits, l)};" for l in range(lanes)]
+    quads = []
+    for j in range(8):
+        parts = []
+        for i in range(4):
+            c = 4 * j + i
+            src, at = c % lanes, (c // lanes) * (lanes // 8)  # lane group, byte within its lane
+            v = e.band(f"c{src}", e.seti(f"(int){0xFF << 8 * at:#x}u"))
+            parts.append(v if at == i else e.slli(v, 8 * (i - at)) if i > at else e.srli(v, 8 * (at - i)))
+        quads.append(e.storei(f"out + (size_t)(blk - kb) * 8 + {j}", functools.reduce(e.bor, parts)) + ";")
+    nl = "\n        "
+    return f"""
+static void unpackq_b{bits}(const lb_args *a, int row, int kb, int nkb, {vi} *out) {{
+    const uint32_t *q = a->qw + (size_t)row * a->nblocks * {bits};  /* row: a tile's first */
+    for (int blk = kb; blk < kb + nkb; blk++) {{
+        {nl.join(_tile_block(e, bits) + groups + quads)}
+    }}
+}}
+"""
+
+
+def _gemmq_micro(e: _Emit, bits: int, mr: int, nr: int) -> str:
+    """y[m0 .. m0 + mr, tiles row .. row + nr·L] += x_q · codes over the unpacked chunk w (nr tiles,
+    `stride` vectors apart, _unpackq): per block, mr·nr int32 dot accumulators start at the zero
+    point's share −(z − offset)·Σ x_q and take 8 dpbusd (or dot8 + add) each; then one float FMA per
+    accumulator applies the block's scale product s_row · d_x. The integer sums are exact
+    (|Σ| ≤ 32·255·128 < 2^31)."""
+    vf, vi, lanes = e.ops["vf"], e.ops["vi"], e.lanes
+    dot, offset = _int8_dot(e, bits)
+    mac = (lambda d, w, x: e.dpbusd(w, x, d)) if "dpbusd" in e.ops else (lambda d, w, x: e.add32(d, dot(w, x)))
+    M, N = range(mr), range(nr)
+    tile = lambda n: f"((size_t)(row / {lanes} + {n}) * a->groups + g) * {lanes}"  # noqa: E731
+    xblk = lambda m: f"(size_t)(m0 + {m}) * a->nblocks + blk"  # noqa: E731
+    body = [
+        f"const {vi} *wb = w + (size_t)(blk - kb) * 8;",
+        "int g = blk / a->bpg;",
+        # symmetric: every zero is zdef, so the start is −zdef·Σx; asymmetric: (zp − offset)·(−Σx) per row
+        " ".join(f"{vi} nx{m} = {e.seti(f'(zp ? -1 : -zdef) * a->xi[{xblk(m)}]')};" for m in M),
+        "if (zp) { " + " ".join(f"{vi} z{n} = {e.sub32(e.ldzi(f'zp + {tile(n)}'), 'voff')}; "
+                                + " ".join(f"d{m}_{n} = {e.mullo(f'z{n}', f'nx{m}')};" for m in M) for n in N)
+        + " } else { " + " ".join(f"d{m}_{n} = nx{m};" for m in M for n in N) + " }",
+    ]
+    for j in range(8):
+        body.append("{ " + " ".join(f"{vi} w{n} = wb[{n} * stride + {j}];" for n in N) + " "
+                    + " ".join(f"{{ {vi} xb = {e.seti(f'x{m}[blk * 8 + {j}]')}; "
+                               + " ".join(f"d{m}_{n} = {mac(f'd{m}_{n}', f'w{n}', 'xb')};" for n in N) + " }"
+                               for m in M) + " }")
+    body.append(" ".join(f"{vf} s{n} = {e.ldh(f'a->sc + {tile(n)}')};" for n in N))
+    body += [f"{{ {vf} dx = {e.setf(f'a->xd[{xblk(m)}]')}; "
+             + " ".join(f"c{m}_{n} = {e.fma(e.cvt(f'd{m}_{n}'), e.mul(f's{n}', 'dx'), f'c{m}_{n}')};" for n in N)
+             + " }" for m in M]
+    nl = "\n        "
+    return f"""
+static void gemmq_b{bits}_{mr}x{nr}(const lb_args *a, const {vi} *w, int stride, int kb, int nkb, int m0, int row) {{
+    int first = kb == 0;
+    float out[{lanes}];
+    const uint8_t *zp = a->zp;
+    int zdef = a->zdef - {offset};
+    {vi} voff = {e.seti(str(offset))};
+    {" ".join(f"const int32_t *x{m} = (const int32_t *)(a->xq + (size_t)(m0 + {m}) * a->nblocks * 32);" for m in M)}
+    {" ".join(f"{vf} c{m}_{n} = {e.zero()};" for m in M for n in N)}
+    {" ".join(f"{vi} d{m}_{n};" for m in M for n in N)}
+    for (int blk = kb; blk < kb + nkb; blk++) {{
+        {nl.join(body)}
+    }}
+    {" ".join(f"{e.store('out', f'c{m}_{n}')}; lb_addq(a, m0 + {m}, row + {n * lanes}, out, first);" for m in M for n in N)}
+    (void)voff;
+}}
+"""
+
+
+def _gemmq_task(e: _Emit, bits: int) -> str:
+    """Thread tid's band of tiles, NR tiles (GEMMQ_TILE) at a time: chunks of at most GEMMQ_KBLOCKS
+    blocks (of equal size) of them unpacked to u8 once (_unpackq), then every token, MR at a time,
+    against the chunk."""
+    mr, nr = GEMMQ_TILE[e.isa]
+    vi, lanes = e.ops["vi"], e.lanes
+    table = ", ".join("{" + ", ".join(f"gemmq_b{bits}_{m}x{n}" for n in range(1, nr + 1)) + "}" for m in range(1, mr + 1))
+    return "".join(_gemmq_micro(e, bits, m, n) for m in range(1, mr + 1) for n in range(1, nr + 1)) + f"""
+typedef void (*gemmq_micro_b{bits})(const lb_args *, const {vi} *, int, int, int, int, int);
+static const gemmq_micro_b{bits} GEMMQ_B{bits}[{mr}][{nr}] = {{{table}}};
+
+static void gemmq_task_b{bits}(void *p, int tid, int nthr) {{
+    const lb_args *a = p;
+    int lo, hi; lb_band(a, tid, LB_LANES, &lo, &hi);
+    if (lo >= hi) return;
+    {vi} *buf = ({vi} *)lb_alloc((size_t){nr} * {GEMMQ_KBLOCKS} * 8 * sizeof({vi}) / sizeof(float));
+    int chunks = (a->nblocks + {GEMMQ_KBLOCKS - 1}) / {GEMMQ_KBLOCKS}, kbs = (a->nblocks + chunks - 1) / chunks;
+    for (int row = lo; row < hi; row += {nr * lanes}) {{
+        int tiles = (hi - row + {lanes - 1}) / {lanes}, nr = tiles < {nr} ? tiles : {nr};
+        for (int kb = 0; kb < a->nblocks; kb += kbs) {{
+            int nkb = a->nblocks - kb < kbs ? a->nblocks - kb : kbs;
+            for (int t = 0; t < nr; t++) unpackq_b{bits}(a, row + t * {lanes}, kb, nkb, buf + (size_t)t * nkb * 8);
+            for (int m = 0; m < a->m; m += {mr}) {{
+                int mr = a->m - m < {mr} ? a->m - m : {mr};
+                GEMMQ_B{bits}[mr - 1][nr - 1](a, buf, nkb * 8, kb, nkb, m, row);
+            }}
+        }}
+    }}
+    free(buf);
+    (void)nthr;
+}}
+"""
+
+
 def _micro(e: _Emit, mr: int, nr: int) -> str:
     """y[m, n] += x[m, :kc] · w[n, :kc] for an mr × nr tile: mr·nr accumulators, each x/w loaded once."""
     vf = e.ops["vf"]
@@ -563,7 +677,7 @@ static void {name}_task_b{bits}(void *p, int tid, int nthr) {{
 def _per_bits_int8(entry: Entry) -> str:
     bits = entry.bits
     return _gemv_task("gemvq", bits, tiles=True) + f"""
-LB_EXPORT void {entry.symbol}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bits}); }}
+LB_EXPORT void {entry.symbol}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bits}, gemmq_task_b{bits}); }}
 """
 
 
@@ -636,7 +750,7 @@ def _kernel(e: _Emit, tiled: _Emit, entry: Entry) -> str:
     """The C of one entry point and of what only it uses."""
     b = entry.bits
     if entry.activations == "int8":
-        return _gemvq_rows(tiled, b) + _per_bits_int8(entry)
+        return _gemvq_rows(tiled, b) + _unpackq(tiled, b) + _gemmq_task(tiled, b) + _per_bits_int8(entry)
     if entry.kind == "uniform":
         return _xscale(b, e.lanes) + _gemv_rows(tiled, b) + _dequant(tiled, b) + _per_bits(entry)
     return _gemv_lut(e, b, GEMV_ROWS) + _gemv_lut(e, b, 1) + _dequant(e, b, True) + _per_bits(entry)

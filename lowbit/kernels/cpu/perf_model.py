@@ -37,6 +37,11 @@ from .isa import CPU
 
 VECTOR_LANES = {"avx512vnni": 16, "avx512": 16, "avx2": 8, "scalar": 8}
 MICRO_TILE = {"avx512vnni": (4, 4), "avx512": (4, 4), "avx2": (4, 3), "scalar": (2, 2)}  # (MR, NR)
+# The int8 GEMM (codegen._gemmq_task): MR tokens × NR tiles of L rows, int32 and fp32 accumulators for
+# each pair (2·MR·NR of the 32 (16) vector registers); chunks of at most GEMMQ_KBLOCKS 32-blocks of NR
+# tiles unpacked to u8 (NR·L·32 bytes a block: 32 KiB at AVX-512, L1's size) serve every token.
+GEMMQ_TILE = {"avx512vnni": (4, 2), "avx512": (4, 2), "avx2": (2, 2)}
+GEMMQ_KBLOCKS = 32
 GEMV_ROWS = 4
 TUNE_VERSION = 2  # 2: the GEMV winner is timed on int8 and fp32 activations
 

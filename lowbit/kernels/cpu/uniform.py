@@ -82,7 +82,7 @@ class PackedUniform:
         args = build.Args(**self._weights(), n=self.n, nblocks=self.nblocks, groups=self.groups, bpg=self.bpg,
                           m=m, bias=None if bias is None else bias.data_ptr(), threads=p.threads, nb=p.nb, kc=p.kc)
         int8 = switches.int8_activations() if int8 is None else int8
-        return self.qfn if m == 1 and int8 and self.qfn is not None else self.fn, args
+        return self.qfn if int8 and self.qfn is not None else self.fn, args
 
     def native(self, m: int, bias: torch.Tensor | None = None, int8: bool | None = None) -> tuple[int, build.Args]:
         """(address of the C kernel, its Args) for m tokens of padded width nblocks·32: a native

@@ -25,3 +25,19 @@ static inline void lb_table16(const uint8_t *p, __m256 *t0, __m256 *t1) {
     *t0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_unpacklo_epi8(lo, hi))), vs);
     *t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_unpackhi_epi8(lo, hi))), vs);
 }
+static int lb_quant32(const float *x, int8_t *q, float *d) {
+    __m256 v[4], m = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < 4; i++) { v[i] = _mm256_loadu_ps(x + 8 * i); m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i])); }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    *d = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / 127.0f;
+    __m256 inv = _mm256_set1_ps(*d > 0 ? 1.0f / *d : 0.0f);
+    __m256i r[4], s = _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) { r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)); s = _mm256_add_epi32(s, r[i]); }
+    /* packs interleave the 128-bit halves; the permute puts the 32 bytes back in order */
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
+}

@@ -169,10 +169,53 @@ LB_EXPORT uint64_t lb_read(const void *p, size_t bytes, int threads) {
     return s;
 }
 
-/* int8 GEMV: x -> s8 per 32-block with scale amax/127 (round half to even), each code f·L + l at
-   byte 4·l + f·L/8 to meet the SIMD layout; xi[blk] = Σ x_q over the block (the zero-point fold). */
-__attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq) {
+/* 32 floats -> s8 q = round-half-even(x / d), d = amax/127 (0 for a zero block) into *d; returns Σ q.
+   Each ISA's header defines it (vector code: this is per activation, not per weight). */
+static int lb_quant32(const float *x, int8_t *q, float *d);
+
+/* int8 GEMM: x -> s8 per 32-block in natural order (xq [m][nblocks·32]), scale amax/127 (round half
+   to even: the same numbers as the GEMV's), xi = Σ x_q per block; thread tid takes a share of tokens. */
+static void lb_xq_rows_task(void *p, int tid, int nthr) {
+    lb_args *a = p;
+    int per = (a->m + nthr - 1) / nthr, lo = tid * per, hi = lo + per < a->m ? lo + per : a->m;
+    size_t ld = (size_t)a->nblocks * 32;
+    for (int m = lo; m < hi; m++)
+        for (int blk = 0; blk < a->nblocks; blk++) {
+            size_t b = (size_t)m * a->nblocks + blk;
+            a->xi[b] = lb_quant32(a->x + m * ld + (size_t)blk * 32, a->xq + m * ld + (size_t)blk * 32, a->xd + b);
+        }
+}
+
+/* int8 GEMM: y[m, row .. row + L) = out + bias for the first chunk of columns, += out after it, for
+   the rows that exist (the last tile may be padding). Written once, never read before: a big output
+   (the head: m × vocab) costs one pass over memory. */
+static inline void lb_addq(const lb_args *a, int m, int row, const float *out, int first) {
+    float *y = a->y + (size_t)m * a->n + row;
+    int rows = a->n - row < LB_LANES ? a->n - row : LB_LANES;
+    if (first) {
+        for (int l = 0; l < rows; l++) y[l] = out[l] + (a->bias ? a->bias[row + l] : 0.0f);
+    } else if (rows == LB_LANES) {
+        for (int l = 0; l < LB_LANES; l++) y[l] += out[l];
+    } else {
+        for (int l = 0; l < rows; l++) y[l] += out[l];
+    }
+}
+
+/* The int8 path. One token: x -> s8 per 32-block with scale amax/127 (round half to even), each code
+   f·L + l at byte 4·l + f·L/8 to meet the GEMV's SIMD layout; xi[blk] = Σ x_q over the block (the
+   zero-point fold). Several tokens: lb_xq_rows, then the GEMM over every token. */
+__attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq, lb_task gemmq) {
     if (a->threads > lb_pool.n) a->threads = lb_pool.n;
+    if (a->m > 1) {
+        size_t blocks = (size_t)a->m * a->nblocks;
+        a->xq = (int8_t *)lb_alloc(blocks * 8);
+        a->xd = lb_alloc(blocks);
+        a->xi = (int32_t *)lb_alloc(blocks);
+        lb_pool_run(lb_xq_rows_task, a, a->threads);
+        lb_pool_run(gemmq, a, a->threads);
+        free(a->xq); free(a->xd); free(a->xi);
+        return;
+    }
     int bb = 4 * LB_LANES;
     int8_t *xq = calloc((size_t)a->nblocks * bb, 1);
     float *xd = malloc(sizeof(float) * a->nblocks);

@@ -25,3 +25,12 @@ static inline lb_vf lb_lut(const float *t, lb_vi i, uint32_t mask) {
 static inline lb_vi lb_loadi(const uint32_t *p) { lb_vi v; memcpy(&v, p, sizeof v); return v; }
 static inline lb_vf lb_ldh(const uint16_t *p) { lb_vf v; for (int l = 0; l < LB_LANES; l++) v[l] = lb_h2f(p[l]); return v; }
 static inline lb_vf lb_ldz(const uint8_t *p) { lb_vf v; for (int l = 0; l < LB_LANES; l++) v[l] = p[l]; return v; }
+static __attribute__((unused)) int lb_quant32(const float *x, int8_t *q, float *d) {
+    float amax = 0;
+    for (int c = 0; c < 32; c++) amax = fabsf(x[c]) > amax ? fabsf(x[c]) : amax;
+    *d = amax / 127.0f;
+    float inv = *d > 0 ? 1.0f / *d : 0.0f;
+    int s = 0;
+    for (int c = 0; c < 32; c++) { int v = (int)nearbyintf(x[c] * inv); q[c] = (int8_t)v; s += v; }
+    return s;
+}
