@@ -136,7 +136,7 @@ class _Linear:
                                self.w.data_ptr(), self.wdt, bias)
             return
         fn1, a1 = self.packed.native(1, self.bias, int8)
-        fnm, am = self.packed.native(2, self.bias)
+        fnm, am = self.packed.native(2, self.bias, int8)
         lib.eng_set_linear(handle, layer, slot, self.n, self.k, self.kp, fn1, ctypes.byref(a1), fnm,
                            ctypes.byref(am), None, 0, bias)
 
@@ -286,9 +286,9 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     `kv_dtype`: fp32, fp16 (default) or bf16 cache. `head_bits`: round an unquantized lm_head to
     that many bits (round to nearest, symmetric, group 32: UniformQ.from_float) instead of keeping it in fp16; 8 is llama.cpp's choice for Q4_0
     files (Q8_0 output) and halves the bytes read per token on small models like SmolLM2, at a
-    small cost in fidelity. `int8_activations`: decode GEMVs on activations rounded to int8 per
-    32-block, as llama.cpp (Q8_0) and Intel's runtime do (None: the process-wide setting of
-    kernels/switches.py, off by default; exact fp32 activations when off). Raises LowbitError for
+    small cost in fidelity. `int8_activations`: decode GEMVs and prefill GEMMs on activations rounded
+    to int8 per 32-block, as llama.cpp (Q8_0) and Intel's runtime do (None: the process-wide setting
+    of kernels/switches.py, off by default; exact fp32 activations when off). Raises LowbitError for
     anything it cannot run.
     """
     _check_supported(model)
