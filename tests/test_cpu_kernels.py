@@ -11,7 +11,7 @@ from lowbit import kernels
 from lowbit.formats import BITS, GROUP_SIZES, UniformQ
 from lowbit.formats.packing import pack
 from lowbit.kernels import reference
-from lowbit.kernels.cpu import build, isa, perf_model, threads, uniform
+from lowbit.kernels.cpu import build, float16, isa, perf_model, threads, uniform
 from lowbit.kernels.cpu.layout import interleave
 
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
@@ -126,6 +126,22 @@ def test_int8_gemm_chunks_tiles_and_threads(name, bits, thread_count, int8_activ
     for t in (1, 2, 3):
         thread_count(t)
         _close(packed(x), expected, k)
+
+
+@pytest.mark.parametrize("name", ISAS)
+def test_float16_kernel_matches_fp16_linear(name, thread_count):
+    """Unquantized fp16 weights (the engine's float layers): GEMV and the tiled GEMM against F.linear
+    on the same fp16-rounded weights; K not a multiple of 32 (zero-padded rows), odd N, token tails."""
+    name = _isa(name)
+    g = torch.Generator().manual_seed(16)
+    for n, k in ((37, 200), (70, 576)):
+        w, bias = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        packed = float16.prepare(w, name)
+        for t in (1, 2):
+            thread_count(t)
+            for m in (1, 2, 5, 37):
+                x = torch.randn(m, k, generator=g)
+                _close(packed(x, bias), torch.nn.functional.linear(x, w.half().float(), bias), k)
 
 
 def test_interleave_puts_word_j_of_a_tile_side_by_side():

@@ -31,6 +31,7 @@ from .. import kernels
 from ..errors import LowbitError
 from ..formats import UniformQ
 from ..kernels.cpu import build, codegen
+from ..kernels.cpu import float16 as cpu_float16
 from ..kernels.cpu import isa as isa_mod
 from ..kernels.cpu import threads as cpu_threads
 from ..nn import QuantEmbedding, QuantLinear
@@ -103,7 +104,8 @@ def _activation(act: nn.Module) -> int:
 
 
 class _Linear:
-    """One projection as the C sees it: packed kernel (quantized) or fp16/bf16 rows (fp)."""
+    """One projection as the C sees it: a packed kernel (quantized, or fp16 weights through the
+    generated float16 kernel) or bf16 rows (fp weights beyond fp16's range) for the engine's own loop."""
 
     def __init__(self, module: nn.Module, name: str, round_bits: int | None = None):
         self.bias = None if module.bias is None else module.bias.detach().float().contiguous()
@@ -122,8 +124,14 @@ class _Linear:
         elif isinstance(module, nn.Linear):
             w = module.weight.detach()
             self.packed, (self.n, self.k) = None, w.shape
-            self.kp = self.k
             self.wdt = DT_F16 if w.abs().max() < 60000 else DT_BF16
+            if self.wdt == DT_F16:  # the generated fp16 kernels: a tiled GEMM for prompts, as quantized layers
+                self.packed = cpu_float16.prepare(w)
+            if self.packed is not None:
+                self.kp = self.packed.nblocks * 32
+                self.weights = [(self.packed, "qweight")]
+                return
+            self.kp = self.k
             self.w = w.to(torch.float16 if self.wdt == DT_F16 else torch.bfloat16).contiguous()
             self.weights = [(self, "w")]
         else:

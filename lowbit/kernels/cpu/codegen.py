@@ -159,6 +159,7 @@ _DPBUSD = "_mm512_dpbusd_epi32(_mm512_setzero_si512(), {a}, {b})"
 OPS["avx512vnni"] = {**OPS["avx512"], "dot8": _DPBUSD, "dot8s": _DPBUSD,
                      "dpbusd": "_mm512_dpbusd_epi32({c}, {a}, {b})"}
 INT8_BITS = (2, 3, 4, 8)
+FLOAT16 = "float16"  # the kernel table's kind for unquantized layers (fp16 weights), see _float16
 T16_WORDS = 18  # uint16 words of one T16 table: 16 low bytes, 16 high bytes, an fp32 scale
 SIGNED_DOT = 128  # the offset dot8s takes off 8-bit codes (VNNI's dpbusd doesn't: see _int8_dot)
 FLAGS = {"avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"],
@@ -681,14 +682,42 @@ LB_EXPORT void {entry.symbol}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bits}, 
 """
 
 
+def _float16(e: _Emit) -> str:
+    """Unquantized layers: fp16 weights, row-major [N, nblocks·32] (zero-padded columns), on fp32
+    activations. The GEMV converts GEMV_ROWS rows at a time as it reads them (two accumulators a row);
+    the GEMM's "dequantization" is the conversion of a row chunk to fp32, then the fp32 micro-kernels."""
+    vf, lanes = e.ops["vf"], e.lanes
+
+    def gemv(rows: int) -> str:
+        rr = range(rows)
+        fmas = " ".join(f"g{r}{j} = {e.fma(e.ldh(f'w{r} + k + {j * lanes}'), f'x{j}', f'g{r}{j}')};" for r in rr for j in (0, 1))
+        return f"""
+static void gemvf16_b16_r{rows}(const lb_args *a, int row) {{
+    {' '.join(f'const uint16_t *w{r} = (const uint16_t *)a->qw + (size_t)(row + {r}) * a->nblocks * 32;' for r in rr)}
+    {' '.join(f'{vf} g{r}0 = {e.zero()}, g{r}1 = {e.zero()};' for r in rr)}
+    for (int k = 0; k < a->nblocks * 32; k += {2 * lanes}) {{
+        {vf} x0 = {e.load('a->x + k')}, x1 = {e.load(f'a->x + k + {lanes}')};
+        {fmas}
+    }}
+    {' '.join(f'a->y[row + {r}] = {e.hsum(e.add(f"g{r}0", f"g{r}1"))} + (a->bias ? a->bias[row + {r}] : 0.0f);' for r in rr)}
+}}
+"""
+    return gemv(GEMV_ROWS) + gemv(1) + f"""
+static void dequantf16_b16(const lb_args *a, int row, int kb, int nkb, float *out) {{
+    const uint16_t *w = (const uint16_t *)a->qw + (size_t)row * a->nblocks * 32 + (size_t)kb * 32;
+    for (int k = 0; k < nkb * 32; k += {lanes}) {e.store('out + k', e.ldh('w + k'))};
+}}
+"""
+
+
 def _per_bits(entry: Entry) -> str:
-    """The thread tasks and the exported entry point of a UniformQ or CodebookQ entry on fp32 (or
-    T16's int16) activations (codebook: each thread adds its own band of rows' outliers)."""
+    """The thread tasks and the exported entry point of a UniformQ, CodebookQ or float16 entry on fp32
+    (or T16's int16) activations (codebook: each thread adds its own band of rows' outliers)."""
     bits, lut, t16 = entry.bits, entry.kind == "codebook", entry.activations == "int16-T16"
-    kind, after = ("lut", "lb_outliers(a, lo, hi);") if lut else ("", "")
-    xform = ("NULL, T16_XORDER" if t16 else "NULL, NULL") if lut else f"XSCALE_B{bits}, NULL"
+    kind, after = ("lut", "lb_outliers(a, lo, hi);") if lut else ("f16", "") if entry.kind == FLOAT16 else ("", "")
+    xform = ("NULL, T16_XORDER" if t16 else "NULL, NULL") if lut or kind else f"XSCALE_B{bits}, NULL"
     return f"""
-{_gemv_task(f"gemv{kind}", bits, after, tiles=not lut)}
+{_gemv_task(f"gemv{kind}", bits, after, tiles=not (lut or kind))}
 
 static void gemm{kind}_task_b{bits}(void *p, int tid, int nthr) {{
     const lb_args *a = p;
@@ -734,11 +763,12 @@ ACTIVATIONS = {
 def entries(isa: str) -> tuple[Entry, ...]:
     """Every kernel the library for `isa` exports, in the order `generate` writes them: UniformQ on fp32
     activations (BITS), on int8 (INT8_BITS, where the ISA has an integer dot), CodebookQ (CODEBOOK_BITS,
-    on int16 activations where its tables are T16)."""
+    on int16 activations where its tables are T16), unquantized fp16 weights (FLOAT16)."""
     return (tuple(Entry("uniform", b, "fp32", f"lb_linear_b{b}") for b in BITS)
             + tuple(Entry("uniform", b, "int8", f"lb_linear_q_b{b}") for b in INT8_BITS if "dot8" in OPS[isa])
             + tuple(Entry("codebook", b, "int16-T16" if table16(isa, b) else "fp32", f"lb_linear_lut_b{b}")
-                    for b in CODEBOOK_BITS))
+                    for b in CODEBOOK_BITS)
+            + (Entry(FLOAT16, 16, "fp32", "lb_linear_f16"),))
 
 
 def entry(isa: str, kind: str, bits: int, activations: str) -> Entry | None:
@@ -751,6 +781,8 @@ def _kernel(e: _Emit, tiled: _Emit, entry: Entry) -> str:
     b = entry.bits
     if entry.activations == "int8":
         return _gemvq_rows(tiled, b) + _unpackq(tiled, b) + _gemmq_task(tiled, b) + _per_bits_int8(entry)
+    if entry.kind == FLOAT16:
+        return _float16(e) + _per_bits(entry)
     if entry.kind == "uniform":
         return _xscale(b, e.lanes) + _gemv_rows(tiled, b) + _dequant(tiled, b) + _per_bits(entry)
     return _gemv_lut(e, b, GEMV_ROWS) + _gemv_lut(e, b, 1) + _dequant(e, b, True) + _per_bits(entry)
