@@ -284,7 +284,8 @@ def _parser() -> argparse.ArgumentParser:
         _config_options(q)
     q.add_argument("--scheme", help="format as a scheme string: W4A16-g128, W3A16-g64-asym, W2-row "
                    "(instead of --bits, --group-size, --sym/--asym)")
-    q.add_argument("--calib", help="calibration text (.txt or .jsonl); default: built-in corpus")
+    q.add_argument("--calib", help="calibration text: a built-in corpus (pydoc: the default; prose; mixed) "
+                   "or a .txt/.jsonl file")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (calibrated methods)")
     q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
     q.add_argument("--lm-head", action="store_true", help="quantize the output head in the layers' format "
@@ -337,7 +338,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--kld", action="store_true", help="KL divergence against the recorded source")
     e.add_argument("--ctx", type=int, default=512)
     e.add_argument("--stride", type=int, help="window stride (default: ctx)")
-    e.add_argument("--text", help="evaluation text (.txt or .jsonl); default: built-in held-out split")
+    e.add_argument("--text", help="evaluation text: a built-in corpus' held-out split (pydoc: the default, "
+                   "Python's documentation; prose: The Devil's Dictionary; mixed: both) or a .txt/.jsonl file")
     e.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
