@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import inspect
+import os
 import threading
 import weakref
 from pathlib import Path
@@ -52,6 +53,8 @@ DT_F16, DT_BF16 = 1, 2
 SCRATCH_BYTES = 64 << 20  # per-chunk activation buffers: the prefill chunk is sized to fit this
 MAX_CHUNK = 512
 SOURCE = Path(__file__).with_name("engine.c")
+MAX_DEFAULT_SLOTS = 16  # past this many sequences per step, two to sixteen cores gain no more throughput
+KV_MEMORY_SHARE = 0.5  # by default the KV slots take at most this share of the memory available now
 PROFILE_OPS = ("norm", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "act", "down", "head")  # engine.c's P_*
 
 
@@ -308,6 +311,24 @@ def _release(lib, handle, ptr, nbytes):
     lib.eng_arena_free(ptr, nbytes)
 
 
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (Linux's MemAvailable; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def slots_for_memory(kv_bytes_per_slot: int) -> int:
+    """How many KV slots of this size the machine holds by default: KV_MEMORY_SHARE of the memory
+    available now, at least 1, at most MAX_DEFAULT_SLOTS."""
+    return max(1, min(MAX_DEFAULT_SLOTS, int(available_memory() * KV_MEMORY_SHARE) // max(kv_bytes_per_slot, 1)))
+
+
 def _check_supported(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -322,7 +343,7 @@ def _check_supported(model: nn.Module) -> None:
 
 def load_decoder(model: nn.Module, max_context: int | None = None, threads: int | None = None,
                  kv_dtype: torch.dtype | str = torch.float16, head_bits: int | None = None,
-                 int8_activations: bool | None = None, slots: int = 1) -> Engine:
+                 int8_activations: bool | None = None, slots: int | None = 1) -> Engine:
     """The native engine for a supported HF causal LM whose linears are QuantLinear or nn.Linear.
 
     `max_context`: positions the KV cache holds (default: the model's, at most 4096); the cache is
@@ -334,7 +355,7 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     small cost in fidelity. `int8_activations`: decode GEMVs on activations rounded to int8 per
     32-block, as llama.cpp (Q8_0) and Intel's runtime do (None: the process-wide setting of
     kernels/switches.py, off by default; exact fp32 activations when off). `slots`: sequences the
-    KV cache holds for batched steps (`Engine.step`). Raises LowbitError for
+    KV cache holds for batched steps (`Engine.step`; None: what memory allows, slots_for_memory). Raises LowbitError for
     anything it cannot run.
     """
     _check_supported(model)
@@ -358,6 +379,8 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     max_ctx = int(max_context or min(getattr(config, "max_position_embeddings", 4096) or 4096, 4096))
     if max_ctx < 1:
         raise LowbitError(f"max_context must be positive, got {max_context}")
+    kv_bytes = 2 * len(layers) * kvh * max_ctx * hd * kv.itemsize  # one slot's K and V
+    slots = slots_for_memory(kv_bytes) if slots is None else slots
     if slots < 1:
         raise LowbitError(f"slots must be at least 1, got {slots}")
 
@@ -445,5 +468,4 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     except BaseException:
         _release(lib, h, arena.ptr, arena.bytes)
         raise
-    kv_bytes = 2 * len(layers) * kvh * max_ctx * hd * kv.itemsize
     return Engine(lib, h, keep, head.n, hidden, max_ctx, arena, slots, chunk, kv_bytes)
