@@ -83,7 +83,7 @@ def _check_generation(a) -> None:
         raise LowbitError(f"--max-tokens must be at least 1, got {a.max_tokens}")
     if getattr(a, "prompt", "x") == "":
         raise LowbitError("the prompt is empty: give the text to continue")
-    for name in ("threads", "max_context"):
+    for name in ("threads", "max_context", "parallel"):
         if getattr(a, name, None) is not None and getattr(a, name) < 1:
             raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     api.SamplingParams(**{k: v for k in _SERVE_DEFAULTS if (v := getattr(a, k)) is not None}).check()
@@ -143,7 +143,7 @@ def cmd_serve(a) -> None:
     _check_port(a.host, a.port)
     defaults = {k: getattr(a, k) for k in _SERVE_DEFAULTS}
     api.load(a.model).serve(a.name or Path(a.model).name, a.host, a.port, defaults, a.max_queue,
-                            max_body_bytes=a.max_body_mb << 20, **_session(a))
+                            max_body_bytes=a.max_body_mb << 20, parallel=a.parallel, **_session(a))
 
 
 def cmd_bench(a) -> None:
@@ -319,6 +319,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="model id clients use (default: the directory's name)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get HTTP 503")
     s.add_argument("--max-body-mb", type=int, default=2, help="request bodies past this many MiB get HTTP 413")
+    s.add_argument("--parallel", type=int, help="sequences decoded together, each in its own KV slot "
+                   "(default: what memory allows for the context, at most 16; printed at start)")
     _sampling_options(s, max_tokens=None)
     s.set_defaults(func=cmd_serve)
 
