@@ -196,6 +196,11 @@ def cmd_inspect(a) -> None:
           f"{size.total_bytes:,} bytes, {size.model_bpw:.3f} bits/weight")
 
 
+def cmd_export(a) -> None:
+    out = api.export(a.model, a.output, to=a.to, overwrite=a.overwrite)
+    print(f"exported {out} ({a.to})")
+
+
 def cmd_tune(a) -> None:
     print(api.tune(a.threads, quick=a.quick, show=a.show, reset=a.reset))
 
@@ -350,6 +355,14 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", help="quantized directory or source")
     i.add_argument("--kernels", action="store_true", help="print the kernel table: what runs natively here")
     i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("export", parents=[common], help="write a quantized model in another tool's format")
+    x.add_argument("model", help="quantized directory")
+    x.add_argument("--to", default="gguf", choices=["gguf"], help="gguf: one file llama.cpp runs "
+                   "(4-bit g32 sym -> Q4_0, 8-bit g32 sym -> Q8_0, 4-bit g32 asym -> Q4_1)")
+    x.add_argument("-o", "--output", required=True, help="output file")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.set_defaults(func=cmd_export)
 
     t = sub.add_parser("tune", parents=[common],
                        help="time the CPU kernels' tile and thread choices on this machine, cache the best")
