@@ -64,7 +64,7 @@ def from_blocks(data: np.ndarray, qtype: GGML, shape: tuple[int, int]) -> Unifor
         raise LowbitError(f"{qtype.name} blocks are not UniformQ (Q4_0 and Q8_0 are)")
     if k % BLOCK or data.dtype != np.uint8 or data.shape != (n, k // BLOCK * BLOCK_BYTES[qtype]):
         raise LowbitError(f"{qtype.name} data of shape {list(data.shape)} does not hold a {n}×{k} weight")
-    blocks = torch.from_numpy(np.ascontiguousarray(data)).view(n, k // BLOCK, BLOCK_BYTES[qtype])
+    blocks = torch.from_numpy(np.array(data)).view(n, k // BLOCK, BLOCK_BYTES[qtype])  # a copy: data may be a read-only map
     scales = blocks[..., :2].contiguous().view(torch.float16).view(n, k // BLOCK)
     if qtype == GGML.Q4_0:
         qs = blocks[..., 2:]
