@@ -142,7 +142,7 @@ def _load_module():
 
 
 def test_32_concurrent_streaming_clients(server):
-    r = _load_module().run_load(server.url, NAME, clients=32, max_tokens=16, timeout=120)
+    r = _load_module().run_load(server.url, NAME, clients=32, max_tokens=16, timeout=120, prompt_words=12)
     print(json.dumps({k: v for k, v in r.items() if k != "errors"}))
     assert r["completed"] == 32 and r["failed"] == 0, r["errors"]
     assert r["latency_p99_s"] >= r["latency_p50_s"] > 0
