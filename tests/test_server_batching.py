@@ -253,3 +253,24 @@ def test_universal_decoder_serves_as_one_slot(model):
         assert r.choices[0].text.startswith("The sea is") and r.choices[0].logprobs.token_logprobs[0] is None
     finally:
         server.stop()
+
+
+class FailingStep(SlowSteps):
+    """The real engine, but its next step raises (a fault the scheduler must survive)."""
+
+    def step(self, segments):
+        self.__dict__.setdefault("failed", 0)
+        if not self.failed:
+            self.failed = 1
+            raise RuntimeError("injected fault")
+        return self.engine.step(segments)
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(client, server):
+    server.scheduler.engine = FailingStep(server.scheduler.engine)
+    with pytest.raises(openai.InternalServerError, match="injected fault"):
+        client.completions.create(model=NAME, prompt="The sea is", max_tokens=4, temperature=0)
+    r = client.completions.create(model=NAME, prompt="The sea is", max_tokens=4, temperature=0)
+    assert r.choices[0].text == _serial(server.model, "The sea is", 4).text
+    assert json.loads(_get(server, "/health")[1])["status"] == "ok"
+    assert _metrics(server)['lowbit_requests_total{outcome="failed"}'] == 1

@@ -163,11 +163,9 @@ class Scheduler(threading.Thread):
             if not plan:
                 continue
             try:
-                rows = self.engine.step([seg for _, seg in plan])
+                self._absorb(plan, self.engine.step([seg for _, seg in plan]))
             except Exception as e:  # noqa: BLE001 - any failure ends these requests, the server goes on
-                self._fail({id(s.req): s.req for s, _ in plan}.values(), e)
-                continue
-            self._absorb(plan, rows)
+                self._fail({id(s.req): s.req for s, _ in plan if s in self.active}.values(), e)
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, in arrival order (under self.cond)."""

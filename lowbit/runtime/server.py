@@ -300,8 +300,9 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
     @app.get("/health")
     async def health():
         m = worker.metrics()
-        return {"status": "ok" if worker.is_alive() else "stopped", "slots": m["slots"],
+        body = {"status": "ok" if worker.is_alive() else "stopped", "slots": m["slots"],
                 "active_slots": m["active_slots"], "queue_depth": m["queue_depth"]}
+        return JSONResponse(body, status_code=200 if worker.is_alive() else 503)
 
     @app.get("/metrics")
     async def metrics():
