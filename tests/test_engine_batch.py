@@ -24,7 +24,7 @@ def alone(model, ids: list[int], prompt: int, kv_dtype: str) -> list[torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("family,kv_dtype", [("llama", "fp32"), ("qwen2", "fp16"), ("gemma2", "bf16")])
+@pytest.mark.parametrize("family,kv_dtype", [("llama", "fp32"), ("qwen2", "fp16"), ("gemma2", "bf16"), ("llama", "int8")])
 def test_batched_steps_equal_each_sequence_alone(family, kv_dtype):
     """Four sequences of different prompt lengths: prefills beside decode steps, one joining after the
     others have decoded a while, one leaving early; every row against the same sequence run alone."""
@@ -60,15 +60,16 @@ def test_batched_steps_equal_each_sequence_alone(family, kv_dtype):
             assert_close(a, b, 2e-3 if kv_dtype == "fp32" else 1e-2)
 
 
-def test_every_position_logits_and_copied_prefix():
+@pytest.mark.parametrize("kv_dtype", ["fp32", "int8"])
+def test_every_position_logits_and_copied_prefix(kv_dtype):
     """want=2 returns a row per token (what prompt log-probabilities need); a prefix copied to another
-    slot continues exactly as the original."""
+    slot (int8: its scales too) continues exactly as the original."""
     model = quantized("llama")
     ids = PROMPTS[0]
-    eng = load_decoder(model, max_context=64, kv_dtype="fp32", slots=3)
+    eng = load_decoder(model, max_context=64, kv_dtype=kv_dtype, slots=3)
     rows = eng.step([Segment(0, 0, ids, want=2)])
     assert rows.shape == (len(ids), 320)
-    ref = load_decoder(model, max_context=64, kv_dtype="fp32")
+    ref = load_decoder(model, max_context=64, kv_dtype=kv_dtype)
     for t in range(len(ids)):
         assert_close(rows[t], ref.forward([ids[t]]))
     eng.copy(0, 2, len(ids))

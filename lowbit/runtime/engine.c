@@ -39,7 +39,7 @@ typedef void (*lb_par)(lb_task fn, void *arg, int want);
 enum { Q, K, V, O, GATE, UP, DOWN, NLIN };            /* fused: Q = qkv, GATE = gate_up; K/V/UP unused */
 enum { IN, ATTN_OUT, FFN_IN, FFN_OUT, QN, KN, NNORM };
 enum { ACT_SILU, ACT_GELU_TANH, ACT_GELU };
-enum { DT_F32, DT_F16, DT_BF16 };
+enum { DT_F32, DT_F16, DT_BF16, DT_I8 };  /* DT_I8: KV cache only, a scale per (token, kv head) */
 enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, NPROF };
 #define PREFILL_MIN_TOKENS 4  /* chunks from this size run the blocked prefill attention */
 #define MIN_PAR_WORK (1 << 18)  /* multiply-adds below which waking the pool costs more than it saves */
@@ -53,6 +53,11 @@ static inline v8 ldh8(const _Float16 *p) { return (v8)_mm256_cvtph_ps(_mm_loadu_
 #else
 static inline v8 ldh8(const _Float16 *p) { v8 v; for (int i = 0; i < 8; i++) v[i] = (float)p[i]; return v; }
 #endif
+static inline v8 ldc8(const int8_t *p) {
+    typedef int8_t v8c __attribute__((vector_size(8)));
+    v8c c; memcpy(&c, p, 8);
+    return __builtin_convertvector(__builtin_convertvector(c, v8i), v8);
+}
 static inline v8 ldb8(const uint16_t *p) { v8u h; memcpy(&h, p, 16); return (v8)(__builtin_convertvector(h, v8i) << 16); }
 static inline float hsum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -112,6 +117,7 @@ typedef struct {
     eng_lin head; const float *final_norm; float final_eps;
     const float *cos[2], *sin[2];   /* [max_ctx][half] per RoPE table (Gemma 3: local and global) */
     char *kc, *vc; size_t kv_bytes; /* [slot][layer][kv head][max_ctx][hd] */
+    float *ksc, *vsc; size_t sc_bytes; /* int8 cache: [slot][layer][kv head][max_ctx] scales (absmax / 127) */
     int *tslot, *tpos, *small;      /* per token of the step: its slot, its position; decode-attention rows */
     float *kv32; size_t kv32_bytes; /* prefill: one layer's K panels, then fp16/bf16 V as fp32 (kv_widen) */
     eng_layer *L;
@@ -219,8 +225,8 @@ typedef struct { eng *E; int layer, m; const int *rows; const float *q; int ldq;
 /* One token's `nh` query heads (one KV group: they share every K and V row, converted to fp32 once)
    at position p against cached positions [lo, p]; sc holds nh rows of max_ctx scores. */
 #define ATTEND(NAME, T, LD8, LD1, COPY)                                                             \
-static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int p, const float *q, \
-                 int nh, float *out, float *sc) {                                                   \
+static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, const float *ks,       \
+                 const float *vs, int p, const float *q, int nh, float *out, float *sc) {           \
     int hd = E->hd, lo = Y->window > 0 && p - Y->window + 1 > 0 ? p - Y->window + 1 : 0, len = p - lo + 1; \
     float tile[KTILE * hd], sum[nh];                                                                \
     for (int t0 = 0; t0 < len; t0 += KTILE) {  /* Q·K^T: KTILE keys converted once, 4 dots at a time */ \
@@ -231,6 +237,7 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int
             int c = 0;                                                                              \
             for (; c + 8 <= nt * hd; c += 8) st8(tile + c, LD8(kr + c));                            \
             for (; c < nt * hd; c++) tile[c] = LD1(kr[c]);                                          \
+            if (ks) for (int j = 0; j < nt; j++) for (int d = 0; d < hd; d++) tile[j * hd + d] *= ks[lo + t0 + j]; \
         } else kt = (const float *)kr;                                                              \
         for (int h = 0; h < nh; h++) {                                                              \
             const float *qh = q + (size_t)h * hd; float *sh = sc + (size_t)h * E->max_ctx + t0;     \
@@ -258,6 +265,7 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int
         sum[h] = 0;                                                                                 \
         for (t = 0; t + 8 <= len; t += 8) { v8 e = exp8(ld8(sh + t) - mx); st8(sh + t, e); sum[h] += hsum8(e); } \
         for (; t < len; t++) { sh[t] = expf(sh[t] - mx); sum[h] += sh[t]; }                         \
+        if (vs) for (t = 0; t < len; t++) sh[t] *= vs[lo + t];  /* int8 V: each row's scale */     \
     }                                                                                               \
     for (int h = 0; h < nh; h++) {  /* P·V, 32 output dims at a time in registers */              \
         const float *sh = sc + (size_t)h * E->max_ctx; float *o = out + (size_t)h * hd, inv = 1.0f / sum[h]; \
@@ -282,8 +290,10 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int
 ATTEND(attend_f32, float, ld8, F1, 0)
 ATTEND(attend_f16, _Float16, ldh8, H1, 1)
 ATTEND(attend_bf16, uint16_t, ldb8, bf2f, 1)
+#define C1(v) ((float)(v))
+ATTEND(attend_i8, int8_t, ldc8, C1, 1)
 
-static size_t kv_elt(int dt) { return dt == DT_F32 ? 4 : 2; }
+static size_t kv_elt(int dt) { return dt == DT_F32 ? 4 : dt == DT_I8 ? 1 : 2; }
 
 /* element offset of (slot, layer, kv head g, position 0) in a K or V cache */
 static size_t kv_off(const eng *E, int slot, int layer, int g) {
@@ -302,9 +312,14 @@ static void att_task(void *p, int tid, int nthr) {
         const float *q = J->q + (size_t)i * J->ldq + (size_t)g * grp * hd;
         float *out = J->out + ((size_t)i * E->heads + (size_t)g * grp) * hd;
         int p = E->tpos[i];
-        if (E->kvdt == DT_F32) attend_f32(E, Y, (const float *)(E->kc + off), (const float *)(E->vc + off), p, q, grp, out, sc);
-        else if (E->kvdt == DT_F16) attend_f16(E, Y, (const _Float16 *)(E->kc + off), (const _Float16 *)(E->vc + off), p, q, grp, out, sc);
-        else attend_bf16(E, Y, (const uint16_t *)(E->kc + off), (const uint16_t *)(E->vc + off), p, q, grp, out, sc);
+        const char *kb = E->kc + off, *vb = E->vc + off;
+        if (E->kvdt == DT_F32) attend_f32(E, Y, (const float *)kb, (const float *)vb, NULL, NULL, p, q, grp, out, sc);
+        else if (E->kvdt == DT_F16) attend_f16(E, Y, (const _Float16 *)kb, (const _Float16 *)vb, NULL, NULL, p, q, grp, out, sc);
+        else if (E->kvdt == DT_BF16) attend_bf16(E, Y, (const uint16_t *)kb, (const uint16_t *)vb, NULL, NULL, p, q, grp, out, sc);
+        else {
+            size_t row = kv_off(E, E->tslot[i], J->layer, g) / hd;
+            attend_i8(E, Y, (const int8_t *)kb, (const int8_t *)vb, E->ksc + row, E->vsc + row, p, q, grp, out, sc);
+        }
     }
 }
 
@@ -323,10 +338,18 @@ static int pf_tokens(int grp) { return grp >= 12 ? 1 : 12 / grp; }
 static int pf_rows(int grp) { int r = pf_tokens(grp) * grp; return (r + SROWS - 1) / SROWS * SROWS; }
 static int ctx_pad(int n) { return (n + KP - 1) / KP * KP; }
 
-/* cnt cached values from element `off` of a K or V cache (`base`, E->kvdt) to fp32 in dst */
-static void kv_to_f32(const eng *E, const char *base, size_t off, size_t cnt, float *dst) {
+/* cnt cached values (whole rows) from element `off` of a K or V cache (`base`, E->kvdt; `scales`:
+   its int8 row scales) to fp32 in dst */
+static void kv_to_f32(const eng *E, const char *base, const float *scales, size_t off, size_t cnt, float *dst) {
     size_t c = 0;
     if (E->kvdt == DT_F32) memcpy(dst, (const float *)base + off, sizeof(float) * cnt);
+    else if (E->kvdt == DT_I8) {
+        const int8_t *src = (const int8_t *)base + off;
+        for (; c < cnt; c += E->hd) {
+            float s = scales[(off + c) / E->hd];
+            for (int d = 0; d < E->hd; d++) dst[c + d] = src[c + d] * s;
+        }
+    }
     else if (E->kvdt == DT_F16) {
         const _Float16 *src = (const _Float16 *)base + off;
         for (; c + 8 <= cnt; c += 8) st8(dst + c, ldh8(src + c));
@@ -345,11 +368,11 @@ static void kv_widen(const eng *E, int slot, int layer, int n) {
         size_t off = kv_off(E, slot, layer, g);
         float *kp = E->kv32 + (size_t)g * pan;
         for (int t = 0; t < ctx_pad(n); t++) {  /* the last panel's missing keys are 0 */
-            if (t < n) kv_to_f32(E, E->kc, off + (size_t)t * hd, hd, k);
+            if (t < n) kv_to_f32(E, E->kc, E->ksc, off + (size_t)t * hd, hd, k);
             else memset(k, 0, sizeof k);
             for (int d = 0; d < hd; d++) kp[((size_t)(t / KP) * hd + d) * KP + t % KP] = k[d];
         }
-        if (E->kvdt != DT_F32) kv_to_f32(E, E->vc, off, (size_t)n * hd, E->kv32 + (size_t)E->kvh * pan + (size_t)g * row);
+        if (E->kvdt != DT_F32) kv_to_f32(E, E->vc, E->vsc, off, (size_t)n * hd, E->kv32 + (size_t)E->kvh * pan + (size_t)g * row);
     }
 }
 
@@ -494,9 +517,16 @@ static void attention(eng *E, int l, const int *segs, int nseg, const float *q, 
     }
 }
 
-static void kv_store(const eng *E, char *base, int slot, int layer, int g, int pos, const float *v) {
+static void kv_store(const eng *E, char *base, float *scales, int slot, int layer, int g, int pos, const float *v) {
     size_t idx = kv_off(E, slot, layer, g) + (size_t)pos * E->hd;
     if (E->kvdt == DT_F32) memcpy((float *)base + idx, v, sizeof(float) * E->hd);
+    else if (E->kvdt == DT_I8) {  /* symmetric, one scale per row: absmax / 127 */
+        float amax = 0;
+        for (int d = 0; d < E->hd; d++) amax = fabsf(v[d]) > amax ? fabsf(v[d]) : amax;
+        float s = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0;
+        scales[idx / E->hd] = s;
+        for (int d = 0; d < E->hd; d++) ((int8_t *)base)[idx + d] = (int8_t)lrintf(v[d] * inv);
+    }
     else if (E->kvdt == DT_F16) {
         int d = 0;
 #ifdef __F16C__
@@ -545,8 +575,8 @@ static void layer_forward(eng *E, int l, int m, const int *segs, int nseg) {
             float *kh = k + (size_t)i * ldk + (size_t)g * hd;
             if (Y->norm[KN]) rmsnorm(kh, Y->norm[KN], Y->eps[KN], hd, kh);
             rope(kh, cs + (size_t)p * E->half, sn + (size_t)p * E->half, E->half);
-            kv_store(E, E->kc, E->tslot[i], l, g, p, kh);
-            kv_store(E, E->vc, E->tslot[i], l, g, p, v + (size_t)i * ldk + (size_t)g * hd);
+            kv_store(E, E->kc, E->ksc, E->tslot[i], l, g, p, kh);
+            kv_store(E, E->vc, E->vsc, E->tslot[i], l, g, p, v + (size_t)i * ldk + (size_t)g * hd);
         }
     }
     TOC(P_ROPE);
@@ -637,6 +667,11 @@ EX void eng_copy(eng *E, int src, int dst, int n) {
             size_t from = kv_off(E, src, l, g) * kv_elt(E->kvdt), to = kv_off(E, dst, l, g) * kv_elt(E->kvdt);
             memcpy(E->kc + to, E->kc + from, bytes);
             memcpy(E->vc + to, E->vc + from, bytes);
+            if (E->kvdt == DT_I8) {
+                size_t a = kv_off(E, src, l, g) / E->hd, b = kv_off(E, dst, l, g) / E->hd;
+                memcpy(E->ksc + b, E->ksc + a, sizeof(float) * n);
+                memcpy(E->vsc + b, E->vsc + a, sizeof(float) * n);
+            }
         }
 }
 
@@ -658,6 +693,8 @@ EX void eng_free(eng *E) {
     if (!E) return;
     if (E->kc) munmap(E->kc, E->kv_bytes);
     if (E->vc) munmap(E->vc, E->kv_bytes);
+    if (E->ksc) munmap(E->ksc, E->sc_bytes);
+    if (E->vsc) munmap(E->vsc, E->sc_bytes);
     if (E->kv32) munmap(E->kv32, E->kv32_bytes);
     free(E->L); free(E->x); free(E->t); free(E->qkv); free(E->att); free(E->o); free(E->gu); free(E->pad);
     free(E->scores); free(E->tslot); free(E->tpos); free(E->small); free(E);
@@ -674,6 +711,11 @@ EX eng *eng_new(int layers, int hidden, int heads, int kvh, int hd, int inter, i
     E->L = calloc(layers, sizeof(eng_layer));
     E->kv_bytes = (size_t)slots * layers * kvh * max_ctx * hd * kv_elt(kvdt);
     E->kc = huge_alloc(E->kv_bytes); E->vc = huge_alloc(E->kv_bytes);
+    if (kvdt == DT_I8) {
+        E->sc_bytes = sizeof(float) * slots * layers * kvh * max_ctx;
+        E->ksc = huge_alloc(E->sc_bytes); E->vsc = huge_alloc(E->sc_bytes);
+        if (!E->ksc || !E->vsc) { eng_free(E); return NULL; }
+    }
     E->kv32_bytes = sizeof(float) * kvh * hd * ((size_t)ctx_pad(max_ctx) + (kvdt == DT_F32 ? 0 : max_ctx));
     E->kv32 = huge_alloc(E->kv32_bytes);  /* touched lazily */
     size_t nq = (size_t)heads * hd, nk = (size_t)kvh * hd, big = hidden > inter ? hidden : inter;

@@ -44,9 +44,10 @@ from ..kernels.cpu import threads as cpu_threads
 from ..nn import QuantEmbedding, QuantLinear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 _KV_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+KV_CACHE_TYPES = ("fp16", "bf16", "fp32", "int8")
 Q, K, V, O, GATE, UP, DOWN = range(7)
 IN, ATTN_OUT, FFN_IN, FFN_OUT, QN, KN = range(6)
 DT_F16, DT_BF16 = 1, 2
@@ -77,7 +78,7 @@ def _library(isa: str) -> ctypes.CDLL:
 def _kv_dtype(kv_dtype) -> torch.dtype:
     dt = _KV_NAMES.get(kv_dtype, kv_dtype) if isinstance(kv_dtype, str) else kv_dtype
     if dt not in KV_DTYPES:
-        raise LowbitError(f"kv_dtype {kv_dtype!r} is not supported (choose fp32, fp16 or bf16)")
+        raise LowbitError(f"kv_dtype {kv_dtype!r} is not supported (choose {', '.join(KV_CACHE_TYPES)})")
     return dt
 
 
@@ -349,8 +350,8 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     `max_context`: positions the KV cache holds (default: the model's, at most 4096); the cache is
     mapped lazily, so unused positions cost no memory. `threads`: threads of the kernels' pool
     (process-wide, fixed for this engine; default $LOWBIT_THREADS or the physical cores).
-    `kv_dtype`: fp32, fp16 (default) or bf16 cache. `head_bits`: round an unquantized lm_head to
-    that many bits (round to nearest, symmetric, group 32: UniformQ.from_float) instead of keeping it in fp16; 8 is llama.cpp's choice for Q4_0
+    `kv_dtype`: fp32, fp16 (default), bf16 or int8 cache (int8: a symmetric scale per token and KV
+    head, half of fp16's memory). `head_bits`: round an unquantized lm_head to that many bits (round to nearest, symmetric, group 32: UniformQ.from_float) instead of keeping it in fp16; 8 is llama.cpp's choice for Q4_0
     files (Q8_0 output) and halves the bytes read per token on small models like SmolLM2, at a
     small cost in fidelity. `int8_activations`: decode GEMVs on activations rounded to int8 per
     32-block, as llama.cpp (Q8_0) and Intel's runtime do (None: the process-wide setting of
@@ -379,7 +380,8 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     max_ctx = int(max_context or min(getattr(config, "max_position_embeddings", 4096) or 4096, 4096))
     if max_ctx < 1:
         raise LowbitError(f"max_context must be positive, got {max_context}")
-    kv_bytes = 2 * len(layers) * kvh * max_ctx * hd * kv.itemsize  # one slot's K and V
+    row_bytes = hd * kv.itemsize + (4 if kv == torch.int8 else 0)  # int8 rows carry an fp32 scale
+    kv_bytes = 2 * len(layers) * kvh * max_ctx * row_bytes  # one slot's K and V
     slots = slots_for_memory(kv_bytes) if slots is None else slots
     if slots < 1:
         raise LowbitError(f"slots must be at least 1, got {slots}")
