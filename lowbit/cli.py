@@ -100,7 +100,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _session(a) -> dict:
-    return {"max_context": a.max_context, "threads": a.threads, "exact": a.exact}
+    return {"max_context": a.max_context, "threads": a.threads, "exact": a.exact, "kv_cache": a.kv_cache}
 
 
 def cmd_generate(a) -> None:
@@ -258,6 +258,8 @@ def _sampling_options(p: argparse.ArgumentParser, max_tokens: int | None) -> Non
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--max-context", type=int, help="tokens the cache holds (default: the model's)")
+    p.add_argument("--kv-cache", default="fp16", choices=["fp16", "bf16", "fp32", "int8"],
+                   help="the native engine's KV cache (int8: a scale per token and head, half of fp16's memory)")
     _exact_option(p)
 
 
