@@ -127,12 +127,13 @@ class Session:
 
     @classmethod
     def for_model(cls, model, tokenizer, max_context: int | None = None, threads: int | None = None,
-                  engine: bool = True, exact: bool = False, parallel: int | None = 1) -> "Session":
+                  engine: bool = True, exact: bool = False, parallel: int | None = 1,
+                  kv_cache: str = "fp16") -> "Session":
         """`parallel`: sequences the decoder holds for the server's batched steps (None: what memory
-        allows; the universal decoder holds one)."""
+        allows; the universal decoder holds one); `kv_cache`: fp16, bf16, fp32 or int8 (the engine's)."""
         if tokenizer is None:
             raise LowbitError("the model has no tokenizer: quantize or load it with one")
-        return cls(decoder_for(model, max_context, threads, engine, exact, parallel), tokenizer,
+        return cls(decoder_for(model, max_context, threads, engine, exact, parallel, kv_cache), tokenizer,
                    model_stop_tokens(model, tokenizer))
 
     @property
