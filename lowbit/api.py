@@ -73,7 +73,8 @@ class QuantizedModel:
     def export(self, path: str | os.PathLike, to: str = "gguf", overwrite: bool = False) -> Path:
         """Write the model in another tool's format (EXPORT_FORMATS), atomically: "gguf" is one file
         llama.cpp runs (tokenizer and chat template from the source GGUF, else from the tokenizer);
-        "compressed-tensors" a pack-quantized directory (vLLM, transformers + compressed-tensors)."""
+        "compressed-tensors" a pack-quantized directory (vLLM, transformers + compressed-tensors);
+        "gptq" a GPTQ checkpoint directory (one format over the quantized Linear layers)."""
         if self.plan is None:
             raise LowbitError("model has no quantized modules: run lowbit.quantize first")
         if to not in EXPORT_FORMATS:
@@ -81,6 +82,8 @@ class QuantizedModel:
         self.reload()
         if to == "compressed-tensors":
             return io.write_compressed_tensors(self.model, path, self.tokenizer, overwrite)
+        if to == "gptq":
+            return io.write_gptq(self.model, path, self.tokenizer, overwrite)
         return io.write_gguf(self.model, path, self.tokenizer, _source_gguf(self.source), overwrite)
 
     def reload(self) -> None:
@@ -130,7 +133,7 @@ class QuantizedModel:
         return bench(self.model, self._tokenizer(), threads, prompt_tokens, gen_tokens, runs, exact=exact)
 
 
-EXPORT_FORMATS = ("gguf", "compressed-tensors")
+EXPORT_FORMATS = ("gguf", "compressed-tensors", "gptq")
 
 
 def _source_gguf(source: str | None) -> Path | None:

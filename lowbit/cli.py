@@ -360,9 +360,10 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", parents=[common], help="write a quantized model in another tool's format")
     x.add_argument("model", help="quantized directory")
-    x.add_argument("--to", default="gguf", choices=["gguf", "compressed-tensors"], help="gguf: one file "
+    x.add_argument("--to", default="gguf", choices=["gguf", "compressed-tensors", "gptq"], help="gguf: one file "
                    "llama.cpp runs (4-bit g32 sym -> Q4_0, 8-bit g32 sym -> Q8_0, 4-bit g32 asym -> Q4_1); "
-                   "compressed-tensors: a pack-quantized directory (vLLM, transformers)")
+                   "compressed-tensors: a pack-quantized directory (vLLM, transformers); gptq: a GPTQ "
+                   "checkpoint (one bits/group over the layers)")
     x.add_argument("-o", "--output", required=True, help="output file (gguf) or directory")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     x.set_defaults(func=cmd_export)

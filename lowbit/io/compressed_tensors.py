@@ -26,28 +26,18 @@ import re
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from safetensors.torch import load_file, save_file
 
 from ..errors import LowbitError
 from ..formats import BITS, GROUP_SIZES, UniformQ
 from ..formats.packing import pack, packed_words, unpack
-from .atomic import atomic_dir
-from .check import check_dimensions, check_safetensors, header_tensors
-from ..nn import QuantEmbedding, QuantLinear
-from .load import install_quantized, read_config
-from .save import quantization_config
+from .foreign import finish, float_linears, float_state, packed_layers, quant_method, read_dir, write_dir
 
 METHOD, FORMAT = "compressed-tensors", "pack-quantized"
 EXPORTABLE = "UniformQ Linear layers of 2, 3, 4 or 8 bits, groups that divide the rows or whole rows"
 
 
 def is_compressed_tensors_dir(path: str | Path) -> bool:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        return False
-    qc = read_config(path).get("quantization_config")
-    return isinstance(qc, dict) and qc.get("quant_method") == METHOD
+    return quant_method(path) == METHOD
 
 
 def _words(count: int, bits: int) -> int:
@@ -65,10 +55,10 @@ def _packed(name: str, qt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         what = qt.describe(qt.meta()) + (f" of width {qt.shape[1]}" if isinstance(qt, UniformQ) else "")
         raise LowbitError(f"layer {name} is {what}: compressed-tensors export writes {EXPORTABLE}")
     n, k = qt.shape
-    out = {"weight_packed": qt.qweight[:, :_words(k, qt.bits)].contiguous(), "weight_scale": qt.scales.to(dtype),
+    out = {"weight_packed": qt.qweight[:, :_words(k, qt.bits)], "weight_scale": qt.scales.to(dtype),
            "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
     if not qt.sym:
-        out["weight_zero_point"] = pack(qt.zeros.T, qt.bits)[:, :_words(n, qt.bits)].T.contiguous()
+        out["weight_zero_point"] = pack(qt.zeros.T, qt.bits)[:, :_words(n, qt.bits)].T
     return out
 
 
@@ -76,39 +66,20 @@ def write_compressed_tensors(model: torch.nn.Module, out: str | Path, tokenizer=
                              overwrite: bool = False) -> Path:
     """Write `model` (transformers, lowbit-quantized) as a compressed-tensors pack-quantized directory."""
     dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
-    head = model.get_output_embeddings()
-    state, groups, ignore = {}, {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and module is not head:
-            qt = module.qtensor
-            state.update({f"{name}.{k}": v for k, v in _packed(name, qt, dtype).items()})
-            groups.setdefault(json.dumps(_scheme(qt), sort_keys=True), []).append(name)
-        elif isinstance(module, (QuantLinear, QuantEmbedding)):  # a quantized head or embedding: exact floats
-            state[f"{name}.weight"] = module.qtensor.dequantize(dtype)
-        if module is head or isinstance(module, torch.nn.Linear):  # float Linear layers and the head
-            ignore.append(name)
-        if isinstance(module, QuantLinear) and module.bias is not None:
-            state[f"{name}.bias"] = module.bias.detach()
-    if not groups:
+    layers = packed_layers(model)
+    if not layers:
         raise LowbitError(f"model has no quantized Linear layers: compressed-tensors export writes {EXPORTABLE}")
-    for name, p in model.named_parameters():
-        state.setdefault(name, p.detach())
-    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    config = model.config.to_dict()
-    config["quantization_config"] = {
+    packed = {n: _packed(n, m.qtensor, dtype) for n, m in layers.items()}  # refuses what it cannot hold
+    groups = {}
+    for name, module in layers.items():
+        groups.setdefault(json.dumps(_scheme(module.qtensor), sort_keys=True), []).append(name)
+    quantization = {
         "quant_method": METHOD, "format": FORMAT, "quantization_status": "compressed", "kv_cache_scheme": None,
         "config_groups": {f"group_{i}": {"targets": names, "weights": json.loads(scheme), "input_activations": None,
                                          "output_activations": None, "format": FORMAT}
                           for i, (scheme, names) in enumerate(groups.items())},
-        "ignore": ignore}
-    with atomic_dir(out, overwrite) as tmp:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    return Path(out)
+        "ignore": float_linears(model)}
+    return write_dir(model, out, float_state(model, packed), quantization, tokenizer, overwrite)
 
 
 def _matches(name: str, targets) -> bool:
@@ -160,59 +131,22 @@ def _uniform(path: Path, name: str, t: dict[str, torch.Tensor], bits: int, group
 def load_compressed_tensors(path: str | Path):
     """(model, tokenizer, lowbit quantization_config) from a compressed-tensors pack-quantized
     directory: its quantized Linear layers as UniformQ holding the file's own codes."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
-    raw = read_config(path)
-    qc = raw.pop("quantization_config")
+    qc, model, state = read_dir(path)
     if qc.get("format") != FORMAT:
         raise LowbitError(f"{path}: compressed-tensors format {qc.get('format')!r}: lowbit imports {FORMAT!r}")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise LowbitError(f"{path}: quantization_config has no config_groups")
     schemes = {g: (_checked_scheme(path, g, spec), spec.get("targets") or []) for g, spec in groups.items()}
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise LowbitError(f"{path} has no .safetensors weights (pickled files are never loaded)")
-    for f in files:
-        check_safetensors(f)
-    check_dimensions(raw, {k: t for f in files for k, t in header_tensors(f).items()}, path)
-    try:
-        config = AutoConfig.for_model(raw.pop("model_type", None), **raw)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    except Exception as e:
-        raise LowbitError(f"{path}: config.json describes no model lowbit can build ({str(e)[:160]})") from None
-    state = {k: v for f in files for k, v in load_file(f).items()}
-    ignore = qc.get("ignore") or []
-    modules, plan = {}, {}
+    ignore = [t for t in qc.get("ignore") or [] if isinstance(t, str) and t != "Linear"]
+    qts = {}
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or _matches(name, [t for t in ignore if t != "Linear"]):
+        if not isinstance(module, torch.nn.Linear) or _matches(name, ignore) or f"{name}.weight_packed" not in state:
             continue
-        found = next(((g, s) for g, (s, targets) in schemes.items() if _matches(name, targets)), None)
-        if found is None or f"{name}.weight_packed" not in state and f"{name}.weight" in state:
-            continue
-        (bits, group_size, sym) = found[1]
+        found = next((scheme for scheme, targets in schemes.values() if _matches(name, targets)), None)
+        if found is None:
+            raise LowbitError(f"{path}: module {name} is packed but no config group targets it")
         tensors = {k[len(name) + 1:]: state.pop(k) for k in list(state) if k.startswith(f"{name}.weight_")}
-        qt = _uniform(path, name, tensors, bits, group_size, sym)
-        if [qt.shape[0], qt.shape[1]] != list(module.weight.shape):
-            raise LowbitError(f"{path}: module {name} is {list(qt.shape)} in the weights, "
-                              f"{list(module.weight.shape)} by config.json")
-        modules[name] = qt.meta()
-        state.update({f"{name}.{k}": v for k, v in qt.tensors().items()})
-        plan.setdefault((bits, group_size, sym), []).append(name)
-    if not modules:
-        raise LowbitError(f"{path}: no Linear layer matches the quantization_config's targets")
-    install_quantized(model, modules, state, config.dtype or torch.float32, path)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected:
-        raise LowbitError(f"{path} holds tensors the model does not have: {', '.join(unexpected[:3])}")
-    model.tie_weights()
-    empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if empty:
-        raise LowbitError(f"{path} is incomplete: no weights for {', '.join(empty[:3])}")
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
-    record = [{"spec": {"method": "rtn", "bits": b, "group_size": g, "sym": s}, "layers": names}
-              for (b, g, s), names in plan.items()]
-    return model.eval(), tokenizer, quantization_config(model, {"plan": record, "source": str(path.absolute()),
-                                                                "imported": METHOD})
+        qts[name] = _uniform(path, name, tensors, *found)
+    return finish(path, model, qts, state, METHOD)

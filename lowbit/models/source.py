@@ -11,8 +11,8 @@ import torch
 
 from ..errors import LowbitError
 from ..io import (check_dimensions, check_gguf, check_safetensors, header_tensors, import_gguf,
-                  is_compressed_tensors_dir, is_lowbit_dir, load, load_compressed_tensors, read_config,
-                  write_model_dir)
+                  is_compressed_tensors_dir, is_gptq_dir, is_lowbit_dir, load, load_compressed_tensors, load_gptq,
+                  read_config, write_model_dir)
 from .default import NAME as DEFAULT, converted_dir, default_gguf
 from .lazy import LazyBlocks, StreamedSource, load_lazy
 
@@ -141,7 +141,8 @@ def load_reference(source: str):
 
 
 def load_any(spec: str | os.PathLike | None, dtype: torch.dtype = torch.float32) -> Loaded:
-    """A lowbit directory, a compressed-tensors pack-quantized directory (io/compressed_tensors.py), or
+    """A lowbit directory, a compressed-tensors pack-quantized directory (io/compressed_tensors.py), a
+    GPTQ or AWQ checkpoint (io/gptq.py), or
     any source accepted by `load_source` (a .gguf file's Q4_0 and Q8_0 layers imported as quantized
     layers: io/gguf_read.py)."""
     if spec is not None and str(spec) != DEFAULT and is_lowbit_dir(spec):
@@ -149,6 +150,9 @@ def load_any(spec: str | os.PathLike | None, dtype: torch.dtype = torch.float32)
         return Loaded(model, tokenizer, str(Path(spec).absolute()), quantization)
     if spec is not None and str(spec) != DEFAULT and is_compressed_tensors_dir(spec):
         model, tokenizer, quantization = load_compressed_tensors(spec)
+        return Loaded(model, tokenizer, quantization["source"], quantization)
+    if spec is not None and str(spec) != DEFAULT and is_gptq_dir(spec):
+        model, tokenizer, quantization = load_gptq(spec)
         return Loaded(model, tokenizer, quantization["source"], quantization)
     loaded = load_source(spec, dtype)
     if loaded.source.endswith(".gguf"):  # its Q4_0/Q8_0 layers run as the file's own blocks
