@@ -66,7 +66,7 @@ BAD = [
     lambda rng: json.dumps({"model": NAME, "prompt": "hi", "seed": 2**64}).encode(),
     lambda rng: json.dumps({"model": NAME, "prompt": "word " * 200_000}).encode(),  # past the context, under 2 MB
     lambda rng: json.dumps({"model": NAME, "prompt": "x" * (3 << 20)}).encode(),  # past the body limit
-    lambda rng: json.dumps({"model": NAME, "prompt": "hi", "n": 3, "logprobs": 2}).encode(),
+    lambda rng: json.dumps({"model": NAME, "prompt": "hi", "n": 100, "logprobs": 2}).encode(),  # n past the slots
     lambda rng: json.dumps({"model": NAME, "messages": [{"role": "robot", "content": 5}]}).encode(),
     lambda rng: json.dumps({"model": NAME, "prompt": [10**9]}).encode(),
     lambda rng: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))),

@@ -14,7 +14,7 @@ import importlib
 
 from .errors import LowbitError
 
-_HOME = {"QuantizedModel": "api", "load": "api", "quantize": "api", "quantize_to": "api",
+_HOME = {"QuantizedModel": "api", "export": "api", "load": "api", "quantize": "api", "quantize_to": "api",
          "QTensor": "formats", "UniformQ": "formats", "Auto": "recipes", "Plan": "recipes",
          **dict.fromkeys(["AWQ", "GANQ", "GPTQ", "RTN", "TEQ", "MethodConfig", "SignRound"], "methods")}
 

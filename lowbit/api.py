@@ -30,7 +30,7 @@ from .eval import EvalResult, ModelSize, evaluate, model_size
 from .eval.bench import Speed, bench
 from .kernels.cpu import tune as tuning
 from .methods import METHODS, MethodConfig
-from .models import Loaded, load_any, load_reference, load_source
+from .models import Loaded, default_gguf, load_any, load_reference, load_source
 from .recipes import EDGE, Auto, Plan
 from .runtime import Chat, GenerationStats, SamplingParams, Session, generate
 from .runtime.server import MAX_BODY_BYTES, serve
@@ -69,6 +69,22 @@ class QuantizedModel:
         record = {"plan": self.plan.to_record(), "source": self.source, **self.info}
         stored = self.checkpoint.stored_in(self.model) if self.checkpoint is not None else None
         return io.save(self.model, out_dir, self.tokenizer, record, overwrite, max_shard_size, extra_files, stored)
+
+    def export(self, path: str | os.PathLike, to: str = "gguf", overwrite: bool = False) -> Path:
+        """Write the model in another tool's format (EXPORT_FORMATS), atomically: "gguf" is one file
+        llama.cpp runs (tokenizer and chat template from the source GGUF, else from the tokenizer);
+        "compressed-tensors" a pack-quantized directory (vLLM, transformers + compressed-tensors);
+        "gptq" a GPTQ checkpoint directory (one format over the quantized Linear layers)."""
+        if self.plan is None:
+            raise LowbitError("model has no quantized modules: run lowbit.quantize first")
+        if to not in EXPORT_FORMATS:
+            raise LowbitError(f"cannot export to '{to}' (choose one of {', '.join(EXPORT_FORMATS)})")
+        self.reload()
+        if to == "compressed-tensors":
+            return io.write_compressed_tensors(self.model, path, self.tokenizer, overwrite)
+        if to == "gptq":
+            return io.write_gptq(self.model, path, self.tokenizer, overwrite)
+        return io.write_gguf(self.model, path, self.tokenizer, _source_gguf(self.source), overwrite)
 
     def reload(self) -> None:
         """Bring blocks waiting in the checkpoint back into memory, to run the model."""
@@ -115,6 +131,22 @@ class QuantizedModel:
               exact: bool = False) -> Speed:
         """Prefill and decode tokens/s, % of the bandwidth roofline, peak memory (eval/bench.py)."""
         return bench(self.model, self._tokenizer(), threads, prompt_tokens, gen_tokens, runs, exact=exact)
+
+
+EXPORT_FORMATS = ("gguf", "compressed-tensors", "gptq")
+
+
+def _source_gguf(source: str | None) -> Path | None:
+    """The GGUF file a model came from (its tokenizer and names go into an exported GGUF), if any."""
+    if source == "default":
+        return default_gguf()
+    return Path(source) if source and source.endswith(".gguf") and Path(source).is_file() else None
+
+
+def export(model: QuantizedModel | str | os.PathLike, path: str | os.PathLike, to: str = "gguf",
+           overwrite: bool = False) -> Path:
+    """`lowbit export`: a quantized model (or its directory) written in another tool's format."""
+    return (model if isinstance(model, QuantizedModel) else load(model)).export(path, to, overwrite)
 
 
 def config_for(name: str, scheme: str | None = None, **kwargs) -> MethodConfig | Auto:

@@ -83,7 +83,7 @@ def _check_generation(a) -> None:
         raise LowbitError(f"--max-tokens must be at least 1, got {a.max_tokens}")
     if getattr(a, "prompt", "x") == "":
         raise LowbitError("the prompt is empty: give the text to continue")
-    for name in ("threads", "max_context"):
+    for name in ("threads", "max_context", "parallel"):
         if getattr(a, name, None) is not None and getattr(a, name) < 1:
             raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     api.SamplingParams(**{k: v for k in _SERVE_DEFAULTS if (v := getattr(a, k)) is not None}).check()
@@ -100,7 +100,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _session(a) -> dict:
-    return {"max_context": a.max_context, "threads": a.threads, "exact": a.exact}
+    return {"max_context": a.max_context, "threads": a.threads, "exact": a.exact, "kv_cache": a.kv_cache}
 
 
 def cmd_generate(a) -> None:
@@ -143,7 +143,7 @@ def cmd_serve(a) -> None:
     _check_port(a.host, a.port)
     defaults = {k: getattr(a, k) for k in _SERVE_DEFAULTS}
     api.load(a.model).serve(a.name or Path(a.model).name, a.host, a.port, defaults, a.max_queue,
-                            max_body_bytes=a.max_body_mb << 20, **_session(a))
+                            max_body_bytes=a.max_body_mb << 20, parallel=a.parallel, **_session(a))
 
 
 def cmd_bench(a) -> None:
@@ -194,6 +194,11 @@ def cmd_inspect(a) -> None:
     print(f"{len(size.layers)} quantized layers, {size.quantized_bpw:.3f} bits/weight; {len(size.floats)} float "
           f"tensors, {sum(f.nbytes for f in size.floats):,} bytes; whole model "
           f"{size.total_bytes:,} bytes, {size.model_bpw:.3f} bits/weight")
+
+
+def cmd_export(a) -> None:
+    out = api.export(a.model, a.output, to=a.to, overwrite=a.overwrite)
+    print(f"exported {out} ({a.to})")
 
 
 def cmd_tune(a) -> None:
@@ -253,6 +258,8 @@ def _sampling_options(p: argparse.ArgumentParser, max_tokens: int | None) -> Non
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--max-context", type=int, help="tokens the cache holds (default: the model's)")
+    p.add_argument("--kv-cache", default="fp16", choices=["fp16", "bf16", "fp32", "int8"],
+                   help="the native engine's KV cache (int8: a scale per token and head, half of fp16's memory)")
     _exact_option(p)
 
 
@@ -284,7 +291,8 @@ def _parser() -> argparse.ArgumentParser:
         _config_options(q)
     q.add_argument("--scheme", help="format as a scheme string: W4A16-g128, W3A16-g64-asym, W2-row "
                    "(instead of --bits, --group-size, --sym/--asym)")
-    q.add_argument("--calib", help="calibration text (.txt or .jsonl); default: built-in corpus")
+    q.add_argument("--calib", help="calibration text: a built-in corpus (pydoc: the default; prose; mixed) "
+                   "or a .txt/.jsonl file")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (calibrated methods)")
     q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
     q.add_argument("--lm-head", action="store_true", help="quantize the output head in the layers' format "
@@ -318,6 +326,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="model id clients use (default: the directory's name)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get HTTP 503")
     s.add_argument("--max-body-mb", type=int, default=2, help="request bodies past this many MiB get HTTP 413")
+    s.add_argument("--parallel", type=int, help="sequences decoded together, each in its own KV slot "
+                   "(default: what memory allows for the context, at most 16; printed at start)")
     _sampling_options(s, max_tokens=None)
     s.set_defaults(func=cmd_serve)
 
@@ -337,7 +347,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--kld", action="store_true", help="KL divergence against the recorded source")
     e.add_argument("--ctx", type=int, default=512)
     e.add_argument("--stride", type=int, help="window stride (default: ctx)")
-    e.add_argument("--text", help="evaluation text (.txt or .jsonl); default: built-in held-out split")
+    e.add_argument("--text", help="evaluation text: a built-in corpus' held-out split (pydoc: the default, "
+                   "Python's documentation; prose: The Devil's Dictionary; mixed: both) or a .txt/.jsonl file")
     e.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
@@ -346,6 +357,16 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", help="quantized directory or source")
     i.add_argument("--kernels", action="store_true", help="print the kernel table: what runs natively here")
     i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("export", parents=[common], help="write a quantized model in another tool's format")
+    x.add_argument("model", help="quantized directory")
+    x.add_argument("--to", default="gguf", choices=["gguf", "compressed-tensors", "gptq"], help="gguf: one file "
+                   "llama.cpp runs (4-bit g32 sym -> Q4_0, 8-bit g32 sym -> Q8_0, 4-bit g32 asym -> Q4_1); "
+                   "compressed-tensors: a pack-quantized directory (vLLM, transformers); gptq: a GPTQ "
+                   "checkpoint (one bits/group over the layers)")
+    x.add_argument("-o", "--output", required=True, help="output file (gguf) or directory")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.set_defaults(func=cmd_export)
 
     t = sub.add_parser("tune", parents=[common],
                        help="time the CPU kernels' tile and thread choices on this machine, cache the best")

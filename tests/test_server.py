@@ -19,7 +19,7 @@ NAME = "tiny-w4"
 @pytest.fixture
 def server(tiny_quantized_dir):
     model = lowbit.load(tiny_quantized_dir)
-    app = create_app(model.session(max_context=256), NAME)
+    app = create_app(model.session(max_context=256, parallel=4), NAME)
     running = Running(app)
     running.model, running.app = model, app
     yield running
@@ -82,8 +82,10 @@ def test_sampling_parameters_and_stop(client):
     (dict(temperature=-1), "temperature", "invalid_value"),
     (dict(top_p=0), "top_p", "invalid_value"),
     (dict(max_tokens=0), "max_tokens", "invalid_value"),
-    (dict(n=2), "n", "unsupported"),
-    (dict(logprobs=3), "logprobs", "unsupported"),
+    (dict(n=5), "n", "kv_budget_exceeded"),  # 4 slots
+    (dict(logprobs=21), "logprobs", "invalid_value"),
+    (dict(echo=True, stream=True), "echo", "unsupported"),
+    (dict(extra_body={"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools", "unsupported"),
     (dict(extra_body={"top_k": "many"}), "top_k", "invalid_value"),
     (dict(stop=[1, 2]), "stop", "invalid_value"),
 ])
@@ -140,7 +142,7 @@ def _load_module():
 
 
 def test_32_concurrent_streaming_clients(server):
-    r = _load_module().run_load(server.url, NAME, clients=32, max_tokens=16, timeout=120)
+    r = _load_module().run_load(server.url, NAME, clients=32, max_tokens=16, timeout=120, prompt_words=12)
     print(json.dumps({k: v for k, v in r.items() if k != "errors"}))
     assert r["completed"] == 32 and r["failed"] == 0, r["errors"]
     assert r["latency_p99_s"] >= r["latency_p50_s"] > 0

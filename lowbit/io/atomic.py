@@ -92,6 +92,37 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
             raise
 
 
+@contextmanager
+def atomic_file(out: str | Path, overwrite: bool = False):
+    """Yield a temporary file path beside `out` (one file, e.g. a GGUF); on success it becomes `out`
+    in one rename. An existing `out` is replaced only with `overwrite`."""
+    out = Path(out).absolute()
+    with output_lock(out):
+        if out.is_dir() or (out.exists() and not overwrite):
+            raise LowbitError(f"output {out} exists" + ("" if out.is_dir() else " (pass --overwrite to replace it)"))
+        remove_stale(out)
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent)
+            os.close(fd)
+        except OSError as e:
+            raise _write_error(out, e) from None
+        tmp = Path(name)
+        try:
+            yield tmp
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o666 & ~umask)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(out, e) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
 def dir_size(path: str | Path) -> int:
     """Bytes of all files under `path`."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

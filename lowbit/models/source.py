@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from ..errors import LowbitError
-from ..io import check_dimensions, check_gguf, check_safetensors, header_tensors, is_lowbit_dir, load, read_config, write_model_dir
+from ..io import (check_dimensions, check_gguf, check_safetensors, header_tensors, import_gguf,
+                  is_compressed_tensors_dir, is_gptq_dir, is_lowbit_dir, load, load_compressed_tensors, load_gptq,
+                  read_config, write_model_dir)
 from .default import NAME as DEFAULT, converted_dir, default_gguf
 from .lazy import LazyBlocks, StreamedSource, load_lazy
 
@@ -139,8 +141,20 @@ def load_reference(source: str):
 
 
 def load_any(spec: str | os.PathLike | None, dtype: torch.dtype = torch.float32) -> Loaded:
-    """A lowbit directory, or any source accepted by `load_source`."""
+    """A lowbit directory, a compressed-tensors pack-quantized directory (io/compressed_tensors.py), a
+    GPTQ or AWQ checkpoint (io/gptq.py), or
+    any source accepted by `load_source` (a .gguf file's Q4_0 and Q8_0 layers imported as quantized
+    layers: io/gguf_read.py)."""
     if spec is not None and str(spec) != DEFAULT and is_lowbit_dir(spec):
         model, tokenizer, quantization = load(spec)
         return Loaded(model, tokenizer, str(Path(spec).absolute()), quantization)
-    return load_source(spec, dtype)
+    if spec is not None and str(spec) != DEFAULT and is_compressed_tensors_dir(spec):
+        model, tokenizer, quantization = load_compressed_tensors(spec)
+        return Loaded(model, tokenizer, quantization["source"], quantization)
+    if spec is not None and str(spec) != DEFAULT and is_gptq_dir(spec):
+        model, tokenizer, quantization = load_gptq(spec)
+        return Loaded(model, tokenizer, quantization["source"], quantization)
+    loaded = load_source(spec, dtype)
+    if loaded.source.endswith(".gguf"):  # its Q4_0/Q8_0 layers run as the file's own blocks
+        loaded.quantization = import_gguf(Path(loaded.source), loaded.model)
+    return loaded

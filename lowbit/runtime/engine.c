@@ -8,6 +8,13 @@
    fp16 or bf16. Parallel work (attention over heads, fp GEMV over rows) runs on the kernel library's
    own thread pool (`lb_parallel`), so the process keeps one set of threads.
    
+   Batched steps: the KV cache holds `slots` sequences ([slot][layer][kv head][max_ctx][hd], mapped
+   lazily). One step takes segments {slot, pos0, n, want}: n tokens of one sequence at positions
+   pos0.., several sequences side by side (decode: n = 1 each; a prefill chunk: n > 1). Every linear
+   runs once over all the step's tokens (m rows: one pass over the weights for the whole batch), while
+   RoPE, the KV writes and attention use each token's own slot and position. Rows within float
+   rounding of running each sequence alone: a row's dot products do not depend on the other rows.
+
    Layer semantics, all taken from the HF model by engine.py: norms IN (before attention), ATTN_OUT
    (Gemma's sandwich norm after attention, optional), FFN_IN (before the MLP), FFN_OUT (optional), QN/KN
    (per-head QK-norm, optional); fused qkv / gate_up projections write one [m, q|k|v] row per token. */
@@ -32,7 +39,7 @@ typedef void (*lb_par)(lb_task fn, void *arg, int want);
 enum { Q, K, V, O, GATE, UP, DOWN, NLIN };            /* fused: Q = qkv, GATE = gate_up; K/V/UP unused */
 enum { IN, ATTN_OUT, FFN_IN, FFN_OUT, QN, KN, NNORM };
 enum { ACT_SILU, ACT_GELU_TANH, ACT_GELU };
-enum { DT_F32, DT_F16, DT_BF16 };
+enum { DT_F32, DT_F16, DT_BF16, DT_I8 };  /* DT_I8: KV cache only, a scale per (token, kv head) */
 enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, NPROF };
 #define PREFILL_MIN_TOKENS 4  /* chunks from this size run the blocked prefill attention */
 #define MIN_PAR_WORK (1 << 18)  /* multiply-adds below which waking the pool costs more than it saves */
@@ -46,6 +53,11 @@ static inline v8 ldh8(const _Float16 *p) { return (v8)_mm256_cvtph_ps(_mm_loadu_
 #else
 static inline v8 ldh8(const _Float16 *p) { v8 v; for (int i = 0; i < 8; i++) v[i] = (float)p[i]; return v; }
 #endif
+static inline v8 ldc8(const int8_t *p) {
+    typedef int8_t v8c __attribute__((vector_size(8)));
+    v8c c; memcpy(&c, p, 8);
+    return __builtin_convertvector(__builtin_convertvector(c, v8i), v8);
+}
 static inline v8 ldb8(const uint16_t *p) { v8u h; memcpy(&h, p, 16); return (v8)(__builtin_convertvector(h, v8i) << 16); }
 static inline float hsum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -99,12 +111,14 @@ typedef struct {
 } eng_layer;
 
 typedef struct {
-    int layers, hidden, heads, kvh, hd, inter, vocab, max_ctx, half, act, kvdt, chunk, threads, max_threads;
+    int layers, hidden, heads, kvh, hd, inter, vocab, max_ctx, half, act, kvdt, chunk, threads, max_threads, slots;
     float embed_scale, final_cap;
     const float *embed;
     eng_lin head; const float *final_norm; float final_eps;
     const float *cos[2], *sin[2];   /* [max_ctx][half] per RoPE table (Gemma 3: local and global) */
-    char *kc, *vc; size_t kv_bytes; /* [layer][kv head][max_ctx][hd] */
+    char *kc, *vc; size_t kv_bytes; /* [slot][layer][kv head][max_ctx][hd] */
+    float *ksc, *vsc; size_t sc_bytes; /* int8 cache: [slot][layer][kv head][max_ctx] scales (absmax / 127) */
+    int *tslot, *tpos, *small;      /* per token of the step: its slot, its position; decode-attention rows */
     float *kv32; size_t kv32_bytes; /* prefill: one layer's K panels, then fp16/bf16 V as fp32 (kv_widen) */
     eng_layer *L;
     lb_par par;
@@ -204,15 +218,15 @@ static void gated(int act, const float *g, const float *u, int n, float *out) {
 }
 
 /* ---------- attention over the KV cache ---------- */
-typedef struct { eng *E; int layer, m, pos0; const float *q; int ldq; float *out; } att_job;
+typedef struct { eng *E; int layer, m; const int *rows; const float *q; int ldq; float *out; } att_job;
 
 #define KTILE 16  /* keys per Q·K^T tile */
 
 /* One token's `nh` query heads (one KV group: they share every K and V row, converted to fp32 once)
    at position p against cached positions [lo, p]; sc holds nh rows of max_ctx scores. */
 #define ATTEND(NAME, T, LD8, LD1, COPY)                                                             \
-static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int p, const float *q, \
-                 int nh, float *out, float *sc) {                                                   \
+static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, const float *ks,       \
+                 const float *vs, int p, const float *q, int nh, float *out, float *sc) {           \
     int hd = E->hd, lo = Y->window > 0 && p - Y->window + 1 > 0 ? p - Y->window + 1 : 0, len = p - lo + 1; \
     float tile[KTILE * hd], sum[nh];                                                                \
     for (int t0 = 0; t0 < len; t0 += KTILE) {  /* Q·K^T: KTILE keys converted once, 4 dots at a time */ \
@@ -223,6 +237,7 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int
             int c = 0;                                                                              \
             for (; c + 8 <= nt * hd; c += 8) st8(tile + c, LD8(kr + c));                            \
             for (; c < nt * hd; c++) tile[c] = LD1(kr[c]);                                          \
+            if (ks) for (int j = 0; j < nt; j++) for (int d = 0; d < hd; d++) tile[j * hd + d] *= ks[lo + t0 + j]; \
         } else kt = (const float *)kr;                                                              \
         for (int h = 0; h < nh; h++) {                                                              \
             const float *qh = q + (size_t)h * hd; float *sh = sc + (size_t)h * E->max_ctx + t0;     \
@@ -250,6 +265,7 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int
         sum[h] = 0;                                                                                 \
         for (t = 0; t + 8 <= len; t += 8) { v8 e = exp8(ld8(sh + t) - mx); st8(sh + t, e); sum[h] += hsum8(e); } \
         for (; t < len; t++) { sh[t] = expf(sh[t] - mx); sum[h] += sh[t]; }                         \
+        if (vs) for (t = 0; t < len; t++) sh[t] *= vs[lo + t];  /* int8 V: each row's scale */     \
     }                                                                                               \
     for (int h = 0; h < nh; h++) {  /* P·V, 32 output dims at a time in registers */              \
         const float *sh = sc + (size_t)h * E->max_ctx; float *o = out + (size_t)h * hd, inv = 1.0f / sum[h]; \
@@ -274,8 +290,15 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, int
 ATTEND(attend_f32, float, ld8, F1, 0)
 ATTEND(attend_f16, _Float16, ldh8, H1, 1)
 ATTEND(attend_bf16, uint16_t, ldb8, bf2f, 1)
+#define C1(v) ((float)(v))
+ATTEND(attend_i8, int8_t, ldc8, C1, 1)
 
-static size_t kv_elt(int dt) { return dt == DT_F32 ? 4 : 2; }
+static size_t kv_elt(int dt) { return dt == DT_F32 ? 4 : dt == DT_I8 ? 1 : 2; }
+
+/* element offset of (slot, layer, kv head g, position 0) in a K or V cache */
+static size_t kv_off(const eng *E, int slot, int layer, int g) {
+    return (((size_t)slot * E->layers + layer) * E->kvh + g) * E->max_ctx * E->hd;
+}
 
 static void att_task(void *p, int tid, int nthr) {
     const att_job *J = p; const eng *E = J->E; const eng_layer *Y = &E->L[J->layer];
@@ -284,13 +307,19 @@ static void att_task(void *p, int tid, int nthr) {
     int items = J->m * E->kvh, hd = E->hd, grp = E->heads / E->kvh;
     float *sc = E->scores + (size_t)tid * E->scores_per_thread;
     for (int it = tid; it < items; it += nt) {  /* interleaved: later tokens attend to more positions */
-        int i = it / E->kvh, g = it % E->kvh;
-        size_t off = ((size_t)J->layer * E->kvh + g) * E->max_ctx * hd * kv_elt(E->kvdt);
+        int i = J->rows[it / E->kvh], g = it % E->kvh;
+        size_t off = kv_off(E, E->tslot[i], J->layer, g) * kv_elt(E->kvdt);
         const float *q = J->q + (size_t)i * J->ldq + (size_t)g * grp * hd;
         float *out = J->out + ((size_t)i * E->heads + (size_t)g * grp) * hd;
-        if (E->kvdt == DT_F32) attend_f32(E, Y, (const float *)(E->kc + off), (const float *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
-        else if (E->kvdt == DT_F16) attend_f16(E, Y, (const _Float16 *)(E->kc + off), (const _Float16 *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
-        else attend_bf16(E, Y, (const uint16_t *)(E->kc + off), (const uint16_t *)(E->vc + off), J->pos0 + i, q, grp, out, sc);
+        int p = E->tpos[i];
+        const char *kb = E->kc + off, *vb = E->vc + off;
+        if (E->kvdt == DT_F32) attend_f32(E, Y, (const float *)kb, (const float *)vb, NULL, NULL, p, q, grp, out, sc);
+        else if (E->kvdt == DT_F16) attend_f16(E, Y, (const _Float16 *)kb, (const _Float16 *)vb, NULL, NULL, p, q, grp, out, sc);
+        else if (E->kvdt == DT_BF16) attend_bf16(E, Y, (const uint16_t *)kb, (const uint16_t *)vb, NULL, NULL, p, q, grp, out, sc);
+        else {
+            size_t row = kv_off(E, E->tslot[i], J->layer, g) / hd;
+            attend_i8(E, Y, (const int8_t *)kb, (const int8_t *)vb, E->ksc + row, E->vsc + row, p, q, grp, out, sc);
+        }
     }
 }
 
@@ -309,10 +338,18 @@ static int pf_tokens(int grp) { return grp >= 12 ? 1 : 12 / grp; }
 static int pf_rows(int grp) { int r = pf_tokens(grp) * grp; return (r + SROWS - 1) / SROWS * SROWS; }
 static int ctx_pad(int n) { return (n + KP - 1) / KP * KP; }
 
-/* cnt cached values from element `off` of a K or V cache (`base`, E->kvdt) to fp32 in dst */
-static void kv_to_f32(const eng *E, const char *base, size_t off, size_t cnt, float *dst) {
+/* cnt cached values (whole rows) from element `off` of a K or V cache (`base`, E->kvdt; `scales`:
+   its int8 row scales) to fp32 in dst */
+static void kv_to_f32(const eng *E, const char *base, const float *scales, size_t off, size_t cnt, float *dst) {
     size_t c = 0;
     if (E->kvdt == DT_F32) memcpy(dst, (const float *)base + off, sizeof(float) * cnt);
+    else if (E->kvdt == DT_I8) {
+        const int8_t *src = (const int8_t *)base + off;
+        for (; c < cnt; c += E->hd) {
+            float s = scales[(off + c) / E->hd];
+            for (int d = 0; d < E->hd; d++) dst[c + d] = src[c + d] * s;
+        }
+    }
     else if (E->kvdt == DT_F16) {
         const _Float16 *src = (const _Float16 *)base + off;
         for (; c + 8 <= cnt; c += 8) st8(dst + c, ldh8(src + c));
@@ -323,23 +360,23 @@ static void kv_to_f32(const eng *E, const char *base, size_t off, size_t cnt, fl
     }
 }
 
-static void kv_widen(const eng *E, int layer, int n) {
+static void kv_widen(const eng *E, int slot, int layer, int n) {
     int hd = E->hd;
     size_t row = (size_t)E->max_ctx * hd, pan = (size_t)ctx_pad(E->max_ctx) * hd;
     float k[hd];
     for (int g = 0; g < E->kvh; g++) {
-        size_t off = ((size_t)layer * E->kvh + g) * row;
+        size_t off = kv_off(E, slot, layer, g);
         float *kp = E->kv32 + (size_t)g * pan;
         for (int t = 0; t < ctx_pad(n); t++) {  /* the last panel's missing keys are 0 */
-            if (t < n) kv_to_f32(E, E->kc, off + (size_t)t * hd, hd, k);
+            if (t < n) kv_to_f32(E, E->kc, E->ksc, off + (size_t)t * hd, hd, k);
             else memset(k, 0, sizeof k);
             for (int d = 0; d < hd; d++) kp[((size_t)(t / KP) * hd + d) * KP + t % KP] = k[d];
         }
-        if (E->kvdt != DT_F32) kv_to_f32(E, E->vc, off, (size_t)n * hd, E->kv32 + (size_t)E->kvh * pan + (size_t)g * row);
+        if (E->kvdt != DT_F32) kv_to_f32(E, E->vc, E->vsc, off, (size_t)n * hd, E->kv32 + (size_t)E->kvh * pan + (size_t)g * row);
     }
 }
 
-typedef struct { eng *E; int layer, m, pos0, nqb; const float *q; int ldq; float *out; int next; } pf_job;
+typedef struct { eng *E; int layer, slot, m, pos0, nqb; const float *q; int ldq; float *out; int next; } pf_job;
 
 /* sc[r][0, KP * npan) = Q rows r (qb: [R][hd], R a multiple of SROWS) · K panels [0, npan) */
 static void pf_scores(const float *qb, int R, const float *kp, int hd, int npan, float *sc, int lds) {
@@ -438,7 +475,7 @@ static void pf_task(void *p, int tid, int nthr) {
             inv[r] = r < rows ? pf_softmax(Y, sc + (size_t)r * lds, lo[r], hi[r], npan * KP) : 0;
         }
         const float *v = E->kvdt == DT_F32
-            ? (const float *)E->vc + ((size_t)J->layer * E->kvh + g) * E->max_ctx * hd
+            ? (const float *)E->vc + kv_off(E, J->slot, J->layer, g)
             : E->kv32 + (size_t)E->kvh * pan + (size_t)g * E->max_ctx * hd;
         for (int r0 = 0; r0 < rows; r0 += VROWS) {
             float *o[VROWS];
@@ -452,23 +489,44 @@ static void pf_task(void *p, int tid, int nthr) {
     }
 }
 
-static void attention(eng *E, int l, int m, int pos0, const float *q, int ldq) {
-    long work = (long)m * E->heads * (pos0 + m) * E->hd;
-    int nt = work >= MIN_PAR_WORK ? E->threads : 1;
-    if (m < PREFILL_MIN_TOKENS) {
-        att_job J = {E, l, m, pos0, q, ldq, E->att};
-        E->par(att_task, &J, nt);
-        return;
+/* segs: nseg x {slot, pos0, n, want}, their tokens in order as the step's rows. Short segments (decode
+   tokens) attend together in one parallel pass; each longer one (a prefill chunk) runs the blocked path. */
+static void attention(eng *E, int l, const int *segs, int nseg, const float *q, int ldq) {
+    int nsmall = 0, row = 0;
+    long work = 0;
+    for (int s = 0; s < nseg; row += segs[4 * s + 2], s++) {
+        int pos0 = segs[4 * s + 1], n = segs[4 * s + 2];
+        if (n >= PREFILL_MIN_TOKENS) continue;
+        for (int i = 0; i < n; i++) E->small[nsmall++] = row + i;
+        work += (long)n * E->heads * (pos0 + n) * E->hd;
     }
-    kv_widen(E, l, pos0 + m);
-    int qt = pf_tokens(E->heads / E->kvh);
-    pf_job J = {E, l, m, pos0, (m + qt - 1) / qt, q, ldq, E->att, 0};
-    E->par(pf_task, &J, nt);
+    if (nsmall) {
+        att_job J = {E, l, nsmall, E->small, q, ldq, E->att};
+        E->par(att_task, &J, work >= MIN_PAR_WORK ? E->threads : 1);
+    }
+    row = 0;
+    for (int s = 0; s < nseg; row += segs[4 * s + 2], s++) {
+        int slot = segs[4 * s], pos0 = segs[4 * s + 1], m = segs[4 * s + 2];
+        if (m < PREFILL_MIN_TOKENS) continue;
+        kv_widen(E, slot, l, pos0 + m);
+        int qt = pf_tokens(E->heads / E->kvh);
+        pf_job J = {E, l, slot, m, pos0, (m + qt - 1) / qt, q + (size_t)row * ldq, ldq,
+                    E->att + (size_t)row * E->heads * E->hd, 0};
+        work = (long)m * E->heads * (pos0 + m) * E->hd;
+        E->par(pf_task, &J, work >= MIN_PAR_WORK ? E->threads : 1);
+    }
 }
 
-static void kv_store(const eng *E, char *base, int layer, int g, int pos, const float *v) {
-    size_t idx = (((size_t)layer * E->kvh + g) * E->max_ctx + pos) * E->hd;
+static void kv_store(const eng *E, char *base, float *scales, int slot, int layer, int g, int pos, const float *v) {
+    size_t idx = kv_off(E, slot, layer, g) + (size_t)pos * E->hd;
     if (E->kvdt == DT_F32) memcpy((float *)base + idx, v, sizeof(float) * E->hd);
+    else if (E->kvdt == DT_I8) {  /* symmetric, one scale per row: absmax / 127 */
+        float amax = 0;
+        for (int d = 0; d < E->hd; d++) amax = fabsf(v[d]) > amax ? fabsf(v[d]) : amax;
+        float s = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0;
+        scales[idx / E->hd] = s;
+        for (int d = 0; d < E->hd; d++) ((int8_t *)base)[idx + d] = (int8_t)lrintf(v[d] * inv);
+    }
     else if (E->kvdt == DT_F16) {
         int d = 0;
 #ifdef __F16C__
@@ -488,7 +546,7 @@ static void norm_rows(const eng_layer *Y, int slot, float *x, int m, int n, floa
     for (int i = 0; i < m; i++) rmsnorm(x + (size_t)i * n, Y->norm[slot], Y->eps[slot], n, y + (size_t)i * n);
 }
 
-static void layer_forward(eng *E, int l, int m, int pos0) {
+static void layer_forward(eng *E, int l, int m, const int *segs, int nseg) {
     eng_layer *Y = &E->L[l];
     int H = E->hidden, hd = E->hd, nq = E->heads * hd, nk = E->kvh * hd, I = E->inter;
     TIC;
@@ -507,7 +565,7 @@ static void layer_forward(eng *E, int l, int m, int pos0) {
     TOC(P_QKV);
     const float *cs = E->cos[Y->rope], *sn = E->sin[Y->rope];
     for (int i = 0; i < m; i++) {
-        int p = pos0 + i;
+        int p = E->tpos[i];
         for (int h = 0; h < E->heads; h++) {
             float *qh = q + (size_t)i * ldq + (size_t)h * hd;
             if (Y->norm[QN]) rmsnorm(qh, Y->norm[QN], Y->eps[QN], hd, qh);
@@ -517,12 +575,12 @@ static void layer_forward(eng *E, int l, int m, int pos0) {
             float *kh = k + (size_t)i * ldk + (size_t)g * hd;
             if (Y->norm[KN]) rmsnorm(kh, Y->norm[KN], Y->eps[KN], hd, kh);
             rope(kh, cs + (size_t)p * E->half, sn + (size_t)p * E->half, E->half);
-            kv_store(E, E->kc, l, g, p, kh);
-            kv_store(E, E->vc, l, g, p, v + (size_t)i * ldk + (size_t)g * hd);
+            kv_store(E, E->kc, E->ksc, E->tslot[i], l, g, p, kh);
+            kv_store(E, E->vc, E->vsc, E->tslot[i], l, g, p, v + (size_t)i * ldk + (size_t)g * hd);
         }
     }
     TOC(P_ROPE);
-    attention(E, l, m, pos0, q, ldq);
+    attention(E, l, segs, nseg, q, ldq);
     TOC(P_ATTN);
     linear(E, &Y->lin[O], E->att, m, E->o);
     if (Y->norm[ATTN_OUT]) norm_rows(Y, ATTN_OUT, E->o, m, H, E->o);
@@ -548,30 +606,73 @@ static void layer_forward(eng *E, int l, int m, int pos0) {
     TOC(P_DOWN);
 }
 
-/* Append n tokens at positions pos0.. (the caller checked pos0 + n <= max_ctx); logits of the last
-   (when `logits` is not NULL), and every position's final-normed hidden state [n][hidden] (when
-   `states` is not NULL: evaluation applies the output head to all of them itself). */
-EX void eng_forward(eng *E, const int32_t *ids, int n, int pos0, float *logits, float *states) {
-    int H = E->hidden;
-    for (int c0 = 0; c0 < n; c0 += E->chunk) {
-        int m = n - c0 < E->chunk ? n - c0 : E->chunk;
-        for (int i = 0; i < m; i++) {
-            const float *row = E->embed + (size_t)ids[c0 + i] * H;
-            for (int j = 0; j < H; j++) E->x[(size_t)i * H + j] = row[j] * E->embed_scale;
+/* One step over segs (nseg x {slot, pos0, n, want}; their tokens `ids` in order, m in all, m <= chunk).
+   logits: a row per segment with want 1 (its last token) and per token of a segment with want 2, in
+   segment order; states: every token's final-normed hidden state [m][hidden] (when not NULL). */
+static void step(eng *E, const int32_t *ids, const int *segs, int nseg, float *logits, float *states) {
+    int H = E->hidden, m = 0;
+    for (int s = 0; s < nseg; s++)
+        for (int j = 0; j < segs[4 * s + 2]; j++, m++) {
+            E->tslot[m] = segs[4 * s]; E->tpos[m] = segs[4 * s + 1] + j;
+            const float *row = E->embed + (size_t)ids[m] * H;
+            for (int c = 0; c < H; c++) E->x[(size_t)m * H + c] = row[c] * E->embed_scale;
         }
-        for (int l = 0; l < E->layers; l++) layer_forward(E, l, m, pos0 + c0);
-        if (states)
-            for (int i = 0; i < m; i++)
-                rmsnorm(E->x + (size_t)i * H, E->final_norm, E->final_eps, H, states + (size_t)(c0 + i) * H);
-        if (logits && c0 + m == n) {
-            TIC;
-            rmsnorm(E->x + (size_t)(m - 1) * H, E->final_norm, E->final_eps, H, E->t);
-            linear(E, &E->head, E->t, 1, logits);
-            if (E->final_cap > 0)
-                for (int j = 0; j < E->vocab; j++) logits[j] = tanhf(logits[j] / E->final_cap) * E->final_cap;
-            TOC(P_HEAD);
-        }
+    for (int l = 0; l < E->layers; l++) layer_forward(E, l, m, segs, nseg);
+    if (states)
+        for (int i = 0; i < m; i++) rmsnorm(E->x + (size_t)i * H, E->final_norm, E->final_eps, H, states + (size_t)i * H);
+    if (!logits) return;
+    TIC;
+    int rows = 0, row = 0;
+    for (int s = 0; s < nseg; row += segs[4 * s + 2], s++) {
+        int n = segs[4 * s + 2], want = segs[4 * s + 3];
+        for (int i = want == 2 ? 0 : want == 1 ? n - 1 : n; i < n; i++, rows++)
+            rmsnorm(E->x + (size_t)(row + i) * H, E->final_norm, E->final_eps, H, E->t + (size_t)rows * H);
     }
+    if (rows) linear(E, &E->head, E->t, rows, logits);
+    if (E->final_cap > 0)
+        for (size_t j = 0; j < (size_t)rows * E->vocab; j++) logits[j] = tanhf(logits[j] / E->final_cap) * E->final_cap;
+    TOC(P_HEAD);
+}
+
+/* Append n tokens to slot 0 at positions pos0.. (the caller checked pos0 + n <= max_ctx); logits of
+   the last (when `logits` is not NULL), and every position's final-normed hidden state [n][hidden]
+   (when `states` is not NULL: evaluation applies the output head to all of them itself). */
+EX void eng_forward(eng *E, const int32_t *ids, int n, int pos0, float *logits, float *states) {
+    for (int c0 = 0; c0 < n; c0 += E->chunk) {
+        int m = n - c0 < E->chunk ? n - c0 : E->chunk, last = c0 + m == n && logits;
+        int seg[4] = {0, pos0 + c0, m, last};
+        step(E, ids + c0, seg, 1, last ? logits : NULL, states ? states + (size_t)c0 * E->hidden : NULL);
+    }
+}
+
+/* One batched step (see step); returns 0, or -1 (nothing run) for segments out of range. */
+EX int eng_step(eng *E, const int32_t *ids, const int *segs, int nseg, float *logits) {
+    int m = 0;
+    for (int s = 0; s < nseg; s++) {
+        int slot = segs[4 * s], pos0 = segs[4 * s + 1], n = segs[4 * s + 2], want = segs[4 * s + 3];
+        if (slot < 0 || slot >= E->slots || pos0 < 0 || n < 1 || pos0 + n > E->max_ctx || want < 0 || want > 2) return -1;
+        for (int t = 0; t < n; t++) if (ids[m + t] < 0 || ids[m + t] >= E->vocab) return -1;
+        m += n;
+    }
+    if (nseg < 1 || m > E->chunk) return -1;
+    step(E, ids, segs, nseg, logits, NULL);
+    return 0;
+}
+
+/* Copy positions [0, n) of slot src's keys and values into slot dst (a shared prefix, n > 1 choices). */
+EX void eng_copy(eng *E, int src, int dst, int n) {
+    size_t bytes = (size_t)n * E->hd * kv_elt(E->kvdt);
+    for (int l = 0; l < E->layers; l++)
+        for (int g = 0; g < E->kvh; g++) {
+            size_t from = kv_off(E, src, l, g) * kv_elt(E->kvdt), to = kv_off(E, dst, l, g) * kv_elt(E->kvdt);
+            memcpy(E->kc + to, E->kc + from, bytes);
+            memcpy(E->vc + to, E->vc + from, bytes);
+            if (E->kvdt == DT_I8) {
+                size_t a = kv_off(E, src, l, g) / E->hd, b = kv_off(E, dst, l, g) / E->hd;
+                memcpy(E->ksc + b, E->ksc + a, sizeof(float) * n);
+                memcpy(E->vsc + b, E->vsc + a, sizeof(float) * n);
+            }
+        }
 }
 
 /* ---------- building ---------- */
@@ -592,22 +693,29 @@ EX void eng_free(eng *E) {
     if (!E) return;
     if (E->kc) munmap(E->kc, E->kv_bytes);
     if (E->vc) munmap(E->vc, E->kv_bytes);
+    if (E->ksc) munmap(E->ksc, E->sc_bytes);
+    if (E->vsc) munmap(E->vsc, E->sc_bytes);
     if (E->kv32) munmap(E->kv32, E->kv32_bytes);
     free(E->L); free(E->x); free(E->t); free(E->qkv); free(E->att); free(E->o); free(E->gu); free(E->pad);
-    free(E->scores); free(E);
+    free(E->scores); free(E->tslot); free(E->tpos); free(E->small); free(E);
 }
 
 EX eng *eng_new(int layers, int hidden, int heads, int kvh, int hd, int inter, int vocab, int max_ctx,
-                int half, int act, int kvdt, int chunk, int max_kp, int max_threads, float embed_scale,
+                int half, int act, int kvdt, int chunk, int max_kp, int max_threads, int slots, float embed_scale,
                 float final_cap, const float *embed, void *par) {
     eng *E = calloc(1, sizeof(eng));
     if (!E) return NULL;
     *E = (eng){.layers = layers, .hidden = hidden, .heads = heads, .kvh = kvh, .hd = hd, .inter = inter,
                .vocab = vocab, .max_ctx = max_ctx, .half = half, .act = act, .kvdt = kvdt, .chunk = chunk,
-               .threads = 1, .max_threads = max_threads, .embed_scale = embed_scale, .final_cap = final_cap, .embed = embed, .par = (lb_par)par};
+               .threads = 1, .max_threads = max_threads, .slots = slots, .embed_scale = embed_scale, .final_cap = final_cap, .embed = embed, .par = (lb_par)par};
     E->L = calloc(layers, sizeof(eng_layer));
-    E->kv_bytes = (size_t)layers * kvh * max_ctx * hd * kv_elt(kvdt);
+    E->kv_bytes = (size_t)slots * layers * kvh * max_ctx * hd * kv_elt(kvdt);
     E->kc = huge_alloc(E->kv_bytes); E->vc = huge_alloc(E->kv_bytes);
+    if (kvdt == DT_I8) {
+        E->sc_bytes = sizeof(float) * slots * layers * kvh * max_ctx;
+        E->ksc = huge_alloc(E->sc_bytes); E->vsc = huge_alloc(E->sc_bytes);
+        if (!E->ksc || !E->vsc) { eng_free(E); return NULL; }
+    }
     E->kv32_bytes = sizeof(float) * kvh * hd * ((size_t)ctx_pad(max_ctx) + (kvdt == DT_F32 ? 0 : max_ctx));
     E->kv32 = huge_alloc(E->kv32_bytes);  /* touched lazily */
     size_t nq = (size_t)heads * hd, nk = (size_t)kvh * hd, big = hidden > inter ? hidden : inter;
@@ -620,7 +728,8 @@ EX eng *eng_new(int layers, int hidden, int heads, int kvh, int hd, int inter, i
     E->pad = malloc(sizeof(float) * chunk * max_kp);
     E->scores_per_thread = (size_t)pf_rows(heads / kvh) * (hd + ctx_pad(max_ctx));  /* >= grp x max_ctx */
     E->scores = malloc(sizeof(float) * max_threads * E->scores_per_thread);
-    if (!E->L || !E->kc || !E->vc || !E->kv32 || !E->x || !E->t || !E->qkv || !E->att || !E->o || !E->gu || !E->pad || !E->scores) {
+    E->tslot = malloc(sizeof(int) * chunk); E->tpos = malloc(sizeof(int) * chunk); E->small = malloc(sizeof(int) * chunk);
+    if (!E->tslot || !E->tpos || !E->small || !E->L || !E->kc || !E->vc || !E->kv32 || !E->x || !E->t || !E->qkv || !E->att || !E->o || !E->gu || !E->pad || !E->scores) {
         eng_free(E);
         return NULL;
     }

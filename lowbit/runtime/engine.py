@@ -11,6 +11,12 @@ generated kernels; fp linears (the tied head of SmolLM2) are kept in fp16 (bf16 
 range). Every weight the engine streams per token is copied once into one transparent-huge-page
 mapping (≈2× the effective bandwidth of 4 KiB pages on the development VM).
 
+Batched decoding: with `slots=B` the KV cache holds B sequences, and `Engine.step` advances any of
+them together (each at its own position; a prefill chunk of one beside the decode tokens of the
+others): the quantized linears run once over all the step's tokens, so B decode tokens read the
+weights once instead of B times, the reason a bandwidth-bound CPU serves many users at little more
+than the cost of one. `forward`/`truncate` (the single-sequence Decoder) use slot 0.
+
 Other architectures raise LowbitError, and the caller runs the model through the universal path
 (QuantLinear inside the HF model).
 """
@@ -20,9 +26,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import inspect
+import os
 import threading
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,15 +45,18 @@ from ..kernels.cpu import threads as cpu_threads
 from ..nn import QuantEmbedding, QuantLinear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 _KV_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+KV_CACHE_TYPES = ("fp16", "bf16", "fp32", "int8")
 Q, K, V, O, GATE, UP, DOWN = range(7)
 IN, ATTN_OUT, FFN_IN, FFN_OUT, QN, KN = range(6)
 DT_F16, DT_BF16 = 1, 2
 SCRATCH_BYTES = 64 << 20  # per-chunk activation buffers: the prefill chunk is sized to fit this
 MAX_CHUNK = 512
 SOURCE = Path(__file__).with_name("engine.c")
+MAX_DEFAULT_SLOTS = 16  # past this many sequences per step, two to sixteen cores gain no more throughput
+KV_MEMORY_SHARE = 0.5  # by default the KV slots take at most this share of the memory available now
 PROFILE_OPS = ("norm", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "act", "down", "head")  # engine.c's P_*
 
 
@@ -54,7 +65,7 @@ def _library(isa: str) -> ctypes.CDLL:
     flags = [*codegen.FLAGS[isa], *([] if "-Wno-psabi" in codegen.FLAGS[isa] else ["-Wno-psabi"])]
     lib = ctypes.CDLL(str(build.compile_source(SOURCE, flags, f"lowbit-engine-{isa}", (codegen.C_DIR,))))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    sig = {"eng_new": ([i] * 14 + [f, f, p, p], p), "eng_free": ([p], None), "eng_arena": ([ctypes.c_size_t], p),
+    sig = {"eng_new": ([i] * 15 + [f, f, p, p], p), "eng_step": ([p, p, p, i, p], i), "eng_copy": ([p, i, i, i], None), "eng_free": ([p], None), "eng_arena": ([ctypes.c_size_t], p),
            "eng_arena_free": ([p, ctypes.c_size_t], None), "eng_forward": ([p, p, i, i, p, p], None),
            "eng_set_linear": ([p, i, i, i, i, i, p, p, p, p, p, i, p], None),
            "eng_set_norm": ([p, i, i, p, f], None), "eng_set_layer": ([p, i, i, i, i, i, f, f], None),
@@ -68,7 +79,7 @@ def _library(isa: str) -> ctypes.CDLL:
 def _kv_dtype(kv_dtype) -> torch.dtype:
     dt = _KV_NAMES.get(kv_dtype, kv_dtype) if isinstance(kv_dtype, str) else kv_dtype
     if dt not in KV_DTYPES:
-        raise LowbitError(f"kv_dtype {kv_dtype!r} is not supported (choose fp32, fp16 or bf16)")
+        raise LowbitError(f"kv_dtype {kv_dtype!r} is not supported (choose {', '.join(KV_CACHE_TYPES)})")
     return dt
 
 
@@ -219,12 +230,24 @@ def _rope_tables(model, layer_types: list[str], max_ctx: int, head_dim: int) -> 
     return tables, {kind: i for i, kind in enumerate(kinds)}
 
 
-class Engine:
-    """A Decoder (runtime/decoder.py) for one sequence, running natively. Build it with load_decoder."""
+class Segment(NamedTuple):
+    """Tokens of one sequence in a batched step: `ids` at positions pos0.. of KV slot `slot`; `want`
+    0: no logits, 1: the last token's, 2: every token's (prompt log-probabilities)."""
+    slot: int
+    pos0: int
+    ids: list[int]
+    want: int = 1
 
-    def __init__(self, lib, handle, keep: list, vocab: int, hidden: int, max_context: int, arena: _Arena):
+
+class Engine:
+    """A Decoder (runtime/decoder.py) running natively: slot 0 through forward/truncate, all `slots`
+    sequences through `step`. Build it with load_decoder."""
+
+    def __init__(self, lib, handle, keep: list, vocab: int, hidden: int, max_context: int, arena: _Arena,
+                 slots: int, chunk: int, kv_bytes_per_slot: int):
         self._lib, self._h, self._keep, self._arena = lib, handle, keep, arena
         self.vocab_size, self.hidden, self.max_context, self.position = vocab, hidden, max_context, 0
+        self.slots, self.max_step_tokens, self.kv_bytes_per_slot = slots, chunk, kv_bytes_per_slot
         self.bytes_per_token = arena.bytes  # every weight a decode step streams lives in the arena
         self._lock = threading.Lock()  # the C call releases the GIL; one sequence, one step at a time
         weakref.finalize(self, _release, lib, handle, arena.ptr, arena.bytes)
@@ -254,6 +277,32 @@ class Engine:
             self.position += n
         return out
 
+    def step(self, segments: list[Segment]) -> torch.Tensor:
+        """Run the segments (distinct slots, at most max_step_tokens tokens in all) as one step;
+        float32 logits [rows, vocab]: a row per segment with want 1, one per token with want 2, in order."""
+        if not segments or len({s.slot for s in segments}) != len(segments):
+            raise LowbitError("a step needs at least one segment and one segment per slot")
+        ids = [int(t) for s in segments for t in s.ids]
+        if len(ids) > self.max_step_tokens:
+            raise LowbitError(f"a step takes at most {self.max_step_tokens} tokens, got {len(ids)}")
+        flat = torch.tensor([v for s in segments for v in (s.slot, s.pos0, len(s.ids), s.want)], dtype=torch.int32)
+        rows = sum(len(s.ids) if s.want == 2 else s.want == 1 for s in segments)
+        out = torch.empty(rows, self.vocab_size, dtype=torch.float32)
+        tokens = torch.tensor(ids, dtype=torch.int32)
+        with self._lock:
+            rc = self._lib.eng_step(self._h, tokens.data_ptr(), flat.data_ptr(), len(segments), out.data_ptr())
+        if rc != 0:
+            raise LowbitError(f"a step's segments are out of range (slots {self.slots}, context {self.max_context}, "
+                              f"vocabulary {self.vocab_size}): {[(s.slot, s.pos0, len(s.ids)) for s in segments]}")
+        return out
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Give slot `dst` the first `n` cached positions of slot `src` (a prefix computed once)."""
+        if not (0 <= src < self.slots and 0 <= dst < self.slots and 0 <= n <= self.max_context):
+            raise LowbitError(f"cannot copy {n} positions from slot {src} to {dst} ({self.slots} slots)")
+        with self._lock:
+            self._lib.eng_copy(self._h, src, dst, n)
+
     def truncate(self, n: int) -> None:
         if not 0 <= n <= self.position:
             raise LowbitError(f"cannot truncate to {n} positions: the cache holds {self.position}")
@@ -271,6 +320,24 @@ def _release(lib, handle, ptr, nbytes):
     lib.eng_arena_free(ptr, nbytes)
 
 
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (Linux's MemAvailable; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def slots_for_memory(kv_bytes_per_slot: int) -> int:
+    """How many KV slots of this size the machine holds by default: KV_MEMORY_SHARE of the memory
+    available now, at least 1, at most MAX_DEFAULT_SLOTS."""
+    return max(1, min(MAX_DEFAULT_SLOTS, int(available_memory() * KV_MEMORY_SHARE) // max(kv_bytes_per_slot, 1)))
+
+
 def _check_supported(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -285,18 +352,19 @@ def _check_supported(model: nn.Module) -> None:
 
 def load_decoder(model: nn.Module, max_context: int | None = None, threads: int | None = None,
                  kv_dtype: torch.dtype | str = torch.float16, head_bits: int | None = None,
-                 int8_activations: bool | None = None) -> Engine:
+                 int8_activations: bool | None = None, slots: int | None = 1) -> Engine:
     """The native engine for a supported HF causal LM whose linears are QuantLinear or nn.Linear.
 
     `max_context`: positions the KV cache holds (default: the model's, at most 4096); the cache is
     mapped lazily, so unused positions cost no memory. `threads`: threads of the kernels' pool
     (process-wide, fixed for this engine; default $LOWBIT_THREADS or the physical cores).
-    `kv_dtype`: fp32, fp16 (default) or bf16 cache. `head_bits`: round an unquantized lm_head to
-    that many bits (round to nearest, symmetric, group 32: UniformQ.from_float) instead of keeping it in fp16; 8 is llama.cpp's choice for Q4_0
+    `kv_dtype`: fp32, fp16 (default), bf16 or int8 cache (int8: a symmetric scale per token and KV
+    head, half of fp16's memory). `head_bits`: round an unquantized lm_head to that many bits (round to nearest, symmetric, group 32: UniformQ.from_float) instead of keeping it in fp16; 8 is llama.cpp's choice for Q4_0
     files (Q8_0 output) and halves the bytes read per token on small models like SmolLM2, at a
     small cost in fidelity. `int8_activations`: decode GEMVs and prefill GEMMs on activations rounded
     to int8 per 32-block, as llama.cpp (Q8_0) and Intel's runtime do (None: the process-wide setting
-    of kernels/switches.py, off by default; exact fp32 activations when off). Raises LowbitError for
+    of kernels/switches.py, off by default; exact fp32 activations when off). `slots`: sequences the
+    KV cache holds for batched steps (`Engine.step`; None: what memory allows, slots_for_memory). Raises LowbitError for
     anything it cannot run.
     """
     _check_supported(model)
@@ -320,6 +388,11 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     max_ctx = int(max_context or min(getattr(config, "max_position_embeddings", 4096) or 4096, 4096))
     if max_ctx < 1:
         raise LowbitError(f"max_context must be positive, got {max_context}")
+    row_bytes = hd * kv.itemsize + (4 if kv == torch.int8 else 0)  # int8 rows carry an fp32 scale
+    kv_bytes = 2 * len(layers) * kvh * max_ctx * row_bytes  # one slot's K and V
+    slots = slots_for_memory(kv_bytes) if slots is None else slots
+    if slots < 1:
+        raise LowbitError(f"slots must be at least 1, got {slots}")
 
     embed_mod = model.get_input_embeddings()
     if isinstance(embed_mod, QuantEmbedding):
@@ -335,18 +408,18 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
         if hasattr(attn, "qkv_proj"):
-            slots = {Q: attn.qkv_proj}
+            projs = {Q: attn.qkv_proj}
         else:
             qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
-            slots = {Q: qkv} if qkv is not None else {Q: attn.q_proj, K: attn.k_proj, V: attn.v_proj}
-        slots[O] = attn.o_proj
+            projs = {Q: qkv} if qkv is not None else {Q: attn.q_proj, K: attn.k_proj, V: attn.v_proj}
+        projs[O] = attn.o_proj
         if hasattr(mlp, "gate_up_proj"):
-            slots[GATE] = mlp.gate_up_proj
+            projs[GATE] = mlp.gate_up_proj
         else:
             gate_up = _fused([mlp.gate_proj, mlp.up_proj])
-            slots.update({GATE: gate_up} if gate_up is not None else {GATE: mlp.gate_proj, UP: mlp.up_proj})
-        slots[DOWN] = mlp.down_proj
-        built = {s: _Linear(m, f"layer {i} slot {s}") for s, m in slots.items()}
+            projs.update({GATE: gate_up} if gate_up is not None else {GATE: mlp.gate_proj, UP: mlp.up_proj})
+        projs[DOWN] = mlp.down_proj
+        built = {s: _Linear(m, f"layer {i} slot {s}") for s, m in projs.items()}
         lins += list(built.values())
         per_layer.append(built)
     head = _Linear(model.lm_head, "lm_head", head_bits)
@@ -367,7 +440,7 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     final_cap = getattr(config, "final_logit_softcapping", None) or 0.0
     par = ctypes.cast(klib.lb_parallel, ctypes.c_void_p).value
     h = lib.eng_new(len(layers), hidden, heads, kvh, hd, inter, head.n, max_ctx, half, act, KV_DTYPES[kv],
-                    chunk, max_kp, max(nthreads, 1), embed_scale, float(final_cap), embed.data_ptr(), par)
+                    chunk, max_kp, max(nthreads, 1), slots, embed_scale, float(final_cap), embed.data_ptr(), par)
     if not h:
         raise LowbitError("could not allocate the engine's KV cache and buffers (out of memory? lower max_context)")
     keep = [embed, tables, lins, head, arena]
@@ -405,4 +478,4 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     except BaseException:
         _release(lib, h, arena.ptr, arena.bytes)
         raise
-    return Engine(lib, h, keep, head.n, hidden, max_ctx, arena)
+    return Engine(lib, h, keep, head.n, hidden, max_ctx, arena, slots, chunk, kv_bytes)

@@ -84,13 +84,16 @@ FAST = {"int8_activations": True, "head_bits": 8}
 
 
 def decoder_for(model, max_context: int | None = None, threads: int | None = None, engine: bool = True,
-                exact: bool = False):
+                exact: bool = False, slots: int | None = 1, kv_cache: str = "fp16"):
     """The native engine's Decoder for `model` when it supports it, else the universal HFDecoder.
-    The engine runs with `FAST` settings unless `exact` (fp32 activations, the head as stored)."""
+    The engine runs with `FAST` settings unless `exact` (fp32 activations, the head as stored) and
+    holds `slots` sequences for batched steps (None: what memory allows) in a `kv_cache` (fp16, bf16,
+    fp32, int8) cache; HFDecoder holds one sequence in the model's own cache."""
     use_threads(threads)
     if engine:
         try:
-            return load_decoder(model, max_context=max_context, threads=threads, **({} if exact else FAST))
+            return load_decoder(model, max_context=max_context, threads=threads, slots=slots, kv_dtype=kv_cache,
+                                **({} if exact else FAST))
         except (AttributeError, LowbitError) as e:
             why = str(e) if isinstance(e, LowbitError) else "not available"
             if why not in _noticed:

@@ -2,6 +2,8 @@
 
 The order is the usual one (HF and llama.cpp agree on it): penalties on the raw logits, then
 temperature, then the truncations (top-k, top-p, min-p), then a draw. Temperature 0 is greedy.
+Log-probabilities reported to clients are the model's own, log_softmax of the raw logits (before
+penalties and temperature), as vLLM reports them: what lm-eval's scoring and a calibration check need.
 """
 
 from __future__ import annotations
@@ -75,6 +77,21 @@ def min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         probs = logits.softmax(-1)
         logits[probs < p * probs.max()] = -float("inf")
     return logits
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float  # log p(token) under the model
+    top: list[tuple[int, float]]  # the most likely tokens at this position, most likely first
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int = 0) -> TokenLogprob:
+    """`token`'s log-probability under `logits` (raw) and the `top` most likely alternatives."""
+    lp = torch.log_softmax(logits.float(), -1)
+    best = torch.topk(lp, top) if top > 0 else None
+    alts = [] if best is None else [(int(i), float(v)) for v, i in zip(best.values, best.indices)]
+    return TokenLogprob(int(token), float(lp[token]), alts)
 
 
 class Sampler:

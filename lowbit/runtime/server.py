@@ -1,10 +1,16 @@
-"""OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming).
+"""OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming),
+/health, /metrics (Prometheus text).
 
-One worker thread owns the Session (the decoder and its cache); requests wait in a bounded FIFO
-queue and run one at a time in arrival order, so every client is served in turn and the cache's
-common prefix (a shared system prompt, the previous chat turn) is reused across requests. A client
-that disconnects, while waiting or while streaming, cancels its job before the next token. Bad
-requests get OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}.
+One scheduler thread (runtime/batching.py) owns the decoder: requests join the running batch at the
+next step while it has free KV slots (`parallel` of them), wait in a bounded FIFO line otherwise (503
+with Retry-After once the line is full), and leave when done, so many clients stream at once and a
+shared prefix (a system prompt, the previous chat turn) is computed once. A client that disconnects,
+while waiting or while streaming, cancels its request and frees its slots at the next step. The
+OpenAI surface: n choices, logprobs / top_logprobs (the model's own log-probabilities), echo with the
+prompt's log-probabilities (what lm-eval's loglikelihood tasks ask for), seed, presence and
+frequency penalties. Bad requests get OpenAI's error JSON: {"error": {"message", "type", "param",
+"code"}}, and a request that cannot fit (n choices beyond the slots, prompt plus max tokens beyond a
+slot's context) is refused before any work.
 
 A request cannot stall the others: its body is read up to a limit (`max_body_bytes`, 413 past it), a
 prompt longer in characters than the context could hold in tokens is refused before tokenizing, and
@@ -19,93 +25,40 @@ import contextlib
 import copy
 import functools
 import json
-import queue
 import socket
 import sys
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import LowbitError
-from .sampling import SamplingParams
+from . import batching
+from .sampling import SamplingParams, TokenLogprob
 from .session import Completion, Session
 
 DISCONNECT_POLL_S = 0.25
 MAX_BODY_BYTES = 2 << 20  # default request-body limit: a full 128k-token context is ~0.5 MB of text
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+RETRY_AFTER_S = 1  # what a 503 (line full) tells the client to wait
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-@dataclass
-class Job:
-    prompt: list[int]
-    max_tokens: int
-    sampling: SamplingParams
-    stop: list[str]
-    stream: bool
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    def push(self, kind: str, value) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            self.cancel.set()
-
-
-class Worker(threading.Thread):
-    """Runs queued jobs one at a time on the session; the only thread that touches the decoder."""
-
-    def __init__(self, session: Session, max_queue: int):
-        super().__init__(name="lowbit-worker", daemon=True)
-        self.session, self.jobs = session, queue.Queue(maxsize=max_queue)
-        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
-
-    def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise APIError(503, f"the server is busy ({self.jobs.maxsize} requests waiting): retry later",
-                           "server_error", code="server_busy") from None
-
-    def stop(self) -> None:
-        self.jobs.put(None)
-
-    def run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if job.cancel.is_set():
-                self.counts["cancelled"] += 1
-                continue
-            try:
-                out = self.session.generate(job.prompt, job.max_tokens, job.sampling, stop=job.stop,
-                                            on_text=(lambda t: job.push("text", t)) if job.stream else None,
-                                            cancelled=job.cancel.is_set)
-                self.counts["cancelled" if out.finish_reason == "cancelled" else "completed"] += 1
-                job.push("done", out)
-            except LowbitError as e:
-                self.counts["failed"] += 1
-                job.push("error", APIError(400, str(e)))
-            except Exception as e:  # keep serving the others; the client gets a 500-style error
-                self.counts["failed"] += 1
-                job.push("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 # ---- request parsing ------------------------------------------------------------------------------
@@ -150,9 +103,7 @@ def _stop(body: dict) -> list[str]:
 
 def _unsupported(body: dict) -> None:
     """Features this server does not have: refuse them rather than silently ignore them."""
-    for name, ok in (("n", lambda v: v in (None, 1)), ("best_of", lambda v: v in (None, 1)),
-                     ("echo", lambda v: not v), ("logprobs", lambda v: not v), ("top_logprobs", lambda v: not v),
-                     ("suffix", lambda v: not v), ("tools", lambda v: not v), ("functions", lambda v: not v),
+    for name, ok in (("best_of", lambda v: v in (None, 1)), ("suffix", lambda v: not v), ("tools", lambda v: not v), ("functions", lambda v: not v),
                      ("logit_bias", lambda v: not v),
                      ("response_format", lambda v: v is None or isinstance(v, dict) and v.get("type") == "text")):
         if name in body and not ok(body[name]):
@@ -207,10 +158,79 @@ def _longest_token(tokenizer) -> int:
     return max((len(t) for t in vocab), default=64) + 1
 
 
+def _choices(body: dict, chat: bool, slots: int) -> tuple[int, int | None, bool]:
+    """(n, alternatives per token or None for no log-probabilities, echo) from the request."""
+    n = _get(body, "n", (int,), 1, lambda v: 1 <= v <= 128, "an integer in [1, 128]")
+    if n > slots:
+        raise APIError(400, f"n={n} choices need {n} KV slots; this server runs {slots} (lowbit serve --parallel)",
+                       param="n", code="kv_budget_exceeded")
+    bound = f"an integer in [0, {MAX_TOP_LOGPROBS}]"
+    if chat:
+        on = _get(body, "logprobs", (bool,), False, want="true or false")
+        top = _get(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= MAX_TOP_LOGPROBS, bound)
+        if top is not None and not on:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+        return n, (top or 0) if on else None, False
+    top = _get(body, "logprobs", (int,), None, lambda v: 0 <= v <= MAX_TOP_LOGPROBS, bound)
+    return n, top, _get(body, "echo", (bool,), False, want="true or false")
+
+
 # ---- responses --------------------------------------------------------------------------------------
-def _usage(prompt: list[int], out: Completion) -> dict:
-    return {"prompt_tokens": len(prompt), "completion_tokens": len(out.tokens),
-            "total_tokens": len(prompt) + len(out.tokens)}
+def _usage(prompt: list[int], outs: list[Completion]) -> dict:
+    done = sum(len(o.tokens) for o in outs)
+    return {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
+
+
+class Pieces:
+    """Token ids as the text pieces clients see in log-probabilities (OpenAI's `token`)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def legacy(self, pairs: list[tuple[int, TokenLogprob | None]], offset: int = 0) -> dict:
+        """/v1/completions' logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, rec in pairs:
+            piece = self(token)
+            out["tokens"].append(piece)
+            out["token_logprobs"].append(None if rec is None else rec.logprob)
+            out["top_logprobs"].append(None if rec is None else {self(t): lp for t, lp in rec.top})
+            out["text_offset"].append(offset)
+            offset += len(piece)
+        return out
+
+    def chat(self, recs: list[TokenLogprob]) -> dict:
+        """/v1/chat/completions' logprobs object: content = [{token, logprob, bytes, top_logprobs}]."""
+        def entry(token: int, lp: float) -> dict:
+            piece = self(token)
+            return {"token": piece, "logprob": lp, "bytes": list(piece.encode())}
+        return {"content": [{**entry(r.token, r.logprob), "top_logprobs": [entry(t, lp) for t, lp in r.top]}
+                            for r in recs], "refusal": None}
+
+
+def _prometheus(m: dict) -> str:
+    """The scheduler's metrics in Prometheus' text format (version 0.0.4)."""
+    rows = [("queue_depth", "gauge", "requests waiting for a KV slot", m["queue_depth"]),
+            ("slots", "gauge", "KV slots (sequences decoded together)", m["slots"]),
+            ("slots_active", "gauge", "KV slots holding a running sequence", m["active_slots"]),
+            ("tokens_per_second", "gauge", "tokens generated per second over the last 10 s", m["tokens_per_second"]),
+            ("kv_used_tokens", "gauge", "KV cache positions held by running sequences", m["kv_used_tokens"]),
+            ("kv_capacity_tokens", "gauge", "KV cache positions in all slots", m["kv_capacity_tokens"]),
+            ("kv_used_bytes", "gauge", "bytes of KV cache held by running sequences", m["kv_used_bytes"]),
+            ("prompt_tokens_total", "counter", "prompt tokens admitted", m["prompt_tokens"]),
+            ("prompt_tokens_cached_total", "counter", "prompt tokens reused from a slot's cache",
+             m["cached_prompt_tokens"]),
+            ("generated_tokens_total", "counter", "tokens generated", m["generated_tokens"]),
+            ("steps_total", "counter", "batched decoder steps", m["steps"])]
+    lines = []
+    for name, kind, help, value in rows:
+        lines += [f"# HELP lowbit_{name} {help}", f"# TYPE lowbit_{name} {kind}", f"lowbit_{name} {value}"]
+    lines += ["# HELP lowbit_requests_total requests by outcome", "# TYPE lowbit_requests_total counter"]
+    lines += [f'lowbit_requests_total{{outcome="{k}"}} {m[f"requests_{k}"]}' for k in ("completed", "cancelled", "failed")]
+    return "\n".join(lines) + "\n"
 
 
 def _finish(out: Completion) -> str:
@@ -243,8 +263,9 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
     (temperature, top_k, ...) used when a request omits them; a body past `max_body_bytes` is refused."""
     defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
     SamplingParams(**defaults).check()
-    worker = Worker(session, max_queue)
-    tokenizer = copy.deepcopy(session.tokenizer)  # the tokenizing thread's own: the worker decodes with the other
+    worker = batching.Scheduler(session, max_queue)
+    tokenizer = copy.deepcopy(session.tokenizer)  # the tokenizing thread's own: the scheduler decodes with the other
+    pieces = Pieces(tokenizer)
     tokenizing = ThreadPoolExecutor(1, thread_name_prefix="lowbit-tokenize")  # one at a time: off the event loop
     max_chars = session.max_context * _longest_token(tokenizer)
     created = int(time.time())
@@ -275,6 +296,17 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
                                             "owned_by": "lowbit", "max_model_len": session.max_context}]}
+
+    @app.get("/health")
+    async def health():
+        m = worker.metrics()
+        body = {"status": "ok" if worker.is_alive() else "stopped", "slots": m["slots"],
+                "active_slots": m["active_slots"], "queue_depth": m["queue_depth"]}
+        return JSONResponse(body, status_code=200 if worker.is_alive() else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(_prometheus(worker.metrics()), media_type="text/plain; version=0.0.4")
 
     def tokenize(chat: bool, what) -> list[int]:
         """On the tokenizing thread: the chat template's rendering of `what` (messages), or the text."""
@@ -320,78 +352,118 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
                            code="context_length_exceeded")
         names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
         given = next((n for n in names if body.get(n) is not None), names[-1])
-        max_tokens = _get(body, given, (int,), None if chat else 16, lambda v: v >= 1, "a positive integer")
+        least = 0 if body.get("echo") is True else 1  # echo with 0 new tokens scores the prompt
+        max_tokens = _get(body, given, (int,), None if chat else 16, lambda v: v >= least,
+                          "a positive integer" if least else "a non-negative integer")
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"the prompt ({len(prompt)} tokens) plus {given} ({max_tokens}) exceeds the "
                            f"context of {session.max_context} tokens", param=given, code="context_length_exceeded")
-        return body, prompt, max_tokens or room
+        return body, prompt, room if max_tokens is None else max_tokens
 
     async def run(request: Request, chat: bool):
         body, prompt, max_tokens = await parse(request, chat)
         stream = _get(body, "stream", (bool,), False, want="true or false")
         options = _get(body, "stream_options", (dict,), {}, want="an object")
+        n, top, echo = _choices(body, chat, worker.slots)
+        if echo and stream:
+            raise APIError(400, "'echo' is supported without streaming only", param="echo", code="unsupported")
         try:
             sampling = _sampling(body, defaults).check()
         except LowbitError as e:
             raise APIError(400, str(e)) from None
-        job = Job(prompt, max_tokens, sampling, _stop(body), stream, asyncio.get_running_loop())
-        worker.submit(job)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        cancel = threading.Event()
+
+        def on_event(i: int, kind: str, value) -> None:  # on the scheduler's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                cancel.set()
+
+        req = batching.Request(prompt, max_tokens, sampling, _stop(body), n, top, echo, on_event, cancel)
+        try:
+            worker.submit(req)
+        except batching.QueueFull as e:
+            raise APIError(503, str(e), "server_error", code="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except LowbitError as e:
+            raise APIError(400, str(e), code="kv_budget_exceeded") from None
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": name}
 
-        async def events():
-            """The job's events until done; a disconnected client cancels the job."""
-            finished = False
+        async def until_done():
+            """The request's events until every choice is done; a disconnected client cancels it."""
+            left, finished = n, False
             try:
-                while True:
+                while left:
                     try:
-                        kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+                        i, kind, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
                     except asyncio.TimeoutError:
                         if await request.is_disconnected():
                             return
                         continue
                     if kind == "error":
                         finished = True
-                        raise value
-                    yield kind, value
-                    if kind == "done":
-                        finished = True
-                        return
+                        raise APIError(400, str(value)) if isinstance(value, LowbitError) else \
+                            APIError(500, f"generation failed: {type(value).__name__}: {value}", "server_error")
+                    left -= kind == "done"
+                    yield i, kind, value
+                finished = True
             finally:
                 if not finished:
-                    job.cancel.set()
+                    cancel.set()
+
+        def logprobs(recs: list[TokenLogprob], offset: int) -> dict | None:
+            if top is None:
+                return None
+            return pieces.chat(recs) if chat else pieces.legacy([(r.token, r) for r in recs], offset)
 
         if not stream:
-            async for kind, out in events():
+            outs: dict[int, Completion] = {}
+            async for i, kind, out in until_done():
                 if kind == "done":
-                    choice = {"index": 0, "finish_reason": _finish(out), "logprobs": None}
-                    choice.update({"message": {"role": "assistant", "content": out.text}} if chat
-                                  else {"text": out.text})
-                    return {**head, "choices": [choice], "usage": _usage(prompt, out)}
-            return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+                    outs[i] = out
+            if len(outs) < n:
+                return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+            prefix = tokenizer.decode(prompt) if echo else ""
+            choices = []
+            for i in range(n):
+                out = outs[i]
+                choice = {"index": i, "finish_reason": _finish(out), "logprobs": logprobs(out.logprobs or [], len(prefix))}
+                if echo and top is not None:
+                    pairs = list(zip(prompt, out.prompt_logprobs)) + [(r.token, r) for r in out.logprobs or []]
+                    choice["logprobs"] = pieces.legacy(pairs)
+                choice.update({"message": {"role": "assistant", "content": out.text}} if chat
+                              else {"text": prefix + out.text})
+                choices.append(choice)
+            return {**head, "choices": choices, "usage": _usage(prompt, list(outs.values()))}
 
         chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        offsets = [0] * n
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> dict:
+        def chunk(i: int, text: str | None, finish: str | None, recs=(), role: bool = False) -> dict:
+            lp = logprobs(list(recs), offsets[i]) if recs else None
+            offsets[i] += len(text or "")
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-                return {**chunk_head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                   "logprobs": None}]}
-            return {**chunk_head, "choices": [{"index": 0, "text": text or "", "finish_reason": finish,
-                                               "logprobs": None}]}
+                return {**chunk_head, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}]}
+            return {**chunk_head, "choices": [{"index": i, "text": text or "", "finish_reason": finish, "logprobs": lp}]}
 
         async def sse():
             if chat:
-                yield _sse(chunk(None, None, role=True))
+                for i in range(n):
+                    yield _sse(chunk(i, None, None, role=True))
+            outs = []
             try:
-                async for kind, value in events():
+                async for i, kind, value in until_done():
                     if kind == "text":
-                        yield _sse(chunk(value, None))
+                        yield _sse(chunk(i, value[0], None, value[1]))
                     else:
-                        yield _sse(chunk(None, _finish(value)))
-                        if options.get("include_usage"):
-                            yield _sse({**chunk_head, "choices": [], "usage": _usage(prompt, value)})
+                        outs.append(value)
+                        yield _sse(chunk(i, None, _finish(value)))
+                if options.get("include_usage") and len(outs) == n:
+                    yield _sse({**chunk_head, "choices": [], "usage": _usage(prompt, outs)})
             except APIError as e:  # the stream has started: the error goes in-band
                 yield _sse(e.body())
             yield "data: [DONE]\n\n"
@@ -443,6 +515,8 @@ def serve(session: Session, name: str, host: str = "127.0.0.1", port: int = 8000
 
     app = create_app(session, name, defaults, max_queue, max_body_bytes)
     sock = listen(host, port)
-    print(f"lowbit: serving '{name}' at http://{host}:{sock.getsockname()[1]}/v1 "
-          f"(context {session.max_context} tokens); Ctrl-C stops", file=sys.stderr, flush=True)
+    worker = app.state.worker
+    print(f"lowbit: serving '{name}' at http://{host}:{sock.getsockname()[1]}/v1 (context {session.max_context} "
+          f"tokens, {worker.slots} parallel slots, {worker.slots * worker.kv_bytes_per_slot / 2**20:.0f} MiB of KV "
+          "cache); Ctrl-C stops", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])

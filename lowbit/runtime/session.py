@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import LowbitError
 from .hf_decoder import decoder_for
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenLogprob
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds attention memory, lets a cancel land between
 
@@ -44,6 +44,8 @@ class Completion:
     tokens: list[int]
     finish_reason: str  # "stop" (a stop token or string), "length" (max tokens or context), "cancelled"
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first)
 
 
 class Detokenizer:
@@ -125,10 +127,13 @@ class Session:
 
     @classmethod
     def for_model(cls, model, tokenizer, max_context: int | None = None, threads: int | None = None,
-                  engine: bool = True, exact: bool = False) -> "Session":
+                  engine: bool = True, exact: bool = False, parallel: int | None = 1,
+                  kv_cache: str = "fp16") -> "Session":
+        """`parallel`: sequences the decoder holds for the server's batched steps (None: what memory
+        allows; the universal decoder holds one); `kv_cache`: fp16, bf16, fp32 or int8 (the engine's)."""
         if tokenizer is None:
             raise LowbitError("the model has no tokenizer: quantize or load it with one")
-        return cls(decoder_for(model, max_context, threads, engine, exact), tokenizer,
+        return cls(decoder_for(model, max_context, threads, engine, exact, parallel, kv_cache), tokenizer,
                    model_stop_tokens(model, tokenizer))
 
     @property

@@ -1,0 +1,89 @@
+"""Batched steps of the native engine: B sequences advanced together (each at its own position, in its
+own KV slot, the linears run once over all the step's tokens) give the logits each gives alone.
+
+Tiny random models quantized in process (test_engine.py's), fp32 activations (`exact`: the
+single-token GEMV and the many-token GEMM then differ only in rounding), several families so GQA,
+sliding windows and soft-capping are covered.
+"""
+
+import pytest
+import torch
+from test_engine import assert_close, quantized
+
+from lowbit.errors import LowbitError
+from lowbit.runtime.engine import Segment, load_decoder
+
+PROMPTS = [[5, 9, 17, 3, 44, 8, 120, 7, 66, 2, 31], [11, 12], [200, 4, 19, 77, 5, 6, 101], [3]]
+
+
+def alone(model, ids: list[int], prompt: int, kv_dtype: str) -> list[torch.Tensor]:
+    """Logits after the prompt, then after each further token, from a one-sequence engine."""
+    eng = load_decoder(model, max_context=64, kv_dtype=kv_dtype)
+    out = [eng.forward(ids[:prompt])]
+    out += [eng.forward([t]) for t in ids[prompt:]]
+    return out
+
+
+@pytest.mark.parametrize("family,kv_dtype", [("llama", "fp32"), ("qwen2", "fp16"), ("gemma2", "bf16"), ("llama", "int8")])
+def test_batched_steps_equal_each_sequence_alone(family, kv_dtype):
+    """Four sequences of different prompt lengths: prefills beside decode steps, one joining after the
+    others have decoded a while, one leaving early; every row against the same sequence run alone."""
+    model = quantized(family)
+    g = torch.Generator().manual_seed(1)
+    tails = [torch.randint(0, 320, (6,), generator=g).tolist() for _ in PROMPTS]
+    seqs = [p + t for p, t in zip(PROMPTS, tails)]
+    want = [alone(model, s, len(p), kv_dtype) for s, p in zip(seqs, PROMPTS)]
+    eng = load_decoder(model, max_context=64, kv_dtype=kv_dtype, slots=4)
+    assert eng.slots == 4
+    got = [[] for _ in seqs]
+    pos = [0] * 4
+    joins = {0: 0, 1: 0, 2: 0, 3: 3}  # sequence -> the step it joins at
+    leaves = {1: 3}  # sequence 1 stops after 3 decoded tokens
+    for step in range(12):
+        segs, who = [], []
+        for i, s in enumerate(seqs):
+            if step < joins[i] or len(got[i]) > len(tails[i]) or len(got[i]) > leaves.get(i, 99):
+                continue
+            n = len(PROMPTS[i]) if pos[i] == 0 else 1
+            segs.append(Segment(slot=(i + 2) % 4, pos0=pos[i], ids=s[pos[i]:pos[i] + n]))
+            who.append(i)
+        if not segs:
+            break
+        rows = eng.step(segs)
+        for r, i in enumerate(who):
+            got[i].append(rows[r])
+            pos[i] += len(segs[r].ids)
+    for i in range(4):
+        n = leaves.get(i, len(tails[i])) + 1
+        assert len(got[i]) == n
+        for a, b in zip(got[i], want[i][:n]):
+            assert_close(a, b, 2e-3 if kv_dtype == "fp32" else 1e-2)
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "int8"])
+def test_every_position_logits_and_copied_prefix(kv_dtype):
+    """want=2 returns a row per token (what prompt log-probabilities need); a prefix copied to another
+    slot (int8: its scales too) continues exactly as the original."""
+    model = quantized("llama")
+    ids = PROMPTS[0]
+    eng = load_decoder(model, max_context=64, kv_dtype=kv_dtype, slots=3)
+    rows = eng.step([Segment(0, 0, ids, want=2)])
+    assert rows.shape == (len(ids), 320)
+    ref = load_decoder(model, max_context=64, kv_dtype=kv_dtype)
+    for t in range(len(ids)):
+        assert_close(rows[t], ref.forward([ids[t]]))
+    eng.copy(0, 2, len(ids))
+    a, b = eng.step([Segment(0, len(ids), [9]), Segment(2, len(ids), [9])])
+    assert torch.equal(a, b)
+
+
+def test_step_refuses_what_it_cannot_run():
+    eng = load_decoder(quantized("llama"), max_context=16, slots=2)
+    for segs in ([Segment(2, 0, [1])], [Segment(0, 15, [1, 2])], [Segment(0, 0, [320])],
+                 [Segment(0, 0, [1]), Segment(0, 1, [2])], []):
+        with pytest.raises(LowbitError):
+            eng.step(segs)
+    with pytest.raises(LowbitError, match="at most"):
+        eng.step([Segment(0, 0, [1] * (eng.max_step_tokens + 1))])
+    with pytest.raises(LowbitError, match="slots"):
+        load_decoder(quantized("llama"), slots=0)
