@@ -5,7 +5,7 @@
     LOWBIT_KERNELS    "reference": every matmul runs the pure-torch oracle (tests, benchmarks)
     LOWBIT_ISA        the CPU kernels' instruction set (avx512vnni, avx512, avx2, scalar); default: the best
     LOWBIT_THREADS    threads of the generated kernels; default: the physical cores
-    LOWBIT_INT8_ACT   1: one-token GEMVs on int8 activations outside the engine too
+    LOWBIT_INT8_ACT   1: UniformQ matmuls on int8 activations outside the engine too
     CC                the C compiler for generated kernels (else cc, gcc or clang on PATH)
 
 Read when asked (not at import), so a test or a caller that sets a variable sees it take effect.

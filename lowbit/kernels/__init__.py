@@ -5,7 +5,7 @@ QuantLinear) and returns a callable `(x, bias) -> y`; anything without a row (or
 e.g. without a C compiler) runs the reference kernel, so every format always works, only at
 different speeds. The process-wide switches live in switches.py: `use_reference()` (or
 LOWBIT_KERNELS=reference) forces the reference everywhere (tests, benchmarks),
-`set_int8_activations()` picks the int8 rows for one-token GEMVs, `set_threads()` sizes the CPU
+`set_int8_activations()` picks the int8 rows (GEMV and GEMM), `set_threads()` sizes the CPU
 kernels' pool. `describe_table()` and `kernel_for(qt)` say what runs natively on this machine.
 """
 

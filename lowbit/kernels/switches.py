@@ -1,8 +1,8 @@
 """The kernels' process-wide choices, kept in one place (set through `lowbit.kernels`).
 
     reference   every matmul on the pure-torch oracle: use_reference(); $LOWBIT_KERNELS=reference
-    int8        one-token UniformQ GEMVs on activations rounded to int8 per 32-block (the kernel table's
-                "int8" rows): set_int8_activations(); $LOWBIT_INT8_ACT=1
+    int8        UniformQ GEMVs and GEMMs on activations rounded to int8 per 32-block (the kernel
+                table's "int8" rows): set_int8_activations(); $LOWBIT_INT8_ACT=1
     isa         the CPU kernels' instruction set: cpu/isa.selected() ($LOWBIT_ISA, read when asked)
     threads     the kernels' pool: cpu/threads.set_threads() ($LOWBIT_THREADS)
 The environment is read by lowbit/settings.py, once here at import. Switching the reference path
@@ -25,7 +25,7 @@ def reference() -> bool:
 
 
 def set_int8_activations(on: bool = True) -> None:
-    """One-token UniformQ GEMVs on int8 activations (on) or fp32 (off, the default: exact x)."""
+    """UniformQ GEMVs and GEMMs on int8 activations (on) or fp32 (off, the default: exact x)."""
     _state["int8"] = on
 
 

@@ -10,8 +10,8 @@ compiler): the registry (kernels/__init__.py) then runs the reference.
 
 Which row a QTensor runs (`select`): its kind and bits on the device's ISA (CPU: `isa.selected()`,
 the best this CPU runs or $LOWBIT_ISA; CUDA: Triton where it is installed); of those, the int8 row
-when the int8 switch is on (kernels/switches.py), else the other one. Prefill (several tokens) always
-multiplies fp32 activations; the activations name what a one-token GEMV meets.
+when the int8 switch is on (kernels/switches.py), else the other one. The activations name what the
+codes meet, in the GEMV (one token) and the GEMM (several) alike.
 """
 
 from __future__ import annotations

@@ -748,7 +748,7 @@ class Entry:
     """One exported kernel of a generated library (kernels/table.py makes it a row of the kernel table)."""
     kind: str  # the QTensor kind it multiplies
     bits: int
-    activations: str  # what the one-token GEMV multiplies the codes with (GEMM: always fp32), see ACTIVATIONS
+    activations: str  # what its GEMV and GEMM multiply the codes with, see ACTIVATIONS
     symbol: str  # the C entry point, void symbol(lb_args *)
 
 

@@ -1,12 +1,15 @@
 """UniformQ on the CPU through the generated kernels: repack once per layer, then one C call per matmul.
 
-Decode (one token) can run on int8 activations, as llama.cpp (Q8_0) and Intel's runtimes do: the
-token is quantized per 32-block (`quantize_activations` is the exact scheme) and codes × activations
-become u8 × s8 integer dot products (maddubs / VNNI), ~2.5× less work per weight than fp32, which is
-what a 2–4-bit GEMV needs to keep up with DRAM. It changes the numbers (activation rounding), so it
-is opt-in: `lowbit.kernels.set_int8_activations(True)` or LOWBIT_INT8_ACT=1 (kernels/switches.py); where
-the kernel table has no int8 row (the portable C) the GEMV stays on fp32 activations. 8-bit codes take the signed form of the dot (see codegen.dot8s) so the int16 pair sums of
-maddubs cannot saturate.
+Matmuls can run on int8 activations, as llama.cpp (Q8_0) and Intel's runtimes do: each token is
+quantized per 32-block (`quantize_activations` is the exact scheme) and codes × activations become
+u8 × s8 integer dot products (maddubs / VNNI). For one token (decode) that is ~2.5× less work per
+weight than fp32, which is what a 2–4-bit GEMV needs to keep up with DRAM; for many (prefill) the
+GEMM unpacks a chunk of codes to bytes once and runs 64 multiply-adds per VNNI instruction against
+16 fp32 FMAs, 3–4× the fp32 GEMM. It changes the numbers (activation rounding), so it is opt-in:
+`lowbit.kernels.set_int8_activations(True)` or LOWBIT_INT8_ACT=1 (kernels/switches.py), and the decode
+engine's default (`--exact` turns it off); where the kernel table has no int8 row (the portable C)
+x stays fp32. Without VNNI, 8-bit codes take the signed form of the dot (see codegen.dot8s) so the
+int16 pair sums of maddubs cannot saturate.
 """
 
 from __future__ import annotations
