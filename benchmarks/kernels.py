@@ -6,7 +6,10 @@ batch: our time, bytes moved (packed weights + scales + zero points + activation
 and % of that bandwidth, next to torch F.linear fp32/bf16 and torch's int4 CPU
 kernel (`_weight_int4pack_mm_for_cpu`, 4-bit asym, same group) at the same threads. Batch 1 is
 timed with fp32 activations and with int8 activations (`act`, see kernels/cpu/uniform.py).
-Batch 128 is compute-bound: its GB/s only says how far from the memory limit it is, so no % is given.
+Batch 128 is compute-bound: its GB/s only says how far from the memory limit it is, so no % is given;
+it is timed on fp32 activations and on int8 (the prefill GEMM: u8 codes × s8 activations, VNNI
+`vpdpbusd` where the CPU has it), and the int8 GEMM's rate is given as a share of this core's int8
+peak, measured in the same run (`lb_int8_peak`: independent chains of the GEMM's own instruction).
 
 Ours is timed as the decode engine calls it: the C kernel straight from prefilled Args
 (`PackedUniform.native`) through ctypes, no Python wrapper. llama.cpp's own matmul runs in the same
@@ -50,7 +53,7 @@ from lowbit.eval.bench import bandwidth  # noqa: E402
 from lowbit.formats import CodebookQ, UniformQ  # noqa: E402
 from lowbit.formats.packing import BLOCK  # noqa: E402
 from lowbit import kernels  # noqa: E402
-from lowbit.kernels.cpu import codebook, isa, threads, uniform  # noqa: E402
+from lowbit.kernels.cpu import build, codebook, isa, perf_model, threads, uniform  # noqa: E402
 from peers import ggml_matmul  # noqa: E402  (benchmarks/peers/ggml_matmul.py)
 
 SMOL = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
@@ -191,13 +194,34 @@ def codebook_table(packed: dict, luts: dict, bits: int, group: int, batches: lis
                   f"{lutg * 1e3:.3f} | {lutg / base:.2f}× | {base8 * 1e3:.3f} | {lut / base8:.2f}× |", flush=True)
 
 
+def int8_peak() -> float:
+    """GOP/s of one core's int8 multiply-adds (2 ops each) with the GEMM's own instruction, best of 3."""
+    lib = build.load(isa.selected())
+    fn = getattr(lib, "lb_int8_peak", None) if lib is not None else None
+    if fn is None:
+        return float("nan")
+    fn.restype, fn.argtypes = ctypes.c_longlong, [ctypes.c_longlong]
+    steps, lanes = 20_000_000, perf_model.VECTOR_LANES[isa.selected()]
+    fn(1000)
+    best = min(_thread_seconds(fn, steps) for _ in range(3))
+    return steps * 12 * 4 * lanes * 2 / best / 1e9
+
+
+def _thread_seconds(fn, *args) -> float:
+    t0 = time.thread_time()
+    fn(*args)
+    return time.thread_time() - t0
+
+
 def ms(sec: float | None) -> str:
     return "n/a" if sec is None else f"{sec * 1e3:.3f}"
 
 
 def uniform_table(packed: dict, weights: dict, args, t: int, bw: float) -> None:
     """Ours (fp32 and int8 activations at batch 1) next to torch and llama.cpp, per shape and batch."""
-    print("| shape (N×K) | batch | bits | act | ours ms | bytes moved | GB/s | % of DRAM bw | torch fp32 ms | "
+    peak = int8_peak()
+    print(f"int8 multiply-add peak of one core ({isa.selected()}): {peak:.0f} GOP/s\n")
+    print("| shape (N×K) | batch | bits | act | ours ms | bytes moved | GB/s | % of DRAM bw (batch 1) / rate | torch fp32 ms | "
           "torch bf16 ms | torch int4 ms | llama.cpp Q4_0 ms | Q4_K ms | Q8_0 ms | bf16 / ours | ours / Q4_0 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     buffers = {}
@@ -212,7 +236,7 @@ def uniform_table(packed: dict, weights: dict, args, t: int, bw: float) -> None:
             ggml = [peer.get(q, {}).get(m) for q in GGML]
             ggml = [None if v is None else v / 1e3 for v in ggml]
             for bits, act in [(b, a) for b in args.bits for a in ("fp32", "int8")] if m == 1 \
-                    else [(args.bits[0], "fp32")]:
+                    else [(args.bits[0], "fp32"), (args.bits[0], "int8")]:
                 p = packed[(shape, bits)]
                 if act == "int8" and p.qfn is None:
                     continue
@@ -221,8 +245,11 @@ def uniform_table(packed: dict, weights: dict, args, t: int, bw: float) -> None:
                 del calls, alive
                 moved = p.bytes + 4 * m * (k + n)
                 ratio = f"{sec / ggml[0]:.2f}×" if bits == 4 and ggml[0] else "—"
+                gops = 2 * m * n * k / sec / 1e9
+                share = f"{100 * moved / sec / bw:.0f}%" if m == 1 else \
+                    f"{gops:.0f} GOP/s, {100 * gops / (peak * t):.0f}% of int8 peak" if act == "int8" else f"{gops:.0f} GFLOP/s"
                 print(f"| {n}×{k} | {m} | {bits} | {act} | {ms(sec)} | {moved / 1e6:.2f} MB | "
-                      f"{moved / sec / 1e9:.1f} | {f'{100 * moved / sec / bw:.0f}%' if m == 1 else '—'} | "
+                      f"{moved / sec / 1e9:.1f} | {share} | "
                       f"{ms(fp32)} | {ms(bf16)} | {ms(int4)} | {' | '.join(ms(v) for v in ggml)} | "
                       f"{bf16 / sec:.2f}× | {ratio} |", flush=True)
     if buffers:

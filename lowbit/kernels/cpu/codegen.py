@@ -710,6 +710,27 @@ static void dequantf16_b16(const lb_args *a, int row, int kb, int nkb, float *ou
 """
 
 
+def _int8_peak(e: _Emit) -> str:
+    """The core's int8 multiply-add peak on this ISA, the yardstick of the int8 GEMM (benchmarks):
+    12 independent chains of the GEMM's own instruction (dpbusd, or maddubs + madd + add), 4·L
+    multiply-adds each per step. Returns a value of the sums, so the loop is not optimised away."""
+    vi = e.ops["vi"]
+    dot, _ = _int8_dot(e, 4)
+    # each chain's own sum is its next u8 operand, so nothing is loop-invariant (a constant dot would be hoisted)
+    mac = (lambda d: e.dpbusd(d, "x", d)) if "dpbusd" in e.ops else (lambda d: e.add32(d, dot(d, "x")))
+    chains = range(12)
+    return f"""
+LB_EXPORT long long lb_int8_peak(long long steps) {{  /* multiply-adds done: steps · 12 · 4 · LB_LANES */
+    {vi} x = {e.seti("(int)(steps & 1) + 0x01020300")};
+    {" ".join(f"{vi} a{c} = {e.seti(str(c))};" for c in chains)}
+    for (long long i = 0; i < steps; i++) {{ {" ".join(f"a{c} = {mac(f'a{c}')};" for c in chains)} }}
+    int32_t out[LB_LANES];
+    {e.storei("out", functools.reduce(e.add32, [f"a{c}" for c in chains]))};
+    return out[0];
+}}
+"""
+
+
 def _per_bits(entry: Entry) -> str:
     """The thread tasks and the exported entry point of a UniformQ, CodebookQ or float16 entry on fp32
     (or T16's int16) activations (codebook: each thread adds its own band of rows' outliers)."""
@@ -804,5 +825,6 @@ def generate(isa: str) -> str:
         '#include "driver.h"', f'#include "{e.ops["header"]}"',
         micro, f"static const lb_micro MICRO[{mr}][{nr}] = {{{table}}};", t16,
         "".join(_kernel(e, tiled, x) for x in ents),
+        _int8_peak(e) if "dot8" in e.ops else "",
         f"LB_EXPORT int lb_lanes(void) {{ return {e.lanes}; }}",
     ])
