@@ -30,7 +30,7 @@ from .eval import EvalResult, ModelSize, evaluate, model_size
 from .eval.bench import Speed, bench
 from .kernels.cpu import tune as tuning
 from .methods import METHODS, MethodConfig
-from .models import Loaded, default_gguf, load_any, load_reference, load_source
+from .models import Loaded, default_gguf, fingerprint, load_any, load_reference, load_source
 from .recipes import EDGE, Auto, Plan
 from .runtime import Chat, GenerationStats, SamplingParams, Session, generate
 from .runtime.server import MAX_BODY_BYTES, serve
@@ -114,15 +114,16 @@ class QuantizedModel:
                  progress: bool = True) -> EvalResult:
         """Perplexity on the evaluation `text` (a file; default: the built-in held-out split); with
         `kld`, also the KL divergence from `reference` (default: the source, streamed block by block
-        when it is an HF directory)."""
+        when it is an HF directory; its states are cached for the next evaluation, eval/metrics.py)."""
         eval_text = texts.load("eval", text)
+        key = None
         if kld and reference is None:
             if self.plan is None or self.source is None:
                 raise LowbitError("--kld compares a quantized model with its source: this is not a lowbit "
                                   "model that records its source")
-            reference = load_reference(self.source)
+            reference, key = load_reference(self.source), fingerprint(self.source)
         return evaluate(self.model, self._tokenizer(), eval_text, ctx, stride, max_windows,
-                        reference if kld else None, progress)
+                        reference if kld else None, progress, source_key=key)
 
     def size(self) -> ModelSize:
         return model_size(self.model)

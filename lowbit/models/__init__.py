@@ -2,6 +2,6 @@
 
 from .default import default_gguf
 from .lazy import LazyBlocks, StreamedSource, check_finite
-from .source import Loaded, load_any, load_reference, load_source
+from .source import Loaded, fingerprint, load_any, load_reference, load_source
 
-__all__ = ["LazyBlocks", "Loaded", "StreamedSource", "check_finite", "default_gguf", "load_any", "load_reference", "load_source"]
+__all__ = ["LazyBlocks", "Loaded", "StreamedSource", "check_finite", "default_gguf", "fingerprint", "load_any", "load_reference", "load_source"]

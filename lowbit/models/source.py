@@ -158,3 +158,12 @@ def load_any(spec: str | os.PathLike | None, dtype: torch.dtype = torch.float32)
     if loaded.source.endswith(".gguf"):  # its Q4_0/Q8_0 layers run as the file's own blocks
         loaded.quantization = import_gguf(Path(loaded.source), loaded.model)
     return loaded
+
+
+def fingerprint(source: str) -> str:
+    """What identifies a source's weights on disk (for caches of its outputs): the path with the size
+    and modification time of its weight and config files; the embedded default is its GGUF file."""
+    path = default_gguf() if str(source) == DEFAULT else Path(source)
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".json", ".gguf")) \
+        if path.is_dir() else [path]
+    return "|".join(f"{f.absolute()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
