@@ -82,6 +82,8 @@ def write_gptq(model: torch.nn.Module, out: str | Path, tokenizer=None, overwrit
 def _format(path: Path, qc: dict) -> tuple[str, int, int, bool, str]:
     """(method, bits, group size, sym, checkpoint format) of a GPTQ/AWQ quantization_config, checked."""
     method = qc.get("quant_method")
+    if method not in ("gptq", "awq"):
+        raise LowbitError(f"{path}: quant_method {method!r} is neither gptq nor awq")
     bits = qc.get("bits", qc.get("w_bit"))
     group = qc.get("group_size", qc.get("q_group_size"))
     group = -1 if group in (-1, None) and method == "gptq" else group
