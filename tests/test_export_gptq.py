@@ -172,3 +172,21 @@ def test_fuzz_quantization_config(qc):
         assert "\n" not in str(e)
         return
     assert method in ("gptq", "awq") and bits in (2, 3, 4, 8) and group in (32, 64, 128, -1) and isinstance(sym, bool)
+
+
+def test_pickled_weights_are_never_loaded(tiny_model_dir, tmp_path):
+    import pickle
+
+    sentinel = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    q = lowbit.quantize(lowbit.load(tiny_model_dir("llama")), lowbit.RTN(bits=4, group_size=32), progress=False)
+    out = q.export(tmp_path / "gptq", to="gptq")
+    (out / "model.safetensors").unlink()
+    (out / "pytorch_model.bin").write_bytes(pickle.dumps(Trap()))
+    with pytest.raises(LowbitError, match="pickled files are never loaded"):
+        lowbit.load(out)
+    assert not sentinel.exists()
