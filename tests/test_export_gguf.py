@@ -157,6 +157,10 @@ def test_cli_export(tiny_quantized_dir, tmp_path, capsys):
     assert GGUFReader(str(out)).fields["tokenizer.chat_template"].contents().startswith("{% for m in messages")
     assert main(["export", str(tiny_quantized_dir), "-o", str(out)]) == 1
     assert "exists" in capsys.readouterr().err
+    for to in ("compressed-tensors", "gptq"):  # directories every verb reads back
+        assert main(["export", str(tiny_quantized_dir), "--to", to, "-o", str(tmp_path / to)]) == 0
+        assert main(["inspect", str(tmp_path / to)]) == 0
+        assert "uniform 4b g32 sym" in capsys.readouterr().out
 
 
 @pytest.mark.slow
