@@ -168,7 +168,8 @@ def cmd_serve(a) -> None:
     _check_port(a.host, a.port)
     defaults = {k: getattr(a, k) for k in _SERVE_DEFAULTS}
     api.load(a.model).serve(a.name or Path(a.model).name, a.host, a.port, defaults, a.max_queue,
-                            max_body_bytes=a.max_body_mb << 20, parallel=a.parallel, **_session(a))
+                            max_body_bytes=a.max_body_mb << 20, parallel=a.parallel, prefix_cache=a.prefix_cache,
+                            **_session(a))
 
 
 def cmd_bench(a) -> None:
@@ -373,6 +374,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-mb", type=int, default=2, help="request bodies past this many MiB get HTTP 413")
     s.add_argument("--parallel", type=int, help="sequences decoded together, each in its own KV slot "
                    "(default: what memory allows for the context, at most 16; printed at start)")
+    s.add_argument("--prefix-cache", type=int, help="further KV slots parking finished prompts' prefixes "
+                   "for reuse (default: as many as --parallel; 0: off)")
     _sampling_options(s, max_tokens=None)
     s.set_defaults(func=cmd_serve)
 

@@ -54,7 +54,7 @@ DT_F16, DT_BF16 = 1, 2
 SCRATCH_BYTES = 64 << 20  # per-chunk activation buffers: the prefill chunk is sized to fit this
 MAX_CHUNK = 512
 SOURCE = Path(__file__).with_name("engine.c")
-MAX_DEFAULT_SLOTS = 16  # past this many sequences per step, two to sixteen cores gain no more throughput
+MAX_DEFAULT_SLOTS = 32  # 16 decoding together (past that, a few cores gain no throughput) + 16 parked prefixes
 KV_MEMORY_SHARE = 0.5  # by default the KV slots take at most this share of the memory available now
 PROFILE_OPS = ("norm", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "act", "down", "head")  # engine.c's P_*
 
