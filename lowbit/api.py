@@ -42,7 +42,7 @@ CONFIGS: dict[str, type] = {**{name: m.CONFIG for name, m in METHODS.items()}, A
 
 # the quantization_config keys that are not the model's record (io's own, and format 1's)
 _FORMAT_KEYS = ("quant_method", "format_version", "modules", "shared", "plan", "method", "source", "lm_head",
-               "embeddings")
+               "embeddings", "activations")
 
 
 @dataclass
@@ -155,10 +155,11 @@ def config_for(name: str, scheme: str | None = None, **kwargs) -> MethodConfig |
     """A method's or recipe's config from its name (every method in lowbit.methods, and "auto"), its
     format from a `scheme` string ("W4A16-g128") or from `kwargs` (bits, group_size, sym)."""
     if scheme is not None:
-        given = sorted({"bits", "group_size", "sym"} & set(kwargs))
+        fields = recipes.scheme_fields(scheme)
+        given = sorted(({"bits", "group_size", "sym"} | set(fields)) & set(kwargs))
         if given:
-            raise LowbitError(f"the scheme sets bits, group size and grid: drop {', '.join(given)} or the scheme")
-        kwargs.update(recipes.scheme_fields(scheme))
+            raise LowbitError(f"the scheme sets {', '.join(sorted(fields))}: drop {', '.join(given)} or the scheme")
+        kwargs.update(fields)
     return methods.config_for(name, {Auto.name: Auto, QuantX.name: QuantX}, **kwargs)
 
 
