@@ -162,16 +162,21 @@ class Scheduler(threading.Thread):
                     self.cond.wait()
                 if self.stopping:
                     return
-                self._admit()
-            for seq in [s for s in self.active if s.req.cancel.is_set()]:
-                self._finish(seq, "cancelled")
-            plan = self._plan()
-            if not plan:
-                continue
+            self.step_once()
+
+    def step_once(self) -> list[tuple[_Sequence, Segment]]:
+        """Admit what fits, drop what was cancelled, run one batched step; the plan it ran (or [])."""
+        with self.cond:
+            self._admit()
+        for seq in [s for s in self.active if s.req.cancel.is_set()]:
+            self._finish(seq, "cancelled")
+        plan = self._plan()
+        if plan:
             try:
                 self._absorb(plan, self.engine.step([seg for _, seg in plan]))
             except Exception as e:  # noqa: BLE001 - any failure ends these requests, the server goes on
                 self._fail({id(s.req): s.req for s, _ in plan if s in self.active}.values(), e)
+        return plan
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, in arrival order (under self.cond)."""
