@@ -302,15 +302,15 @@ class Scheduler(threading.Thread):
                 seq.req.on_event(seq.index, "text", (text, seq.pending))
         t = seq.times or [seq.start]
         stats = GenerationStats(len(seq.req.prompt), len(seq.generated), t[0] - seq.start, t[-1] - t[0], seq.reused)
-        seq.req.on_event(seq.index, "done", Completion(seq.stopper.text, seq.generated, reason, stats,
-                                                       seq.logprobs, seq.prompt_logprobs))
-        self._release(seq, seq.tokens[:seq.cached])
+        self._release(seq, seq.tokens[:seq.cached])  # before "done": a client that has its answer sees a free slot
         self.prefix.park(seq.slot, seq.tokens[:seq.cached])
         self.left[id(seq.req)] -= 1
         if not self.left[id(seq.req)]:
             del self.left[id(seq.req)]
             with self.cond:
                 self.counts["cancelled" if seq.req.cancel.is_set() else "completed"] += 1
+        seq.req.on_event(seq.index, "done", Completion(seq.stopper.text, seq.generated, reason, stats,
+                                                       seq.logprobs, seq.prompt_logprobs))
 
     def _release(self, seq: _Sequence, keep: list[int]) -> None:
         self.active.remove(seq)
