@@ -100,7 +100,7 @@ class QuantizedModel:
 
     def session(self, **options) -> Session:
         """A decoding session (KV cache reused across calls) over the model; `options`: max_context,
-        threads, engine, exact (runtime/session.py)."""
+        threads, engine, exact, kv_cache, and for serving parallel and prefix_cache (runtime/session.py)."""
         return Session.for_model(self.model, self._tokenizer(), **options)
 
     def chat(self, system: str | None = None, **session) -> Chat:
