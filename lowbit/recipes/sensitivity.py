@@ -48,6 +48,19 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, stats: LayerStats) -> flo
     return float((dw @ stats.hessian * dw).sum()) / max(stats.tokens, 1)
 
 
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rho of two equally long lists: Pearson's correlation of their ranks (ties averaged)."""
+    def ranks(v):
+        t = torch.tensor(v, dtype=torch.float64)
+        r = torch.empty_like(t)
+        r[t.argsort()] = torch.arange(len(t), dtype=torch.float64)
+        for value in t.unique():  # ties share their mean rank
+            r[t == value] = r[t == value].mean()
+        return r - r.mean()
+    ra, rb = ranks(a), ranks(b)
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
 def block_linears(model: nn.Module) -> list[str]:
     """Every nn.Linear inside the decoder blocks, in the model's order."""
     prefix = block_prefix(model)
