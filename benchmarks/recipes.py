@@ -16,7 +16,7 @@ fewer bits. `--png` draws ppl against bpw (needs matplotlib).
 --proxy: Spearman rank correlation of the sensitivity proxy with the model-level KLD of quantizing one
 layer alone, every layer x 3 RTN candidates. --domains: RTN/GPTQ/AWQ W4 g128 calibrated on pydoc and on
 mixed, ppl in and out of domain. --tps N: a --target-tps recipe and its measured decode speed.
---quick: two targets, RTN candidates, 8 x 256 calibration, 2 windows (proves the script works).
+--quick: two targets, four RTN candidates (g64), 8 x 256 calibration, 2 windows (proves the script works).
 """
 
 from __future__ import annotations
@@ -152,7 +152,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a short run that proves the script works")
     a = ap.parse_args()
     if a.quick:
-        a.targets, a.candidates, a.samples, a.seq_len, a.windows = [3.0, 4.0], ["rtn"], 8, 256, a.windows or 2
+        a.targets, a.samples, a.seq_len, a.windows = [3.0, 4.0], 8, 256, a.windows or 2
+        a.candidates = ["rtn:W2-g64-asym", "rtn:W3-g64-asym", "rtn:W4-g64-sym", "rtn:W8-g64-sym"]
     src, _ = start(f"candidates {' '.join(a.candidates)}; calibration {a.samples} x {a.seq_len}; "
                    f"windows {a.windows or 'all'}")
     texts = {"pydoc": load_text("eval", "pydoc"), "prose": load_text("eval", "prose")}

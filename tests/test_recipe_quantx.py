@@ -8,6 +8,9 @@ import random
 
 import pytest
 import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lowbit
 from lowbit.cli import main
@@ -191,3 +194,23 @@ def test_quantize_with_a_budget_directly(tiny, tmp_path, capsys):
     bits = sum(s.nbytes * 8 for s in body) / sum(s.params for s in body)
     assert 2.5 < bits <= 3.0
     assert json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]["target"] == {"bpw": 3.0}
+
+
+_yaml_values = st.recursive(st.none() | st.booleans() | st.integers(-9, 300) | st.text(max_size=12)
+                            | st.sampled_from(["gptq:W4-g128-sym", "rtn:W3-row-asym", "ganq:W2-lut-row", "awq"]),
+                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                         max_size=3), max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.text(max_size=300),
+                 st.dictionaries(st.sampled_from(["lowbit_recipe", "layers", "groups", "target", "x"]), _yaml_values,
+                                 max_size=4).map(lambda d: yaml.safe_dump({"lowbit_recipe": 1, **d}))))
+def test_fuzz_recipe_reader(text):
+    """Any text, and YAML shaped like a recipe: a RecipeFile or one LowbitError line, nothing else."""
+    try:
+        recipe = recipe_file.parse(text)
+    except LowbitError as e:
+        assert "\n" not in str(e)
+        return
+    assert all(isinstance(n, str) for n in recipe.layers)

@@ -92,7 +92,15 @@ def _spec(value, where: str) -> MethodConfig:
 
 
 def parse(text: str, path: str = "<text>") -> RecipeFile:
-    """A recipe from its YAML text; every problem a one-line LowbitError."""
+    """A recipe from its YAML text; every problem a one-line LowbitError (YAML's messages and a
+    file's own names may hold line breaks: whitespace is collapsed)."""
+    try:
+        return _parse(text, path)
+    except LowbitError as e:
+        raise LowbitError(" ".join(str(e).split())) from None
+
+
+def _parse(text: str, path: str) -> RecipeFile:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
