@@ -185,16 +185,17 @@ class ActQ:
         return x
 
     def ranges(self, xt: torch.Tensor) -> torch.Tensor:
-        """The max |x'| each element's scale covers, broadcast to [T, K] (tender: per chunk, TMax)."""
+        """The max |x'| each scale covers, broadcastable to [T, K]: [T, 1] per row (tender: its TMax),
+        [T, K] per 32-block, [1, 1] per tensor."""
         t, k = xt.shape
         if self.method in ("per-token", "smoothquant", "hadamard"):
-            return xt.abs().amax(1, keepdim=True).expand(t, k)
+            return xt.abs().amax(1, keepdim=True)
         if self.method == "per-block32":
             blocks = F.pad(xt.abs(), (0, -k % BLOCK)).view(t, -1, BLOCK).amax(-1)
             return blocks.repeat_interleave(BLOCK, 1)[:, :k]
         if self.method == "per-tensor":
-            return self.maxima.max().expand(t, k)
-        return self.tmax(xt)[:, None].expand(t, k)
+            return self.maxima.max().view(1, 1)
+        return self.tmax(xt)[:, None]
 
     def tmax(self, xt: torch.Tensor) -> torch.Tensor:
         """Tender's TMax of each row [T]: the calibrated one, widened to the max |x'| of the row's chunk."""
@@ -206,23 +207,26 @@ class ActQ:
         per_chunk = F.pad(per_row, (0, -t % self.chunk)).view(-1, self.chunk).amax(1)
         return torch.maximum(per_chunk, calibrated).repeat_interleave(self.chunk)[:t]
 
-    def codes(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q, s): the integer codes of x' [T, K] (as int32) and each element's scale (fp32)."""
+    def _rounded(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q as fp32 integers [T, K], the scales broadcastable to [T, K])."""
         r = self.ranges(xt)
         top = float(self.qmax * 2 ** (self.groups - 1)) if self.method == "tender" else float(self.qmax)
-        safe = torch.where(r > 0, r, torch.ones_like(r))
-        inv = torch.where(r > 0, top / safe, torch.zeros_like(r))
+        inv = torch.where(r > 0, top / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(r))
         s = r / top
-        if self.method == "tender":
+        if self.method == "tender":  # times 2^±g: exact, the same before or after rounding
             shift = torch.exp2(self.group.float())
             inv, s = inv / shift, s * shift
-        q = torch.clamp(torch.round(xt * inv), -self.qmax - 1, self.qmax)
+        return torch.mul(xt, inv).round_().clamp_(-self.qmax - 1, self.qmax), s
+
+    def codes(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, s): the integer codes of x' [T, K] (int32) and the scales, broadcastable to [T, K] (fp32)."""
+        q, s = self._rounded(xt)
         return q.to(torch.int32), s
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """x̂ [T, K] in the stored order: what the layer's weights (stored in that order) multiply."""
-        q, s = self.codes(self.transform(x))
-        return q.float() * s
+        q, s = self._rounded(self.transform(x))
+        return q.mul_(s)
 
 
 def integer_weights(qt) -> tuple[torch.Tensor, torch.Tensor, int]:
