@@ -190,3 +190,12 @@ def test_pickled_weights_are_never_loaded(tiny_model_dir, tmp_path):
     with pytest.raises(LowbitError, match="pickled files are never loaded"):
         lowbit.load(out)
     assert not sentinel.exists()
+
+
+def test_activation_quantized_layers_are_refused(tiny_model_dir, tmp_path):
+    q = lowbit.quantize(lowbit.load(tiny_model_dir("llama")), "W8A8-g32", progress=False,
+                        calib_text="def f(x):\n    return x\n" * 40, calib_samples=2, calib_seq_len=32)
+    for to, out in (("gguf", tmp_path / "m.gguf"), ("gptq", tmp_path / "gptq"), ("compressed-tensors", tmp_path / "ct")):
+        with pytest.raises(LowbitError, match="quantizes its activations too: exports write weight-only layers"):
+            q.export(out, to=to)
+        assert not out.exists()
