@@ -133,8 +133,10 @@ def test_budgets_are_met_and_more_budget_predicts_less_loss(tiny):
     assert len({row["choice"] for row in found[3.5].rows}) > 1  # a mix, not one uniform scheme
     with pytest.raises(LowbitError, match=r"closest reachable is --target-bpw 2\.\d+"):
         _recipe(tiny, target_bpw=1.0)
-    size = _recipe(tiny, target_size="520KB")  # the float head and embedding alone are 471 KB
-    assert size.summary["predicted"]["bytes"] <= 520_000
+    size = _recipe(tiny, target_size="200KB")  # the float head and embedding alone are ~154 KB
+    assert size.summary["predicted"]["bytes"] <= 200_000 and 2 < size.summary["predicted"]["bpw"] < 8
+    with pytest.raises(LowbitError, match=r"closest reachable is --target-size 1[5-7]\d,\d{3} bytes"):
+        _recipe(tiny, target_size="100KB")
     with pytest.raises(LowbitError, match=r"closest reachable is --target-tps") as too_fast:
         _recipe(tiny, target_tps=1e9)
     fastest = float(str(too_fast.value).split()[-1])

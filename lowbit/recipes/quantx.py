@@ -129,11 +129,12 @@ def _options(members: list[str], specs, sens: Sensitivity, cost_of, fused_cost, 
     return mixes + shared
 
 
-def _fixed(model: nn.Module, edges: dict[str, MethodConfig], machine: Machine | None) -> tuple[int, float]:
-    """Bytes and decode seconds outside the recipe's layers: the head and embedding in their formats
-    (a tied pair with one spec stored once), every other float tensor as held."""
+def _fixed(model: nn.Module, edges: dict[str, MethodConfig], machine: Machine | None,
+           names: list[str]) -> tuple[int, float]:
+    """Bytes and decode seconds outside the recipe's layers (`names`): the head and embedding in their
+    formats (a tied pair with one spec stored once), every other float tensor as held."""
     modules = dict(model.named_modules())
-    quantized = {id(modules[n].weight) for n in edges}
+    quantized = {id(modules[n].weight) for n in [*edges, *names]}
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in quantized)
     stored = {}
     for n, spec in edges.items():
@@ -165,7 +166,7 @@ def plan(model: nn.Module, qx: QuantX, tokenizer, text: str, edges: dict[str, Me
     unfit = [n for n in names if not any(fits(s, shapes[n][1]) for s in specs)]
     if unfit:
         raise LowbitError(f"no candidate fits {unfit[0]} ({shapes[unfit[0]][1]} input features): add a row-wise one")
-    fixed_bytes, fixed_seconds = _fixed(model, edges, machine)
+    fixed_bytes, fixed_seconds = _fixed(model, edges, machine, names)
     if kind == "tps":
         cost_of = lambda n, s: machine.seconds(stored_bytes(s, shapes[n]), *shapes[n])
         fused_cost = lambda ms, s: machine.seconds(sum(stored_bytes(s, shapes[m]) for m in ms),
