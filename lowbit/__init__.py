@@ -15,7 +15,8 @@ import importlib
 from .errors import LowbitError
 
 _HOME = {"QuantizedModel": "api", "export": "api", "load": "api", "quantize": "api", "quantize_to": "api",
-         "QTensor": "formats", "UniformQ": "formats", "Auto": "recipes", "Plan": "recipes",
+         "read_recipe": "api", "recipe": "api",
+         "QTensor": "formats", "UniformQ": "formats", "Auto": "recipes", "Plan": "recipes", "QuantX": "recipes",
          **dict.fromkeys(["AWQ", "GANQ", "GPTQ", "RTN", "TEQ", "MethodConfig", "SignRound"], "methods")}
 
 __all__ = sorted([*_HOME, "LowbitError"])

@@ -31,16 +31,18 @@ from .eval.bench import Speed, bench
 from .kernels.cpu import tune as tuning
 from .methods import METHODS, MethodConfig
 from .models import Loaded, default_gguf, fingerprint, load_any, load_reference, load_source
-from .recipes import EDGE, Auto, Plan
+from .recipes import EDGE, Auto, Plan, QuantX, RecipeFile, edge_names
+from .recipes import quantx as recipe_search
+from .recipes import recipe_file
 from .runtime import Chat, GenerationStats, SamplingParams, Session, generate
 from .runtime.server import MAX_BODY_BYTES, serve
 
 # every name `--method` accepts: the methods, and the automatic choice among them
-CONFIGS: dict[str, type] = {**{name: m.CONFIG for name, m in METHODS.items()}, Auto.name: Auto}
+CONFIGS: dict[str, type] = {**{name: m.CONFIG for name, m in METHODS.items()}, Auto.name: Auto, QuantX.name: QuantX}
 
 # the quantization_config keys that are not the model's record (io's own, and format 1's)
 _FORMAT_KEYS = ("quant_method", "format_version", "modules", "shared", "plan", "method", "source", "lm_head",
-               "embeddings")
+               "embeddings", "activations")
 
 
 @dataclass
@@ -98,7 +100,7 @@ class QuantizedModel:
 
     def session(self, **options) -> Session:
         """A decoding session (KV cache reused across calls) over the model; `options`: max_context,
-        threads, engine, exact (runtime/session.py)."""
+        threads, engine, exact, kv_cache, and for serving parallel and prefix_cache (runtime/session.py)."""
         return Session.for_model(self.model, self._tokenizer(), **options)
 
     def chat(self, system: str | None = None, **session) -> Chat:
@@ -154,18 +156,20 @@ def config_for(name: str, scheme: str | None = None, **kwargs) -> MethodConfig |
     """A method's or recipe's config from its name (every method in lowbit.methods, and "auto"), its
     format from a `scheme` string ("W4A16-g128") or from `kwargs` (bits, group_size, sym)."""
     if scheme is not None:
-        given = sorted({"bits", "group_size", "sym"} & set(kwargs))
+        fields = recipes.scheme_fields(scheme)
+        given = sorted(({"bits", "group_size", "sym"} | set(fields)) & set(kwargs))
         if given:
-            raise LowbitError(f"the scheme sets bits, group size and grid: drop {', '.join(given)} or the scheme")
-        kwargs.update(recipes.scheme_fields(scheme))
-    return methods.config_for(name, {Auto.name: Auto}, **kwargs)
+            raise LowbitError(f"the scheme sets {', '.join(sorted(fields))}: drop {', '.join(given)} or the scheme")
+        kwargs.update(fields)
+    return methods.config_for(name, {Auto.name: Auto, QuantX.name: QuantX}, **kwargs)
 
 
-def _how(how) -> MethodConfig | Plan | Auto:
-    """What `quantize` accepts: a method config, a Plan, lowbit.Auto, or a scheme string (RTN)."""
+def _how(how) -> MethodConfig | Plan | Auto | QuantX | RecipeFile:
+    """What `quantize` accepts: a method config, a Plan, lowbit.Auto, lowbit.QuantX (a recipe under a
+    budget), a read recipe file (`read_recipe`), or a scheme string (RTN)."""
     if isinstance(how, str):
         return recipes.parse_scheme(how)
-    if not isinstance(how, (MethodConfig, Plan, Auto)):
+    if not isinstance(how, (MethodConfig, Plan, Auto, QuantX, RecipeFile)):
         raise LowbitError(f"quantize takes a method config such as lowbit.RTN(bits=4), a Plan, lowbit.Auto() "
                           f"or a scheme string such as 'W4A16-g128', got {how!r}")
     return how
@@ -202,7 +206,8 @@ def quantize(model_or_source, how, calib: str | os.PathLike | None = None, *,
     own (`lowbit.recipes.EDGE`, 8-bit RTN g32: what the `lowbit quantize` command does by default);
     here they stay in float unless asked), a scheme
     string ("W4A16-g128": RTN), a `Plan` (its layers, each with its own spec), or `lowbit.Auto(...)`
-    (tries methods, keeps the best; recipes/auto.py). Calibrated methods need a transformers decoder
+    (tries methods, keeps the best; recipes/auto.py), `lowbit.QuantX(target_bpw=3.5)` (a per-layer recipe
+    under a budget, recipes/quantx.py) or a recipe file (`read_recipe`). Calibrated methods need a transformers decoder
     and its tokenizer; they run block by block on `calib_samples` windows of `calib_seq_len` tokens
     of `calib` (a .txt/.jsonl file; default: the built-in calibration split; or the text itself as
     `calib_text`). A `checkpoint` (io.BlockCheckpoint) makes a calibrated run resumable block by
@@ -210,21 +215,58 @@ def quantize(model_or_source, how, calib: str | os.PathLike | None = None, *,
     files, not in memory: `.save` streams them, `.reload()` brings them back to run the model.
     """
     how = _how(how)
-    search = isinstance(how, Auto)  # the search quantizes copies of the model: it needs it in memory
+    search = isinstance(how, (Auto, QuantX))  # the searches run the whole model: they need it in memory
     text = calib_text if calib_text is not None else \
         texts.load("calib", calib) if calib is not None or how.needs_calib else None
     start = _start(model_or_source, tokenizer, lazy=not search)
     calibration = {"samples": calib_samples, "seq_len": calib_seq_len, "text": str(calib) if calib else "builtin"}
-    if search:
+    if isinstance(how, Auto):
         choice = recipes.select(start.model, how, start.tokenizer, text, progress, lm_head=lm_head,
                                 embeddings=embeddings, calib_samples=calib_samples, calib_seq_len=calib_seq_len)
         info = {"calibration": calibration} if choice.plan.needs_calib else {}
         return QuantizedModel(choice.model, start.tokenizer, choice.plan, start.source, {**info, "auto": choice.report})
-    plan = how if isinstance(how, Plan) else Plan.uniform(start.model, how, lm_head, embeddings)
+    made = {}
+    if isinstance(how, QuantX):
+        found = recipe_search.plan(start.model, how, start.tokenizer, text, _edges(start.model, lm_head, embeddings),
+                                   calib_seq_len, progress)
+        plan, made = found.plan, {"recipe": found.summary}
+    elif isinstance(how, RecipeFile):
+        plan = how.plan(start.model)
+    else:
+        plan = how if isinstance(how, Plan) else Plan.uniform(start.model, how, lm_head, embeddings)
     recipes.apply(start.model, plan, tokenizer=start.tokenizer, text=text, calib_samples=calib_samples,
                   calib_seq_len=calib_seq_len, lazy=start.lazy, checkpoint=checkpoint, progress=progress)
     info = {"calibration": calibration} if plan.needs_calib else {}
-    return QuantizedModel(start.model, start.tokenizer, plan, start.source, info, checkpoint)
+    return QuantizedModel(start.model, start.tokenizer, plan, start.source, {**info, **made}, checkpoint)
+
+
+def _edges(model: nn.Module, lm_head, embeddings) -> dict[str, MethodConfig]:
+    """A recipe's fixed specs for the output head and the input embedding (name -> config)."""
+    if lm_head is True or embeddings is True:
+        raise LowbitError("a recipe gives the head and the embedding formats of their own: pass configs "
+                          "(lowbit.recipes.EDGE) or leave them in float, not True")
+    return {n: c for n, c in zip(edge_names(model), (lm_head, embeddings)) if n is not None and isinstance(c, MethodConfig)}
+
+
+def read_recipe(path: str | os.PathLike) -> RecipeFile:
+    """A recipe file (recipes/recipe_file.py), checked; `quantize` takes it as `how`."""
+    return recipe_file.read(path)
+
+
+def recipe(source, qx: QuantX, out: str | os.PathLike | None = None, calib: str | os.PathLike | None = None, *,
+           lm_head: bool | MethodConfig = False, embeddings: bool | MethodConfig = False, calib_seq_len: int = 512,
+           progress: bool = True) -> recipe_search.Recipe:
+    """The per-layer recipe for `source` under `qx`'s budget (recipes/quantx.py), written to `out` as
+    YAML when given; the model is not changed. `lm_head`/`embeddings`: their own configs (the
+    command line's EDGE) or False (float), counted in size and speed budgets."""
+    text = texts.load("calib", calib)
+    start = _start(source, None, lazy=False)
+    found = recipe_search.plan(start.model, qx, start.tokenizer, text, _edges(start.model, lm_head, embeddings),
+                               calib_seq_len, progress)
+    if out is not None:
+        notes = {r["layer"]: f"predicted loss {r['loss']:.3g}, {r['bpw']:.3f} bpw" for r in found.rows}
+        recipe_file.write(out, found.plan, {"source": start.source, **found.summary}, notes)
+    return found
 
 
 def load(path: str | os.PathLike | None) -> QuantizedModel:
@@ -282,9 +324,9 @@ def _progress(out: Path, how, start: Loaded, calib, calib_text: str | None,
     from it; a lazy run parks its finished blocks there (not resumable). None for the search, which
     quantizes copies in memory. Keyed by everything that shapes the blocks (config, source, calibration
     file and text, options): another configuration never reuses them."""
-    if isinstance(how, Auto) or not (how.needs_calib or start.lazy is not None):
+    if isinstance(how, (Auto, QuantX)) or not (how.needs_calib or start.lazy is not None):
         return None
-    key = how.to_record() if isinstance(how, Plan) else how.to_dict()
+    key = how.to_record() if isinstance(how, (Plan, RecipeFile)) else how.to_dict()
     text = hashlib.sha256(calib_text.encode()).hexdigest() if calib_text is not None else None
     return io.BlockCheckpoint.beside(out, {"config": key, "source": start.source, "calib": str(calib),
                                            "calib_text": text, **options})
@@ -322,7 +364,7 @@ def _quantize_to(source, out: str | os.PathLike, how, calib: str | os.PathLike |
     io.check_destination(out.absolute(), overwrite)  # fail before any expensive work
     how = _how(how)
     text = texts.load("calib", calib) if calib is not None else None  # bad text fails before loading
-    start = _start(source, None, lazy=not isinstance(how, Auto))
+    start = _start(source, None, lazy=not isinstance(how, (Auto, QuantX)))
     # The check's reference: a copy of an eager (small) source; a lazy source is read again from its
     # shards at check time, one block at a time (StreamedSource), so the check stays bounded too.
     reference = copy.deepcopy(start.model) if check_windows != 0 and start.lazy is None else None

@@ -34,10 +34,20 @@ def _human(n: float) -> str:
         n /= 1024
 
 
+def _given_options(a, configs: dict | None = None) -> dict:
+    return {name: tuple(v) if isinstance(v, list) else v for name in _config_fields(configs)
+            if (v := getattr(a, name)) is not None}
+
+
 def cmd_quantize(a) -> None:
-    options = {name: tuple(v) if isinstance(v, list) else v for name in _config_fields()
-               if (v := getattr(a, name)) is not None}
-    how = api.config_for(a.method, scheme=a.scheme, **options)
+    options = _given_options(a)
+    if a.recipe:
+        if a.method or a.scheme or options:
+            raise LowbitError("--recipe gives every layer its spec: drop --method, --scheme and the method options")
+        how = api.read_recipe(a.recipe)
+    else:
+        budget = any(k.startswith("target_") for k in options)
+        how = api.config_for(a.method or ("quantx" if budget else "rtn"), scheme=a.scheme, **options)
     edge = False if a.float_embeddings else api.EDGE  # the head and embedding unless --lm-head/--embeddings
     r = api.quantize_to(a.source, a.output, how, a.calib, lm_head=a.lm_head or edge,
                         embeddings=a.embeddings or edge,
@@ -60,6 +70,21 @@ def cmd_quantize(a) -> None:
         print(f"speed (reloaded model, {g.decoder}, {g.threads} threads): prefill {g.prefill_tps:.0f} tok/s "
               f"(pp{g.prompt_tokens}), decode {g.decode_tps:.0f} tok/s (tg{g.gen_tokens}); `lowbit bench` for more")
         print(f"sample: {api.SAMPLE_PROMPT}{r.sample}")
+
+
+def cmd_recipe(a) -> None:
+    qx = api.config_for(api.QuantX.name, **_given_options(a, {api.QuantX.name: api.QuantX}))
+    edge = False if a.float_embeddings else api.EDGE
+    r = api.recipe(a.source, qx, a.output, a.calib, lm_head=edge, embeddings=edge, calib_seq_len=a.calib_seq_len)
+    p = r.summary["predicted"]
+    counts = {}
+    for row in r.rows:
+        counts[row["choice"]] = counts.get(row["choice"], 0) + 1
+    print(f"wrote {a.output}  ({len(r.rows)} layers: " + ", ".join(f"{c} ×{n}" for c, n in counts.items()) + ")")
+    print(f"predicted: {p['bpw']:.3f} bits/weight in the decoder blocks, {p['bytes']:,} bytes "
+          f"({_human(p['bytes'])}) in all, loss {p['loss']:.4g}"
+          + (f", {p['tokens_per_s']:.0f} tokens/s decode" if "tokens_per_s" in p else ""))
+    print(f"apply it: lowbit quantize {a.source or ''} --recipe {a.output} -o OUT".replace("  ", " "))
 
 
 def _show(text: str) -> None:
@@ -143,7 +168,8 @@ def cmd_serve(a) -> None:
     _check_port(a.host, a.port)
     defaults = {k: getattr(a, k) for k in _SERVE_DEFAULTS}
     api.load(a.model).serve(a.name or Path(a.model).name, a.host, a.port, defaults, a.max_queue,
-                            max_body_bytes=a.max_body_mb << 20, parallel=a.parallel, **_session(a))
+                            max_body_bytes=a.max_body_mb << 20, parallel=a.parallel, prefix_cache=a.prefix_cache,
+                            **_session(a))
 
 
 def cmd_bench(a) -> None:
@@ -205,15 +231,16 @@ def cmd_tune(a) -> None:
     print(api.tune(a.threads, quick=a.quick, show=a.show, reset=a.reset))
 
 
-def _config_fields() -> dict[str, dict]:
-    """Every field of the method and recipe configs (api.CONFIGS): name -> its type, metadata, and
-    the default of each config that has it."""
+def _config_fields(configs: dict | None = None) -> dict[str, dict]:
+    """Every field of the method and recipe configs (api.CONFIGS, or `configs`): name -> its type,
+    metadata, the default of each config that has it, and each one's help."""
     out = {}
-    for method, cls in api.CONFIGS.items():
+    for method, cls in (configs or api.CONFIGS).items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            entry = out.setdefault(f.name, {"type": hints[f.name], "metadata": f.metadata, "defaults": {}})
+            entry = out.setdefault(f.name, {"type": hints[f.name], "metadata": f.metadata, "defaults": {}, "helps": {}})
             entry["defaults"][method] = f.default
+            entry["helps"][method] = f.metadata.get("help", "")
     return out
 
 
@@ -221,15 +248,18 @@ def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def _config_options(p: argparse.ArgumentParser) -> None:
+def _config_options(p: argparse.ArgumentParser, configs: dict | None = None) -> None:
     """One option per config field, typed and described by the field; an option left out (None) keeps
     the chosen method's default."""
-    for name, f in _config_fields().items():
+    configs = configs or api.CONFIGS
+    for name, f in _config_fields(configs).items():
         flag, kind, defaults = "--" + name.replace("_", "-"), f["type"], f["defaults"]
         usual = max(defaults.values(), key=list(defaults.values()).count)
         default = ", ".join([_shown(usual)] + [f"{m}: {_shown(d)}" for m, d in defaults.items() if d != usual])
-        owners = "" if len(defaults) == len(api.CONFIGS) else ", ".join(defaults) + ": "
-        help = f"{owners}{f['metadata'].get('help', '')}"
+        owners = "" if len(defaults) == len(configs) else ", ".join(defaults) + ": "
+        helps = f["helps"]
+        help = f"{owners}{f['metadata'].get('help', '')}" if len(set(helps.values())) == 1 else \
+            "; ".join(f"{m}: {h}" for m, h in helps.items())
         if kind is bool:
             off = "--" + f["metadata"].get("off", "no-" + name.replace("_", "-"))
             flags = p.add_mutually_exclusive_group()
@@ -286,8 +316,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="HF model directory, .gguf file, or omitted/'default' for SmolLM2-135M-Instruct")
     q.add_argument("-o", "--output", required=True, help="output directory")
     if api is not None:
-        q.add_argument("--method", default="rtn", choices=sorted(api.CONFIGS),
-                       help="auto: try the methods that fit --budget-minutes and keep the best")
+        q.add_argument("--method", choices=sorted(api.CONFIGS),
+                       help="default: rtn, or quantx when a --target-* budget is given; auto: try the methods "
+                       "that fit --budget-minutes and keep the best; quantx: a per-layer recipe under a budget")
         _config_options(q)
     q.add_argument("--scheme", help="format as a scheme string: W4A16-g128, W3A16-g64-asym, W2-row "
                    "(instead of --bits, --group-size, --sym/--asym)")
@@ -305,7 +336,22 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--no-check", action="store_true", help="skip the accuracy check after saving")
     q.add_argument("--check-windows", type=int, default=0,
                    help="512-token windows for the accuracy check (default: all held-out text)")
+    q.add_argument("--recipe", help="a recipe file (YAML, from `lowbit recipe`): every layer's spec")
     q.set_defaults(func=cmd_quantize)
+
+    r = sub.add_parser("recipe", parents=[common], help="per-layer formats under a budget (QuantX), as an "
+                       "editable YAML recipe for `lowbit quantize --recipe`")
+    r.add_argument("source", nargs="?", default=None,
+                   help="HF model directory, .gguf file, or omitted/'default' for SmolLM2-135M-Instruct")
+    r.add_argument("-o", "--output", required=True, help="the recipe file to write (YAML)")
+    if api is not None:
+        _config_options(r, {api.QuantX.name: api.QuantX})
+    r.add_argument("--calib", help="calibration text for the sensitivity pass: a built-in corpus (pydoc: the "
+                   "default; prose; mixed) or a .txt/.jsonl file")
+    r.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
+    r.add_argument("--float-embeddings", action="store_true",
+                   help="keep the output head and the input embedding in float (default: 8-bit RTN g32)")
+    r.set_defaults(func=cmd_recipe)
 
     g = sub.add_parser("generate", parents=[common], help="generate text (streams)")
     g.add_argument("model", help="quantized directory, source, or 'default'")
@@ -328,6 +374,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-mb", type=int, default=2, help="request bodies past this many MiB get HTTP 413")
     s.add_argument("--parallel", type=int, help="sequences decoded together, each in its own KV slot "
                    "(default: what memory allows for the context, at most 16; printed at start)")
+    s.add_argument("--prefix-cache", type=int, help="further KV slots parking finished prompts' prefixes "
+                   "for reuse (default: as many as --parallel; 0: off)")
     _sampling_options(s, max_tokens=None)
     s.set_defaults(func=cmd_serve)
 
@@ -380,8 +428,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if next((w for w in argv if not w.startswith("-")), None) == "quantize":
-        _import_api()  # its options come from the config classes
+    if next((w for w in argv if not w.startswith("-")), None) in ("quantize", "recipe"):
+        _import_api()  # their options come from the config classes
     args = _parser().parse_args(argv)
     args.debug = getattr(args, "debug", False)
     try:

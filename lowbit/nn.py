@@ -2,6 +2,7 @@
 
 The QTensor's tensors are registered as buffers, so `state_dict()` is exactly what io/ stores
 (`<module>.qweight`, `<module>.scales`, ...), `.to(device)` moves them, and any HF model keeps working.
+ActQuantLinear also quantizes its input at run time (an ActQ, formats/activation.py: W·A· models).
 """
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from . import kernels
 from .formats import QTensor, from_tensors
+from .formats.activation import ActQ
 
 
 class _QuantModule(nn.Module):
@@ -28,14 +30,16 @@ class _QuantModule(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.meta.items())
 
 
-class QuantLinear(_QuantModule):
+class _LinearBase(_QuantModule):
+    """A QTensor as a linear layer's weights, with the kernel's prepared layout kept here."""
+
     def __init__(self, qt: QTensor, bias: torch.Tensor | None = None):
         super().__init__(qt)
         self.out_features, self.in_features = qt.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._prepared, self._prepared_key = None, None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         # The kernel's own layout of the weights is built once (kernels.prepare) and kept here; it is
         # rebuilt when the buffers move or are reloaded, or the kernel choice changes.
         key = (x.device.type, kernels.generation())
@@ -50,6 +54,37 @@ class QuantLinear(_QuantModule):
     def _load_from_state_dict(self, *args, **kwargs):
         self._prepared_key = None
         return super()._load_from_state_dict(*args, **kwargs)
+
+
+class QuantLinear(_LinearBase):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x)
+
+
+class ActQuantLinear(_LinearBase):
+    """A linear layer whose input is quantized too (W·A·, formats/activation.py): x → x̂ (the ActQ's
+    fake quantization, in the weights' stored channel order), then the weight kernel on x̂ plus the
+    (folded) bias. A class of its own, not a QuantLinear: whatever runs QuantLinear's weights alone
+    (the native engine) does not take it for one, so it runs here (the universal path) until a kernel
+    runs the integer form. The ActQ's tensors are buffers `act_<name>`; `act_meta` its stored meta."""
+
+    def __init__(self, qt: QTensor, act: ActQ, bias: torch.Tensor | None = None):
+        super().__init__(qt, bias)
+        self.act_meta = act.meta()
+        self._act_names = list(act.tensors())
+        for name, t in act.tensors().items():
+            self.register_buffer("act_" + name, t)
+
+    @property
+    def act(self) -> ActQ:
+        return ActQ.from_tensors(self.act_meta, {n: getattr(self, "act_" + n) for n in self._act_names})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._matmul(self.act.fake_quantize(x).to(x.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", act=" + ActQ.describe(self.act_meta)
 
 
 class QuantEmbedding(_QuantModule):

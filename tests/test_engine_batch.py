@@ -87,3 +87,34 @@ def test_step_refuses_what_it_cannot_run():
         eng.step([Segment(0, 0, [1] * (eng.max_step_tokens + 1))])
     with pytest.raises(LowbitError, match="slots"):
         load_decoder(quantized("llama"), slots=0)
+
+
+def greedy_together(eng, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy continuations of all prompts decoded together, one batched step per token."""
+    rows = eng.step([Segment(i, 0, p) for i, p in enumerate(prompts)])
+    out = [[int(r.argmax())] for r in rows]
+    for _ in range(steps - 1):
+        rows = eng.step([Segment(i, len(p) + len(o) - 1, [o[-1]]) for i, (p, o) in enumerate(zip(prompts, out))])
+        for o, r in zip(out, rows):
+            o.append(int(r.argmax()))
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_sequences_decoded_together_as_alone():
+    """The real model (its fp16 linears as loaded: no quantization time) and four prompts of different
+    lengths: the greedy tokens of a batched decode are those of each prompt decoded alone."""
+    from lowbit.models import load_source
+
+    loaded = load_source()
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,",
+             "List three colours:"]
+    prompts = [loaded.tokenizer(t).input_ids for t in texts]
+    eng = load_decoder(loaded.model, max_context=64, slots=4)
+    together = greedy_together(eng, prompts, 8)
+    for p, t in zip(prompts, together):
+        eng.truncate(0)  # slot 0 alone
+        got = [int(eng.forward(p).argmax())]
+        for _ in range(7):
+            got.append(int(eng.forward([got[-1]]).argmax()))
+        assert got == t

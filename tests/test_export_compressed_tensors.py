@@ -118,11 +118,20 @@ def test_damaged_directories(tiny_model_dir, tmp_path, capsys, config, tensors, 
 
 
 def test_codebook_layers_are_refused(tiny_model_dir, tmp_path):
-    q = lowbit.quantize(lowbit.load(tiny_model_dir("llama")), lowbit.GANQ(bits=3, iters=1), progress=False,
-                        calib_text="def f(x):\n    return x\n" * 40, calib_samples=2, calib_seq_len=32)
-    with pytest.raises(LowbitError, match="compressed-tensors export writes UniformQ Linear layers"):
+    from lowbit.formats import CodebookQ
+    from lowbit.formats.packing import pack
+    from lowbit.nn import QuantLinear
+
+    q = lowbit.quantize(lowbit.load(tiny_model_dir("llama")), lowbit.RTN(bits=4, group_size=32), progress=False)
+    n, k = q.model.get_submodule("model.layers.1.mlp.up_proj").qtensor.shape
+    codebook = CodebookQ(pack(torch.zeros(n, k, dtype=torch.uint8), 3), torch.zeros(n, 1, 8, dtype=torch.float16),
+                         3, -1, (n, k))
+    q.model.set_submodule("model.layers.1.mlp.up_proj", QuantLinear(codebook))
+    with pytest.raises(LowbitError, match="up_proj is codebook 3b row: compressed-tensors export writes UniformQ"):
         q.export(tmp_path / "ct", to="compressed-tensors")
-    assert not (tmp_path / "ct").exists()
+    with pytest.raises(LowbitError, match="up_proj is codebook 3b row.*GPTQ export writes UniformQ"):
+        q.export(tmp_path / "gptq", to="gptq")
+    assert not (tmp_path / "ct").exists() and not (tmp_path / "gptq").exists()
 
 
 _json = st.recursive(st.none() | st.booleans() | st.integers(-3, 300) | st.sampled_from(["int", "float", "group",

@@ -3,13 +3,17 @@ formats' specification (AutoGPTQ's word-by-word packing loops, its 3-bit straddl
 z − 1 zero points, AutoAWQ's 0 2 4 6 1 3 5 7 nibble order), independent of lowbit's packing.py."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.errors import LowbitError
+from lowbit.io.gptq import _format
 from lowbit.recipes import targets
 
 
@@ -150,3 +154,48 @@ def test_gptq_refuses_mixed_formats(tiny_model_dir, tmp_path):
     with pytest.raises(LowbitError, match="this model has 2 formats"):
         q.export(tmp_path / "gptq", to="gptq")
     assert not (tmp_path / "gptq").exists()
+
+
+_values = st.none() | st.booleans() | st.integers(-2, 300) | st.sampled_from(["gptq", "gptq_v2", "awq", "gemm", "GEMV",
+                                                                              "marlin", ""])
+
+
+@settings(max_examples=200, deadline=None)
+@given(qc=st.dictionaries(st.sampled_from(["quant_method", "bits", "w_bit", "group_size", "q_group_size", "sym",
+                                           "zero_point", "checkpoint_format", "version", "dynamic"]), _values,
+                          max_size=8))
+def test_fuzz_quantization_config(qc):
+    qc.setdefault("quant_method", "gptq")
+    try:
+        method, bits, group, sym, fmt = _format(Path("x"), qc)
+    except LowbitError as e:
+        assert "\n" not in str(e)
+        return
+    assert method in ("gptq", "awq") and bits in (2, 3, 4, 8) and group in (32, 64, 128, -1) and isinstance(sym, bool)
+
+
+def test_pickled_weights_are_never_loaded(tiny_model_dir, tmp_path):
+    import pickle
+
+    sentinel = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    q = lowbit.quantize(lowbit.load(tiny_model_dir("llama")), lowbit.RTN(bits=4, group_size=32), progress=False)
+    out = q.export(tmp_path / "gptq", to="gptq")
+    (out / "model.safetensors").unlink()
+    (out / "pytorch_model.bin").write_bytes(pickle.dumps(Trap()))
+    with pytest.raises(LowbitError, match="pickled files are never loaded"):
+        lowbit.load(out)
+    assert not sentinel.exists()
+
+
+def test_activation_quantized_layers_are_refused(tiny_model_dir, tmp_path):
+    q = lowbit.quantize(lowbit.load(tiny_model_dir("llama")), "W8A8-g32", progress=False,
+                        calib_text="def f(x):\n    return x\n" * 40, calib_samples=2, calib_seq_len=32)
+    for to, out in (("gguf", tmp_path / "m.gguf"), ("gptq", tmp_path / "gptq"), ("compressed-tensors", tmp_path / "ct")):
+        with pytest.raises(LowbitError, match="quantizes its activations too: exports write weight-only layers"):
+            q.export(out, to=to)
+        assert not out.exists()

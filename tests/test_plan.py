@@ -19,13 +19,18 @@ OPTS = dict(calib_samples=4, calib_seq_len=48, progress=False)
 @pytest.mark.parametrize("scheme, spec", [
     ("W4A16-g128", lowbit.RTN(bits=4, group_size=128)), ("W3A16-g64-asym", lowbit.RTN(bits=3, group_size=64, sym=False)),
     ("W2-row", lowbit.RTN(bits=2, group_size=-1)), ("W8", lowbit.RTN(bits=8, group_size=128)),
-    ("W4-g32-sym", lowbit.RTN(bits=4, group_size=32))])
+    ("W4-g32-sym", lowbit.RTN(bits=4, group_size=32)),
+    ("W4A8-tender", lowbit.RTN(bits=4, group_size=128, act_bits=8, act_method="tender")),
+    ("W4A4-tender-row-G12-static", lowbit.RTN(bits=4, group_size=-1, act_bits=4, act_groups=12, act_chunk=0)),
+    ("W8A8-smoothquant-g32", lowbit.RTN(bits=8, group_size=32, act_bits=8, act_method="smoothquant"))])
 def test_scheme_strings(scheme, spec):
     assert parse_scheme(scheme) == spec
     assert parse_scheme(spec.scheme) == spec  # the config's own name parses back
 
 
-@pytest.mark.parametrize("scheme, needle", [("W4A8-g128", "activation quantization"), ("4bit", "not of the form"),
+@pytest.mark.parametrize("scheme, needle", [("W4A3-g128", "activation bits 3"), ("4bit", "not of the form"),
+                                            ("W4A16-tender", "A16 keeps activations in float"),
+                                            ("W4A8-per-token-G4", "Tender's settings"), ("W4A8-tender-G17", "G = 17"),
                                             ("W5A16", "bits=5"), ("W4A16-g100", "group size 100")])
 def test_bad_scheme_strings(scheme, needle):
     with pytest.raises(LowbitError, match=needle):

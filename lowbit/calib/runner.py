@@ -5,7 +5,8 @@
    hidden states per sample and, per block, the keyword arguments the model passes it (masks,
    rotary embeddings, which differ between sliding and full attention blocks).
 3. For each block i: run it in float over the samples while hooks gather, per linear layer, the
-   statistics a method needs (H = Σ x xᵀ, mean |x|, a sample of inputs); let the method quantize the
+   statistics a method needs (H = Σ x xᵀ, mean |x|, each channel's min and max, a sample of inputs);
+   NaN or Inf among them is refused (nothing is fitted to them); let the method quantize the
    block's linears; re-run the quantized block to produce block i+1's inputs.
 """
 
@@ -32,6 +33,8 @@ class LayerStats:
     abs_sum: torch.Tensor  # Σ |x| per input channel [K]
     tokens: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)  # up to SAMPLE_TOKENS rows of x
+    ch_min: torch.Tensor | None = None  # min and max of x per input channel [K] (activation ranges)
+    ch_max: torch.Tensor | None = None
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -42,6 +45,12 @@ class LayerStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if not bool(torch.isfinite(x).all()):
+            raise LowbitError("the calibration activations hold NaN or Inf: the float model overflows on the "
+                              "calibration text (check the source's weights, or use other text)")
+        lo, hi = x.amin(0), x.amax(0)
+        self.ch_min = lo if self.ch_min is None else torch.minimum(self.ch_min, lo)
+        self.ch_max = hi if self.ch_max is None else torch.maximum(self.ch_max, hi)
         self.hessian.addmm_(x.T, x)
         self.abs_sum += x.abs().sum(0)
         self.tokens += x.shape[0]
@@ -53,6 +62,8 @@ class LayerStats:
         """The layer's inputs became x / s (AWQ folding): update the statistics to match."""
         self.hessian /= s[:, None] * s[None, :]
         self.abs_sum /= s
+        if self.ch_min is not None:
+            self.ch_min, self.ch_max = self.ch_min / s, self.ch_max / s
         self.sample = [x / s for x in self.sample]
 
     def relative_error(self, w: torch.Tensor, w_hat: torch.Tensor) -> float:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..formats import describe
+from ..formats.activation import ActQ
 from ..kernels import kernel_for
 
 
@@ -16,6 +17,7 @@ class LayerSize:
     nbytes: int  # bytes stored for them (codes, scales, zeros)
     kernel: str  # the kernel-table row its matmuls run on this CPU (kernels.kernel_for), or "reference"
     shares: str | None = None  # the layer whose tensors it holds (a tied head quantized once): counted once
+    act: dict | None = None  # its activation spec's meta, when it quantizes its input too (formats/activation.py)
 
     @property
     def bpw(self) -> float:
@@ -23,8 +25,8 @@ class LayerSize:
 
     @property
     def format(self) -> str:
-        """The stored format in a few words ("uniform 4b g32 sym")."""
-        return describe(self.meta)
+        """The stored format in a few words ("uniform 4b g32 sym", "uniform 8b g128 sym A8 tender G8 c256")."""
+        return describe(self.meta) + ("" if self.act is None else " " + ActQ.describe(self.act))
 
 
 @dataclass
@@ -61,7 +63,8 @@ def model_size(model: nn.Module) -> ModelSize:
             qt = m.qtensor
             kernel = kernel_for(qt) if hasattr(m, "in_features") else "lookup (dequantized rows)"  # an embedding
             key = tuple(t.data_ptr() for t in m.buffers(recurse=False))
-            layers.append(LayerSize(name, dict(m.meta), qt.shape[0] * qt.shape[1], qt.nbytes, kernel, owners.get(key)))
+            layers.append(LayerSize(name, dict(m.meta), qt.shape[0] * qt.shape[1], qt.nbytes, kernel, owners.get(key),
+                                    getattr(m, "act_meta", None)))
             owners.setdefault(key, name)
     params = list(model.parameters())  # shared (tied) parameters appear once
     floats = [FloatTensor(name, tuple(p.shape), str(p.dtype).removeprefix("torch."), p.numel() * p.element_size())

@@ -32,6 +32,7 @@ from ..atomic_file import write_error
 from ..errors import LowbitError
 from .check import check_safetensors, header_tensors
 from .load import install_quantized
+from .save import activation_specs
 
 
 def _say(message: str) -> None:
@@ -107,8 +108,11 @@ class BlockCheckpoint:
         self._state()  # a foreign or stale state must not vouch for these block files
         tensors = {k: v.contiguous() for k, v in block.state_dict().items()}
         modules = {n: dict(m.meta) for n, m in block.named_modules() if hasattr(m, "qtensor")}
+        acts = activation_specs(block)
         self._write(f"block_{i}.safetensors", serialize(tensors))
         del tensors
+        if acts:  # the layers that quantize their inputs: their activation specs
+            self._write(f"block_{i}.act.json", json.dumps(acts).encode())
         self._write(f"block_{i}.json", json.dumps(modules).encode())
         self._store(block, self.path / f"block_{i}")
 
@@ -173,5 +177,7 @@ def _install(block: torch.nn.Module, stem: Path, stored: bool) -> None:
         tensors = header_tensors(file)
     else:
         tensors = load_file(file)
-    install_quantized(block, json.loads(stem.with_suffix(".json").read_text()), tensors, torch.float32, file)
+    acts = stem.with_suffix(".act.json")
+    install_quantized(block, json.loads(stem.with_suffix(".json").read_text()), tensors, torch.float32, file,
+                      activations=json.loads(acts.read_text()) if acts.is_file() else None)
     block.load_state_dict(tensors, strict=False, assign=True)  # assign: in place of meta, or onto it

@@ -26,8 +26,17 @@ from .load import install_quantized, read_config
 from .save import quantization_config
 
 
+def check_weight_only(model: torch.nn.Module) -> None:
+    """Exports hold weight-only layers: a layer that also quantizes its inputs (ActQuantLinear) is refused."""
+    acts = [n for n, m in model.named_modules() if hasattr(m, "act_meta")]
+    if acts:
+        raise LowbitError(f"layer {acts[0]} quantizes its activations too: exports write weight-only layers "
+                          "(quantize with a W<bits>A16 scheme to export)")
+
+
 def packed_layers(model: torch.nn.Module) -> dict[str, QuantLinear]:
     """The quantized Linear layers a foreign format holds as such: all but the output head."""
+    check_weight_only(model)
     head = model.get_output_embeddings()
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear) and m is not head}
 

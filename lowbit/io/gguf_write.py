@@ -22,6 +22,7 @@ import torch
 
 from ..errors import LowbitError
 from .atomic import atomic_file
+from .foreign import check_weight_only
 from .ggml_blocks import EXPORTABLE, ggml_type, to_blocks
 from .gguf_arch import HEAD_IS_EMBEDDING, NORM_SHIFT, arch_of, gguf_name, row_order
 from .save import shared_modules
@@ -47,6 +48,7 @@ def _float_array(t: torch.Tensor) -> tuple[np.ndarray, gguf.GGMLQuantizationType
 def model_tensors(model: torch.nn.Module) -> dict[str, object]:
     """transformers tensor name -> QTensor (quantized weights) or float tensor, each stored once: a
     head sharing its embedding's tensors (tied) is left out, as llama.cpp reads it from token_embd."""
+    check_weight_only(model)
     shared = shared_modules(model)
     out = {}
     for name, module in model.named_modules():

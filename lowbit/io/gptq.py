@@ -65,6 +65,10 @@ def write_gptq(model: torch.nn.Module, out: str | Path, tokenizer=None, overwrit
     """Write `model` (transformers, lowbit-quantized, one format over its quantized Linear layers) as a
     GPTQ checkpoint directory (quantize_config.json too, for AutoGPTQ)."""
     layers = packed_layers(model)
+    other = next((n for n, m in layers.items() if m.meta["kind"] != UniformQ.kind), None)
+    if other is not None:
+        raise LowbitError(f"layer {other} is {layers[other].qtensor.describe(layers[other].meta)}: "
+                          f"GPTQ export writes {EXPORTABLE}")
     formats = {(m.meta["kind"], m.meta.get("bits"), m.meta.get("group_size"), m.meta.get("sym")) for m in layers.values()}
     if len(formats) != 1:
         raise LowbitError(f"GPTQ export writes {EXPORTABLE}: this model has "
@@ -82,6 +86,8 @@ def write_gptq(model: torch.nn.Module, out: str | Path, tokenizer=None, overwrit
 def _format(path: Path, qc: dict) -> tuple[str, int, int, bool, str]:
     """(method, bits, group size, sym, checkpoint format) of a GPTQ/AWQ quantization_config, checked."""
     method = qc.get("quant_method")
+    if method not in ("gptq", "awq"):
+        raise LowbitError(f"{path}: quant_method {method!r} is neither gptq nor awq")
     bits = qc.get("bits", qc.get("w_bit"))
     group = qc.get("group_size", qc.get("q_group_size"))
     group = -1 if group in (-1, None) and method == "gptq" else group

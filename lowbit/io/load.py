@@ -16,9 +16,12 @@ from safetensors.torch import load_file
 
 from ..errors import LowbitError
 from ..formats import check, from_tensors
-from ..nn import QuantEmbedding, QuantLinear
+from ..formats.activation import ActQ
+from ..nn import ActQuantLinear, QuantEmbedding, QuantLinear
 from .check import check_dimensions, check_safetensors, header_tensors
 from .save import FORMAT_VERSION
+
+ACT_PREFIX = "act_"  # an activation spec's tensors: <module>.act_<name>
 
 
 def read_config(path: Path) -> dict:
@@ -60,10 +63,25 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _module_tensors(name: str, state: dict[str, torch.Tensor], pop: bool = False) -> dict[str, torch.Tensor]:
-    """The QTensor's own tensors of module `name` in `state` (its bias stays with the module)."""
+    """The QTensor's own tensors of module `name` in `state` (its bias and activation tensors aside)."""
     prefix = name + "."
-    keys = [k for k in state if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] != "bias"]
+    keys = [k for k in state if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] != "bias"
+            and not k[len(prefix):].startswith(ACT_PREFIX)]
     return {k[len(prefix):]: state.pop(k) if pop else state[k] for k in keys}
+
+
+def _act_tensors(name: str, state: dict[str, torch.Tensor], pop: bool = False) -> dict[str, torch.Tensor]:
+    """The activation spec's tensors of module `name` in `state` (`<name>.act_<tensor>`), by tensor name."""
+    prefix = name + "." + ACT_PREFIX
+    keys = [k for k in state if k.startswith(prefix) and "." not in k[len(prefix):]]
+    return {k[len(prefix):]: state.pop(k) if pop else state[k] for k in keys}
+
+
+def _checked_act(where, name: str, meta, tensors: dict[str, torch.Tensor], qt_meta: dict) -> None:
+    try:
+        ActQ.check(meta, tensors, qt_meta["shape"][1])
+    except LowbitError as e:
+        raise LowbitError(f"{where}: module {name}: {e} (a damaged file: quantize it again)") from None
 
 
 def _checked(where, name: str, meta, tensors: dict[str, torch.Tensor]) -> None:
@@ -74,11 +92,13 @@ def _checked(where, name: str, meta, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def install_quantized(model: torch.nn.Module, modules: dict[str, dict], state: dict[str, torch.Tensor],
-                      dtype: torch.dtype, where, shared: dict[str, str] | None = None) -> None:
+                      dtype: torch.dtype, where, shared: dict[str, str] | None = None,
+                      activations: dict[str, dict] | None = None) -> None:
     """Replace each listed module of `model` by its quantized form, taking (popping) its tensors
     from `state`, after checking them (shapes, and the values of real ones); a `shared` module
-    (name -> owner) holds its owner's QTensor, the same tensors."""
-    shared = shared or {}
+    (name -> owner) holds its owner's QTensor, the same tensors; a module in `activations` quantizes
+    its input by that spec (ActQuantLinear)."""
+    shared, activations = shared or {}, activations or {}
     qts = {}
     for name in sorted(modules, key=lambda n: n in shared):  # owners first
         meta = modules[name]
@@ -91,18 +111,27 @@ def install_quantized(model: torch.nn.Module, modules: dict[str, dict], state: d
         old = model.get_submodule(name)
         if isinstance(old, torch.nn.Embedding):
             new = QuantEmbedding(qt, old.padding_idx, dtype)
+        elif name in activations:
+            act_tensors = _act_tensors(name, state, pop=True)
+            _checked_act(where, name, activations[name], act_tensors, meta)
+            new = ActQuantLinear(qt, ActQ.from_tensors(activations[name], act_tensors), state.pop(name + ".bias", None))
         else:
             new = QuantLinear(qt, state.pop(name + ".bias", None))
         model.set_submodule(name, new)
 
 
 def _check_structure(model: torch.nn.Module, modules: dict, header: dict[str, torch.Tensor], where,
-                     shared: dict[str, str]) -> None:
+                     shared: dict[str, str], activations: dict[str, dict]) -> None:
     """Every quantized module is a linear or embedding layer of the model with the recorded shape and
-    its tensors (or, shared, its owner's) in the header; every other tensor of the header has the
-    model's shape for it."""
+    its tensors (or, shared, its owner's) in the header, its activation spec's too; every other tensor
+    of the header has the model's shape for it."""
     for name, meta in modules.items():
         _checked(where, name, meta, _module_tensors(shared.get(name, name), header))
+        if name in activations:
+            _checked_act(where, name, activations[name], _act_tensors(name, header), meta)
+        elif _act_tensors(name, header):
+            raise LowbitError(f"{where}: module {name} holds activation tensors but quantization_config gives it no "
+                              "activation spec (a damaged file: quantize it again)")
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -142,6 +171,17 @@ def _shared(qc: dict, modules: dict[str, dict], where) -> dict[str, str]:
     return shared
 
 
+def _activations(qc: dict, modules: dict[str, dict], shared: dict[str, str], where) -> dict[str, dict]:
+    """quantization_config's "activations" (module -> activation spec), checked: each a quantized,
+    unshared module."""
+    acts = qc.get("activations", {})
+    if not isinstance(acts, dict) or not all(isinstance(n, str) and n in modules and n not in shared
+                                             and n not in shared.values() for n in acts):
+        raise LowbitError(f"{where}: quantization_config's 'activations' is damaged (each entry must name a quantized "
+                          "linear layer): quantize the model again")
+    return acts
+
+
 def load(path: str | Path):
     """(model, tokenizer, quantization_config) from a lowbit directory; the model is in eval mode and
     generates."""
@@ -159,6 +199,7 @@ def load(path: str | Path):
         raise LowbitError(f"{path} was written by a newer lowbit (format {version})")
     modules = _modules(qc, path)
     shared = _shared(qc, modules, path)
+    activations = _activations(qc, modules, shared, path)
     files = _weight_files(path)
     header = {k: t for f in files for k, t in header_tensors(f).items()}
     check_dimensions(raw, header, path)
@@ -168,12 +209,12 @@ def load(path: str | Path):
             model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
     except Exception as e:
         raise LowbitError(f"{path}: config.json describes no model lowbit can build ({_first_line(e)})") from None
-    _check_structure(model, modules, header, path, shared)
+    _check_structure(model, modules, header, path, shared, activations)
     del header
     state = {}
     for f in files:
         state.update(load_file(f))
-    install_quantized(model, modules, state, config.dtype or torch.float32, path, shared)
+    install_quantized(model, modules, state, config.dtype or torch.float32, path, shared, activations)
     bad = next((n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:
         raise LowbitError(f"{path}: {bad} holds NaN or Inf (a damaged file: quantize it again)")

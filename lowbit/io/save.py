@@ -7,7 +7,8 @@ under its name only when complete (see atomic.py).
 
 `quantization_config` holds what the caller records (the per-layer plan, the source, ...: a plain dict,
 io does not interpret it) plus the format version and `modules` (each quantized module's QTensor meta,
-all the loader needs to rebuild the weights).
+all the loader needs to rebuild the weights); `activations` (only when some layer quantizes its input)
+maps such a layer to its activation spec's meta, its tensors stored as `<module>.act_<name>`.
 
 The safetensors files are written by a streaming writer (the same bytes as safetensors' save_file): a
 decoder block whose tensors wait on disk (`stored`: name prefix -> file, from io.BlockCheckpoint; only
@@ -35,6 +36,11 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, dict]:
     return {name: dict(m.meta) for name, m in model.named_modules() if hasattr(m, "qtensor")}
 
 
+def activation_specs(model: torch.nn.Module) -> dict[str, dict]:
+    """name -> activation spec meta (formats/activation.py) of every layer that quantizes its input."""
+    return {name: dict(m.act_meta) for name, m in model.named_modules() if hasattr(m, "act_meta")}
+
+
 def shared_modules(model: torch.nn.Module) -> dict[str, str]:
     """name -> the earlier quantized module whose tensors it holds (a tied head quantized once with its
     embedding, recipes/apply.py): its tensors are stored once, under the earlier name."""
@@ -50,9 +56,10 @@ def shared_modules(model: torch.nn.Module) -> dict[str, str]:
 
 
 def quantization_config(model: torch.nn.Module, record: dict | None = None) -> dict:
-    shared = shared_modules(model)
+    shared, acts = shared_modules(model), activation_specs(model)
     return {"quant_method": "lowbit", "format_version": FORMAT_VERSION, **(record or {}),
-            "modules": quantized_modules(model), **({"shared": shared} if shared else {})}
+            "modules": quantized_modules(model), **({"activations": acts} if acts else {}),
+            **({"shared": shared} if shared else {})}
 
 
 def _tensors_to_store(model: torch.nn.Module) -> dict[str, torch.Tensor]:

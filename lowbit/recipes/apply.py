@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from ..calib.runner import calibration_batches, quantize_blocks
 from ..errors import LowbitError
-from ..methods import METHODS, MethodConfig, quantize_weight
+from ..methods import METHODS, MethodConfig, quantize_weight, tender
 from ..models import LazyBlocks, check_finite
-from ..nn import QuantEmbedding, QuantLinear
+from ..nn import ActQuantLinear, QuantEmbedding, QuantLinear
 from .plan import Plan, block_prefix
 
 
@@ -38,23 +38,46 @@ def _blockwise(spec: MethodConfig) -> bool:
 
 def block_quantizer(specs: dict[int, MethodConfig]):
     """The block runner's step for the layers in `specs` (id(module) -> spec): quantize each group of
-    one spec with its method, replace the layers, return their relative output errors."""
+    one spec with its method, replace the layers, return their relative output errors. Specs that
+    quantize activations too have them fitted (methods/tender.py): SmoothQuant's scales folded into
+    the block first, then each layer's ActQ around its weight method (W's columns permuted or rotated
+    before it quantizes them)."""
 
     def run(block, inputs, kwargs, fp_outputs, stats):
         mine = {name: m for name, m in block.named_modules() if id(m) in specs}
-        qts = {}
-        for spec in dict.fromkeys(specs[id(m)] for m in mine.values()):
-            group = {name: m for name, m in mine.items() if specs[id(m)] == spec}
+        groups = {}
+        for name, m in mine.items():
+            groups.setdefault(specs[id(m)], {})[name] = m
+        for spec, group in groups.items():
+            if _blockwise(spec):
+                tender.check_blockwise(spec)
+            if spec.quantizes_acts and spec.act_method == "smoothquant":
+                tender.smooth_block(block, group, stats, spec)
+        qts, fits = {}, {}
+        for spec, group in groups.items():
             method = METHODS[spec.name]
             if _blockwise(spec):
                 qts.update(method.quantize_block(block, group, stats, spec, inputs=inputs, kwargs=kwargs,
                                                  fp_outputs=fp_outputs))
-            else:
-                qts.update({name: method.quantize(m.weight.detach(), stats[name], spec) for name, m in group.items()})
+                if spec.quantizes_acts:
+                    fits.update({name: tender.fit(m.weight.detach(), stats[name], spec) for name, m in group.items()})
+                continue
+            for name, m in group.items():
+                if spec.quantizes_acts:
+                    fits[name] = tender.fit(m.weight.detach(), stats[name], spec)
+                    qts[name] = method.quantize(fits[name].weight, fits[name].stats, spec)
+                else:
+                    qts[name] = method.quantize(m.weight.detach(), stats[name], spec)
         errors = {}
         for name, qt in qts.items():
-            errors[name] = stats[name].relative_error(mine[name].weight.detach(), qt.dequantize())
-            replace(block, name, mine[name], qt)
+            fitted = fits.get(name)
+            if fitted is None:
+                errors[name] = stats[name].relative_error(mine[name].weight.detach(), qt.dequantize())
+                replace(block, name, mine[name], qt)
+            else:
+                errors[name] = fitted.stats.relative_error(fitted.weight, qt.dequantize())
+                act, bias = fitted.finish(qt, mine[name].bias)
+                block.set_submodule(name, ActQuantLinear(qt, act, bias))
         return errors
     return run
 

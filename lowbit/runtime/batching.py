@@ -10,7 +10,9 @@ B, so the scheduler keeps up to `slots` sequences in flight and advances all of 
     the first and copied to the others) and leaves when done, cancelled or failed.
 A slot keeps its tokens after its sequence leaves; a later prompt that starts the same way (a shared
 system prompt, the previous chat turn) takes the free slot sharing the longest prefix, or copies that
-prefix from whichever slot holds it (free slots are overwritten least recently used first).
+prefix from whichever slot holds it (free slots are overwritten least recently used first), or from
+the prefix cache (runtime/prefix_cache.py: the session's spare slots, where finished sequences'
+prefixes are parked by token-prefix hash), whichever holds more of it.
 
 Greedy output equals Session.generate on the same prompt (the same sampler, stop rules and
 detokenizer; logits equal within float rounding). A decoder without batched steps (the universal
@@ -29,6 +31,7 @@ import torch
 
 from ..errors import LowbitError
 from .engine import Segment
+from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
 from .session import Completion, Detokenizer, GenerationStats, Session, StopStrings, common_prefix
 
@@ -102,7 +105,8 @@ class Scheduler(threading.Thread):
         super().__init__(name="lowbit-scheduler", daemon=True)
         decoder = session.decoder
         self.engine = decoder if hasattr(decoder, "step") else OneSlot(decoder)
-        self.slots, self.max_context = self.engine.slots, decoder.max_context
+        self.slots, self.max_context = self.engine.slots - session.prefix_slots, decoder.max_context
+        self.prefix = PrefixCache(self.engine, range(self.slots, self.engine.slots))
         self.kv_bytes_per_slot = getattr(decoder, "kv_bytes_per_slot", 0)
         self.tokenizer, self.stop_tokens, self.max_queue = session.tokenizer, session.stop_tokens, max_queue
         self.cond = threading.Condition()
@@ -113,7 +117,8 @@ class Scheduler(threading.Thread):
         self.used = [0.0] * self.slots  # when each slot was last released (least recently used first)
         self.left: dict[int, int] = {}  # id(request) -> choices still running
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
-        self.totals = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self.totals = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "prefix_cache_hits": 0, "generated_tokens": 0,
+                       "steps": 0}
         self.recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per recent step
         self.stopping = False
 
@@ -146,6 +151,7 @@ class Scheduler(threading.Thread):
                     "tokens_per_second": sum(recent) / RATE_WINDOW_S, "kv_used_tokens": used,
                     "kv_capacity_tokens": self.slots * self.max_context,
                     "kv_used_bytes": used * self.kv_bytes_per_slot // max(self.max_context, 1),
+                    "prefix_slots": len(self.prefix.lru), "prefix_parked": self.prefix.parked,
                     **self.totals, **{f"requests_{k}": v for k, v in self.counts.items()}}
 
     # ---- the thread ----------------------------------------------------------------------------------
@@ -156,16 +162,21 @@ class Scheduler(threading.Thread):
                     self.cond.wait()
                 if self.stopping:
                     return
-                self._admit()
-            for seq in [s for s in self.active if s.req.cancel.is_set()]:
-                self._finish(seq, "cancelled")
-            plan = self._plan()
-            if not plan:
-                continue
+            self.step_once()
+
+    def step_once(self) -> list[tuple[_Sequence, Segment]]:
+        """Admit what fits, drop what was cancelled, run one batched step; the plan it ran (or [])."""
+        with self.cond:
+            self._admit()
+        for seq in [s for s in self.active if s.req.cancel.is_set()]:
+            self._finish(seq, "cancelled")
+        plan = self._plan()
+        if plan:
             try:
                 self._absorb(plan, self.engine.step([seg for _, seg in plan]))
             except Exception as e:  # noqa: BLE001 - any failure ends these requests, the server goes on
                 self._fail({id(s.req): s.req for s, _ in plan if s in self.active}.values(), e)
+        return plan
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, in arrival order (under self.cond)."""
@@ -184,7 +195,12 @@ class Scheduler(threading.Thread):
             first = max(free, key=lambda s: (shared[s], -self.used[s]))
             source = max(range(self.slots), key=lambda s: shared[s])
             reuse = min(shared[source], len(prompt) - 1)
-            if shared[source] > shared[first] and reuse > 0:
+            spare, parked = (-1, 0) if req.echo else self.prefix.lookup(prompt)
+            if min(parked, len(prompt) - 1) > reuse:
+                reuse = min(parked, len(prompt) - 1)
+                self.engine.copy(spare, first, reuse)
+                self.totals["prefix_cache_hits"] += 1
+            elif shared[source] > shared[first] and reuse > 0:
                 self.engine.copy(source, first, reuse)
             else:
                 reuse = min(shared[first], len(prompt) - 1)
@@ -286,14 +302,15 @@ class Scheduler(threading.Thread):
                 seq.req.on_event(seq.index, "text", (text, seq.pending))
         t = seq.times or [seq.start]
         stats = GenerationStats(len(seq.req.prompt), len(seq.generated), t[0] - seq.start, t[-1] - t[0], seq.reused)
-        seq.req.on_event(seq.index, "done", Completion(seq.stopper.text, seq.generated, reason, stats,
-                                                       seq.logprobs, seq.prompt_logprobs))
-        self._release(seq, seq.tokens[:seq.cached])
+        self._release(seq, seq.tokens[:seq.cached])  # before "done": a client that has its answer sees a free slot
+        self.prefix.park(seq.slot, seq.tokens[:seq.cached])
         self.left[id(seq.req)] -= 1
         if not self.left[id(seq.req)]:
             del self.left[id(seq.req)]
             with self.cond:
                 self.counts["cancelled" if seq.req.cancel.is_set() else "completed"] += 1
+        seq.req.on_event(seq.index, "done", Completion(seq.stopper.text, seq.generated, reason, stats,
+                                                       seq.logprobs, seq.prompt_logprobs))
 
     def _release(self, seq: _Sequence, keep: list[int]) -> None:
         self.active.remove(seq)

@@ -112,6 +112,7 @@ typedef struct {
 
 typedef struct {
     int layers, hidden, heads, kvh, hd, inter, vocab, max_ctx, half, act, kvdt, chunk, threads, max_threads, slots;
+    int gemm_rows;                  /* fewer rows than this run the one-token kernel per row (see eng_set_gemm_rows) */
     float embed_scale, final_cap;
     const float *embed;
     eng_lin head; const float *final_norm; float final_eps;
@@ -166,9 +167,17 @@ static void linear(eng *E, const eng_lin *L, const float *x, int m, float *y) {
             }
             x = E->pad;
         }
-        lb_args a = m == 1 ? L->gemv : L->gemm;
+        if (m < E->gemm_rows) {  /* row by row through the one-token kernel */
+            for (int i = 0; i < m; i++) {
+                lb_args a = L->gemv;
+                a.m = 1; a.x = (void *)(x + (size_t)i * L->kp); a.y = y + (size_t)i * L->n;
+                L->gemv_fn(&a);
+            }
+            return;
+        }
+        lb_args a = L->gemm;
         a.m = m; a.x = (void *)x; a.y = y;
-        (m == 1 ? L->gemv_fn : L->gemm_fn)(&a);
+        L->gemm_fn(&a);
         return;
     }
     fp_job J = {L, x, m, y};
@@ -707,7 +716,7 @@ EX eng *eng_new(int layers, int hidden, int heads, int kvh, int hd, int inter, i
     if (!E) return NULL;
     *E = (eng){.layers = layers, .hidden = hidden, .heads = heads, .kvh = kvh, .hd = hd, .inter = inter,
                .vocab = vocab, .max_ctx = max_ctx, .half = half, .act = act, .kvdt = kvdt, .chunk = chunk,
-               .threads = 1, .max_threads = max_threads, .slots = slots, .embed_scale = embed_scale, .final_cap = final_cap, .embed = embed, .par = (lb_par)par};
+               .threads = 1, .max_threads = max_threads, .slots = slots, .gemm_rows = 2, .embed_scale = embed_scale, .final_cap = final_cap, .embed = embed, .par = (lb_par)par};
     E->L = calloc(layers, sizeof(eng_layer));
     E->kv_bytes = (size_t)slots * layers * kvh * max_ctx * hd * kv_elt(kvdt);
     E->kc = huge_alloc(E->kv_bytes); E->vc = huge_alloc(E->kv_bytes);
@@ -761,6 +770,10 @@ EX void eng_set_layer(eng *E, int layer, int fused_qkv, int fused_gate_up, int w
 
 EX void eng_set_rope(eng *E, int table, const float *cos, const float *sin) { E->cos[table] = cos; E->sin[table] = sin; }
 EX void eng_set_threads(eng *E, int n) { E->threads = n; }
+/* Steps of fewer than `rows` tokens run quantized linears one row at a time through the one-token
+   kernel (its exact numerics, and faster than a GEMM built for prefill at a few rows); from `rows` on,
+   one GEMM call reads the weights once for all rows. */
+EX void eng_set_gemm_rows(eng *E, int rows) { E->gemm_rows = rows > 2 ? rows : 2; }
 
 /* on: start counting (zeroed); out: seconds per op so far (NPROF values) */
 EX int eng_profile(eng *E, int on, double *out) {

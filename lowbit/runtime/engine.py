@@ -55,7 +55,11 @@ DT_F16, DT_BF16 = 1, 2
 SCRATCH_BYTES = 64 << 20  # per-chunk activation buffers: the prefill chunk is sized to fit this
 MAX_CHUNK = 512
 SOURCE = Path(__file__).with_name("engine.c")
-MAX_DEFAULT_SLOTS = 16  # past this many sequences per step, two to sixteen cores gain no more throughput
+MAX_DEFAULT_SLOTS = 32  # 16 decoding together (past that, a few cores gain no throughput) + 16 parked prefixes
+# Steps of fewer tokens run quantized linears row by row through the one-token GEMV: today's GEMM
+# (built for prefill) costs ~2.5 GEMVs at 2 rows and wins from ~4 (SmolLM2 W4, 2 threads, shared machine:
+# 145 ms for 2 rows vs 110 row by row; 159 vs 218 at 4; 190 vs 417 at 8). Lower it as small-m GEMMs improve.
+GEMM_FROM_ROWS = 4
 KV_MEMORY_SHARE = 0.5  # by default the KV slots take at most this share of the memory available now
 PROFILE_OPS = ("norm", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "act", "down", "head")  # engine.c's P_*
 
@@ -69,7 +73,8 @@ def _library(isa: str) -> ctypes.CDLL:
            "eng_arena_free": ([p, ctypes.c_size_t], None), "eng_forward": ([p, p, i, i, p, p], None),
            "eng_set_linear": ([p, i, i, i, i, i, p, p, p, p, p, i, p], None),
            "eng_set_norm": ([p, i, i, p, f], None), "eng_set_layer": ([p, i, i, i, i, i, f, f], None),
-           "eng_set_rope": ([p, i, p, p], None), "eng_set_threads": ([p, i], None), "eng_profile": ([p, i, p], i)}
+           "eng_set_rope": ([p, i, p, p], None), "eng_set_threads": ([p, i], None),
+           "eng_set_gemm_rows": ([p, i], None), "eng_profile": ([p, i, p], i)}
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
@@ -446,6 +451,7 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     keep = [embed, tables, lins, head, arena]
     try:
         lib.eng_set_threads(h, nthreads)
+        lib.eng_set_gemm_rows(h, GEMM_FROM_ROWS)
         for t, (cos, sin) in enumerate(tables):
             lib.eng_set_rope(h, t, cos.data_ptr(), sin.data_ptr())
         for i, (layer, built) in enumerate(zip(layers, per_layer)):

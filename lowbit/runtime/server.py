@@ -223,6 +223,9 @@ def _prometheus(m: dict) -> str:
             ("prompt_tokens_total", "counter", "prompt tokens admitted", m["prompt_tokens"]),
             ("prompt_tokens_cached_total", "counter", "prompt tokens reused from a slot's cache",
              m["cached_prompt_tokens"]),
+            ("prefix_cache_slots", "gauge", "KV slots parking finished prompts' prefixes", m["prefix_slots"]),
+            ("prefix_cache_hits_total", "counter", "prompts that reused a parked prefix", m["prefix_cache_hits"]),
+            ("prefix_cache_parked_total", "counter", "prefixes parked", m["prefix_parked"]),
             ("generated_tokens_total", "counter", "tokens generated", m["generated_tokens"]),
             ("steps_total", "counter", "batched decoder steps", m["steps"])]
     lines = []
@@ -516,7 +519,9 @@ def serve(session: Session, name: str, host: str = "127.0.0.1", port: int = 8000
     app = create_app(session, name, defaults, max_queue, max_body_bytes)
     sock = listen(host, port)
     worker = app.state.worker
+    spare = len(worker.prefix.lru)
     print(f"lowbit: serving '{name}' at http://{host}:{sock.getsockname()[1]}/v1 (context {session.max_context} "
-          f"tokens, {worker.slots} parallel slots, {worker.slots * worker.kv_bytes_per_slot / 2**20:.0f} MiB of KV "
-          "cache); Ctrl-C stops", file=sys.stderr, flush=True)
+          f"tokens, {worker.slots} parallel slots + {spare} prefix-cache slots, "
+          f"{(worker.slots + spare) * worker.kv_bytes_per_slot / 2**20:.0f} MiB of KV cache); Ctrl-C stops",
+          file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])

@@ -120,21 +120,30 @@ def model_stop_tokens(model, tokenizer) -> set[int]:
 class Session:
     """One decoder, its tokenizer, and the token ids its cache holds."""
 
-    def __init__(self, decoder, tokenizer, stop_tokens: set[int] | None = None):
+    def __init__(self, decoder, tokenizer, stop_tokens: set[int] | None = None, prefix_slots: int = 0):
         self.decoder, self.tokenizer = decoder, tokenizer
         self.stop_tokens = set(stop_tokens or ())
+        self.prefix_slots = prefix_slots  # the decoder's last slots park prefixes (the server's prefix cache)
         self.cached: list[int] = []
 
     @classmethod
     def for_model(cls, model, tokenizer, max_context: int | None = None, threads: int | None = None,
                   engine: bool = True, exact: bool = False, parallel: int | None = 1,
-                  kv_cache: str = "fp16") -> "Session":
+                  kv_cache: str = "fp16", prefix_cache: int | None = 0) -> "Session":
         """`parallel`: sequences the decoder holds for the server's batched steps (None: what memory
-        allows; the universal decoder holds one); `kv_cache`: fp16, bf16, fp32 or int8 (the engine's)."""
+        allows; the universal decoder holds one); `prefix_cache`: further slots where the server parks
+        finished prompts' prefixes (None: as many as `parallel`, or half of what memory allows when
+        that is None too); `kv_cache`: fp16, bf16, fp32 or int8 (the engine's)."""
         if tokenizer is None:
             raise LowbitError("the model has no tokenizer: quantize or load it with one")
-        return cls(decoder_for(model, max_context, threads, engine, exact, parallel, kv_cache), tokenizer,
-                   model_stop_tokens(model, tokenizer))
+        if (prefix_cache or 0) < 0:
+            raise LowbitError(f"prefix_cache must be 0 or more slots, got {prefix_cache}")
+        slots = None if parallel is None else parallel + (parallel if prefix_cache is None else prefix_cache)
+        decoder = decoder_for(model, max_context, threads, engine, exact, slots, kv_cache)
+        total = getattr(decoder, "slots", 1)
+        spare = (total // 2 if prefix_cache is None else min(prefix_cache, total - 1)) if parallel is None \
+            else total - parallel
+        return cls(decoder, tokenizer, model_stop_tokens(model, tokenizer), max(spare, 0))
 
     @property
     def max_context(self) -> int:

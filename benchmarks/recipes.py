@@ -1,0 +1,237 @@
+"""QuantX recipes on the embedded SmolLM2-135M (issue 18): recipes vs our uniform schemes vs llama.cpp's types.
+
+    python benchmarks/recipes.py [--targets 2.5 3 3.5 4 4.5] [--candidates default] [--samples 128]
+        [--windows N] [--no-llamacpp] [--png recipes.png] [--proxy] [--domains] [--tps N] [--quick]
+
+Main table: one sensitivity pass (timed: the search time; its peak RSS printed), then per target bpw the
+recipe (GPTQ on the chosen formats, calibration `--samples` x 512 of the pydoc split), every uniform
+GPTQ scheme of the candidate grid, and llama.cpp's Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M and Q4_0 made by
+its own quantizer from the same float weights (the shipped Q4_1, dequantized and requantized by
+llama_model_quantize with allow_requantize; benchmarks/vs_llamacpp.py builds it); every model scored
+by lowbit on the same held-out text (pydoc: in domain; prose: out of domain), its KLD against the
+source, its bits per weight over the decoder blocks' linear layers (llama.cpp's from the GGUF's tensor
+sizes) and decode tok/s (bench's tg64; llama.cpp's through llama-cpp-python). Head and embedding: 8-bit
+(recipes.EDGE) for ours. Rows: "best uniform <= bpw" is the lowest-ppl uniform scheme at the same or
+fewer bits. `--png` draws ppl against bpw (needs matplotlib).
+--proxy: Spearman rank correlation of the sensitivity proxy with the model-level KLD of quantizing one
+layer alone, every layer x 3 RTN candidates. --domains: RTN/GPTQ/AWQ W4 g128 calibrated on pydoc and on
+mixed, ppl in and out of domain. --tps N: a --target-tps recipe and its measured decode speed.
+--quick: two targets, four RTN candidates (g64), 8 x 256 calibration, 2 windows (proves the script works).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import resource
+import time
+
+import torch
+
+import lowbit
+from common import start
+from lowbit.calib import load as load_text
+from lowbit.eval import evaluate, model_size
+from lowbit.eval.bench import bench
+from lowbit.eval.metrics import scorer
+from lowbit.methods import METHODS, config_for
+from lowbit.models import load_any
+from lowbit.recipes import EDGE, Plan, QuantX, candidates, edge_names
+from lowbit.recipes.apply import replace
+from lowbit.recipes.quantx import plan as recipe_plan
+from lowbit.recipes.sensitivity import block_linears, measure, rank_correlation
+
+LLAMA_TYPES = {"Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q4_0": 2}  # llama.h ftypes
+BLOCK_TENSOR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
+
+
+def score(model, src, texts: dict[str, str], windows: int | None) -> dict:
+    row = {}
+    for domain, text in texts.items():
+        r = evaluate(model, src.tokenizer, text, max_windows=windows, source=src.model, progress=False)
+        row[domain] = {"ppl": r.ppl, "kld": r.kld, "tokens": r.tokens}
+    return row
+
+
+def body_bpw(model) -> float:
+    body = [s for s in model_size(model).layers if s.name.startswith("model.layers.")]
+    return 8 * sum(s.nbytes for s in body) / sum(s.params for s in body)
+
+
+def quantized(src, plan: Plan, a) -> lowbit.QuantizedModel:
+    return lowbit.quantize(copy.deepcopy(src.model), plan, tokenizer=src.tokenizer, calib_samples=a.samples,
+                           calib_seq_len=a.seq_len, progress=False)
+
+
+def with_edges(src, plan_layers: dict) -> Plan:
+    return Plan({**plan_layers, **{n: EDGE for n in edge_names(src.model) if n is not None}})
+
+
+def decode_tps(q) -> float:
+    return bench(q.model, q.tokenizer, prompt_tokens=64, gen_tokens=64, runs=1, roofline=False).decode_tps
+
+
+def llama_rows(src, texts, windows) -> list[dict]:
+    """llama.cpp's types from the shipped Q4_1 (requantized by its own quantizer), scored by lowbit."""
+    import gguf
+
+    import vs_llamacpp as peers
+
+    python = peers.build()
+    from lowbit.models import default_gguf
+    rows, tokens = [], src.tokenizer(load_text("eval"))["input_ids"][:200]
+    for name, ftype in LLAMA_TYPES.items():
+        path = peers.PEERS / f"SmolLM2-135M-Instruct.{name}.gguf"
+        if not path.is_file():
+            peers.peer(python, {"op": "quantize", "src": str(default_gguf()), "dst": str(path), "ftype": ftype})
+        tensors = [t for t in gguf.GGUFReader(path).tensors if BLOCK_TENSOR.fullmatch(t.name)]
+        bpw = 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+        speed = peers.peer(python, {"op": "bench", "path": str(path), "threads": torch.get_num_threads(), "pp": [64],
+                                    "tg": 64, "runs": 1, "tokens": tokens})
+        model = load_any(path).model
+        rows.append({"model": f"llama.cpp {name}", "bpw": bpw, "file_bytes": path.stat().st_size,
+                     "decode_tps": speed["tg64"], **score(model, src, texts, windows)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def proxy_table(src, a) -> None:
+    """Proxy vs single-layer KLD over every block linear x 3 RTN candidates."""
+    specs = candidates.parse(["rtn:W2-g64-asym", "rtn:W3-g128-asym", "rtn:W4-row-sym"])
+    names = block_linears(src.model)
+    sens = measure(src.model, src.tokenizer, load_text("calib"), specs, names, a.samples, a.seq_len, progress=False)
+    ids = torch.tensor(src.tokenizer(load_text("eval"))["input_ids"][:512 * (a.windows or 2)]).view(-1, 512)
+    reference = [scorer(src.model, 512)(w) for w in ids]
+    predicted, measured = [], []
+    with torch.no_grad():
+        for name in names:
+            layer = src.model.get_submodule(name)
+            for spec in specs:
+                replace(src.model, name, layer, METHODS[spec.name].quantize(layer.weight, None, spec))
+                run = scorer(src.model, 512)
+                kld = sum(float((r.exp() * (r - run(w))).sum(-1).mean()) for r, w in zip(reference, ids)) / len(ids)
+                predicted.append(sens.loss[name][candidates.name(spec)])
+                measured.append(kld)
+                print(json.dumps({"layer": name, "candidate": candidates.name(spec), "proxy": predicted[-1],
+                                  "kld": kld}), flush=True)
+            src.model.set_submodule(name, layer)
+    print(f"Spearman rank correlation, proxy vs single-layer KLD, {len(predicted)} pairs: "
+          f"{rank_correlation(predicted, measured):.3f}")
+
+
+def domains(src, texts, a) -> None:
+    """RTN/GPTQ/AWQ W4 g128 calibrated on pydoc and on mixed: ppl in and out of domain."""
+    print("| method | calibration | pydoc ppl | pydoc KLD | prose ppl | prose KLD |\n|---|---|---|---|---|---|")
+    for calib in ("pydoc", "mixed"):
+        for method in ("rtn", "gptq", "awq"):
+            if method == "rtn" and calib == "mixed":
+                continue
+            spec = config_for(method, bits=4, group_size=128)
+            q = lowbit.quantize(copy.deepcopy(src.model), spec, tokenizer=src.tokenizer,
+                                calib_text=load_text("calib", calib), calib_samples=a.samples, calib_seq_len=a.seq_len,
+                                progress=False)
+            r = score(q.model, src, texts, a.windows)
+            print(f"| {method} | {calib} | {r['pydoc']['ppl']:.4f} | {r['pydoc']['kld']:.5f} | "
+                  f"{r['prose']['ppl']:.4f} | {r['prose']['kld']:.5f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 4.5])
+    ap.add_argument("--candidates", nargs="+", default=["default"])
+    ap.add_argument("--samples", type=int, default=128, help="calibration windows (sensitivity and GPTQ)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, help="evaluation windows per corpus (default: all)")
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--png", help="draw ppl against bpw here (matplotlib)")
+    ap.add_argument("--proxy", action="store_true", help="only the proxy-vs-KLD table")
+    ap.add_argument("--domains", action="store_true", help="only the in/out-of-domain method table")
+    ap.add_argument("--tps", type=float, help="also a --target-tps recipe, its decode speed measured")
+    ap.add_argument("--quick", action="store_true", help="a short run that proves the script works")
+    a = ap.parse_args()
+    if a.quick:
+        a.targets, a.samples, a.seq_len, a.windows = [3.0, 4.0], 8, 256, a.windows or 2
+        a.candidates = ["rtn:W2-g64-asym", "rtn:W3-g64-asym", "rtn:W4-g64-sym", "rtn:W8-g64-sym"]
+    src, _ = start(f"candidates {' '.join(a.candidates)}; calibration {a.samples} x {a.seq_len}; "
+                   f"windows {a.windows or 'all'}")
+    texts = {"pydoc": load_text("eval", "pydoc"), "prose": load_text("eval", "prose")}
+    if a.proxy:
+        return proxy_table(src, a)
+    if a.domains:
+        return domains(src, texts, a)
+
+    specs = candidates.parse(a.candidates)
+    t0 = time.perf_counter()
+    sens = measure(src.model, src.tokenizer, load_text("calib"), specs, block_linears(src.model), a.samples, a.seq_len)
+    search_s = time.perf_counter() - t0
+    print(f"sensitivity pass: {search_s:.0f} s, {len(specs)} candidates x {len(sens.loss)} layers, "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", flush=True)
+    edges = {n: EDGE for n in edge_names(src.model) if n is not None}
+    rows = []
+    budgets = [QuantX(target_bpw=t, candidates=tuple(a.candidates)) for t in a.targets]
+    budgets += [QuantX(target_tps=a.tps, candidates=tuple(a.candidates))] if a.tps else []
+    for qx in budgets:
+        t = time.perf_counter()
+        recipe = recipe_plan(src.model, qx, src.tokenizer, "", edges, a.seq_len, False, sens=sens)
+        solve_s = time.perf_counter() - t
+        q = quantized(src, recipe.plan, a)
+        rows.append({"model": f"recipe {json.dumps(recipe.summary['target'])}", "bpw": body_bpw(q.model),
+                     "predicted": recipe.summary["predicted"], "solve_s": solve_s, "decode_tps": decode_tps(q),
+                     **score(q.model, src, texts, a.windows)})
+        print(json.dumps(rows[-1]), flush=True)
+    for spec in specs:
+        if spec.name == "ganq":
+            continue
+        q = quantized(src, with_edges(src, Plan.over(src.model, spec, block_linears(src.model)).layers), a)
+        rows.append({"model": f"uniform {candidates.name(spec)}", "bpw": body_bpw(q.model),
+                     "decode_tps": decode_tps(q), **score(q.model, src, texts, a.windows)})
+        print(json.dumps(rows[-1]), flush=True)
+    if not a.no_llamacpp:
+        rows += llama_rows(src, texts, a.windows)
+    report(rows, a.targets, search_s)
+    if a.png:
+        draw(rows, a.png)
+
+
+def report(rows: list[dict], targets: list[float], search_s: float) -> None:
+    print(f"\nsearch (sensitivity) {search_s:.0f} s\n")
+    print("| model | bpw (blocks) | pydoc ppl | pydoc KLD | prose ppl | prose KLD | decode tok/s |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: r["bpw"]):
+        print(f"| {r['model']} | {r['bpw']:.3f} | {r['pydoc']['ppl']:.4f} | {r['pydoc']['kld']:.5f} | "
+              f"{r['prose']['ppl']:.4f} | {r['prose']['kld']:.5f} | {r['decode_tps']:.0f} |")
+    print("\n| target | recipe ppl | best uniform <= bpw | its ppl | best llama.cpp <= bpw | its ppl |\n"
+          "|---|---|---|---|---|---|")
+    for target in targets:
+        mine = next(r for r in rows if r["model"] == f"recipe {json.dumps({'bpw': target})}")
+
+        def best(prefix):
+            fit = [r for r in rows if r["model"].startswith(prefix) and r["bpw"] <= mine["bpw"] + 1e-9]
+            return min(fit, key=lambda r: r["pydoc"]["ppl"]) if fit else None
+        cells = [f"{b['model']} | {b['pydoc']['ppl']:.4f}" if b else "— | —" for b in (best("uniform"), best("llama"))]
+        print(f"| {target} | {mine['pydoc']['ppl']:.4f} | " + " | ".join(cells) + " |")
+
+
+def draw(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for prefix, style in (("recipe", "o-"), ("uniform", "s"), ("llama.cpp", "^")):
+        pts = sorted((r["bpw"], r["pydoc"]["ppl"]) for r in rows if r["model"].startswith(prefix))
+        if pts:
+            ax.plot(*zip(*pts), style, label=prefix)
+    ax.set_xlabel("bits per weight (decoder blocks' linear layers)")
+    ax.set_ylabel("perplexity (pydoc held-out, ctx 512)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Fitting activation quantizers (formats/activation.py) from calibration statistics, for any weight method.
+
+Per linear layer, from the block runner's statistics of its input x (each channel's min and max, H = Σ xxᵀ):
+
+  tender       b = (max + min)/2 per channel, m = (max − min)/2 = max |x − b|, TMax = max m; channel k
+               goes to group g = #{i < G−1 : m_k > TMax / 2^(G−1−i)} (the reference's thresholds
+               T_i = TMax/2^(G−1−i), so group g holds T_(g−1) < m ≤ T_g); the channels are sorted by
+               group (stable), W's columns permuted alike BEFORE the weight method runs (its groups and
+               GPTQ's column order then live in the stored order: H is permuted too), and b·Ŵᵀ with the
+               quantized Ŵ is added to the layer's bias: with float activations the layer is then
+               exactly the weight-only one, x·Ŵᵀ = (x − b)·Ŵᵀ + b·Ŵᵀ.
+  hadamard     W's columns rotated by the orthonormal Hadamard matrix (W·H, H's order = in_features)
+               before the weight method runs (H becomes HᵀΣxxᵀH); x·H online; per-token rounding.
+  per-tensor   the calibrated max |x| per channel (its max is the static scale's range).
+  per-token, per-block32: nothing to fit.
+  smoothquant  per block, before any weight is quantized (`smooth_block`): for each input shared by
+               linears (AWQ's groups: the norms feeding q/k/v and gate/up, v → o, up → down), channel
+               scales s = max|x|^α / max|W|^(1−α) with α searched on a grid for the least output error
+               of the fake-quantized layers (per-token activations, RTN weights in the spec's format)
+               on the calibration sample; x/s folded into the producer (norm weight or rows), W·s into
+               the consumers: the float function is unchanged. Then per-token rounding.
+
+Block-wise weight methods (awq, teq, signround) transform and quantize whole blocks themselves, so
+nothing can be folded into W's columns before them: with them only the activation methods that leave
+W alone (per-token, per-block32, per-tensor) are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from ..formats import UniformQ
+from ..formats.activation import ActQ
+from ..formats.hadamard import hadamard
+from .awq import GROUPS, _producer, fold_scales
+from .config import MethodConfig
+
+ALPHAS = [i / 20 for i in range(1, 20)]  # SmoothQuant's migration strength, searched per group
+SEARCH_TOKENS = 512
+WEIGHT_PRESERVING = ("per-token", "per-block32", "per-tensor")  # methods that leave W's columns alone
+
+
+@dataclass
+class Fit:
+    """A layer's fitted activation quantizer before its weights are quantized: `weight` and `stats`
+    in the stored channel order (what the weight method quantizes), and the ActQ's tensors."""
+    weight: torch.Tensor
+    stats: object
+    act: ActQ
+
+    def finish(self, qt, bias: torch.Tensor | None) -> tuple[ActQ, torch.Tensor | None]:
+        """(the ActQ, the layer's new bias): Tender's b·Ŵᵀ folded into the bias, with the quantized Ŵ."""
+        if self.act.bias is None:
+            return self.act, bias
+        folded = qt.dequantize() @ self.act.bias
+        return self.act, folded if bias is None else bias.detach().float() + folded
+
+
+def _permuted(stats, perm: torch.Tensor):
+    return dataclasses.replace(stats, hessian=stats.hessian[perm][:, perm], abs_sum=stats.abs_sum[perm],
+                               sample=[x[:, perm] for x in stats.sample], ch_min=stats.ch_min[perm],
+                               ch_max=stats.ch_max[perm])
+
+
+def _rotated(stats, h: torch.Tensor):
+    sample = [x @ h for x in stats.sample]
+    rows = sum(x.shape[0] for x in sample)
+    abs_sum = sum(x.abs().sum(0) for x in sample) * (stats.tokens / rows) if rows else stats.abs_sum
+    return dataclasses.replace(stats, hessian=h.T @ stats.hessian @ h, abs_sum=abs_sum, sample=sample,
+                               ch_min=None, ch_max=None)
+
+
+def groups_of(maxima: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Each channel's Tender group (int64 [K]) from its max |x − b| against T_i = TMax / 2^(G−1−i)."""
+    tmax = maxima.max()
+    thresholds = tmax / torch.exp2(torch.arange(n_groups - 1, 0, -1, dtype=torch.float32))  # T_0 … T_(G−2)
+    return (maxima[:, None] > thresholds[None, :]).sum(1)
+
+
+def fit(w: torch.Tensor, stats, spec: MethodConfig) -> Fit:
+    """The activation quantizer of one layer (weight `w` [N, K], its input's statistics) by `spec`."""
+    k = w.shape[1]
+    act = ActQ(spec.act_method, spec.act_bits, k, spec.act_groups, spec.act_chunk)
+    if spec.act_method == "tender":
+        bias = (stats.ch_max + stats.ch_min) / 2
+        maxima = (stats.ch_max - stats.ch_min) / 2
+        group = groups_of(maxima, spec.act_groups)
+        perm = torch.sort(group, stable=True).indices
+        act.bias, act.perm, act.group, act.maxima = bias[perm], perm.int(), group[perm].to(torch.uint8), maxima[perm]
+        return Fit(w[:, perm], _permuted(stats, perm), act)
+    if spec.act_method == "hadamard":
+        h = hadamard(k)
+        return Fit(w.float() @ h, _rotated(stats, h), act)
+    if spec.act_method == "per-tensor":
+        act.maxima = torch.maximum(stats.ch_max.abs(), stats.ch_min.abs())
+    return Fit(w, stats, act)
+
+
+def check_blockwise(spec: MethodConfig) -> None:
+    """A LowbitError for activations a block-wise weight method cannot take (module docstring)."""
+    if spec.quantizes_acts and spec.act_method not in WEIGHT_PRESERVING:
+        raise LowbitError(f"{spec.act_method} activations transform W's columns before the weights are quantized; "
+                          f"{spec.name} quantizes whole blocks itself: use rtn, gptq or ganq weights with them "
+                          f"(or {', '.join(WEIGHT_PRESERVING)} activations)")
+
+
+def _fake_tokens(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return ActQ("per-token", bits, x.shape[1]).fake_quantize(x)
+
+
+def search_smoothing(x: torch.Tensor, x_max: torch.Tensor, weights: list[torch.Tensor], spec: MethodConfig) -> torch.Tensor:
+    """SmoothQuant's scales s [K] for inputs x (sample rows) of the linears `weights`, α searched."""
+    w = torch.cat(weights).float()
+    reference = x @ w.T
+    w_max = w.abs().amax(0).clamp(min=1e-5)
+    best, best_s = float("inf"), torch.ones_like(x_max)
+    for alpha in ALPHAS:
+        s = (x_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+        wq = UniformQ.from_float(w * s, spec.bits, spec.group_size, spec.sym).dequantize()
+        err = ((_fake_tokens(x / s, spec.act_bits) @ wq.T - reference) ** 2).mean().item()
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+def smooth_block(block: nn.Module, targets: dict[str, nn.Linear], stats: dict, spec: MethodConfig) -> None:
+    """SmoothQuant's scales folded into the block in place (module docstring); `stats` follow."""
+    for producer_names, consumer_names in GROUPS:
+        producer = _producer(block, producer_names)
+        consumers = [n for n in consumer_names if n in targets]
+        if producer is None or not consumers:
+            continue
+        if isinstance(producer, nn.Linear) and producer.out_features != targets[consumers[0]].in_features:
+            continue  # grouped-query attention: v's channels are not o's
+        st = stats[consumers[0]]
+        x_max = torch.maximum(st.ch_max.abs(), st.ch_min.abs())
+        s = search_smoothing(st.inputs()[:SEARCH_TOKENS], x_max, [targets[n].weight.detach() for n in consumers], spec)
+        fold_scales(producer, [targets[n] for n in consumers], s)
+        for n in consumers:
+            stats[n].rescale_inputs(s)

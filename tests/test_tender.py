@@ -1,0 +1,153 @@
+"""Tender and the activation baselines: the integer oracle against the float path, the group maths, fitting.
+
+The integer oracle (formats.activation.linear_integer) is what the native int8 kernels will be
+tested against; here it is checked against an independent computation (Python integers), and the
+fast float path the universal decoder runs is checked against it.
+"""
+
+import pytest
+import torch
+
+from lowbit.calib.runner import LayerStats
+from lowbit.errors import LowbitError
+from lowbit.formats import UniformQ
+from lowbit.formats.activation import METHODS, ActQ, group_partials, horner, linear_integer, tender_accumulators
+from lowbit.formats.hadamard import hadamard
+from lowbit.methods import GPTQ, RTN, tender
+from lowbit.methods import rtn as rtn_method
+from lowbit.nn import ActQuantLinear
+
+
+def _activations(t: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Rows with per-channel offsets and a few outlier channels (as LLM activations have)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g) * torch.rand(k, generator=g) + torch.randn(k, generator=g)
+    x[:, torch.randperm(k, generator=g)[:3]] *= 40
+    return x
+
+
+def _fitted(x: torch.Tensor, w: torch.Tensor, spec) -> tuple:
+    stats = LayerStats(torch.zeros(x.shape[1], x.shape[1]), torch.zeros(x.shape[1]))
+    stats.add(x)
+    fit = tender.fit(w, stats, spec)
+    qt = rtn_method.quantize(fit.weight, fit.stats, spec)
+    act, bias = fit.finish(qt, None)
+    return qt, act, bias
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_integer_oracle_matches_the_float_path(method, group_size):
+    k = 96 if method != "hadamard" else 80  # 80 = 20·4: a Paley order; the ragged 96 % 64 too
+    x, w = _activations(37, k), torch.randn(29, k)
+    spec = RTN(bits=8, group_size=group_size, act_bits=8, act_method=method, act_groups=6, act_chunk=16)
+    qt, act, bias = _fitted(x, w, spec)
+    layer = ActQuantLinear(qt, act, bias)
+    exact = linear_integer(x, act, qt, layer.bias)
+    assert torch.allclose(layer(x), exact, rtol=1e-5, atol=1e-4)
+    assert ((exact - x @ w.T).norm() / (x @ w.T).norm()) < 0.05  # and both are close to the float layer
+
+
+def test_tender_scales_are_powers_of_two_apart_and_codes_in_range():
+    x, k = _activations(50, 64), 64
+    _, act, _ = _fitted(x, torch.randn(8, k), RTN(bits=8, group_size=-1, act_bits=4, act_groups=5, act_chunk=0))
+    q, s = act.codes(act.transform(x))
+    s0 = act.maxima.max() / (act.qmax * 2 ** (act.groups - 1))
+    assert torch.equal(s.expand(50, k), (s0 * torch.exp2(act.group.float())).expand(50, k))
+    assert int(q.min()) >= -8 and int(q.max()) <= 7
+    assert torch.equal(act.group, torch.sort(act.group).values)  # groups contiguous, ascending
+    top = act.group == act.group.max()
+    assert int(q[:, top].abs().max()) >= 7  # the top group spans the whole 4-bit range
+
+
+def test_groups_follow_the_reference_thresholds():
+    maxima = torch.tensor([8.0, 4.0, 4.01, 1.0, 0.99, 0.5, 0.0])
+    # G = 4: T = 1, 2, 4, 8; group g holds T_(g-1) < m <= T_g (group 0: m <= 1)
+    assert tender.groups_of(maxima, 4).tolist() == [3, 2, 3, 0, 0, 0, 0]
+    assert tender.groups_of(maxima, 1).tolist() == [0] * 7
+
+
+def test_horner_is_the_shifted_sum_and_exact_at_the_worst_case():
+    """G = 16, 8-bit activations and weights all at their extreme: |acc| reaches 2^15 · 2^7 · 2^7 · K,
+    past int32; the oracle's int64 sum equals Python's integers exactly."""
+    k, g = 64, 16
+    q = torch.full((2, k), -128, dtype=torch.int32)
+    group = torch.tensor([i * g // k for i in range(k)], dtype=torch.uint8)
+    w = torch.full((3, k), -128, dtype=torch.int64)
+    acc = horner(group_partials(q, group, g, w, k))
+    expected = sum(128 * 128 * 2 ** int(group[i]) for i in range(k))
+    assert expected > 2**31 and acc.dtype == torch.int64 and bool((acc == expected).all())
+
+
+def test_tender_accumulators_combine_groups_without_float_rescaling():
+    x = _activations(20, 64, seed=1)
+    qt, act, _ = _fitted(x, torch.randn(16, 64), RTN(bits=4, group_size=32, act_bits=8, act_groups=8))
+    acc, s0 = tender_accumulators(x, act, qt)
+    q, s = act.codes(act.transform(x))
+    w = qt.codes().long() - 8
+    direct = torch.stack([(q.long() * 2 ** act.group.long())[:, j * 32:(j + 1) * 32] @ w[:, j * 32:(j + 1) * 32].T
+                          for j in range(2)], -1)
+    assert torch.equal(acc, direct) and torch.equal(s0[:, None] * 2 ** act.group.float(), s.expand(20, 64))
+
+
+def test_bias_fold_keeps_the_weight_only_layer():
+    """With the activations unrounded, a Tender layer is exactly the weight-only one: the bias and
+    the permutation only move terms around (x·Ŵᵀ = (x − b)[perm]·Ŵ[:, perm]ᵀ + b·Ŵᵀ)."""
+    x, w = _activations(30, 64), torch.randn(24, 64)
+    spec = RTN(bits=4, group_size=-1, act_bits=8, act_groups=8)
+    qt, act, bias = _fitted(x, w, spec)
+    weight_only = UniformQ.from_float(w, 4, -1, True).dequantize()
+    assert torch.allclose(act.transform(x) @ qt.dequantize().T + bias, x @ weight_only.T, atol=1e-3)
+
+
+def test_tender_beats_per_tensor_on_outlier_channels():
+    x, w = _activations(200, 128, seed=2), torch.randn(64, 128)
+    errors = {}
+    for method in ("tender", "per-tensor"):
+        qt, act, bias = _fitted(x, w, RTN(bits=8, group_size=-1, act_bits=4, act_method=method, act_groups=8))
+        errors[method] = float((linear_integer(x, act, qt, bias) - x @ w.T).norm())
+    assert errors["tender"] < 0.5 * errors["per-tensor"]
+
+
+def test_gptq_takes_the_permuted_columns():
+    x, w = _activations(100, 64), torch.randn(16, 64)
+    stats = LayerStats(torch.zeros(64, 64), torch.zeros(64))
+    stats.add(x)
+    fit = tender.fit(w, stats, GPTQ(bits=4, group_size=32, act_bits=8))
+    assert torch.equal(fit.weight, w[:, fit.act.perm.long()])
+    assert torch.equal(fit.stats.hessian, stats.hessian[fit.act.perm.long()][:, fit.act.perm.long()])
+
+
+def test_hadamard_orders():
+    for n in (64, 576, 1536, 80):
+        h = hadamard(n)
+        assert torch.allclose(h @ h.T, torch.eye(n), atol=1e-5)
+    with pytest.raises(LowbitError, match="no Hadamard matrix of order 36"):
+        hadamard(36)
+
+
+@pytest.mark.parametrize("bad, match", [({"act_bits": 3}, "activation bits 3"), ({"act_bits": 8, "act_groups": 0}, "G = 0"),
+                                        ({"act_bits": 8, "act_groups": 17}, "G = 17"),
+                                        ({"act_bits": 8, "act_method": "foo"}, "activation method 'foo'")])
+def test_bad_specs_are_one_line_errors(bad, match):
+    with pytest.raises(LowbitError, match=match):
+        RTN(**bad)
+
+
+def test_nan_in_calibration_activations_is_refused():
+    stats = LayerStats(torch.zeros(4, 4), torch.zeros(4))
+    with pytest.raises(LowbitError, match="NaN or Inf"):
+        stats.add(torch.tensor([[1.0, float("nan"), 0.0, 2.0]]))
+
+
+def test_stored_spec_checks():
+    x = _activations(20, 32)
+    _, act, _ = _fitted(x, torch.randn(8, 32), RTN(bits=8, group_size=32, act_bits=8))
+    ActQ.check(act.meta(), act.tensors(), 32)
+    with pytest.raises(LowbitError, match="for 32 input features, the weights have 64"):
+        ActQ.check(act.meta(), act.tensors(), 64)
+    broken = {**act.tensors(), "perm": torch.zeros(32, dtype=torch.int32)}
+    with pytest.raises(LowbitError, match="not a permutation"):
+        ActQ.check(act.meta(), broken)
+    with pytest.raises(LowbitError, match="'group' is not ascending"):
+        ActQ.check(act.meta(), {**act.tensors(), "group": act.group.flip(0)})
