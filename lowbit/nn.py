@@ -88,12 +88,22 @@ class ActQuantLinear(_LinearBase):
 
 
 class QuantEmbedding(_QuantModule):
-    """Embedding table stored quantized; rows are looked up in the dequantized table (reference path)."""
+    """Embedding table stored quantized; rows are looked up in the dequantized table (reference path)
+    and multiplied by `embed_scale`, the scale of the embedding it replaces (Gemma's √hidden: see
+    `embedding_scale`), as the engine multiplies them."""
 
-    def __init__(self, qt: QTensor, padding_idx: int | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, qt: QTensor, padding_idx: int | None = None, dtype: torch.dtype = torch.float32,
+                 embed_scale: float = 1.0):
         super().__init__(qt)
         self.num_embeddings, self.embedding_dim = qt.shape
-        self.padding_idx, self.dtype = padding_idx, dtype
+        self.padding_idx, self.dtype, self.embed_scale = padding_idx, dtype, embed_scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.qtensor.dequantize(self.dtype), self.padding_idx)
+        rows = F.embedding(ids, self.qtensor.dequantize(self.dtype), self.padding_idx)
+        return rows if self.embed_scale == 1.0 else rows * torch.tensor(self.embed_scale, dtype=self.dtype)
+
+
+def embedding_scale(module: nn.Module) -> float:
+    """The factor an embedding module multiplies its rows by (transformers' scaled word embeddings,
+    Gemma: √hidden, kept as `embed_scale`), 1.0 for a plain nn.Embedding."""
+    return float(getattr(module, "embed_scale", 1.0))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ..errors import LowbitError
 from ..formats import check, from_tensors
 from ..formats.activation import ActQ
-from ..nn import ActQuantLinear, QuantEmbedding, QuantLinear
+from ..nn import ActQuantLinear, QuantEmbedding, QuantLinear, embedding_scale
 from .check import check_dimensions, check_safetensors, header_tensors
 from .save import FORMAT_VERSION
 
@@ -110,7 +110,7 @@ def install_quantized(model: torch.nn.Module, modules: dict[str, dict], state: d
             qt = qts[name] = from_tensors(meta, tensors)
         old = model.get_submodule(name)
         if isinstance(old, torch.nn.Embedding):
-            new = QuantEmbedding(qt, old.padding_idx, dtype)
+            new = QuantEmbedding(qt, old.padding_idx, dtype, embedding_scale(old))
         elif name in activations:
             act_tensors = _act_tensors(name, state, pop=True)
             _checked_act(where, name, activations[name], act_tensors, meta)

@@ -21,13 +21,13 @@ from ..calib.runner import calibration_batches, quantize_blocks
 from ..errors import LowbitError
 from ..methods import METHODS, MethodConfig, quantize_weight, tender
 from ..models import LazyBlocks, check_finite
-from ..nn import ActQuantLinear, QuantEmbedding, QuantLinear
+from ..nn import ActQuantLinear, QuantEmbedding, QuantLinear, embedding_scale
 from .plan import Plan, block_prefix
 
 
 def replace(model: nn.Module, name: str, module: nn.Module, qt) -> None:
     if isinstance(module, nn.Embedding):
-        model.set_submodule(name, QuantEmbedding(qt, module.padding_idx, module.weight.dtype))
+        model.set_submodule(name, QuantEmbedding(qt, module.padding_idx, module.weight.dtype, embedding_scale(module)))
     else:
         model.set_submodule(name, QuantLinear(qt, module.bias))
 
