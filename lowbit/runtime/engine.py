@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..kernels import switches
 from ..errors import LowbitError
 from ..formats import UniformQ
 from ..kernels.cpu import build, codegen
@@ -56,10 +57,13 @@ SCRATCH_BYTES = 64 << 20  # per-chunk activation buffers: the prefill chunk is s
 MAX_CHUNK = 512
 SOURCE = Path(__file__).with_name("engine.c")
 MAX_DEFAULT_SLOTS = 32  # 16 decoding together (past that, a few cores gain no throughput) + 16 parked prefixes
-# Steps of fewer tokens run quantized linears row by row through the one-token GEMV: today's GEMM
-# (built for prefill) costs ~2.5 GEMVs at 2 rows and wins from ~4 (SmolLM2 W4, 2 threads, shared machine:
-# 145 ms for 2 rows vs 110 row by row; 159 vs 218 at 4; 190 vs 417 at 8). Lower it as small-m GEMMs improve.
-GEMM_FROM_ROWS = 4
+# Steps of fewer tokens than this run quantized linears row by row through the one-token GEMV, by
+# whether activations are int8. The int8 GEMM (codes unpacked to bytes once per chunk, VNNI) costs
+# 1.2-1.5 GEMVs at 2 rows (SmolLM2 W4 shapes, 1 thread: 20 vs 17 us for 960x576, 49 vs 40 for
+# 3072x576), so every step of 2+ takes it; the fp32 GEMM (dequantized tiles, built for prefill) costs
+# ~2.5 GEMVs at 2 rows and wins from ~4 (2 threads, shared machine: 145 ms for 2 rows vs 110 row by
+# row; 159 vs 218 at 4; 190 vs 417 at 8).
+GEMM_FROM_ROWS = {True: 2, False: 4}
 KV_MEMORY_SHARE = 0.5  # by default the KV slots take at most this share of the memory available now
 PROFILE_OPS = ("norm", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "act", "down", "head")  # engine.c's P_*
 
@@ -451,7 +455,8 @@ def load_decoder(model: nn.Module, max_context: int | None = None, threads: int 
     keep = [embed, tables, lins, head, arena]
     try:
         lib.eng_set_threads(h, nthreads)
-        lib.eng_set_gemm_rows(h, GEMM_FROM_ROWS)
+        lib.eng_set_gemm_rows(h, GEMM_FROM_ROWS[switches.int8_activations() if int8_activations is None
+                                                   else bool(int8_activations)])
         for t, (cos, sin) in enumerate(tables):
             lib.eng_set_rope(h, t, cos.data_ptr(), sin.data_ptr())
         for i, (layer, built) in enumerate(zip(layers, per_layer)):
