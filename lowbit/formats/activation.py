@@ -3,10 +3,11 @@
 A weight QTensor says how W is stored; an ActQ says how x is rounded before x·Wᵀ. Every method maps
 the layer's input x (fp32 rows [T, K]) to x' (the stored channel order, see below), then rounds
 
-    q = clamp(rne(x' · inv), −2^(b−1), 2^(b−1) − 1)         x̂ = q · s,  s = 1 / inv (as below)
+    q = clamp(rne(x' · inv), −2^(b−1), 2^(b−1) − 1)         x̂ = q · s  (inv = top / range, s = range / top)
 
 with rne = round half to even (torch.round; the CPUs' default vcvtps2dq), every step in fp32, and
-inv = 0 (so q = 0) where the range is 0. What differs is the range each scale covers (qmax = 2^(b−1) − 1):
+inv = 0 (so q = 0) where the range is 0; top = qmax = 2^(b−1) − 1 (Tender: below). What differs is the
+range each scale covers:
 
   per-token    one scale per row:              inv = qmax / max_k |x'_k|,  s = max_k |x'_k| / qmax
   per-block32  one per row and 32 channels:    the same over each block of 32 (llama.cpp's Q8_0 activations)
@@ -35,9 +36,11 @@ zero point) and per-(row, weight group) scales sw,
 
     P_g[t, n, j] = Σ_{k in group g, k in weight group j} q[t, k] · w[n, k]          (integers)
     acc[t, n, j] = Σ_g 2^g · P_g = Horner from the top group: acc = 2·acc + P_g, g = G−1 … 0
-    y[t, n] = Σ_j fp32(acc[t, n, j]) · fp32(s_0[t] · sw[n, j])  (+ bias, in fp32, j ascending)
+    y[t, n] = Σ_j fp32(acc[t, n, j]) · fp32(s_0[t] · sw[n, j])  (+ bias; fp32, the j-sum in any order)
 
-one float multiply per output and weight group (per output for whole-row weights). Bounds for the
+one float multiply per output and weight group (per output for whole-row weights): a kernel must
+match acc exactly and y to fp32 rounding. The other methods are checked the same way, one block per
+activation scale and weight group (per-block32: per 32 channels). Bounds for the
 kernels: |q| ≤ 2^(b−1), |w| ≤ 2^(wb−1) (sym; asym codes minus zero ≤ 2^wb − 1), so
 |P_g| ≤ K_g · 2^(b−1) · 2^(wb−1) and |acc| ≤ 2^(G−1) · 2^(b−1) · 2^(wb−1) · K_j (K_j: columns of weight
 group j): int32 holds it while that product is below 2^31 (G = 8, b = wb = 8: K_j ≤ 2^9), int64 beyond.
@@ -59,7 +62,6 @@ from .qtensor import MAX_DIM, check_int
 
 ACT_BITS = (4, 8)
 METHODS = ("tender", "per-token", "per-tensor", "per-block32", "smoothquant", "hadamard")
-CALIBRATED = ("tender", "per-tensor", "smoothquant")  # need statistics of calibration activations
 MAX_GROUPS = 16
 BLOCK = 32
 MAX_CHUNK = 1 << 20
