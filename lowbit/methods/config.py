@@ -17,6 +17,9 @@ from ..formats.activation import METHODS as ACT_METHODS
 from ..formats.activation import check_act_spec
 
 
+ACT_FIELDS = ("act_bits", "act_method", "act_groups", "act_chunk")  # MethodConfig's activation fields
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     bits: int = field(default=4, metadata={"help": "bits per weight"})
@@ -48,7 +51,7 @@ class MethodConfig:
         """The config as a record; float activations leave the act_* fields out (records as before them)."""
         d = asdict(self)
         if not self.quantizes_acts:
-            d = {k: v for k, v in d.items() if not k.startswith("act_")}
+            d = {k: v for k, v in d.items() if k not in ACT_FIELDS}  # not GPTQ's act_order
         return {"method": self.name, **d}
 
     @property
