@@ -166,7 +166,8 @@ def side_by_side(models: list[str], ggufs: dict, peer, threads=(1, 2), pp=(128, 
 
         for name, model in loaded:
             d = decoder_for(model, max_context=max(pp) + tg + 2, threads=t)
-            m = next(layer.meta for layer in model_size(model).layers)  # the first quantized layer's format
+            metas = [layer.meta for layer in model_size(model).layers]
+            m = max(metas, key=metas.count)  # the body's format (most layers), not the 8-bit head or embedding
             bits = m["bits"]
             scheme = MethodConfig(m["bits"], m["group_size"], m.get("sym", True)).scheme
             add(f"lowbit ({type(d).__name__})", scheme, bits, time_decoder(d, tokens, list(pp), tg, runs),
