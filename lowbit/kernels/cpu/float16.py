@@ -15,8 +15,9 @@ import ctypes
 import torch
 
 from ...formats.packing import BLOCK
-from . import build, codegen, isa as isa_mod, threads
+from . import codegen
 from .uniform import PackedUniform
+from .uniform import prepare as _prepare
 
 
 class PackedFloat16(PackedUniform):
@@ -39,9 +40,4 @@ class PackedFloat16(PackedUniform):
 
 def prepare(weight: torch.Tensor, isa: str | None = None) -> PackedFloat16 | None:
     """The packed layer for the best ISA this CPU runs (or `isa`); None when no kernel can be built."""
-    isa = isa or isa_mod.selected()
-    lib = build.load(isa)
-    if lib is None:
-        return None
-    threads.apply(lib)
-    return PackedFloat16(weight, isa, lib)
+    return _prepare(weight, isa, PackedFloat16)
