@@ -11,7 +11,6 @@ rest loaded as is; a lowbit quantization_config records what was imported (a pla
 format's bits, group and grid; the source; the format), so every verb sees a quantized model.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from ..nn import QuantEmbedding, QuantLinear
 from .atomic import atomic_dir
 from .check import check_dimensions, check_safetensors, header_tensors
 from .load import install_quantized, read_config
-from .save import quantization_config
+from .save import quantization_config, write_companions
 
 
 def check_weight_only(model: torch.nn.Module) -> None:
@@ -70,13 +69,7 @@ def write_dir(model: torch.nn.Module, out: str | Path, state: dict[str, torch.Te
     config["quantization_config"] = quantization
     with atomic_dir(out, overwrite) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        write_companions(tmp, model, config, tokenizer, extra_files)
     return Path(out)
 
 

@@ -31,6 +31,18 @@ from .atomic import atomic_dir
 FORMAT_VERSION = 2  # 2: the caller's record is a per-layer plan; 1 recorded one "method" for every module
 
 
+
+def write_companions(tmp: Path, model, config: dict, tokenizer=None, extra_files: dict | None = None) -> None:
+    """What a model directory holds beside its tensors: `extra_files` (name -> text), the tokenizer,
+    the generation config and config.json (with its quantization_config)."""
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
 def quantized_modules(model: torch.nn.Module) -> dict[str, dict]:
     """name -> QTensor meta for every quantized module (anything holding a `qtensor`)."""
     return {name: dict(m.meta) for name, m in model.named_modules() if hasattr(m, "qtensor")}
@@ -152,13 +164,7 @@ def write_model_dir(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        write_companions(tmp, model, config, tokenizer, extra_files)
     return Path(out_dir)
 
 
