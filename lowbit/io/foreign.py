@@ -21,7 +21,7 @@ from ..errors import LowbitError
 from ..nn import QuantEmbedding, QuantLinear
 from .atomic import atomic_dir
 from .check import check_dimensions, check_safetensors, header_tensors
-from .load import install_quantized, read_config
+from .load import assign_state, install_quantized, read_config
 from .save import quantization_config, write_companions
 
 
@@ -118,13 +118,7 @@ def finish(path: Path, model: torch.nn.Module, qts: dict, state: dict[str, torch
         state.update({f"{name}.{k}": v for k, v in qt.tensors().items()})
     dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     install_quantized(model, {n: qt.meta() for n, qt in qts.items()}, state, dtype, path)
-    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected:
-        raise LowbitError(f"{path} holds tensors the model does not have: {', '.join(unexpected[:3])}")
-    model.tie_weights()
-    empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if empty:
-        raise LowbitError(f"{path} is incomplete: no weights for {', '.join(empty[:3])}")
+    assign_state(model, state, path)
     specs = {}
     for name, qt in qts.items():
         specs.setdefault((qt.bits, qt.group_size, qt.sym), []).append(name)

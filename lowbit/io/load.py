@@ -91,6 +91,18 @@ def _checked(where, name: str, meta, tensors: dict[str, torch.Tensor]) -> None:
         raise LowbitError(f"{where}: module {name} {e} (a damaged file: quantize it again)") from None
 
 
+def assign_state(model: torch.nn.Module, state: dict, path) -> None:
+    """Put `state` into a model built on the meta device, tie its weights, and refuse a file with tensors
+    the model lacks or one that leaves any parameter without weights (one line each)."""
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise LowbitError(f"{path} holds tensors the model does not have: {', '.join(unexpected[:3])}")
+    model.tie_weights()
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise LowbitError(f"{path} is incomplete: no weights for {', '.join(empty[:3])}")
+
+
 def install_quantized(model: torch.nn.Module, modules: dict[str, dict], state: dict[str, torch.Tensor],
                       dtype: torch.dtype, where, shared: dict[str, str] | None = None,
                       activations: dict[str, dict] | None = None) -> None:
@@ -218,13 +230,7 @@ def load(path: str | Path):
     bad = next((n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:
         raise LowbitError(f"{path}: {bad} holds NaN or Inf (a damaged file: quantize it again)")
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected:
-        raise LowbitError(f"{path} holds tensors the model does not have: {', '.join(unexpected[:3])}")
-    model.tie_weights()
-    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_empty:
-        raise LowbitError(f"{path} is incomplete: no weights for {', '.join(still_empty[:3])}")
+    assign_state(model, state, path)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     if (path / "generation_config.json").is_file():
