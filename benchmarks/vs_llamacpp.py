@@ -25,12 +25,20 @@ PACKAGE = "llama-cpp-python==0.3.36"
 FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}  # llama.h's LLAMA_FTYPE_MOSTLY_*
 
 
+def tool(name: str) -> Path | None:
+    """llama.cpp's command-line tool `name` (llama-perplexity, llama-bench, llama-server, llama-quantize,
+    llama-cli, llama-completion) as benchmarks/peers/build_llamacpp.sh installs it beside the venv's
+    python, or None when it is not built."""
+    path = VENV / "bin" / name
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
 def build() -> Path:
     """The scratch virtualenv's python with llama-cpp-python compiled for this CPU (~5 min once)."""
     python = VENV / "bin" / "python"
     if python.is_file() and subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
         return python
-    subprocess.run([sys.executable, "-m", "venv", "--clear", VENV], check=True)
+    subprocess.run([sys.executable, "-m", "venv", VENV], check=True)  # no --clear: bin/ holds llama.cpp's tools
     env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
            "-DLLAMA_BUILD_SERVER=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
     print(f"building {PACKAGE} in {VENV} (several minutes) ...", file=sys.stderr, flush=True)

@@ -1,9 +1,17 @@
 """Export a lowbit model to one GGUF file that llama.cpp runs.
 
-Quantized layers are written as the ggml block type that holds them (ggml_blocks.py: UniformQ g32 4-bit
-sym -> Q4_0 and 8-bit sym -> Q8_0 exactly, 4-bit asym -> Q4_1 with m rounded to fp16); any other format
-is refused, naming what can be exported (K-quants are a later step). Float tensors keep their dtype
-(norms always F32, as llama.cpp wants them). Names and row layouts: gguf_arch.py.
+Quantized layers are written as the ggml block type of their own size that holds them (ggml_blocks.py:
+UniformQ 4-bit sym -> Q4_0 and 8-bit sym -> Q8_0 exactly, groups of any multiple of 32; 4-bit asym g32
+-> Q4_1 with m rounded to fp16). Any other layer (UniformQ of other bits, groups or zero points,
+CodebookQ) goes to the K-quant of its bits (2 -> Q2_K ... 6 -> Q6_K; 8 -> Q8_0), fitted to the layer's
+dequantized weights by our own packer (kquants.py; weighted by the calibration importance of each
+input column when the caller has it). Rows that are not whole 256-weight super-blocks take the type
+llama.cpp's llama-quantize falls back to (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0),
+written exactly when the layer's integer grid fits it (UniformQ of 2/3 bits in Q4_0, 4-bit asym in
+Q5_0, ggml_blocks.holds), else fitted by ggml's reference quantizer (the `gguf` package's). Each
+tensor's conversion error (relative squared error against the layer's own weights; 0 when exact) is
+reported on request. Float tensors keep their dtype (norms always F32, as llama.cpp wants them).
+Names and row layouts: gguf_arch.py.
 
 Metadata: the architecture's hyperparameters from the model's config, as convert_hf_to_gguf.py writes
 them; the tokenizer (and chat template, and general.* names) copied field by field from the source
@@ -14,6 +22,7 @@ into place when complete (atomic.atomic_file): an interrupted export leaves noth
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -23,15 +32,22 @@ import torch
 from ..errors import LowbitError
 from .atomic import atomic_file
 from .foreign import check_weight_only
-from .ggml_blocks import EXPORTABLE, ggml_type, to_blocks
+from .ggml_blocks import ggml_type, holds, to_blocks
+from .kquants import BY_BITS, KINDS, QK_K
+from .kquants import quantize as kquantize
 from .gguf_arch import HEAD_IS_EMBEDDING, NORM_SHIFT, arch_of, gguf_name, row_order
 from .save import shared_modules
 
 _FLOAT_TYPES = {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGMLQuantizationType.F16,
                 torch.bfloat16: gguf.GGMLQuantizationType.BF16}
-_FILE_TYPES = {gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-               gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-               gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
+GGML = gguf.GGMLQuantizationType
+_FILE_TYPES = {GGML.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, GGML.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+               GGML.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, GGML.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+               GGML.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, GGML.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
+               GGML.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S, GGML.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
+               GGML.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S, GGML.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K}
+FALLBACK = {GGML.Q2_K: GGML.Q4_0, GGML.Q3_K: GGML.Q4_0, GGML.Q4_K: GGML.Q5_0, GGML.Q5_K: GGML.Q5_1,
+            GGML.Q6_K: GGML.Q8_0}  # llama-quant.cpp's tensor_type_fallback, for rows not a multiple of 256
 _COPIED = ("tokenizer.", "general.name", "general.basename", "general.finetune", "general.size_label",
            "general.organization", "general.license", "general.languages")
 
@@ -63,17 +79,56 @@ def model_tensors(model: torch.nn.Module) -> dict[str, object]:
     return out
 
 
-def _encode(config, hf_name: str, value) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+@dataclass(frozen=True)
+class Converted:
+    """One quantized tensor of an export: its lowbit format, the GGUF type it went to, and the
+    conversion's relative squared error ‖ŵ − w‖² / ‖w‖² against the layer's own weights (0: exact)."""
+    name: str
+    format: str
+    gguf_type: str
+    rel_err: float
+
+
+def gguf_type(qt) -> GGML:
+    """The type a QTensor is written as: the ggml type of its own size that holds it, else the K-quant
+    of its bits (8: Q8_0), or llama.cpp's fallback for rows that are not whole super-blocks."""
+    exact = ggml_type(qt)
+    if exact is not None:
+        return exact
+    target = BY_BITS.get(qt.bits, GGML.Q8_0)
+    return FALLBACK.get(target, target) if qt.shape[1] % QK_K else target
+
+
+def _quantized(hf_name: str, qt, importance: torch.Tensor | None, report: list | None) -> tuple[np.ndarray, GGML]:
+    """`qt` as GGUF blocks and their type; the conversion appended to `report` (when given)."""
+    qtype, values = gguf_type(qt), None
+    if holds(qt, qtype):
+        array = to_blocks(qt, qtype)[0]
+        if qtype != GGML.Q4_1:  # exact
+            values = False
+    elif qtype in KINDS:
+        array, values = kquantize(qt.dequantize(), qtype, importance)
+    else:
+        array = gguf.quants.quantize(qt.dequantize().numpy(), qtype)
+    if report is not None:
+        err = 0.0
+        if values is not False:
+            w = qt.dequantize()
+            values = torch.from_numpy(gguf.quants.dequantize(array, qtype)) if values is None else values
+            err = float((values - w).square().sum() / w.square().sum().clamp(min=torch.finfo(torch.float32).tiny))
+        report.append(Converted(hf_name[:-len(".weight")], qt.describe(qt.meta()), qtype.name, err))
+    return array, qtype
+
+
+def _encode(config, hf_name: str, value, importance: torch.Tensor | None,
+            report: list | None) -> tuple[np.ndarray, GGML | None]:
     """(array, raw ggml type or None for a float array), rows in GGUF's order."""
     if isinstance(value, torch.Tensor):
         if NORM_SHIFT.get(config.model_type) and hf_name.endswith("norm.weight"):
             value = value.detach().float() + NORM_SHIFT[config.model_type]
         array, qtype = _float_array(value)
     else:
-        if ggml_type(value) is None:
-            raise LowbitError(f"layer {hf_name[:-len('.weight')]} is {value.describe(value.meta())}, which GGUF "
-                              f"cannot hold exactly: GGUF export writes {EXPORTABLE} (K-quants are not written yet)")
-        array, qtype = to_blocks(value)
+        array, qtype = _quantized(hf_name, value, importance, report)
     order = row_order(config, hf_name, array.shape[0])
     if order is not None:
         array = array[order.numpy()]
@@ -146,20 +201,24 @@ def _tokenizer_fields(w: gguf.GGUFWriter, tokenizer, size: int) -> None:
 
 
 def write_gguf(model: torch.nn.Module, out: str | Path, tokenizer=None, source_gguf: Path | None = None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, importance: dict[str, torch.Tensor] | None = None,
+               report: list | None = None) -> Path:
     """Write `model` (transformers, lowbit-quantized) as the GGUF file `out`, atomically; tokenizer
-    fields from `source_gguf` when given, else from `tokenizer`."""
+    fields from `source_gguf` when given, else from `tokenizer`. `importance`: module name -> [K]
+    weights of its input columns (calibration statistics, diag(XXᵀ)) for the layers fitted to a
+    K-quant; `report`: a list to which each quantized tensor's Converted is appended."""
     config = model.config
     arch = arch_of(config)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    arrays = {gguf_name(names, n): (n, *_encode(config, n, v)) for n, v in model_tensors(model).items()}
+    importance = importance or {}
+    arrays = {gguf_name(names, n): (n, *_encode(config, n, v, importance.get(n[:-len(".weight")]), report))
+              for n, v in model_tensors(model).items()}
     if arch in HEAD_IS_EMBEDDING and "output.weight" in arrays:
         raise LowbitError(f"{config.model_type} in GGUF reads its output head from the token embedding: "
                           "quantize the head and the embedding with one spec (they are then stored once)")
     kinds = Counter(qtype for _, _, qtype in arrays.values() if qtype in _FILE_TYPES)
     if not kinds:
-        raise LowbitError("model has no quantized layers: quantize it first (GGUF export writes "
-                          f"{EXPORTABLE})")
+        raise LowbitError("model has no quantized layers: quantize it first")
     if source_gguf is None and tokenizer is None:
         raise LowbitError("GGUF export needs the model's tokenizer")
     out = Path(out)
