@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import LowbitError
+from .constrained import Grammar
 from .engine import Segment
 from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
@@ -54,6 +55,7 @@ class Request:
     echo: bool = False  # report the prompt's log-probabilities too
     on_event: Callable[[int, str, object], None] = lambda choice, kind, value: None
     cancel: threading.Event = field(default_factory=threading.Event)
+    grammar: Grammar | None = None  # constrained decoding (runtime/constrained.py): each choice gets a matcher
     # events: (i, "text", (delta, [TokenLogprob])), (i, "done", Completion), (-1, "error", exception)
 
 
@@ -92,6 +94,7 @@ class _Sequence:
         self.pending: list[TokenLogprob] = []  # log-probabilities not yet sent with text
         self.leader: _Sequence | None = None  # choices after the first wait for its prompt
         self.start, self.times, self.cut = time.perf_counter(), [], False
+        self.matcher = None if req.grammar is None else req.grammar.matcher()
 
     @property
     def prefilling(self) -> bool:
@@ -271,7 +274,10 @@ class Scheduler(threading.Thread):
 
     def _next(self, seq: _Sequence, logits: torch.Tensor) -> int:
         """Sample seq's next token from `logits`, stream its text, finish it when a rule says so."""
-        token = seq.sampler(logits, seq.tokens, seq.generated)
+        allowed = None if seq.matcher is None else seq.matcher.allowed(logits.numel())
+        token = seq.sampler(logits, seq.tokens, seq.generated, allowed)
+        if seq.matcher is not None:
+            seq.matcher.advance(token)
         seq.times.append(time.perf_counter())
         if seq.logprobs is not None:
             rec = token_logprob(logits, token, seq.req.logprobs)
@@ -288,6 +294,8 @@ class Scheduler(threading.Thread):
             seq.pending = []
         if hit:
             seq.cut = True
+            self._finish(seq, "stop")
+        elif seq.matcher is not None and seq.matcher.done:  # the grammar allows only the end now
             self._finish(seq, "stop")
         elif len(seq.generated) >= seq.req.max_tokens or seq.cached >= self.max_context:
             self._finish(seq, "length")

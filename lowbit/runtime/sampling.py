@@ -2,6 +2,8 @@
 
 The order is the usual one (HF and llama.cpp agree on it): penalties on the raw logits, then
 temperature, then the truncations (top-k, top-p, min-p), then a draw. Temperature 0 is greedy.
+A constrained sequence (runtime/constrained.py) passes the tokens its grammar allows: every other
+logit is -inf after the penalties, so neither the truncations nor greedy can pick outside the grammar.
 Log-probabilities reported to clients are the model's own, log_softmax of the raw logits (before
 penalties and temperature), as vLLM reports them: what lm-eval's scoring and a calibration check need.
 """
@@ -105,9 +107,13 @@ class Sampler:
         else:
             self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor, context: list[int], generated: list[int]) -> int:
+    def __call__(self, logits: torch.Tensor, context: list[int], generated: list[int],
+                 allowed: torch.Tensor | None = None) -> int:
+        """The next token; `allowed` (bool, one per logit): only those tokens may be drawn."""
         p = self.params
         logits = apply_penalties(logits.float().clone(), context, generated, p)
+        if allowed is not None:
+            logits.masked_fill_(~allowed, -float("inf"))
         if p.temperature == 0:
             return int(logits.argmax())
         logits = min_p(top_p(top_k(logits / p.temperature, p.top_k), p.top_p), p.min_p)

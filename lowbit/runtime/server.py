@@ -8,7 +8,10 @@ shared prefix (a system prompt, the previous chat turn) is computed once. A clie
 while waiting or while streaming, cancels its request and frees its slots at the next step. The
 OpenAI surface: n choices, logprobs / top_logprobs (the model's own log-probabilities), echo with the
 prompt's log-probabilities (what lm-eval's loglikelihood tasks ask for), seed, presence and
-frequency penalties. Bad requests get OpenAI's error JSON: {"error": {"message", "type", "param",
+frequency penalties, `response_format` json_object / json_schema (decoding constrained to the schema:
+runtime/constrained.py), `tools` / `tool_choice` with parsed `tool_calls` (runtime/tools.py; while a
+reply may hold calls it streams whole when done: its text cannot be told from a call until then).
+Bad requests get OpenAI's error JSON: {"error": {"message", "type", "param",
 "code"}}, and a request that cannot fit (n choices beyond the slots, prompt plus max tokens beyond a
 slot's context) is refused before any work.
 
@@ -37,7 +40,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import LowbitError
-from . import batching
+from . import batching, tools
+from .constrained import Grammar, Grammars, InvalidRequest
 from .sampling import SamplingParams, TokenLogprob
 from .session import Completion, Session
 
@@ -101,13 +105,45 @@ def _stop(body: dict) -> list[str]:
     return stop
 
 
-def _unsupported(body: dict) -> None:
+def _unsupported(body: dict, chat: bool) -> None:
     """Features this server does not have: refuse them rather than silently ignore them."""
-    for name, ok in (("best_of", lambda v: v in (None, 1)), ("suffix", lambda v: not v), ("tools", lambda v: not v), ("functions", lambda v: not v),
-                     ("logit_bias", lambda v: not v),
-                     ("response_format", lambda v: v is None or isinstance(v, dict) and v.get("type") == "text")):
+    for name, ok in (("best_of", lambda v: v in (None, 1)), ("suffix", lambda v: not v),
+                     ("functions", lambda v: not v), ("function_call", lambda v: not v),
+                     ("tools", lambda v: chat or not v), ("tool_choice", lambda v: chat or v is None),
+                     ("logit_bias", lambda v: not v)):
         if name in body and not ok(body[name]):
-            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported")
+            raise APIError(400, f"'{name}' is not supported by this server" +
+                           (" (use 'tools')" if name.startswith("function") else ""), param=name, code="unsupported")
+
+
+def _response_format(body: dict) -> tuple[dict, str] | None:
+    """(JSON schema the output must match, the param naming it) or None for free text."""
+    fmt = body.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}, "response_format"
+    spec = fmt.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(spec, dict):
+        raise InvalidRequest("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                             "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                             "response_format")
+    if not isinstance(spec.get("name"), str) or not tools.NAME.fullmatch(spec["name"]):
+        raise InvalidRequest("'response_format.json_schema.name' must be 1-64 letters, digits, '_' or '-'",
+                             "response_format.json_schema.name")
+    return spec.get("schema", {}), "response_format.json_schema.schema"
+
+
+def _tool_calls(m: dict, i: int) -> list[dict]:
+    """An assistant message's earlier `tool_calls`, checked ([] when it has none)."""
+    calls = m.get("tool_calls") or []
+    if m.get("role") != "assistant" and calls or not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments"), str) for c in calls):
+        raise APIError(400, f"messages[{i}].tool_calls must be a list of {{id, type: \"function\", function: "
+                       f"{{name, arguments (JSON text)}}}} on an assistant message", param=f"messages[{i}].tool_calls")
+    return calls
 
 
 def _messages(body: dict) -> list[dict]:
@@ -118,16 +154,21 @@ def _messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         content = m.get("content") if isinstance(m, dict) else None
+        calls = _tool_calls(m, i) if isinstance(m, dict) else []
+        if calls and content is None:
+            content = ""
         if isinstance(content, list):  # content parts: only text is understood
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
                 raise APIError(400, f"messages[{i}]: only text content parts are supported",
                                param=f"messages[{i}].content")
             content = "".join(p["text"] for p in content)
-        if role not in ("system", "developer", "user", "assistant") or not isinstance(content, str):
-            raise APIError(400, f"messages[{i}] must have a role (system, user, assistant) and text content",
+        if role not in ("system", "developer", "user", "assistant", "tool") or not isinstance(content, str):
+            raise APIError(400, f"messages[{i}] must have a role (system, user, assistant, tool) and text content",
                            param=f"messages[{i}]")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        out.append({"role": "system" if role == "developer" else role, "content": content,
+                    **({"tool_calls": calls} if calls else {}),
+                    **({"tool_call_id": str(m["tool_call_id"])} if role == "tool" and "tool_call_id" in m else {})})
     return out
 
 
@@ -240,6 +281,13 @@ def _finish(out: Completion) -> str:
     return "stop" if out.finish_reason == "stop" else "length"
 
 
+def _reply(out: Completion, tool_list: list[dict]) -> tuple[str | None, list[dict], str]:
+    """(content, tool_calls, finish_reason) of a chat choice: with tools offered, its calls parsed
+    (a reply cut by max_tokens keeps "length", with the calls it completed)."""
+    content, calls = tools.parse_calls(out.text, tool_list) if tool_list else (out.text, [])
+    return content, calls, "tool_calls" if calls and out.finish_reason == "stop" else _finish(out)
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -272,6 +320,8 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
     tokenizing = ThreadPoolExecutor(1, thread_name_prefix="lowbit-tokenize")  # one at a time: off the event loop
     max_chars = session.max_context * _longest_token(tokenizer)
     created = int(time.time())
+    grammars = Grammars(tokenizer, session.stop_tokens)  # used on the tokenizing thread only
+    template = tools.ChatTemplate(tokenizer) if getattr(tokenizer, "chat_template", None) else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -311,17 +361,37 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
     async def metrics():
         return PlainTextResponse(_prometheus(worker.metrics()), media_type="text/plain; version=0.0.4")
 
-    def tokenize(chat: bool, what) -> list[int]:
-        """On the tokenizing thread: the chat template's rendering of `what` (messages), or the text."""
+    def constrain(body: dict, chat: bool) -> tuple[list[dict], Grammar | None]:
+        """On the tokenizing thread: the tools offered to the model (none for tool_choice "none") and
+        the grammar its output must follow (a forced tool call or response_format), compiled once."""
+        try:
+            tool_list = tools.parse_tools(body, grammars) if chat else []
+            choice = tools.parse_choice(body, tool_list)
+            fmt = _response_format(body)
+            if fmt is not None and choice not in (None, "none"):
+                raise InvalidRequest("'response_format' with 'tools' is not supported: use one of them",
+                                     "response_format")
+            if choice not in (None, "none", "auto"):
+                parallel = choice == "required" and _get(body, "parallel_tool_calls", (bool,), True,
+                                                         want="true or false")
+                return tool_list, tools.call_grammar(grammars, tool_list, choice, parallel)
+            return ([] if choice == "none" else tool_list), None if fmt is None else grammars.json_schema(*fmt)
+        except InvalidRequest as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+        except LowbitError as e:  # the tokenizer cannot be used for grammars
+            raise APIError(400, str(e), param="response_format", code="unsupported") from None
+
+    def tokenize(chat: bool, what, tool_list: list[dict]) -> list[int]:
+        """On the tokenizing thread: the chat template's rendering of `what` (messages) with the
+        offered tools, or the text."""
         try:
             if not chat:
                 return list(tokenizer(what).input_ids)
-            text = tokenizer.apply_chat_template(what, tokenize=False, add_generation_prompt=True)
-            return list(tokenizer(text, add_special_tokens=False).input_ids)
+            return list(tokenizer(template.render(what, tool_list), add_special_tokens=False).input_ids)
         except Exception as e:  # the template rejected the messages
             raise APIError(400, f"cannot render the prompt: {str(e)[:200]}", param="messages") from None
 
-    async def parse(request: Request, chat: bool) -> tuple[dict, list[int], int]:
+    async def parse(request: Request, chat: bool) -> tuple[dict, list[int], int, list[dict], Grammar | None]:
         try:
             body = json.loads(await _read_body(request, max_body_bytes))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -332,7 +402,7 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
         if model != name:
             raise APIError(404, f"the model '{str(model)[:100]}' does not exist: this server serves '{name}'",
                            param="model", code="model_not_found")
-        _unsupported(body)
+        _unsupported(body, chat)
         param = "messages" if chat else "prompt"
         if chat:
             if not getattr(tokenizer, "chat_template", None):
@@ -346,8 +416,10 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
                 _too_long(len(what), session.max_context - 1, "tokens", session.max_context, param)
             else:
                 _too_long(len(what), max_chars, "characters", session.max_context, param)
+        loop = asyncio.get_running_loop()
+        tool_list, grammar = await loop.run_in_executor(tokenizing, functools.partial(constrain, body, chat))
         prompt = what if not chat and isinstance(what, list) else \
-            await asyncio.get_running_loop().run_in_executor(tokenizing, functools.partial(tokenize, chat, what))
+            await loop.run_in_executor(tokenizing, functools.partial(tokenize, chat, what, tool_list))
         room = session.max_context - len(prompt)
         if not prompt or room < 1:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context holds "
@@ -361,10 +433,10 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"the prompt ({len(prompt)} tokens) plus {given} ({max_tokens}) exceeds the "
                            f"context of {session.max_context} tokens", param=given, code="context_length_exceeded")
-        return body, prompt, room if max_tokens is None else max_tokens
+        return body, prompt, room if max_tokens is None else max_tokens, tool_list, grammar
 
     async def run(request: Request, chat: bool):
-        body, prompt, max_tokens = await parse(request, chat)
+        body, prompt, max_tokens, tool_list, grammar = await parse(request, chat)
         stream = _get(body, "stream", (bool,), False, want="true or false")
         options = _get(body, "stream_options", (dict,), {}, want="an object")
         n, top, echo = _choices(body, chat, worker.slots)
@@ -383,7 +455,7 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
             except RuntimeError:  # the event loop is gone (server shutting down)
                 cancel.set()
 
-        req = batching.Request(prompt, max_tokens, sampling, _stop(body), n, top, echo, on_event, cancel)
+        req = batching.Request(prompt, max_tokens, sampling, _stop(body), n, top, echo, on_event, cancel, grammar)
         try:
             worker.submit(req)
         except batching.QueueFull as e:
@@ -433,11 +505,13 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
             choices = []
             for i in range(n):
                 out = outs[i]
-                choice = {"index": i, "finish_reason": _finish(out), "logprobs": logprobs(out.logprobs or [], len(prefix))}
+                content, calls, finish = _reply(out, tool_list)
+                choice = {"index": i, "finish_reason": finish, "logprobs": logprobs(out.logprobs or [], len(prefix))}
                 if echo and top is not None:
                     pairs = list(zip(prompt, out.prompt_logprobs)) + [(r.token, r) for r in out.logprobs or []]
                     choice["logprobs"] = pieces.legacy(pairs)
-                choice.update({"message": {"role": "assistant", "content": out.text}} if chat
+                choice.update({"message": {"role": "assistant", "content": content, **({"tool_calls": calls} if calls
+                                                                                          else {})}} if chat
                               else {"text": prefix + out.text})
                 choices.append(choice)
             return {**head, "choices": choices, "usage": _usage(prompt, list(outs.values()))}
@@ -445,13 +519,29 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
         chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         offsets = [0] * n
 
-        def chunk(i: int, text: str | None, finish: str | None, recs=(), role: bool = False) -> dict:
+        held = [[] for _ in range(n)]  # with tools offered: each choice's log-probabilities until it is done
+
+        def chunk(i: int, text: str | None, finish: str | None, recs=(), role: bool = False, delta=None) -> dict:
             lp = logprobs(list(recs), offsets[i]) if recs else None
             offsets[i] += len(text or "")
             if chat:
-                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+                delta = delta or ({"role": "assistant", "content": ""} if role else {} if text is None
+                                  else {"content": text})
                 return {**chunk_head, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}]}
             return {**chunk_head, "choices": [{"index": i, "text": text or "", "finish_reason": finish, "logprobs": lp}]}
+
+        def whole(i: int, out: Completion):
+            """A choice that may hold tool calls, once done: its content, then each call as OpenAI streams
+            one (a delta with id, type and name, then one with the arguments), then the finish."""
+            content, calls, finish = _reply(out, tool_list)
+            if content or held[i]:
+                yield chunk(i, content or "", None, held[i])
+            for k, call in enumerate(calls):
+                head = {**call, "index": k, "function": {"name": call["function"]["name"], "arguments": ""}}
+                yield chunk(i, None, None, delta={"tool_calls": [head]})
+                yield chunk(i, None, None, delta={"tool_calls": [{"index": k, "function": {
+                    "arguments": call["function"]["arguments"]}}]})
+            yield chunk(i, None, finish)
 
         async def sse():
             if chat:
@@ -460,11 +550,14 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
             outs = []
             try:
                 async for i, kind, value in until_done():
-                    if kind == "text":
+                    if kind == "text" and tool_list:
+                        held[i] += value[1]
+                    elif kind == "text":
                         yield _sse(chunk(i, value[0], None, value[1]))
                     else:
                         outs.append(value)
-                        yield _sse(chunk(i, None, _finish(value)))
+                        for c in whole(i, value) if tool_list else [chunk(i, None, _finish(value))]:
+                            yield _sse(c)
                 if options.get("include_usage") and len(outs) == n:
                     yield _sse({**chunk_head, "choices": [], "usage": _usage(prompt, outs)})
             except APIError as e:  # the stream has started: the error goes in-band
