@@ -118,3 +118,23 @@ def test_smollm2_sequences_decoded_together_as_alone():
         for _ in range(7):
             got.append(int(eng.forward([got[-1]]).argmax()))
         assert got == t
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp16", "int8"])
+def test_kv_memory_follows_the_tokens_held(kv_dtype):
+    """A token in each of 16 slots at a 16k context touches a few 4 KiB pages per (slot, layer, kv head),
+    not the cache: in 2 MiB huge pages (the weights' mapping) each region's first token would fault in
+    a whole page, ~48 MiB here, and a server's short requests would hold its whole KV cache."""
+    model = quantized("llama")
+    eng = load_decoder(model, max_context=16384, kv_dtype=kv_dtype, slots=16)
+    c = model.config
+    regions = 16 * c.num_hidden_layers * c.num_key_value_heads * 2
+    before = _rss_kib()
+    eng.step([Segment(slot=s, pos0=0, ids=[5 + s]) for s in range(16)])
+    grown = _rss_kib() - before
+    assert grown <= regions * 3 * 4 + 2048, f"{grown} KiB for 16 tokens in {regions} KV regions"

@@ -685,17 +685,21 @@ EX void eng_copy(eng *E, int src, int dst, int n) {
 }
 
 /* ---------- building ---------- */
-static void *huge_alloc(size_t bytes) {
+/* Anonymous memory, zero until written. `huge`: in transparent huge pages (weights, read whole at ~2x
+   the bandwidth of 4 KiB pages). Not huge: the KV cache, written a few positions at a time in regions of
+   max_ctx positions per (slot, layer, kv head): a 2 MiB page would be faulted in whole by a region's
+   first token, so short requests on many slots would hold the whole cache (8 slots of SmolLM2 at 8k
+   context: 720 MiB for 40 tokens each). In 4 KiB pages the cache's memory follows the tokens held. */
+static void *map_anon(size_t bytes, int huge) {
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return NULL;
-#ifdef MADV_HUGEPAGE
-    madvise(p, bytes, MADV_HUGEPAGE);
+#if defined(MADV_HUGEPAGE) && defined(MADV_NOHUGEPAGE)
+    madvise(p, bytes, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
 #endif
     return p;
 }
 
-/* Anonymous memory in transparent huge pages (weights read at ~2x the bandwidth of 4 KiB pages). */
-EX void *eng_arena(size_t bytes) { return huge_alloc(bytes); }
+EX void *eng_arena(size_t bytes) { return map_anon(bytes, 1); }
 EX void eng_arena_free(void *p, size_t bytes) { if (p) munmap(p, bytes); }
 
 EX void eng_free(eng *E) {
@@ -719,14 +723,14 @@ EX eng *eng_new(int layers, int hidden, int heads, int kvh, int hd, int inter, i
                .threads = 1, .max_threads = max_threads, .slots = slots, .gemm_rows = 2, .embed_scale = embed_scale, .final_cap = final_cap, .embed = embed, .par = (lb_par)par};
     E->L = calloc(layers, sizeof(eng_layer));
     E->kv_bytes = (size_t)slots * layers * kvh * max_ctx * hd * kv_elt(kvdt);
-    E->kc = huge_alloc(E->kv_bytes); E->vc = huge_alloc(E->kv_bytes);
+    E->kc = map_anon(E->kv_bytes, 0); E->vc = map_anon(E->kv_bytes, 0);
     if (kvdt == DT_I8) {
         E->sc_bytes = sizeof(float) * slots * layers * kvh * max_ctx;
-        E->ksc = huge_alloc(E->sc_bytes); E->vsc = huge_alloc(E->sc_bytes);
+        E->ksc = map_anon(E->sc_bytes, 0); E->vsc = map_anon(E->sc_bytes, 0);
         if (!E->ksc || !E->vsc) { eng_free(E); return NULL; }
     }
     E->kv32_bytes = sizeof(float) * kvh * hd * ((size_t)ctx_pad(max_ctx) + (kvdt == DT_F32 ? 0 : max_ctx));
-    E->kv32 = huge_alloc(E->kv32_bytes);  /* touched lazily */
+    E->kv32 = map_anon(E->kv32_bytes, 1);  /* one sequence's prefill panels, reused */
     size_t nq = (size_t)heads * hd, nk = (size_t)kvh * hd, big = hidden > inter ? hidden : inter;
     E->x = malloc(sizeof(float) * chunk * hidden);
     E->t = malloc(sizeof(float) * chunk * (big > nq ? big : nq));
