@@ -32,8 +32,8 @@ from lowbit.eval import evaluate
 
 PEERS = Path.home() / ".cache" / "lowbit" / "peers"
 IMPL = {"gptq": ("llmcompressor", "llmcompressor==0.14.0.1"), "awq": ("llmcompressor", "llmcompressor==0.14.0.1"),
-        "signround": ("autoround", "auto-round==0.16.1")}
-SYM = {"gptq": True, "awq": False, "signround": True}  # each method's customary default, same on both sides
+        "signround": ("autoround", "auto-round==0.16.1"), "teq": ("inc", "neural-compressor==3.10")}
+SYM = {"gptq": True, "awq": False, "signround": True, "teq": True}  # each method's customary default, same on both sides
 RUNNER = Path(__file__).parent / "peers" / "run_peer.py"
 
 
@@ -53,12 +53,25 @@ class PeerFailed(Exception):
     """The reference implementation refused or crashed: its row says why, the table goes on."""
 
 
-def theirs(method, bits, group, a, model_dir, calib_file, work):
+def stage(src, samples: int, seq_len: int) -> Path:
+    """A scratch directory holding the float model (`model/`, HF format) and `samples` x `seq_len`
+    calibration windows of the built-in split (`calib.safetensors`): what both sides read."""
+    work = Path(tempfile.mkdtemp(prefix="lowbit-peers-"))
+    src.model.save_pretrained(work / "model")
+    src.tokenizer.save_pretrained(work / "model")
+    ids = torch.cat(calibration_batches(src.tokenizer, load_text("calib"), samples, seq_len))
+    save_file({"input_ids": ids.contiguous()}, str(work / "calib.safetensors"))
+    return work
+
+
+def theirs(method, bits, group, a, model_dir, calib_file, work, sym: bool | None = None):
+    """The peer's quantize-dequantized weights and its seconds; `sym` defaults to the method's custom (SYM)."""
     venv, requirement = IMPL[method]
-    out = work / f"{method}-{bits}-{group}.safetensors"
+    sym = SYM[method] if sym is None else sym
+    out = work / f"{method}-{bits}-{group}-{'sym' if sym else 'asym'}.safetensors"
     cmd = [str(peer_python(venv, requirement)), str(RUNNER), venv, method, "--model", str(model_dir),
            "--calib", str(calib_file), "--out", str(out), "--bits", str(bits), "--group-size", str(group),
-           "--iters", str(a.iters)] + (["--sym"] if SYM[method] else [])
+           "--iters", str(a.iters)] + (["--sym"] if sym else [])
     log = work / "peer.log"
     with open(log, "a") as err:
         if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err).returncode != 0:
@@ -79,11 +92,7 @@ def main():
     a = ap.parse_args()
     src, text = start(f"calibration {a.samples} x {a.seq_len}; signround iters {a.iters}; "
                       f"peers: {', '.join(sorted({r for _, r in IMPL.values()}))}")
-    work = Path(tempfile.mkdtemp(prefix="lowbit-peers-"))
-    src.model.save_pretrained(work / "model")
-    src.tokenizer.save_pretrained(work / "model")
-    ids = torch.cat(calibration_batches(src.tokenizer, load_text("calib"), a.samples, a.seq_len))
-    save_file({"input_ids": ids.contiguous()}, str(work / "calib.safetensors"))
+    work = stage(src, a.samples, a.seq_len)
     print("| scheme | method | ppl ours | ppl theirs | ours/theirs | time ours s | time theirs s |\n"
           "|---|---|---|---|---|---|---|", flush=True)
     for scheme in a.schemes:

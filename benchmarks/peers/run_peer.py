@@ -1,5 +1,5 @@
 """Runs one reference implementation in its own environment (never lowbit's): auto-round (SignRound),
-llm-compressor (GPTQ, AWQ). Called by benchmarks/reference_methods.py with the peer venv's python.
+llm-compressor (GPTQ, AWQ), Intel Neural Compressor (TEQ). Called by benchmarks/reference_methods.py with the peer venv's python.
 
 Reads the float model (HF dir) and the calibration windows (safetensors `input_ids` [n, seq]), quantizes
 with the given bits/group/sym, and writes the quantize-dequantized weight of every quantized linear to a
@@ -63,24 +63,74 @@ def autoround(model, tok, ids, a):
             if isinstance(m, torch.nn.Linear) and n != "lm_head"}
 
 
+def inc(model, ids, a):
+    """INC 3.x TEQ: prepare (its scales on the norms/linears named below, every linear fake-quantized),
+    a training run, convert. INC 3.x leaves the training loop to the caller; this one is its 2.x
+    TEQuantizer.train: the alphas alone, Adam (betas 0.9, 0.9), linear schedule with 5% warm-up, the
+    language-model loss on the calibration windows (batches of 8, in order, cycled), `--iters` steps.
+    INC 3.10's TEQ convert calls `quant_tensor(w, num_bits=...)`, whose `**kwargs` swallow `num_bits`
+    (its parameter is `bits`): every layer is rounded to 4 bits whatever the config, and packed as the
+    configured width (garbage below 4 bits). The call is corrected here; training is unaffected."""
+    import neural_compressor.torch.algorithms.weight_only.teq as inc_teq
+    from neural_compressor.torch.quantization import TEQConfig, convert, prepare
+    from transformers import get_scheduler
+
+    rounding = inc_teq.quant_tensor
+    inc_teq.quant_tensor = lambda w, num_bits=4, **kw: rounding(w, bits=num_bits, **kw)
+
+    absorb = {}
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        absorb[p + "input_layernorm"] = [p + f"self_attn.{n}_proj" for n in "qkv"]
+        if layer.self_attn.v_proj.out_features == layer.self_attn.o_proj.in_features:  # not under GQA
+            absorb[p + "self_attn.v_proj"] = [p + "self_attn.o_proj"]
+        absorb[p + "post_attention_layernorm"] = [p + "mlp.gate_proj", p + "mlp.up_proj"]
+        absorb[p + "mlp.up_proj"] = [p + "mlp.down_proj"]
+    cfg = TEQConfig(bits=a.bits, use_sym=a.sym, group_size=a.group_size, absorb_to_layer=absorb, folding=True)
+    cfg.set_local("lm_head", TEQConfig(dtype="fp32"))
+    float_keys = set(model.state_dict())
+    model = prepare(model, cfg, example_inputs=ids[:1])
+    alphas = list(model._prepare_trained_alphas.values())
+    opt = torch.optim.Adam(alphas, lr=1e-3, betas=(0.9, 0.9), weight_decay=0)
+    sched = get_scheduler("linear", optimizer=opt, num_warmup_steps=int(a.iters * 0.05), num_training_steps=a.iters)
+    model.train()
+    batches = ids.split(8)
+    for step in range(a.iters):
+        x = batches[step % len(batches)]
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    model.eval()
+    model = convert(model)
+    out = {k: v.detach().float().clone() for k, v in model.state_dict().items() if k in float_keys}
+    for name, m in model.named_modules():
+        if hasattr(m, "recover"):  # INCWeightOnlyLinear: packed codes, scales and zero points
+            out[name + ".weight"] = m.recover().float().contiguous()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("impl", choices=["llmcompressor", "autoround"])
-    ap.add_argument("method", choices=["gptq", "awq", "signround"])
+    ap.add_argument("impl", choices=["llmcompressor", "autoround", "inc"])
+    ap.add_argument("method", choices=["gptq", "awq", "signround", "teq"])
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--bits", type=int, required=True)
     ap.add_argument("--group-size", type=int, required=True)
     ap.add_argument("--sym", action="store_true")
-    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--iters", type=int, default=200, help="SignRound iterations, TEQ training steps")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(a.model)
     ids = load_file(a.calib)["input_ids"]
     t = time.perf_counter()
-    weights = autoround(model, tok, ids, a) if a.impl == "autoround" else llmcompressor(model, ids, a)
+    run = {"autoround": lambda: autoround(model, tok, ids, a), "llmcompressor": lambda: llmcompressor(model, ids, a),
+           "inc": lambda: inc(model, ids, a)}[a.impl]
+    weights = run()
     took = time.perf_counter() - t
     save_file(weights, a.out, metadata={"seconds": json.dumps(took)})
 
