@@ -7,11 +7,9 @@ Usage: python benchmarks/methods_accuracy.py [--schemes W3-g128 W4-g128] [--meth
 """
 
 import argparse
-import copy
-import time
-
 
 import lowbit
+from _setup import add_options, quantize_and_score
 from common import start
 from lowbit.eval import evaluate
 
@@ -20,14 +18,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--schemes", nargs="+", default=["W3-g128", "W4-g128"])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq", "teq", "signround"])
-    ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--max-windows", type=int)
+    add_options(ap)
     ap.add_argument("--signround-iters", type=int, default=200)
     ap.add_argument("--teq-steps", type=int, default=200)
     ap.add_argument("--ganq-iters", type=int, default=10)
     ap.add_argument("--ganq-outlier-ratio", type=float, default=0.0)
-    ap.add_argument("--no-kld", action="store_true", help="perplexity only (halves the evaluation time)")
     a = ap.parse_args()
     src, text = start(f"calibration {a.samples} x {a.seq_len} tokens; signround iters {a.signround_iters}; "
                       f"teq steps {a.teq_steps}; ganq iters {a.ganq_iters}, outliers {a.ganq_outlier_ratio}; "
@@ -41,12 +36,7 @@ def main():
             extra = {"signround": {"iters": a.signround_iters}, "teq": {"steps": a.teq_steps},
                      "ganq": {"iters": a.ganq_iters, "outlier_ratio": a.ganq_outlier_ratio}}.get(method, {})
             cfg = lowbit.methods.config_for(method, bits=bits, group_size=group, **extra)
-            t = time.perf_counter()
-            q = lowbit.quantize(copy.deepcopy(src.model), cfg, tokenizer=src.tokenizer, calib_samples=a.samples,
-                                calib_seq_len=a.seq_len, progress=False)
-            took = time.perf_counter() - t
-            r = evaluate(q.model, src.tokenizer, text, max_windows=a.max_windows, source=None if a.no_kld else src.model,
-                         progress=False)
+            q, r, took = quantize_and_score(src, text, cfg, a)
             bpw = q.size().quantized_bpw
             kld = "-" if a.no_kld else f"{r.kld:.5f}"
             print(f"| {scheme} | {method} | {r.ppl:.4f} | {kld} | {bpw:.3f} | {took:.0f} |", flush=True)
