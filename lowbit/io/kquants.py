@@ -28,8 +28,8 @@ codes against the fp16 super-block scale(s) from the largest; (3) the codes roun
 scales as stored; (4) d (and dmin) re-fitted by weighted least squares with the codes fixed, kept
 where that lowers the error. The weights: with an importance vector per input column (calibration
 statistics, diag(XXᵀ)), importance·sqrt(σ² + x²) as llama.cpp does with an imatrix (σ² = 2·mean x² of
-the super-block); without one, llama.cpp's own defaults (|x| for Q2_K, mean|x| + |x| for Q4_K/Q5_K,
-x² for Q3_K/Q6_K).
+the super-block); without one, llama.cpp's own defaults (rms(x) + |x| over the sub-block for Q4_K/Q5_K, and
+here for Q2_K too; x² for Q3_K/Q6_K).
 """
 
 from __future__ import annotations
@@ -69,9 +69,7 @@ def _weights(x: torch.Tensor, qtype: GGML, importance: torch.Tensor | None) -> t
     if importance is not None:
         sigma2 = 2 * x.square().mean(dim=(1, 2), keepdim=True)
         return importance * (sigma2 + x.square()).sqrt()
-    if qtype == GGML.Q2_K:
-        return x.abs()
-    if KINDS[qtype].affine:
+    if KINDS[qtype].affine:  # (ggml weighs Q2_K by |x| alone: exact zeros, common in a 2-bit grid, then cost nothing)
         return x.square().mean(-1, keepdim=True).sqrt() + x.abs()
     return x.square()
 
@@ -95,8 +93,11 @@ def _affine_fit(x: torch.Tensor, w: torch.Tensor, kind: Kind) -> tuple[torch.Ten
     scale, low = span / nmax, lo
     best = error(scale, low, codes(nmax / span))
     rmin, rdelta, nstep = kind.search
-    for step in range(nstep + 1):
-        q = codes((rmin + rdelta * step + nmax) / span)
+    # make_qkx2_quants' steps, and the range on each whole number of levels m ∈ nmax/2..nmax (values
+    # already on a grid land on it exactly even where a sub-block lacks some of its levels)
+    steps = [rmin + rdelta * i + nmax for i in range(nstep + 1)] + list(range(max(1, nmax // 2), nmax))
+    for step in steps:
+        q = codes(step / span)
         sl, sl2, sxl = (w * q).sum(-1), (w * q * q).sum(-1), (w * x * q).sum(-1)
         det = sw * sl2 - sl * sl
         ok = det > 0
@@ -115,16 +116,20 @@ def _affine_fit(x: torch.Tensor, w: torch.Tensor, kind: Kind) -> tuple[torch.Ten
 
 def _symmetric_fit(x: torch.Tensor, w: torch.Tensor, kind: Kind) -> torch.Tensor:
     """Per sub-block (last dim) signed scale with x ≈ scale·q, q ∈ [−n, n), n = levels/2: the value of
-    largest magnitude mapped to −(n + 0.1·i), i ∈ −9..9, each with its weighted least-squares
-    scale, the best kept (make_qx_quants)."""
+    largest magnitude mapped to −(n + 0.1·i), i ∈ −9..9 (make_qx_quants), or to ±m, m ∈ n/2..n,
+    each with its weighted least-squares scale, the best kept."""
     n = kind.levels // 2
     at = x.abs().argmax(-1, keepdim=True)
     peak = x.gather(-1, at).squeeze(-1)
     zero = peak == 0
     peak = torch.where(zero, torch.ones_like(peak), peak)
     scale, best = torch.zeros_like(peak), torch.zeros_like(peak)
-    for i in [0, *range(-9, 0), *range(1, 10)]:
-        q = torch.clamp(torch.round((-(n + 0.1 * i) / peak)[..., None] * x), -n, n - 1)
+    # and the peak on each whole level of either sign (values already on a grid, as a lower-bit
+    # layer's are, land on it exactly even where a sub-block lacks the grid's extreme level)
+    steps = [-(n + 0.1 * i) for i in [0, *range(-9, 0), *range(1, 10)]]
+    steps += [sign * m for m in range(max(1, n // 2), n + 1) for sign in (1, -1)]
+    for step in steps:
+        q = torch.clamp(torch.round((step / peak)[..., None] * x), -n, n - 1)
         slx, sl2 = (w * x * q).sum(-1), (w * q * q).sum(-1)
         this = slx / sl2.clamp(min=1e-30)
         better = (sl2 > 0) & (this * slx > best)
@@ -184,8 +189,10 @@ def _fit(x: torch.Tensor, w: torch.Tensor, kind: Kind) -> dict[str, torch.Tensor
         d, dmin = torch.where(keep, d2, d), torch.where(keep, dmin2, dmin)
         return {"d": d, "dmin": dmin, "sc": sc, "m": m, "q": q}
     scale = _symmetric_fit(x, w, kind)
-    peak = scale.gather(-1, scale.abs().argmax(-1, keepdim=True)).squeeze(-1)
-    d = _fp16(-peak / (top + 1))
+    # d by the same search over the sub-block scales, each weighted by what its error costs:
+    # Σ w·(sc·d − s)²·q² ≈ (sc·d − s)²·Σ w·x² / s²
+    cost = torch.where(scale != 0, (w * x * x).sum(-1) / scale.square().clamp(min=1e-30), torch.zeros_like(scale))
+    d = _fp16(_symmetric_fit(scale[:, None], cost[:, None], Kind(scale.shape[1], 2 * (kind.scale_max + 1), False, 0))[:, 0])
     sc = torch.clamp(torch.round(scale / torch.where(d != 0, d, 1)[:, None]), -top - 1, top)
     q = _codes_for(x, d[:, None] * sc, None, kind)
     a = sc[..., None] * (q - kind.levels // 2)
