@@ -32,7 +32,7 @@ from common import start
 from lowbit.calib import load as load_text
 from lowbit.eval import evaluate
 from recipes import score
-from reference_methods import PeerFailed, stage, theirs
+from reference_methods import PeerFailed, stage, theirs, with_weights
 
 
 def scheme_of(text: str) -> tuple[int, int]:
@@ -87,11 +87,7 @@ def main():
             except PeerFailed as e:
                 print(row(method, scheme, ours, str(e), t_ours, None), flush=True)
                 continue
-            model = copy.deepcopy(src.model)
-            unknown = set(weights) - set(model.state_dict())
-            if unknown:
-                raise SystemExit(f"peer returned unknown tensors: {sorted(unknown)[:3]}")
-            model.load_state_dict(weights, strict=False)
+            model = with_weights(src.model, weights)
             print(row(method, scheme, ours, score(model, src, texts, a.windows), t_ours, t_peer), flush=True)
             del model, weights
     floats = {d: evaluate(src.model, src.tokenizer, t, max_windows=a.windows, progress=False) for d, t in texts.items()}

@@ -33,7 +33,7 @@ from lowbit.eval import evaluate
 PEERS = Path.home() / ".cache" / "lowbit" / "peers"
 IMPL = {"gptq": ("llmcompressor", "llmcompressor==0.14.0.1"), "awq": ("llmcompressor", "llmcompressor==0.14.0.1"),
         "signround": ("autoround", "auto-round==0.16.1"), "teq": ("inc", "neural-compressor==3.10")}
-SYM = {"gptq": True, "awq": False, "signround": True, "teq": True}  # each method's customary default, same on both sides
+SYM = {"gptq": True, "awq": False, "signround": True, "teq": True}  # customary defaults, same on both sides
 RUNNER = Path(__file__).parent / "peers" / "run_peer.py"
 
 
@@ -81,6 +81,16 @@ def theirs(method, bits, group, a, model_dir, calib_file, work, sym: bool | None
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["seconds"])
 
 
+def with_weights(model, weights: dict):
+    """A copy of the float `model` holding the peer's tensors (it may not add any the model lacks)."""
+    model = copy.deepcopy(model)
+    unknown = set(weights) - set(model.state_dict())
+    if unknown:
+        raise SystemExit(f"peer returned unknown tensors: {sorted(unknown)[:3]}")
+    model.load_state_dict(weights, strict=False)
+    return model
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--schemes", nargs="+", default=["W4-g64", "W3-g64", "W2-g64"])
@@ -112,11 +122,7 @@ def main():
                 print(f"| {scheme} {'sym' if SYM[method] else 'asym'} | {method} | {r_ours.ppl:.3f} | failed: {e} "
                       f"| - | {t_ours:.0f} | - |", flush=True)
                 continue
-            model = copy.deepcopy(src.model)
-            missing = set(weights) - set(model.state_dict())
-            if missing:
-                raise SystemExit(f"peer returned unknown tensors: {sorted(missing)[:3]}")
-            model.load_state_dict(weights, strict=False)
+            model = with_weights(src.model, weights)
             r_theirs = evaluate(model, src.tokenizer, text, max_windows=a.max_windows, progress=False)
             del model
             print(f"| {scheme} {'sym' if SYM[method] else 'asym'} | {method} | {r_ours.ppl:.3f} | "

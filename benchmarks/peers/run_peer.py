@@ -1,5 +1,6 @@
 """Runs one reference implementation in its own environment (never lowbit's): auto-round (SignRound),
-llm-compressor (GPTQ, AWQ), Intel Neural Compressor (TEQ). Called by benchmarks/reference_methods.py with the peer venv's python.
+llm-compressor (GPTQ, AWQ), Intel Neural Compressor (TEQ). Called by benchmarks/reference_methods.py (and
+fair_methods.py) with the peer venv's python.
 
 Reads the float model (HF dir) and the calibration windows (safetensors `input_ids` [n, seq]), quantizes
 with the given bits/group/sym, and writes the quantize-dequantized weight of every quantized linear to a
