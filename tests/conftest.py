@@ -81,3 +81,16 @@ def thread_count():
     before = threads.get()
     yield threads.set_threads
     threads.set_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smollm_w4_dir(tmp_path_factory):
+    """The real embedded model (SmolLM2-135M-Instruct) quantized as `lowbit quantize --scheme W4A16-g32`
+    makes it (the head and embedding at the edge config) and saved, once per session: what the server's
+    constrained-decoding and lm-eval client tests serve."""
+    import lowbit
+    from lowbit.api import EDGE
+
+    out = tmp_path_factory.mktemp("smollm2-w4") / "smollm2-w4"
+    lowbit.quantize(None, "W4A16-g32", lm_head=EDGE, embeddings=EDGE, progress=False).save(out)
+    return out
