@@ -1,7 +1,7 @@
 """QuantX recipes on the embedded SmolLM2-135M (issue 18): recipes vs our uniform schemes vs llama.cpp's types.
 
     python benchmarks/recipes.py [--targets 2.5 3 3.5 4 4.5] [--candidates default] [--samples 128]
-        [--windows N] [--no-llamacpp] [--png recipes.png] [--proxy] [--domains] [--tps N] [--quick]
+        [--windows N] [--no-llamacpp] [--png recipes.png] [--reports DIR] [--proxy] [--domains] [--tps N] [--quick]
 
 Main table: one sensitivity pass (timed: the search time; its peak RSS printed), then per target bpw the
 recipe (GPTQ on the chosen formats, calibration `--samples` x 512 of the pydoc split), every uniform
@@ -10,9 +10,11 @@ its own quantizer from the same float weights (the shipped Q4_1, dequantized and
 llama_model_quantize with allow_requantize; benchmarks/vs_llamacpp.py builds it); every model scored
 by lowbit on the same held-out text (pydoc: in domain; prose: out of domain), its KLD against the
 source, its bits per weight over the decoder blocks' linear layers (llama.cpp's from the GGUF's tensor
-sizes) and decode tok/s (bench's tg64; llama.cpp's through llama-cpp-python). Head and embedding: 8-bit
-(recipes.EDGE) for ours. Rows: "best uniform <= bpw" is the lowest-ppl uniform scheme at the same or
-fewer bits. `--png` draws ppl against bpw (needs matplotlib).
+sizes) and decode tok/s (bench's tg64; llama.cpp's through llama-cpp-python; a recipe's also as the cost
+model predicted it). Head and embedding: 8-bit (recipes.EDGE) for ours. Rows: "best uniform <= bpw" is
+the lowest-ppl uniform scheme at the same or fewer bits. `--png` draws ppl against bpw, in and out of
+domain (matplotlib: the test extra); `--reports DIR` writes each recipe's per-layer report there
+(recipes/recipe_report.py: choice, predicted and measured loss, bpw, predicted decode time).
 --proxy: Spearman rank correlation of the sensitivity proxy with the model-level KLD of quantizing one
 layer alone, every layer x 3 RTN candidates. --domains: RTN/GPTQ/AWQ W4 g128 calibrated on pydoc and on
 mixed, ppl in and out of domain. --tps N: a --target-tps recipe and its measured decode speed.
@@ -27,6 +29,7 @@ import json
 import re
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,7 +42,8 @@ from lowbit.eval.metrics import scorer
 from lowbit.methods import METHODS, config_for
 from lowbit.models import load_any
 from lowbit.recipes import EDGE, Plan, QuantX, candidates, edge_names
-from lowbit.recipes.apply import replace
+from lowbit.recipes import recipe_report
+from lowbit.recipes.apply import apply, replace
 from lowbit.recipes.quantx import plan as recipe_plan
 from lowbit.recipes.sensitivity import block_linears, measure, rank_correlation
 
@@ -60,9 +64,13 @@ def body_bpw(model) -> float:
     return 8 * sum(s.nbytes for s in body) / sum(s.params for s in body)
 
 
-def quantized(src, plan: Plan, a) -> lowbit.QuantizedModel:
-    return lowbit.quantize(copy.deepcopy(src.model), plan, tokenizer=src.tokenizer, calib_samples=a.samples,
-                           calib_seq_len=a.seq_len, progress=False)
+def quantized(src, plan: Plan, a) -> tuple[lowbit.QuantizedModel, dict[str, float]]:
+    """A copy of the source quantized by `plan` (calibration `a.samples` x `a.seq_len` of pydoc), and the
+    block runner's measured loss per layer."""
+    model = copy.deepcopy(src.model)
+    measured = apply(model, plan, tokenizer=src.tokenizer, text=load_text("calib"), calib_samples=a.samples,
+                     calib_seq_len=a.seq_len, progress=False)
+    return lowbit.QuantizedModel(model, src.tokenizer, plan, "default"), measured
 
 
 def with_edges(src, plan_layers: dict) -> Plan:
@@ -146,6 +154,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, help="evaluation windows per corpus (default: all)")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--png", help="draw ppl against bpw here (matplotlib)")
+    ap.add_argument("--reports", help="write each recipe's per-layer report (markdown) into this directory")
     ap.add_argument("--proxy", action="store_true", help="only the proxy-vs-KLD table")
     ap.add_argument("--domains", action="store_true", help="only the in/out-of-domain method table")
     ap.add_argument("--tps", type=float, help="also a --target-tps recipe, its decode speed measured")
@@ -176,15 +185,20 @@ def main() -> None:
         t = time.perf_counter()
         recipe = recipe_plan(src.model, qx, src.tokenizer, "", edges, a.seq_len, False, sens=sens)
         solve_s = time.perf_counter() - t
-        q = quantized(src, recipe.plan, a)
+        q, measured = quantized(src, recipe.plan, a)
+        predicted = recipe_report.predict(src.model, recipe.plan, {r["layer"]: r["loss"] for r in recipe.rows})
         rows.append({"model": f"recipe {json.dumps(recipe.summary['target'])}", "bpw": body_bpw(q.model),
-                     "predicted": recipe.summary["predicted"], "solve_s": solve_s, "decode_tps": decode_tps(q),
-                     **score(q.model, src, texts, a.windows)})
+                     "predicted": {**recipe.summary["predicted"], "tokens_per_s": predicted["tokens_per_s"]},
+                     "solve_s": solve_s, "decode_tps": decode_tps(q), **score(q.model, src, texts, a.windows)})
+        if a.reports:
+            report = recipe_report.measured(predicted, measured)
+            recipe_report.write(Path(a.reports) / f"recipe-{qx.target[0]}-{qx.target[1]:g}.md",
+                                {**recipe.summary, "report": report}, rows[-1]["decode_tps"])
         print(json.dumps(rows[-1]), flush=True)
     for spec in specs:
         if spec.name == "ganq":
             continue
-        q = quantized(src, with_edges(src, Plan.over(src.model, spec, block_linears(src.model)).layers), a)
+        q, _ = quantized(src, with_edges(src, Plan.over(src.model, spec, block_linears(src.model)).layers), a)
         rows.append({"model": f"uniform {candidates.name(spec)}", "bpw": body_bpw(q.model),
                      "decode_tps": decode_tps(q), **score(q.model, src, texts, a.windows)})
         print(json.dumps(rows[-1]), flush=True)
@@ -197,11 +211,12 @@ def main() -> None:
 
 def report(rows: list[dict], targets: list[float], search_s: float) -> None:
     print(f"\nsearch (sensitivity) {search_s:.0f} s\n")
-    print("| model | bpw (blocks) | pydoc ppl | pydoc KLD | prose ppl | prose KLD | decode tok/s |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| model | bpw (blocks) | pydoc ppl | pydoc KLD | prose ppl | prose KLD | decode tok/s (predicted) |"
+          "\n|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: r["bpw"]):
+        predicted = f" ({r['predicted']['tokens_per_s']:.0f})" if "predicted" in r else ""
         print(f"| {r['model']} | {r['bpw']:.3f} | {r['pydoc']['ppl']:.4f} | {r['pydoc']['kld']:.5f} | "
-              f"{r['prose']['ppl']:.4f} | {r['prose']['kld']:.5f} | {r['decode_tps']:.0f} |")
+              f"{r['prose']['ppl']:.4f} | {r['prose']['kld']:.5f} | {r['decode_tps']:.0f}{predicted} |")
     print("\n| target | recipe ppl | best uniform <= bpw | its ppl | best llama.cpp <= bpw | its ppl |\n"
           "|---|---|---|---|---|---|")
     for target in targets:
@@ -214,23 +229,29 @@ def report(rows: list[dict], targets: list[float], search_s: float) -> None:
         print(f"| {target} | {mine['pydoc']['ppl']:.4f} | " + " | ".join(cells) + " |")
 
 
-def draw(rows: list[dict], path: str) -> None:
+def draw(rows: list[dict], path: str) -> list[list[str]]:
+    """ppl against bpw, one panel per corpus (pydoc: in domain, prose: out of domain): the recipes'
+    frontier as a line, every uniform scheme and llama.cpp type as points; the legend labels per panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for prefix, style in (("recipe", "o-"), ("uniform", "s"), ("llama.cpp", "^")):
-        pts = sorted((r["bpw"], r["pydoc"]["ppl"]) for r in rows if r["model"].startswith(prefix))
-        if pts:
-            ax.plot(*zip(*pts), style, label=prefix)
-    ax.set_xlabel("bits per weight (decoder blocks' linear layers)")
-    ax.set_ylabel("perplexity (pydoc held-out, ctx 512)")
-    ax.set_yscale("log")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, domain in zip(axes, ("pydoc", "prose")):
+        for prefix, style in (("recipe", "o-"), ("uniform", "s"), ("llama.cpp", "^")):
+            pts = sorted((r["bpw"], r[domain]["ppl"]) for r in rows if r["model"].startswith(prefix))
+            if pts:
+                ax.plot(*zip(*pts), style, label=prefix)
+        ax.set_xlabel("bits per weight (decoder blocks' linear layers)")
+        ax.set_ylabel(f"perplexity ({domain} held-out, ctx 512)")
+        ax.set_title("in domain" if domain == "pydoc" else "out of domain")
+        ax.set_yscale("log")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
+    return [[t.get_text() for t in ax.get_legend().get_texts()] for ax in axes]
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from .methods import METHODS, MethodConfig
 from .models import Loaded, default_gguf, fingerprint, load_any, load_reference, load_source
 from .recipes import EDGE, Auto, Plan, QuantX, RecipeFile, edge_names
 from .recipes import quantx as recipe_search
-from .recipes import recipe_file
+from .recipes import recipe_file, recipe_report
 from .runtime import Chat, GenerationStats, SamplingParams, Session, generate
 from .runtime.server import MAX_BODY_BYTES, serve
 
@@ -225,17 +225,20 @@ def quantize(model_or_source, how, calib: str | os.PathLike | None = None, *,
                                 embeddings=embeddings, calib_samples=calib_samples, calib_seq_len=calib_seq_len)
         info = {"calibration": calibration} if choice.plan.needs_calib else {}
         return QuantizedModel(choice.model, start.tokenizer, choice.plan, start.source, {**info, "auto": choice.report})
-    made = {}
+    made, predicted = {}, None  # a recipe's record, and its per-layer predicted losses (recipes/recipe_report.py)
     if isinstance(how, QuantX):
         found = recipe_search.plan(start.model, how, start.tokenizer, text, _edges(start.model, lm_head, embeddings),
                                    calib_seq_len, progress)
-        plan, made = found.plan, {"recipe": found.summary}
+        plan, made, predicted = found.plan, {"recipe": found.summary}, {r["layer"]: r["loss"] for r in found.rows}
     elif isinstance(how, RecipeFile):
-        plan = how.plan(start.model)
+        plan, made, predicted = how.plan(start.model), {"recipe": {"file": how.path}}, how.predicted
     else:
         plan = how if isinstance(how, Plan) else Plan.uniform(start.model, how, lm_head, embeddings)
-    recipes.apply(start.model, plan, tokenizer=start.tokenizer, text=text, calib_samples=calib_samples,
-                  calib_seq_len=calib_seq_len, lazy=start.lazy, checkpoint=checkpoint, progress=progress)
+    report = recipe_report.predict(start.model, plan, predicted) if predicted is not None else None
+    measured = recipes.apply(start.model, plan, tokenizer=start.tokenizer, text=text, calib_samples=calib_samples,
+                             calib_seq_len=calib_seq_len, lazy=start.lazy, checkpoint=checkpoint, progress=progress)
+    if report is not None:
+        made["recipe"]["report"] = recipe_report.measured(report, measured)
     info = {"calibration": calibration} if plan.needs_calib else {}
     return QuantizedModel(start.model, start.tokenizer, plan, start.source, {**info, **made}, checkpoint)
 
@@ -308,6 +311,7 @@ class QuantizeReport:
     sample: str | None = None
     speed: Speed | None = None  # the saved model's steady-state prefill and decode (bench's measurement)
     source_note: str | None = None  # what the source is, when that explains the numbers
+    recipe_report: Path | None = None  # a recipe's per-layer report (recipes/recipe_report.py)
 
 
 # The embedded default was published as a Q4_1 GGUF (4-bit, group 32, asymmetric with a float minimum):
@@ -372,7 +376,9 @@ def _quantize_to(source, out: str | os.PathLike, how, calib: str | os.PathLike |
     try:
         q = quantize(start, how, calib, calib_text=text, progress=progress, checkpoint=checkpoint, **options)
         auto = {"auto_report.md": recipes.report(q.info["auto"])} if "auto" in q.info else {}
-        q.save(out, overwrite=overwrite, extra_files=auto)
+        recipe = q.info.get("recipe")
+        reports = {**auto, **({"recipe_report.md": recipe_report.render(recipe)} if recipe else {})}
+        q.save(out, overwrite=overwrite, extra_files=reports)
     except BaseException as e:
         if checkpoint is not None and not how.needs_calib:  # only a calibrated run can resume
             checkpoint.clear()
@@ -392,4 +398,7 @@ def _quantize_to(source, out: str | os.PathLike, how, calib: str | os.PathLike |
         report.check = check(q, reference, check_windows, progress)
         del reference, q, start  # the saved model is reloaded below: one copy at a time
         report.sample, report.speed = sample(out)
+    if recipe:  # written with the model; again once the check has measured the saved model's decode speed
+        path = out / "recipe_report.md"
+        report.recipe_report = recipe_report.write(path, recipe, report.speed.decode_tps) if report.speed else path
     return report

@@ -56,6 +56,8 @@ def cmd_quantize(a) -> None:
     print(f"saved {r.out}  ({r.plan}, {len(r.size.layers)} layers quantized)")
     if r.auto_report:
         print(r.auto_report)
+    if r.recipe_report:
+        print(f"per-layer report (choice, predicted and measured loss, bpw, tok/s): {r.recipe_report}")
     print(f"size: {r.disk_bytes:,} bytes on disk ({_human(r.disk_bytes)}); "
           f"{r.size.quantized_bpw:.3f} bits/weight in quantized layers, "
           f"{r.size.model_bpw:.3f} over the whole model")

@@ -5,6 +5,8 @@ refused)."""
 import itertools
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from lowbit.formats import CodebookQ, UniformQ
 from lowbit.formats.packing import pack
 from lowbit.recipes import QuantX, candidates, recipe_file
 from lowbit.recipes.cost import Machine, stored_bytes, this_machine
-from lowbit.recipes.quantx import _fused_groups, parse_size, plan
+from lowbit.recipes.quantx import _fused_groups, decode_seconds, parse_size, plan
 from lowbit.recipes.sensitivity import block_linears, measure
 from lowbit.recipes.solve import Option, solve
 
@@ -216,3 +218,110 @@ def test_fuzz_recipe_reader(text):
         assert "\n" not in str(e)
         return
     assert all(isinstance(n, str) for n in recipe.layers)
+
+
+def _report_rows(path) -> dict[str, list[str]]:
+    """recipe_report.md's layer rows: layer -> its cells."""
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in path.read_text().splitlines()
+            if ln.startswith("| model.")]
+    return {r[0]: r[1:] for r in rows}
+
+
+def test_budget_run_reports_every_layer_predicted_and_measured(tiny, tmp_path, capsys):
+    """`quantize --target-bpw` writes recipe_report.md: every block linear once, with its choice and exact
+    bpw as saved, its predicted loss (the sensitivity pass) and measured loss (the block runner); in the
+    first block both see the same float inputs and the same GPTQ, so they agree; the decode speed is
+    predicted (cost model) and measured (the check's bench of the saved model)."""
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny), "--target-bpw", "3", "--candidates", "gptq:W2-g32-asym", "gptq:W4-g32-sym",
+                 "--sensitivity-samples", "4", "--calib-samples", "4", "--calib-seq-len", "48", "-o", str(out),
+                 "--check-windows", "1"]) == 0
+    assert f"per-layer report (choice, predicted and measured loss, bpw, tok/s): {out / 'recipe_report.md'}" \
+        in capsys.readouterr().out
+    q = lowbit.load(out)
+    rows, record = _report_rows(out / "recipe_report.md"), q.info["recipe"]["report"]
+    names = block_linears(lowbit.load(tiny).model)
+    assert list(rows) == names == list(record["layers"])
+    sizes = {s.name: s for s in q.size().layers}
+    for n, (choice, bpw, predicted, measured, ratio, micros) in rows.items():
+        assert choice == candidates.name(q.plan.layers[n])
+        assert float(bpw) == pytest.approx(8 * sizes[n].nbytes / sizes[n].params, abs=5e-4)
+        assert float(predicted) > 0 and float(measured) > 0 and float(micros) > 0
+        layer = record["layers"][n]
+        assert float(ratio) == pytest.approx(layer["measured_loss"] / layer["predicted_loss"], abs=0.006)
+        if n.startswith("model.layers.0."):
+            assert layer["measured_loss"] == pytest.approx(layer["predicted_loss"], rel=1e-4), n
+    assert record["layers"]["model.layers.1.mlp.down_proj"]["measured_loss"] != pytest.approx(
+        record["layers"]["model.layers.1.mlp.down_proj"]["predicted_loss"], rel=1e-4)  # block 0 quantized upstream
+    text = (out / "recipe_report.md").read_text()
+    assert "target: bpw 3.0" in text
+    assert re.search(r"decode tokens/s: predicted \d+ .*, measured \d+ \(the saved model, bench\)", text), text
+
+
+def test_recipe_file_run_reports_the_notes_as_predictions(tiny, tmp_path, capsys):
+    r, out = tmp_path / "r.yaml", tmp_path / "q"
+    assert main(["recipe", str(tiny), "--target-bpw", "3.5", "--candidates", "rtn:W2-g32-asym", "gptq:W4-g32-sym",
+                 "--sensitivity-samples", "4", "--calib-seq-len", "48", "-o", str(r)]) == 0
+    read = recipe_file.read(r)
+    names = block_linears(lowbit.load(tiny).model)
+    assert set(read.predicted) == set(names)  # the head and embedding carry no prediction
+    assert main(["quantize", str(tiny), "--recipe", str(r), "-o", str(out), "--calib-samples", "4",
+                 "--calib-seq-len", "48", "--no-check"]) == 0
+    rows = _report_rows(out / "recipe_report.md")
+    assert list(rows) == names and {c[0] for c in rows.values()} == {"rtn:W2-g32-asym", "gptq:W4-g32-sym"}
+    for n, (choice, _, predicted, measured, _, _) in rows.items():
+        assert float(predicted) == pytest.approx(read.predicted[n], rel=1e-2)
+        assert float(measured) > 0  # a calibrated plan: the block runner quantizes (and measures) RTN layers too
+    assert "measured — (run without --no-check to measure)" in (out / "recipe_report.md").read_text()
+    # rounded without calibration: nothing measures a layer's loss
+    (tmp_path / "rtn.yaml").write_text(r.read_text().replace("gptq:W4-g32-sym", "rtn:W4-g32-sym"))
+    assert main(["quantize", str(tiny), "--recipe", str(tmp_path / "rtn.yaml"), "-o", str(tmp_path / "rtn"),
+                 "--no-check"]) == 0
+    capsys.readouterr()
+    assert {c[3] for c in _report_rows(tmp_path / "rtn" / "recipe_report.md").values()} == {"—"}
+
+
+def test_decode_seconds_fuses_like_the_engine_and_matches_the_tps_budget(tiny):
+    src = lowbit.load(tiny)
+    machine = Machine(this_machine().cpu, this_machine().isa, 2, (10e9, 16e9))
+    specs = candidates.parse(["rtn:W2-g32-asym", "rtn:W4-g32-sym"])
+    sens = measure(src.model, src.tokenizer, lowbit.calib.builtin("calib"), specs, None, 4, 48, progress=False)
+    budget = lambda tps: plan(src.model, QuantX(target_tps=tps, candidates=("rtn:W2-g32-asym", "rtn:W4-g32-sym")),
+                              src.tokenizer, "", progress=False, machine=machine, sens=sens)
+    with pytest.raises(LowbitError, match="closest reachable is --target-tps") as too_fast:
+        budget(1e12)
+    fastest = float(str(too_fast.value).split()[-1])
+    for tps in (0.5 * fastest, 0.9 * fastest):  # the report's prediction is the budget's own
+        r = budget(tps)
+        assert 1 / decode_seconds(src.model, r.plan.layers, machine)[1] == \
+            pytest.approx(r.summary["predicted"]["tokens_per_s"], rel=1e-9)
+    names = block_linears(src.model)
+    same = {n: specs[1] for n in names}
+    mixed = {**same, "model.layers.0.self_attn.k_proj": specs[0]}
+    fused, _ = decode_seconds(src.model, same, machine)
+    split, _ = decode_seconds(src.model, mixed, machine)
+    qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    separate = sum(machine.seconds(stored_bytes(specs[1], tuple(src.model.get_submodule(n).weight.shape)),
+                                   *src.model.get_submodule(n).weight.shape) for n in qkv)
+    assert sum(fused[n] for n in qkv) <= separate  # one matmul streams the three: never slower
+    assert split["model.layers.0.self_attn.q_proj"] == pytest.approx(
+        machine.seconds(stored_bytes(specs[1], tuple(src.model.get_submodule(qkv[0]).weight.shape)),
+                        *src.model.get_submodule(qkv[0]).weight.shape))
+
+
+def test_benchmark_draws_ppl_against_bpw_in_and_out_of_domain(tmp_path, monkeypatch):
+    """benchmarks/recipes.py --png: the recipes' frontier, the uniform schemes and llama.cpp's types, one
+    panel per corpus, log perplexity against bits per weight."""
+    from matplotlib.image import imread
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import recipes as bench
+
+    scores = lambda ppl: {"pydoc": {"ppl": ppl, "kld": 0.1}, "prose": {"ppl": 2 * ppl, "kld": 0.2}}
+    rows = [{"model": "recipe {\"bpw\": 3.0}", "bpw": 3.0, **scores(30.0)},
+            {"model": "recipe {\"bpw\": 4.0}", "bpw": 4.0, **scores(20.0)},
+            {"model": "uniform gptq:W4-g64-sym", "bpw": 4.25, **scores(21.0)},
+            {"model": "llama.cpp Q4_0", "bpw": 4.5, **scores(19.0)}]
+    assert bench.draw(rows, str(tmp_path / "r.png")) == [["recipe", "uniform", "llama.cpp"]] * 2
+    image = imread(tmp_path / "r.png")
+    assert image.shape[1] > image.shape[0] > 300
+    assert bench.draw(rows[:2], str(tmp_path / "only.png")) == [["recipe"]] * 2

@@ -9,6 +9,9 @@ Two passes, both in the model's module order:
    every quantized layer inside the blocks, with one spec.
 2. Everything else (a plan without calibration, or layers outside the blocks): each layer rounded
    by its spec with no statistics; a lazy model's blocks are read one at a time as the walk gets to them.
+`apply` returns each calibrated layer's measured loss: tr(ΔW H ΔWᵀ)/tokens on the inputs the layer gets
+in the quantized model (the blocks before it quantized), the quantity a recipe predicts (sensitivity.py)
+on float inputs; the recipe report (recipe_report.py) sets the two side by side.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..methods import METHODS, MethodConfig, quantize_weight, tender
 from ..models import LazyBlocks, check_finite
 from ..nn import ActQuantLinear, QuantEmbedding, QuantLinear, embedding_scale
 from .plan import Plan, block_prefix
+from .sensitivity import output_error
 
 
 def replace(model: nn.Module, name: str, module: nn.Module, qt) -> None:
@@ -36,9 +40,10 @@ def _blockwise(spec: MethodConfig) -> bool:
     return hasattr(METHODS[spec.name], "quantize_block")
 
 
-def block_quantizer(specs: dict[int, MethodConfig]):
+def block_quantizer(specs: dict[int, MethodConfig], losses: dict[int, float] | None = None):
     """The block runner's step for the layers in `specs` (id(module) -> spec): quantize each group of
-    one spec with its method, replace the layers, return their relative output errors. Specs that
+    one spec with its method, replace the layers, return their relative output errors (and put each
+    layer's output_error into `losses`, by the id of the float module it replaced). Specs that
     quantize activations too have them fitted (methods/tender.py): SmoothQuant's scales folded into
     the block first, then each layer's ActQ around its weight method (W's columns permuted or rotated
     before it quantizes them)."""
@@ -71,11 +76,15 @@ def block_quantizer(specs: dict[int, MethodConfig]):
         errors = {}
         for name, qt in qts.items():
             fitted = fits.get(name)
+            w, layer_stats = (mine[name].weight.detach(), stats[name]) if fitted is None \
+                else (fitted.weight, fitted.stats)
+            w_hat = qt.dequantize()
+            errors[name] = layer_stats.relative_error(w, w_hat)
+            if losses is not None:
+                losses[id(mine[name])] = output_error(w, w_hat, layer_stats)
             if fitted is None:
-                errors[name] = stats[name].relative_error(mine[name].weight.detach(), qt.dequantize())
                 replace(block, name, mine[name], qt)
             else:
-                errors[name] = fitted.stats.relative_error(fitted.weight, qt.dequantize())
                 act, bias = fitted.finish(qt, mine[name].bias)
                 block.set_submodule(name, ActQuantLinear(qt, act, bias))
         return errors
@@ -129,11 +138,12 @@ def _tied_pair(modules: dict[str, nn.Module], plan: Plan, head, embed) -> dict[s
 
 def apply(model: nn.Module, plan: Plan, *, tokenizer=None, text: str | None = None, calib_samples: int = 128,
           calib_seq_len: int = 512, lazy: LazyBlocks | None = None, checkpoint=None,
-          progress: bool = True) -> None:
-    """Quantize `model` in place by `plan`. Calibrated specs need the model's `tokenizer` and the
-    calibration `text` (`calib_samples` windows of `calib_seq_len` tokens). `lazy`: the loader of a
-    lazy model (models/lazy.py). `checkpoint` (io.BlockCheckpoint): each finished block is written
-    there and leaves memory (a calibrated run resumes from it)."""
+          progress: bool = True) -> dict[str, float]:
+    """Quantize `model` in place by `plan`; the measured loss of every layer the block runner quantized
+    (name -> tr(ΔW H ΔWᵀ)/tokens; none for a resumed run's finished blocks). Calibrated specs need the
+    model's `tokenizer` and the calibration `text` (`calib_samples` windows of `calib_seq_len` tokens).
+    `lazy`: the loader of a lazy model (models/lazy.py). `checkpoint` (io.BlockCheckpoint): each finished
+    block is written there and leaves memory (a calibrated run resumes from it)."""
     check_finite(model)  # a lazy model's files were checked as it was loaded
     modules = _check(model, plan)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -142,14 +152,18 @@ def apply(model: nn.Module, plan: Plan, *, tokenizer=None, text: str | None = No
     tied = _tied_pair(modules, plan, head, embed)
     names = list(modules)
     del modules  # from here on modules are named, not held: a replaced layer's float weights must be freed at once
+    measured = {}
     if plan.needs_calib:
         if tokenizer is None:
             first = next(s for s in plan.specs if s.needs_calib)
             raise LowbitError(f"{first.name} needs calibration text: pass the model's tokenizer")
         inside, fp_targets = _calibrated(model, plan)
         batches = calibration_batches(tokenizer, text, calib_samples, calib_seq_len)
-        specs = {id(model.get_submodule(n)): s for n, s in inside.items()}
-        quantize_blocks(model, batches, block_quantizer(specs), progress, checkpoint, fp_targets, lazy)
+        ids = {id(model.get_submodule(n)): n for n in inside}
+        losses = {}
+        quantize_blocks(model, batches, block_quantizer({i: inside[n] for i, n in ids.items()}, losses), progress,
+                        checkpoint, fp_targets, lazy)
+        measured = {ids[i]: loss for i, loss in losses.items()}
         names = [n for n in names if n not in inside]
     if lazy is not None and checkpoint is not None:
         lazy.on_finish = checkpoint.keep  # each rounded block goes to disk and leaves memory
@@ -173,3 +187,4 @@ def apply(model: nn.Module, plan: Plan, *, tokenizer=None, text: str | None = No
         lazy.close(checkpoint)
     if unties and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # head and embedding are now stored separately
+    return measured

@@ -150,6 +150,27 @@ def _fixed(model: nn.Module, edges: dict[str, MethodConfig], machine: Machine | 
     return nbytes, seconds
 
 
+def decode_seconds(model: nn.Module, layers: dict[str, MethodConfig],
+                   machine: Machine) -> tuple[dict[str, float], float]:
+    """The cost model's decode time of a plan (`layers`: name -> spec): each block linear's share (a fused
+    group in one UniformQ format is one matmul, as the engine runs it, its time split by bytes) and the
+    whole token's seconds (those, plus the head in its format, as `plan` counts them)."""
+    names = [n for n in block_linears(model) if n in layers]
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    own = {n: stored_bytes(layers[n], shapes[n]) for n in names}
+    seconds = {}
+    for members in _fused_groups(names):
+        formats = {(s.bits, s.group_size, s.sym) for s in (layers[m] for m in members) if s.name != "ganq"}
+        if len(members) > 1 and len(formats) == 1 and all(layers[m].name != "ganq" for m in members):
+            total = machine.seconds(sum(own[m] for m in members), sum(shapes[m][0] for m in members),
+                                    shapes[members[0]][1])
+            seconds.update({m: total * own[m] / sum(own[m] for m in members) for m in members})
+        else:
+            seconds.update({m: machine.seconds(own[m], *shapes[m]) for m in members})
+    edges = {n: s for n, s in layers.items() if n in edge_names(model)}
+    return seconds, sum(seconds.values()) + _fixed(model, edges, machine, names)[1]
+
+
 def plan(model: nn.Module, qx: QuantX, tokenizer, text: str, edges: dict[str, MethodConfig] | None = None,
          calib_seq_len: int = 512, progress: bool = True, machine: Machine | None = None,
          sens: Sensitivity | None = None) -> Recipe:

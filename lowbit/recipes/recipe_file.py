@@ -14,7 +14,9 @@ A spec is a METHOD:SCHEME token (recipes/candidates.py: gptq:W3-g64-asym, ganq:W
 method's config by `{method: gptq, bits: 3, group_size: 64, sym: false, damp: 0.01}` as a mapping),
 the layers it covers are quantized that way; layers neither named nor matched stay in float (like
 llm-compressor's config_groups with `targets`). `write` emits one line per layer, with its predicted
-loss and bits per weight as comments, so the file reads as the report of the choice.
+loss and bits per weight as comments, so the file reads as the report of the choice; `read` keeps each
+layer's `# predicted loss X` for the report of the run that applies it (recipe_report.py; a note left
+beside a hand-edited spec predicts the spec it was written for).
 
 Refused before any work, as one line: YAML that does not parse, a missing or wrong `lowbit_recipe`,
 unknown keys, a spec that is not one (`read`); a layer the model does not have, a regex that
@@ -25,7 +27,7 @@ rows, methods that cannot mix) run in recipes/apply.py before calibration starts
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -38,6 +40,8 @@ from .candidates import name, parse_one
 from .plan import Plan, spec_from_dict, targets
 
 VERSION = 1
+_NOTE = re.compile(r"^\s+(?P<layer>[^\s:#]+):[^#\n]*#\s*predicted loss "
+                   r"(?P<loss>[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))", re.MULTILINE)
 KEYS = {"lowbit_recipe", "source", "target", "predicted", "candidates", "sensitivity_tokens", "groups", "layers"}  # informative: source .. tokens
 
 
@@ -47,6 +51,7 @@ class RecipeFile:
     layers: dict[str, MethodConfig]
     groups: tuple[tuple[str, MethodConfig], ...]
     path: str
+    predicted: dict[str, float] = field(default_factory=dict)  # layer -> the loss its note predicts
 
     @property
     def needs_calib(self) -> bool:
@@ -123,9 +128,10 @@ def _parse(text: str, path: str) -> RecipeFile:
             re.compile(g["match"])
         except re.error as e:
             raise LowbitError(f"recipe {path}: group '{g['match']}' is not a regular expression ({e})") from None
+    notes = {m["layer"]: float(m["loss"]) for m in _NOTE.finditer(text) if m["layer"] in layers}
     return RecipeFile({n: _spec(v, f"recipe {path}, layer {n}") for n, v in layers.items()},
                       tuple((g["match"], _spec(g["spec"], f"recipe {path}, group '{g['match']}'")) for g in groups),
-                      path)
+                      path, notes)
 
 
 def read(path: str | Path) -> RecipeFile:
