@@ -4,7 +4,7 @@ one row's work (quantize a copy of the source by a config, score it on the held-
 Every row quantizes a fresh copy of the float source with the same calibration text (`--samples`
 windows of `--seq-len` tokens of the built-in calibration split) and scores it with the eval API's
 defaults (ctx 512, disjoint windows, all of them unless `--max-windows`), with KL divergence against
-the source unless `--no-kld`.
+the source unless `--no-kld` (the source's states cached by its fingerprint: computed by the first row only).
 """
 
 import copy
@@ -12,6 +12,7 @@ import time
 
 import lowbit
 from lowbit.eval import evaluate
+from lowbit.models import fingerprint
 
 
 def add_options(ap) -> None:
@@ -29,5 +30,5 @@ def quantize_and_score(src, text: str, cfg, a):
                         calib_seq_len=a.seq_len, progress=False)
     took = time.perf_counter() - t
     r = evaluate(q.model, src.tokenizer, text, max_windows=a.max_windows, source=None if a.no_kld else src.model,
-                 progress=False)
+                 progress=False, source_key=fingerprint(src.source))
     return q, r, took

@@ -14,12 +14,10 @@ The issue's table: the defaults (rtn), then `--method gptq --weights W4-g128 --a
 """
 
 import argparse
-import copy
-import time
 
 import lowbit
+from _setup import add_options, quantize_and_score
 from common import start
-from lowbit.eval import evaluate
 from lowbit.recipes import scheme_fields
 
 
@@ -41,14 +39,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", nargs="+", default=["W8-g128", "W8-row", "W4-g128", "W4-row"])
     ap.add_argument("--acts", nargs="+", type=int, default=[8, 4], help="activation bits (W8 rows skip 4)")
-    ap.add_argument("--groups", nargs="+", type=int, default=[4, 8, 12, 16])
+    ap.add_argument("--groups", nargs="*", type=int, default=[4, 8, 12, 16])
     ap.add_argument("--baselines", nargs="*", default=["per-token", "per-tensor", "per-block32", "smoothquant", "hadamard"])
     ap.add_argument("--method", default="rtn", help="weights method (rtn, gptq, ...)")
     ap.add_argument("--chunk", type=int, default=256, help="Tender rows per run-time TMax (0: calibrated)")
-    ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--max-windows", type=int)
-    ap.add_argument("--no-kld", action="store_true")
+    add_options(ap)
     a = ap.parse_args()
     src, text = start(f"weights {a.method}; calibration {a.samples} x {a.seq_len} tokens; "
                       f"eval windows {a.max_windows or 'all'}")
@@ -57,12 +52,7 @@ def main():
     a16 = {}
     for weights, acts in rows(a):
         cfg = lowbit.methods.config_for(a.method, **scheme_fields(weights), **acts)
-        t = time.perf_counter()
-        q = lowbit.quantize(copy.deepcopy(src.model), cfg, tokenizer=src.tokenizer, calib_samples=a.samples,
-                            calib_seq_len=a.seq_len, progress=False)
-        took = time.perf_counter() - t
-        r = evaluate(q.model, src.tokenizer, text, max_windows=a.max_windows, source=None if a.no_kld else src.model,
-                     progress=False)
+        q, r, took = quantize_and_score(src, text, cfg, a)
         a16.setdefault(weights, r.ppl)
         kld = "-" if a.no_kld else f"{r.kld:.5f}"
         g = acts.get("act_groups", "-")

@@ -82,6 +82,31 @@ def _producer(block: nn.Module, names: str):
     return None
 
 
+def shared_inputs(block: nn.Module, targets: dict[str, nn.Linear]):
+    """(producer, consumer names) for each input that the targeted linears of `block` share (GROUPS):
+    the module whose output x they all read, so x/s folds into it. Skipped: a producer the block does
+    not have, a group with no targeted consumer, and a linear producer whose outputs are not its
+    consumers' inputs (v_proj → o_proj under grouped-query attention: the channels do not line up)."""
+    for producer_names, consumer_names in GROUPS:
+        producer = _producer(block, producer_names)
+        consumers = [n for n in consumer_names if n in targets]
+        if producer is None or not consumers:
+            continue
+        if isinstance(producer, nn.Linear) and producer.out_features != targets[consumers[0]].in_features:
+            continue
+        yield producer, consumers
+
+
+def fold_shared_inputs(block: nn.Module, targets: dict[str, nn.Linear], stats: dict, scales) -> None:
+    """For each shared input (`shared_inputs`): s = scales(its statistics, the consumers' weights),
+    x/s folded into the producer and W·s into the consumers (`fold_scales`), the statistics rescaled."""
+    for producer, consumers in shared_inputs(block, targets):
+        s = scales(stats[consumers[0]], [targets[n].weight.detach() for n in consumers])
+        fold_scales(producer, [targets[n] for n in consumers], s)
+        for n in consumers:  # the inputs these layers see are now x / s
+            stats[n].rescale_inputs(s)
+
+
 def _output_error(x: torch.Tensor, group_size: int):
     """Per (row, group) error of the layer's output over tokens x: Σ_t (Σ_{j∈g} Δw_j x_tj)²."""
     xg, _ = grouped(x, effective_group(group_size, x.shape[1]))  # [T, G, g]
@@ -94,19 +119,7 @@ def _output_error(x: torch.Tensor, group_size: int):
 
 def quantize_block(block: nn.Module, targets: dict[str, nn.Linear], stats: dict, spec: AWQ, **_) -> dict:
     """Scale and fold, then clip-search and quantize every targeted linear: {name: UniformQ}."""
-    for producer_names, consumer_names in GROUPS:
-        producer = _producer(block, producer_names)
-        consumers = [n for n in consumer_names if n in targets]
-        if producer is None or not consumers:
-            continue
-        if isinstance(producer, nn.Linear) and producer.out_features != targets[consumers[0]].in_features:
-            continue  # e.g. v_proj → o_proj under grouped-query attention: channels do not line up
-        st = stats[consumers[0]]
-        x = st.inputs()
-        s = search_scale(x, st.abs_mean, [targets[n].weight for n in consumers], spec)
-        fold_scales(producer, [targets[n] for n in consumers], s)
-        for n in consumers:  # the inputs these layers see are now x / s
-            stats[n].rescale_inputs(s)
+    fold_shared_inputs(block, targets, stats, lambda st, weights: search_scale(st.inputs(), st.abs_mean, weights, spec))
     out = {}
     for name, m in targets.items():
         w = m.weight.detach()

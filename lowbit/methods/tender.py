@@ -2,7 +2,11 @@
 
 Per linear layer, from the block runner's statistics of its input x (each channel's min and max, H = Σ xxᵀ):
 
-  tender       b = (max + min)/2 per channel, m = (max − min)/2 = max |x − b|, TMax = max m; channel k
+  tender       b = (max + min)/2 per channel, m = (max − min)/2 = max |x − b|, TMax = max m; or, where
+               it rounds the calibration sample's outputs x·Wᵀ better (`centred`), b = 0 and m = max |x|
+               (the reference centres only the norms' outputs, q/k/v's and gate/up's inputs: o_proj's
+               and down_proj's are heavy-tailed around 0, and centring their rare extremes moves every
+               other row away from 0, where the top group rounds it coarsely); channel k
                goes to group g = #{i < G−1 : m_k > TMax / 2^(G−1−i)} (the reference's thresholds
                T_i = TMax/2^(G−1−i), so group g holds T_(g−1) < m ≤ T_g); the channels are sorted by
                group (stable), W's columns permuted alike BEFORE the weight method runs (its groups and
@@ -37,7 +41,7 @@ from ..errors import LowbitError
 from ..formats import UniformQ
 from ..formats.activation import ActQ
 from ..formats.hadamard import hadamard
-from .awq import GROUPS, _producer, fold_scales
+from .awq import fold_shared_inputs
 from .config import MethodConfig
 
 ALPHAS = [i / 20 for i in range(1, 20)]  # SmoothQuant's migration strength, searched per group
@@ -54,8 +58,9 @@ class Fit:
     act: ActQ
 
     def finish(self, qt, bias: torch.Tensor | None) -> tuple[ActQ, torch.Tensor | None]:
-        """(the ActQ, the layer's new bias): Tender's b·Ŵᵀ folded into the bias, with the quantized Ŵ."""
-        if self.act.bias is None:
+        """(the ActQ, the layer's new bias): Tender's b·Ŵᵀ folded into the bias, with the quantized Ŵ
+        (nothing to fold where b = 0)."""
+        if self.act.bias is None or not bool(self.act.bias.any()):
             return self.act, bias
         folded = qt.dequantize() @ self.act.bias
         return self.act, folded if bias is None else bias.detach().float() + folded
@@ -82,16 +87,39 @@ def groups_of(maxima: torch.Tensor, n_groups: int) -> torch.Tensor:
     return (maxima[:, None] > thresholds[None, :]).sum(1)
 
 
+def tender_act(bias: torch.Tensor, maxima: torch.Tensor, spec: MethodConfig) -> ActQ:
+    """Tender's ActQ from each channel's bias and max |x − bias|: groups, channels sorted by group."""
+    group = groups_of(maxima, spec.act_groups)
+    perm = torch.sort(group, stable=True).indices
+    return ActQ("tender", spec.act_bits, len(maxima), spec.act_groups, spec.act_chunk, bias[perm].contiguous(),
+                perm.int(), group[perm].to(torch.uint8), maxima[perm].contiguous())
+
+
+def centred(w: torch.Tensor, stats, spec: MethodConfig) -> ActQ:
+    """Tender's ActQ with the channels centred (b = (max + min)/2) or not (b = 0), whichever gives the
+    smaller output error ‖(x̂ + b − x)·Wᵀ‖ on the calibration sample (float W; module docstring)."""
+    lo, hi = stats.ch_min, stats.ch_max
+    options = [tender_act((hi + lo) / 2, (hi - lo) / 2, spec),
+               tender_act(torch.zeros_like(lo), torch.maximum(hi.abs(), lo.abs()), spec)]
+    x = stats.inputs()[:SEARCH_TOKENS]
+    if len(x) == 0:
+        return options[0]
+    w = w.float()
+
+    def error(act: ActQ) -> float:
+        restored = torch.empty_like(x)
+        restored[:, act.perm.long()] = act.fake_quantize(x) + act.bias
+        return float((((restored - x) @ w.T) ** 2).sum())
+    return min(options, key=error)
+
+
 def fit(w: torch.Tensor, stats, spec: MethodConfig) -> Fit:
     """The activation quantizer of one layer (weight `w` [N, K], its input's statistics) by `spec`."""
     k = w.shape[1]
     act = ActQ(spec.act_method, spec.act_bits, k, spec.act_groups, spec.act_chunk)
     if spec.act_method == "tender":
-        bias = (stats.ch_max + stats.ch_min) / 2
-        maxima = (stats.ch_max - stats.ch_min) / 2
-        group = groups_of(maxima, spec.act_groups)
-        perm = torch.sort(group, stable=True).indices
-        act.bias, act.perm, act.group, act.maxima = bias[perm], perm.int(), group[perm].to(torch.uint8), maxima[perm]
+        act = centred(w, stats, spec)
+        perm = act.perm.long()
         return Fit(w[:, perm], _permuted(stats, perm), act)
     if spec.act_method == "hadamard":
         h = hadamard(k)
@@ -130,16 +158,7 @@ def search_smoothing(x: torch.Tensor, x_max: torch.Tensor, weights: list[torch.T
 
 def smooth_block(block: nn.Module, targets: dict[str, nn.Linear], stats: dict, spec: MethodConfig) -> None:
     """SmoothQuant's scales folded into the block in place (module docstring); `stats` follow."""
-    for producer_names, consumer_names in GROUPS:
-        producer = _producer(block, producer_names)
-        consumers = [n for n in consumer_names if n in targets]
-        if producer is None or not consumers:
-            continue
-        if isinstance(producer, nn.Linear) and producer.out_features != targets[consumers[0]].in_features:
-            continue  # grouped-query attention: v's channels are not o's
-        st = stats[consumers[0]]
+    def scales(st, weights):
         x_max = torch.maximum(st.ch_max.abs(), st.ch_min.abs())
-        s = search_smoothing(st.inputs()[:SEARCH_TOKENS], x_max, [targets[n].weight.detach() for n in consumers], spec)
-        fold_scales(producer, [targets[n] for n in consumers], s)
-        for n in consumers:
-            stats[n].rescale_inputs(s)
+        return search_smoothing(st.inputs()[:SEARCH_TOKENS], x_max, weights, spec)
+    fold_shared_inputs(block, targets, stats, scales)
