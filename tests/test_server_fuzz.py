@@ -89,14 +89,15 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
     "a": {"type": "integer"}}, "required": ["a"]}}}
 FORMATS = st.one_of(st.sampled_from([None, {"type": "text"}, {"type": "json_object"}, {"type": "xml"}, "json", 1,
                                      {"type": "json_schema"}, {"type": "json_schema", "json_schema": []}]),
-                    st.builds(lambda schema, name: {"type": "json_schema", "json_schema": {"name": name, "schema": schema}},
+                    st.builds(lambda schema, name: {"type": "json_schema",
+                                                    "json_schema": {"name": name, "schema": schema}},
                               st.sampled_from(SCHEMAS), st.sampled_from(["answer", "", "a b", 5])))
 TOOLS = st.one_of(st.sampled_from([None, [], "f", [TOOL], [TOOL, TOOL], [{"type": "function"}], [{"type": "code"}],
                                    [{"type": "function", "function": {"name": "g" * 65}}]]),
                   st.builds(lambda p, name: [{"type": "function", "function": {"name": name, "parameters": p}}],
                             st.sampled_from(SCHEMAS), st.sampled_from(["g", "bad name", None])))
-CHOICES = st.sampled_from([None, "auto", "none", "required", "maybe", 3, {"type": "function", "function": {"name": "f"}},
-                           {"type": "function", "function": {"name": "h"}}, {"type": "function"}])
+CHOICES = st.sampled_from([None, "auto", "none", "required", "maybe", 3, {"type": "function"},
+                           {"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "h"}}])
 constrained = st.fixed_dictionaries({}, optional={"response_format": FORMATS, "tools": TOOLS, "tool_choice": CHOICES,
                                                   "parallel_tool_calls": st.sampled_from([True, False, "no"]),
                                                   "n": st.sampled_from([1, 2]), "stream": st.booleans(),

@@ -20,6 +20,11 @@ then advances the matcher. The sequence ends when the matcher is stopped: the gr
 and nothing but an end-of-sequence token may follow, so no step is spent on sampling that token. A
 sequence without a grammar pays nothing: it has no matcher and sampling sees no mask.
 
+JSON between its tokens allows a little whitespace (WHITESPACE: one space or tab, then at most one
+newline and an indent of up to 32), not any amount: a small model offered unbounded whitespace can
+spend its whole max_tokens on newlines (vLLM's `disable-any-whitespace` exists for the same reason).
+A schema's own "x-guidance" options replace this default.
+
 The model's end-of-sequence tokens (the session's stop tokens) are the grammar's EOS: allowed exactly
 where the grammar may end.
 """
@@ -35,6 +40,8 @@ import numpy as np
 import torch
 
 from ..errors import LowbitError
+
+WHITESPACE = {"whitespace_pattern": r"[ \t]?(\n[ \t]{0,32})?"}  # llguidance's JSON options: between tokens
 
 
 class InvalidRequest(LowbitError):
@@ -123,6 +130,11 @@ def schema_grammar(schema, param: str) -> str:
     if not isinstance(schema, dict):
         raise InvalidRequest(f"'{param}' must be a JSON schema object, got {json.dumps(schema)[:100]}", param)
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema)
+        return llguidance.LLMatcher.grammar_from_json_schema(with_whitespace(schema))
     except (ValueError, TypeError) as e:
         raise InvalidRequest(f"'{param}' is not a usable schema: {str(e)[:300]}", param) from None
+
+
+def with_whitespace(schema: dict) -> dict:
+    """`schema` with the default JSON whitespace (WHITESPACE) unless it sets llguidance's options itself."""
+    return {"x-guidance": WHITESPACE, **schema}

@@ -33,7 +33,7 @@ import json
 import re
 import uuid
 
-from .constrained import Grammar, Grammars, InvalidRequest
+from .constrained import Grammar, Grammars, InvalidRequest, with_whitespace
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -98,8 +98,9 @@ def parse_choice(body: dict, tools: list[dict]) -> str | None:
 def call_grammar(grammars: Grammars, tools: list[dict], choice: str, parallel: bool) -> Grammar:
     """One <tool_call> block (or several, with `parallel`) per call of the allowed tools."""
     allowed = [t["function"] for t in tools if choice == "required" or t["function"]["name"] == choice]
-    schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-                         "required": ["name", "arguments"], "additionalProperties": False} for f in allowed]}
+    schema = with_whitespace({"anyOf": [
+        {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+         "required": ["name", "arguments"], "additionalProperties": False} for f in allowed]})
     more = ' ("\\n" call)*' if parallel else ""
     return grammars.lark(f'start: call{more}\ncall: "<tool_call>\\n" %json {json.dumps(schema)} "\\n</tool_call>"\n',
                          "tools")
