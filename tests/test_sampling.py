@@ -59,6 +59,24 @@ def test_greedy_is_argmax_and_seed_reproduces():
     assert draws(11) != draws(12)
 
 
+
+@pytest.mark.parametrize("params", [dict(temperature=0), dict(temperature=1.5, top_k=5, top_p=0.9, min_p=0.05),
+                                    dict(temperature=1.0, presence_penalty=2.0)])
+def test_an_allowed_mask_is_never_left(params):
+    """Constrained decoding's mask (runtime/constrained.py): greedy takes the best allowed token, and no
+    truncation or penalty draws outside the mask, even when the mask keeps only unlikely tokens."""
+    import numpy as np
+
+    x = _logits(2)
+    allowed = np.zeros(len(x), bool)
+    allowed[x.argsort()[:4].numpy()] = True  # the four least likely tokens
+    s = Sampler(SamplingParams(seed=0, **params))
+    draws = {s(x, [], [1, 2], allowed) for _ in range(50)}
+    assert draws <= set(np.flatnonzero(allowed).tolist())
+    if params["temperature"] == 0:
+        assert draws == {int(x.masked_fill(torch.from_numpy(~allowed), -float("inf")).argmax())}
+
+
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
     s = Sampler(SamplingParams(temperature=1.0, seed=0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import LowbitError
@@ -108,12 +109,12 @@ class Sampler:
             self.generator.manual_seed(params.seed)
 
     def __call__(self, logits: torch.Tensor, context: list[int], generated: list[int],
-                 allowed: torch.Tensor | None = None) -> int:
-        """The next token; `allowed` (bool, one per logit): only those tokens may be drawn."""
+                 allowed: np.ndarray | None = None) -> int:
+        """The next token; `allowed` (numpy bool, one per logit): only those tokens may be drawn."""
         p = self.params
         logits = apply_penalties(logits.float().clone(), context, generated, p)
-        if allowed is not None:
-            logits.masked_fill_(~allowed, -float("inf"))
+        if allowed is not None:  # in numpy: one pass, no thread hand-off (runtime/constrained.py)
+            np.putmask(logits.numpy(), ~allowed, -np.inf)
         if p.temperature == 0:
             return int(logits.argmax())
         logits = min_p(top_p(top_k(logits / p.temperature, p.top_k), p.top_p), p.min_p)
