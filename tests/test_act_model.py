@@ -40,7 +40,7 @@ def test_reload_is_exact_and_the_engine_refuses(tender_dir):
     q = lowbit.load(out)
     layers = [m for m in q.model.modules() if isinstance(m, ActQuantLinear)]
     assert len(layers) == 14  # 7 linears × 2 blocks
-    assert q.plan.specs[0].act_groups == 6 and q.plan.specs[0].scheme == "W4A8-tender-g32-sym-G6-c256"
+    assert q.plan.specs[0].act_groups == 6 and q.plan.specs[0].scheme == "W4A8-tender-g32-sym-G6-c1"
     with torch.no_grad():
         assert torch.equal(q.model(ids).logits, logits)
     with pytest.raises(LowbitError, match="ActQuantLinear, not a linear layer the engine runs"):
@@ -52,7 +52,7 @@ def test_reload_is_exact_and_the_engine_refuses(tender_dir):
 
 def test_inspect_shows_the_activation_spec(tender_dir, capsys):
     assert main(["inspect", str(tender_dir[0])]) == 0
-    assert "uniform 4b g32 sym A8 tender G6 c256" in capsys.readouterr().out
+    assert "uniform 4b g32 sym A8 tender G6 c1" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method", ["per-token", "per-tensor", "per-block32", "smoothquant", "hadamard"])

@@ -35,12 +35,12 @@ def _fitted(x: torch.Tensor, w: torch.Tensor, spec) -> tuple:
     return qt, act, bias
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method, chunk", [(m, 16) for m in METHODS] + [("tender", 1), ("tender", 0)])
 @pytest.mark.parametrize("group_size", [32, -1])
-def test_integer_oracle_matches_the_float_path(method, group_size):
+def test_integer_oracle_matches_the_float_path(method, chunk, group_size):
     k = 96 if method != "hadamard" else 80  # 80 = 20·4: a Paley order; the ragged 96 % 64 too
     x, w = _activations(37, k), torch.randn(29, k)
-    spec = RTN(bits=8, group_size=group_size, act_bits=8, act_method=method, act_groups=6, act_chunk=16)
+    spec = RTN(bits=8, group_size=group_size, act_bits=8, act_method=method, act_groups=6, act_chunk=chunk)
     qt, act, bias = _fitted(x, w, spec)
     layer = ActQuantLinear(qt, act, bias)
     exact = linear_integer(x, act, qt, layer.bias)
@@ -96,8 +96,47 @@ def test_bias_fold_keeps_the_weight_only_layer():
     x, w = _activations(30, 64), torch.randn(24, 64)
     spec = RTN(bits=4, group_size=-1, act_bits=8, act_groups=8)
     qt, act, bias = _fitted(x, w, spec)
+    assert bool(act.bias.any())  # these channels are offset: centring them wins
     weight_only = UniformQ.from_float(w, 4, -1, True).dequantize()
     assert torch.allclose(act.transform(x) @ qt.dequantize().T + bias, x @ weight_only.T, atol=1e-3)
+
+
+def test_centring_is_chosen_by_the_output_error():
+    """Offset channels are centred; inputs heavy-tailed around 0 (SwiGLU outputs: most rows small, a
+    rare extreme) are not, since centring their extremes moves every other row away from 0."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 64, generator=g)
+    tail = torch.randn(400, 64, generator=g) * 0.05
+    tail[torch.randint(0, 400, (6,), generator=g)] *= 400
+    tail = tail.abs()  # one-sided: (max + min)/2 is far from where most rows are
+    for x, centred in ((_activations(400, 64), True), (tail, False)):
+        _, act, bias = _fitted(x, w, RTN(bits=8, group_size=-1, act_bits=8, act_groups=8))
+        assert bool(act.bias.any()) == centred and (bias is not None) == centred
+
+
+def test_tender_tmax_clips_nothing_and_follows_quiet_rows():
+    """Run-time TMax (chunk ≥ 1) holds every channel inside its group's range, even channels far past
+    their calibrated range, and a quiet row narrows every group together (exact: powers of two)."""
+    x = _activations(64, 64, seed=4)
+    _, act, _ = _fitted(x, torch.randn(8, 64), RTN(bits=8, group_size=-1, act_bits=4, act_groups=6, act_chunk=1))
+    wild = x * torch.linspace(0.25, 3.0, 64)  # channels beyond their calibration, by channel
+    xt = act.transform(wild)
+    q, s = act.codes(xt)
+    assert bool((xt - q * s).abs().le(s / 2 * (1 + 1e-6)).all())  # rounding error only: nothing clipped
+    quiet = act.transform(x[:1])
+    assert torch.equal(act.tmax(quiet / 4), act.tmax(quiet) / 4)
+    chunked = ActQ.from_tensors({**act.meta(), "chunk": 16}, act.tensors())
+    assert torch.equal(chunked.tmax(xt), act.tmax(xt).view(4, 16).amax(1).repeat_interleave(16))
+
+
+def test_rotation_alone_keeps_the_layer():
+    """Hadamard: x·H times the rotated W·H equals x·Wᵀ to float rounding (no rounding of either)."""
+    x, w = _activations(40, 576), torch.randn(48, 576)
+    stats = LayerStats(torch.zeros(576, 576), torch.zeros(576))
+    stats.add(x)
+    fit = tender.fit(w, stats, RTN(bits=8, group_size=-1, act_bits=4, act_method="hadamard"))
+    assert torch.allclose(fit.act.transform(x) @ fit.weight.T, x @ w.T, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(fit.stats.hessian, hadamard(576).T @ stats.hessian @ hadamard(576), rtol=1e-4, atol=1e-2)
 
 
 def test_tender_beats_per_tensor_on_outlier_channels():

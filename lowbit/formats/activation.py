@@ -97,7 +97,7 @@ class ActQ:
     bits: int
     in_features: int
     groups: int = 1  # Tender's G
-    chunk: int = 256  # Tender: rows per run-time TMax (0: the calibrated TMax)
+    chunk: int = 1  # Tender: rows per run-time TMax (0: the calibrated TMax)
     bias: torch.Tensor | None = None  # fp32 [K], stored order (tender)
     perm: torch.Tensor | None = None  # int32 [K]: stored channel j is input channel perm[j] (tender)
     group: torch.Tensor | None = None  # uint8 [K]: group of stored channel j, ascending (tender)

@@ -28,7 +28,7 @@ class MethodConfig:
     act_bits: int = field(default=16, metadata={"help": "activation bits: 8 or 4 (quantized at run time), 16 = float"})
     act_method: str = field(default="tender", metadata={"help": "activation quantizer: " + ", ".join(ACT_METHODS)})
     act_groups: int = field(default=8, metadata={"help": "Tender's channel groups G (1-16), scales 2x apart"})
-    act_chunk: int = field(default=256, metadata={"help": "Tender: rows per run-time TMax (0: calibrated TMax)"})
+    act_chunk: int = field(default=1, metadata={"help": "Tender: rows per run-time TMax (1: per row; 0: calibrated TMax)"})
     name: ClassVar[str]
     fp_targets: ClassVar[bool] = False  # block-output methods: train to the float model's own outputs
 

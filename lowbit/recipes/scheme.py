@@ -5,9 +5,9 @@
 `W` is the weight bit width, `g<group>` the group size (`row`: one group per row; default 128),
 `sym`/`asym` the grid (default sym). `A16` (or no A) keeps activations in float; `A8`/`A4` quantizes
 them at run time by the act method (default tender; formats/activation.py lists the others), with
-Tender's `G` groups (default 8) and TMax per `c` rows (default 256; `static`: the calibrated TMax).
+Tender's `G` groups (default 8) and TMax per `c` rows (default 1: per row; `static`: the calibrated TMax).
 `fields` gives those for any method's config; `parse` makes the RTN config. `MethodConfig.scheme`
-("W4-g128-sym", "W4A8-tender-g128-sym-G8-c256") parses back.
+("W4-g128-sym", "W4A8-tender-g128-sym-G8-c1") parses back.
 """
 
 import re
