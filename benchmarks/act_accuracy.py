@@ -9,7 +9,7 @@ W4A8-tender within 2% of W4 A16, W4A4-tender ahead of smoothquant and per-token)
 
 Usage: python benchmarks/act_accuracy.py [--weights W8-g128 W4-g128 W4-row] [--acts 8 4] [--groups 4 8 12 16]
        [--baselines per-token per-tensor per-block32 smoothquant hadamard] [--method rtn|gptq]
-       [--chunk 256] [--samples 32] [--seq-len 512] [--max-windows N] [--no-kld]
+       [--chunk 1] [--samples 32] [--seq-len 512] [--max-windows N] [--no-kld]
 The issue's table: the defaults (rtn), then `--method gptq --weights W4-g128 --acts 8 4 --baselines`.
 """
 
@@ -42,7 +42,7 @@ def main():
     ap.add_argument("--groups", nargs="*", type=int, default=[4, 8, 12, 16])
     ap.add_argument("--baselines", nargs="*", default=["per-token", "per-tensor", "per-block32", "smoothquant", "hadamard"])
     ap.add_argument("--method", default="rtn", help="weights method (rtn, gptq, ...)")
-    ap.add_argument("--chunk", type=int, default=256, help="Tender rows per run-time TMax (0: calibrated)")
+    ap.add_argument("--chunk", type=int, default=1, help="Tender rows per run-time TMax (0: calibrated)")
     add_options(ap)
     a = ap.parse_args()
     src, text = start(f"weights {a.method}; calibration {a.samples} x {a.seq_len} tokens; "
