@@ -2,6 +2,7 @@
 speed at 7B shapes on identical weights.
 
     python benchmarks/interop.py ppl   [--ctx 512] [--chunks N]      # SmolLM2: export, llama.cpp vs lowbit
+    python benchmarks/interop.py kquant [--chunks N] [--windows N]   # SmolLM2 W2/W3/W4-asym: K-quant exports
     python benchmarks/interop.py speed [--layers 32] [--threads 1 2]  # 7B shapes, Q4_0 on both engines
 
 `ppl` quantizes the embedded SmolLM2 (RTN, head and embedding 8-bit g32 as the CLI does) to W4 g32 sym,
@@ -13,6 +14,16 @@ exported on the very same token chunks, on our kernels (fp32 activations, the ex
 difference is the file and llama.cpp's int8 activations only; a control row scores the published Q4_1
 file in llama.cpp against its dequantization in lowbit (identical weights: the activations' share).
 The issue's bar: within 0.5%.
+
+`kquant` quantizes the embedded SmolLM2 (RTN, head and embedding 8-bit g32) at W2 g64 sym, W3 g128 sym
+and W4 g128 asym, which no 32-block type holds at their size: the export fits the layers whose rows are
+whole 256-weight super-blocks (SmolLM2: down_proj, 1536 inputs) to Q2_K / Q3_K / Q4_K and writes the
+others (576 inputs) in llama.cpp's fallback types (Q4_0 / Q5_0, exact for these grids). Per model: the
+GGUF types with each one's largest conversion error (relative squared error against our weights), the
+KL divergence of the exported file (loaded back through lowbit's GGUF loader, which dequantizes with
+gguf's reference) from the lowbit model it came from (lowbit's eval), and the perplexity of the
+exported file in llama-perplexity (llama.cpp's own tool, benchmarks/peers/build_llamacpp.sh) next to
+lowbit's score of the lowbit model on the same chunks, with the published Q4_1 file as the control.
 
 `speed` builds a Llama with 7B shapes (hidden 4096, intermediate 11008, 32 heads, vocab 32000; random
 weights, quantized as they are made: never a float model in memory) at W4 g32 sym with an 8-bit
@@ -34,10 +45,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vs_llamacpp import build, peer  # noqa: E402  the scratch llama-cpp-python and its bench protocol
+from vs_llamacpp import build, llama_perplexity, peer  # noqa: E402  the scratch llama-cpp-python and llama.cpp's tools
 
 import lowbit  # noqa: E402
 from lowbit.calib import load as load_text  # noqa: E402
+from lowbit.io import write_gguf  # noqa: E402
 from lowbit.models import default_gguf  # noqa: E402
 from lowbit.recipes import EDGE  # noqa: E402
 
@@ -90,8 +102,7 @@ def our_ppl(model, chunks: list[list[int]]) -> float:
 def ppl(a) -> None:
     python = build()
     source = lowbit.load("default")
-    ids = source.tokenizer(load_text("eval")).input_ids
-    chunks = [ids[i:i + a.ctx] for i in range(0, len(ids) - a.ctx + 1, a.ctx)][:a.chunks]
+    _, chunks = eval_chunks(source.tokenizer, a.ctx, a.chunks)
     print(f"# SmolLM2-135M-Instruct, {len(chunks)} chunks of {a.ctx} tokens, second half scored "
           f"(llama-perplexity's scoring), {a.threads} threads")
     print("| lowbit format | GGUF type | lowbit ppl | llama.cpp ppl | llama.cpp / lowbit |")
@@ -113,6 +124,50 @@ def ppl(a) -> None:
             print(f"| W{bits}-g32-{'sym' if sym else 'asym'} | {name} | {ours:.4f} | {theirs:.4f} | "
                   f"{100 * (theirs / ours - 1):+.2f}% |", flush=True)
             del q, model
+
+
+KQUANT = ((2, 64, True), (3, 128, True), (4, 128, False))
+
+
+def eval_chunks(tokenizer, ctx: int, limit: int) -> tuple[str, list[list[int]]]:
+    """The built-in held-out text and its first `limit` disjoint chunks of ctx tokens."""
+    text = load_text("eval")
+    ids = tokenizer(text).input_ids
+    return text, [ids[i:i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)][:limit]
+
+
+def kquant(a) -> None:
+    source = lowbit.load("default")
+    text, chunks = eval_chunks(source.tokenizer, a.ctx, a.chunks)
+    print(f"# SmolLM2-135M-Instruct, RTN with 8-bit g32 head and embedding; KLD over {a.windows} windows of 512 "
+          f"(lowbit eval); perplexity over {len(chunks)} chunks of {a.ctx} tokens, second half scored, "
+          f"{a.threads} threads")
+    print("| lowbit format | GGUF types (tensors, largest relative error) | KLD exported vs lowbit | lowbit ppl "
+          "| llama-perplexity | llama.cpp / lowbit |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "eval.txt"
+        corpus.write_text(text)
+        ours, theirs = our_ppl(source.model, chunks), llama_perplexity(default_gguf(), corpus, a.ctx, len(chunks),
+                                                                       a.threads)
+        print(f"| float (the source, dequantized) | Q4_1 (published) | | {ours:.4f} | {theirs:.4f} | "
+              f"{100 * (theirs / ours - 1):+.2f}% |", flush=True)
+        del source
+        for bits, group, sym in KQUANT:
+            q = lowbit.quantize(lowbit.load("default"), lowbit.RTN(bits=bits, group_size=group, sym=sym),
+                                lm_head=EDGE, embeddings=EDGE, progress=False)
+            report = []
+            path = write_gguf(q.model, Path(tmp) / f"w{bits}.gguf", q.tokenizer, default_gguf(), report=report)
+            types = {}
+            for r in report:
+                n, worst = types.get(r.gguf_type, (0, 0.0))
+                types[r.gguf_type] = (n + 1, max(worst, r.rel_err))
+            kinds = ", ".join(f"{t} ({n}, {e:.1e})" for t, (n, e) in sorted(types.items()))
+            kld = lowbit.load(str(path)).evaluate(kld=True, reference=q.model, max_windows=a.windows, progress=False).kld
+            ours, theirs = our_ppl(q.model, chunks), llama_perplexity(path, corpus, a.ctx, len(chunks), a.threads)
+            print(f"| W{bits}-g{group}-{'sym' if sym else 'asym'} | {kinds} | {kld:.5f} | {ours:.4f} | {theirs:.4f} | "
+                  f"{100 * (theirs / ours - 1):+.2f}% |", flush=True)
+            del q
 
 
 SHAPES = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -147,8 +202,6 @@ def speed(a) -> None:
     from peak_memory import tokenizer
 
     from lowbit.eval.bench import bench, bench_tokens
-    from lowbit.io import write_gguf
-
     python = build()
     tok = tokenizer(SHAPES["vocab_size"])
     model = seven_b(a.layers)
@@ -179,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--chunks", type=int, default=1000, help="at most this many chunks (default: all)")
     s.add_argument("--threads", type=int, default=2)
     s.set_defaults(func=ppl)
+    s = sub.add_parser("kquant")
+    s.add_argument("--ctx", type=int, default=512)
+    s.add_argument("--chunks", type=int, default=1000, help="at most this many perplexity chunks (default: all)")
+    s.add_argument("--windows", type=int, default=None, help="at most this many KLD windows (default: all)")
+    s.add_argument("--threads", type=int, default=2)
+    s.set_defaults(func=kquant)
     s = sub.add_parser("speed")
     s.add_argument("--layers", type=int, default=32)
     s.add_argument("--threads", type=int, nargs="+", default=[1, 2])

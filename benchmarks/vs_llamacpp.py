@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,20 @@ def tool(name: str) -> Path | None:
     python, or None when it is not built."""
     path = VENV / "bin" / name
     return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def llama_perplexity(model: Path, text: Path, ctx: int, chunks: int, threads: int) -> float:
+    """llama-perplexity's final estimate on the file `text`: its first `chunks` chunks of `ctx` tokens,
+    the second half of each scored."""
+    binary = tool("llama-perplexity")
+    if binary is None:
+        raise SystemExit("llama-perplexity is not built: run benchmarks/peers/build_llamacpp.sh")
+    r = subprocess.run([binary, "-m", model, "-f", text, "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks),
+                        "-t", str(threads)], capture_output=True, text=True)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+    if r.returncode or found is None:
+        raise SystemExit(f"llama-perplexity failed on {model}: {(r.stdout + r.stderr).strip()[-1500:]}")
+    return float(found.group(1))
 
 
 def build() -> Path:

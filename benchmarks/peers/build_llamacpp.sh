@@ -14,7 +14,7 @@ VERSION=0.3.36
 PEERS=${LOWBIT_PEERS:-$HOME/.cache/lowbit/peers}
 BIN=$PEERS/llamacpp/bin
 SRC=$PEERS/src
-TOOLS=(llama-server llama-bench llama-perplexity llama-quantize llama-cli llama-completion)
+TOOLS=(llama-perplexity llama-completion llama-quantize llama-bench llama-server llama-cli)
 JOBS=${JOBS:-2}
 
 missing=()
@@ -41,11 +41,12 @@ if [[ ! -f $build/CMakeCache.txt ]]; then
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
 fi
-nice -n 10 cmake --build "$build" --config Release -j "$JOBS" --target "${missing[@]}"
-for t in "${missing[@]}"; do
+for t in "${missing[@]}"; do  # one at a time, each installed when built: the server (the longest) last
+    nice -n 10 cmake --build "$build" --config Release -j "$JOBS" --target "$t"
     install -m 755 "$build/bin/$t" "$BIN/$t"
 done
-for t in "${TOOLS[@]}"; do
-    "$BIN/$t" --version >/dev/null 2>&1 || { echo "$BIN/$t does not run" >&2; exit 1; }
+for t in "${TOOLS[@]}"; do  # each starts and prints its usage (llama-quantize --help exits 1)
+    out=$("$BIN/$t" --help 2>&1 || true)
+    [[ $out == *usage* ]] || { echo "$BIN/$t does not run: ${out: -500}" >&2; exit 1; }
 done
 echo "$BIN"
