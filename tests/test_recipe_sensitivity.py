@@ -1,6 +1,7 @@
 """The sensitivity proxy on the real model: tr(ΔW H ΔWᵀ)/tokens from the block runner's statistics
 ranks (layer, candidate) pairs as the model-level KL divergence of quantizing that one layer alone
-does. A subset of layers here; benchmarks/recipes.py --proxy runs the whole table."""
+does. A subset of layers here, 4 x 256 calibration tokens and one window of 256 to score (half the
+earlier 8 x 256 and 512); benchmarks/recipes.py --proxy runs the whole table."""
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.slow
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.8.mlp.down_proj", "model.layers.15.self_attn.o_proj",
           "model.layers.29.mlp.up_proj"]
 CANDIDATES = ["rtn:W2-g64-asym", "rtn:W3-g128-asym", "rtn:W4-row-sym"]
+WINDOW = 256  # tokens scored for the single-layer KLD
 
 
 def test_rank_correlation_matches_its_definition():
@@ -29,15 +31,15 @@ def test_rank_correlation_matches_its_definition():
 def test_proxy_ranks_like_the_single_layer_kld():
     src = load_source()
     model, specs = src.model, candidates.parse(CANDIDATES)
-    sens = measure(model, src.tokenizer, load_text("calib"), specs, LAYERS, samples=8, seq_len=256, progress=False)
-    ids = torch.tensor(src.tokenizer(load_text("eval"))["input_ids"][:512])
-    reference = scorer(model, 512)(ids)
+    sens = measure(model, src.tokenizer, load_text("calib"), specs, LAYERS, samples=4, seq_len=256, progress=False)
+    ids = torch.tensor(src.tokenizer(load_text("eval"))["input_ids"][:WINDOW])
+    reference = scorer(model, WINDOW)(ids)
     predicted, measured = [], []
     for name in LAYERS:
         float_layer = model.get_submodule(name)
         for spec in specs:
             replace(model, name, float_layer, METHODS[spec.name].quantize(float_layer.weight, None, spec))
-            lp = scorer(model, 512)(ids)
+            lp = scorer(model, WINDOW)(ids)
             measured.append(float((reference.exp() * (reference - lp)).sum(-1).mean()))
             predicted.append(sens.loss[name][candidates.name(spec)])
         model.set_submodule(name, float_layer)
