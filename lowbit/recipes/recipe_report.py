@@ -74,7 +74,7 @@ def render(recipe: dict, decode_tps: float | None = None) -> str:
         p, m = r["predicted_loss"], r["measured_loss"]
         ratio = f"{m / p:.2f}" if p and m is not None else "—"
         lines.append(f"| {n} | {r['choice']} | {r['bpw']:.3f} | {_num(p)} | {_num(m)} | {ratio} | "
-                     f"{r['predicted_us']:.1f} |")
+                     f"{r['predicted_us']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
