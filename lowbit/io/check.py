@@ -47,6 +47,7 @@ def check_dimensions(config: dict, header: dict[str, torch.Tensor], where) -> No
         raise LowbitError(f"{where}: config.json says num_hidden_layers = {count}, the weights hold "
                           f"{len(layers)} layers: the config does not belong to these weights")
 
+
 GGUF_MAGIC = b"GGUF"
 
 
@@ -81,6 +82,21 @@ def check_safetensors(path: Path) -> None:
             pass
     except Exception as e:  # SafetensorError and friends
         raise LowbitError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
+def checked_shards(path: Path, config: dict, files: list[Path] | None = None) -> tuple[list[Path], dict[str, torch.Tensor]]:
+    """The safetensors files of model directory `path` (`files`, or every *.safetensors in it), each
+    checked, and their tensors on meta (headers only), checked against config.json's dimensions."""
+    files = sorted(path.glob("*.safetensors")) if files is None else files
+    if not files:
+        raise LowbitError(f"{path} has no .safetensors weights (pickled files are never loaded)")
+    for f in files:
+        if not f.is_file():
+            raise LowbitError(f"{path} is incomplete: {f.name} is missing")
+        check_safetensors(f)
+    header = {k: t for f in files for k, t in header_tensors(f).items()}
+    check_dimensions(config, header, path)
+    return files, header
 
 
 def check_gguf(path: Path) -> None:

@@ -14,14 +14,13 @@ format's bits, group and grid; the source; the format), so every verb sees a qua
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 
 from ..errors import LowbitError
 from ..nn import QuantEmbedding, QuantLinear
 from .atomic import atomic_dir
-from .check import check_dimensions, check_safetensors, header_tensors
-from .load import assign_state, install_quantized, read_config
+from .check import checked_shards
+from .load import assign_state, install_quantized, read_config, skeleton
 from .save import quantization_config, write_companions
 
 
@@ -85,23 +84,10 @@ def quant_method(path: str | Path) -> str | None:
 def read_dir(path: Path):
     """(config.json without its quantization_config, that quantization_config, the model built on
     meta from it, every tensor of the checked safetensors files)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     raw = read_config(path)
     qc = raw.pop("quantization_config")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise LowbitError(f"{path} has no .safetensors weights (pickled files are never loaded)")
-    for f in files:
-        check_safetensors(f)
-    check_dimensions(raw, {k: t for f in files for k, t in header_tensors(f).items()}, path)
-    try:
-        config = AutoConfig.for_model(raw.pop("model_type", None), **raw)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    except Exception as e:
-        raise LowbitError(f"{path}: config.json describes no model lowbit can build ({str(e)[:160]})") from None
-    return qc, model, {k: v for f in files for k, v in load_file(f).items()}
+    files, _ = checked_shards(path, raw)
+    return qc, skeleton(raw, path), {k: v for f in files for k, v in load_file(f).items()}
 
 
 def finish(path: Path, model: torch.nn.Module, qts: dict, state: dict[str, torch.Tensor], imported: str):

@@ -18,7 +18,7 @@ from ..errors import LowbitError
 from ..formats import check, from_tensors
 from ..formats.activation import ActQ
 from ..nn import ActQuantLinear, QuantEmbedding, QuantLinear, embedding_scale
-from .check import check_dimensions, check_safetensors, header_tensors
+from .check import checked_shards
 from .save import FORMAT_VERSION
 
 ACT_PREFIX = "act_"  # an activation spec's tensors: <module>.act_<name>
@@ -36,6 +36,21 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def skeleton(config: dict, where) -> torch.nn.Module:
+    """The causal LM that config.json (`config`, without its quantization_config) describes, built on
+    meta (no memory); transformers validates the config its own way: any of its errors means a damaged
+    config.json."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(config)
+    try:
+        config = AutoConfig.for_model(config.pop("model_type", None), **config)
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+    except Exception as e:
+        raise LowbitError(f"{where}: config.json describes no model lowbit can build ({_first_line(e)})") from None
+
+
 def is_lowbit_dir(path: str | Path) -> bool:
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -45,21 +60,14 @@ def is_lowbit_dir(path: str | Path) -> bool:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    """The (checked) safetensors files of a possibly sharded checkpoint."""
+    """The safetensors files of a possibly sharded checkpoint (its index's, or model.safetensors)."""
     index = path / "model.safetensors.index.json"
     try:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
             else ["model.safetensors"]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise LowbitError(f"{index} is not a valid safetensors index") from None
-    files = []
-    for name in names:
-        f = path / str(name)
-        if not f.is_file():
-            raise LowbitError(f"{path} is incomplete: {name} is missing")
-        check_safetensors(f)
-        files.append(f)
-    return files
+    return [path / str(name) for name in names]
 
 
 def _module_tensors(name: str, state: dict[str, torch.Tensor], pop: bool = False) -> dict[str, torch.Tensor]:
@@ -197,7 +205,7 @@ def _activations(qc: dict, modules: dict[str, dict], shared: dict[str, str], whe
 def load(path: str | Path):
     """(model, tokenizer, quantization_config) from a lowbit directory; the model is in eval mode and
     generates."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     path = Path(path)
     raw = read_config(path)
@@ -212,21 +220,14 @@ def load(path: str | Path):
     modules = _modules(qc, path)
     shared = _shared(qc, modules, path)
     activations = _activations(qc, modules, shared, path)
-    files = _weight_files(path)
-    header = {k: t for f in files for k, t in header_tensors(f).items()}
-    check_dimensions(raw, header, path)
-    try:  # transformers validates the config its own way: any of its errors means a damaged config.json
-        config = AutoConfig.for_model(raw.pop("model_type", None), **raw)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    except Exception as e:
-        raise LowbitError(f"{path}: config.json describes no model lowbit can build ({_first_line(e)})") from None
+    files, header = checked_shards(path, raw, _weight_files(path))
+    model = skeleton(raw, path)
     _check_structure(model, modules, header, path, shared, activations)
     del header
     state = {}
     for f in files:
         state.update(load_file(f))
-    install_quantized(model, modules, state, config.dtype or torch.float32, path, shared, activations)
+    install_quantized(model, modules, state, model.config.dtype or torch.float32, path, shared, activations)
     bad = next((n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:
         raise LowbitError(f"{path}: {bad} holds NaN or Inf (a damaged file: quantize it again)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LowbitError
-from ..io import (check_dimensions, check_gguf, check_safetensors, header_tensors, import_gguf,
+from ..io import (check_gguf, checked_shards, import_gguf,
                   is_compressed_tensors_dir, is_gptq_dir, is_lowbit_dir, load, load_compressed_tensors, load_gptq,
                   read_config, write_model_dir)
 from .default import NAME as DEFAULT, converted_dir, default_gguf
@@ -118,12 +118,7 @@ def load_source(source: str | os.PathLike | None = None, dtype: torch.dtype = to
         return Loaded(*_from_pretrained(path.parent, dtype, path.name), str(path))
     config = read_config(path)
     _check_architecture(config.get("model_type"), path)
-    shards = sorted(path.glob("*.safetensors"))
-    if not shards:
-        raise LowbitError(f"{path} has no .safetensors weights (pickled .bin files are never loaded)")
-    for shard in shards:
-        check_safetensors(shard)
-    check_dimensions(config, {k: t for shard in shards for k, t in header_tensors(shard).items()}, path)
+    checked_shards(path, config)
     blocks = None
     if lazy:
         with _loading(path):
