@@ -57,8 +57,17 @@ class _LinearBase(_QuantModule):
 
 
 class QuantLinear(_LinearBase):
+    """A linear layer on a QTensor. `in_perm` (optional, int32 [in_features], a permutation): the
+    weights' columns are stored in that order, the layer computes x[..., in_perm]·Wᵀ (+ bias) — a GPTQ
+    act-order checkpoint's scattered groups made contiguous (io/gptq.py), so every kernel runs it as
+    is. A buffer: saved and loaded with the model."""
+
+    def __init__(self, qt: QTensor, bias: torch.Tensor | None = None, in_perm: torch.Tensor | None = None):
+        super().__init__(qt, bias)
+        self.register_buffer("in_perm", None if in_perm is None else in_perm.to(torch.int32).contiguous())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x)
+        return self._matmul(x if self.in_perm is None else x.index_select(-1, self.in_perm))
 
 
 class ActQuantLinear(_LinearBase):
