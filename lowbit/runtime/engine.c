@@ -101,6 +101,7 @@ typedef struct {
     lb_args gemv, gemm;             /* their argument templates for 1 and for many tokens */
     const void *w; int wdt;         /* fp weights [n][k], DT_F16 or DT_BF16 */
     const float *bias;
+    const int32_t *perm;            /* quantized only: the kernel's input is x[perm] (act-order columns), or NULL */
 } eng_lin;
 
 typedef struct {
@@ -157,13 +158,17 @@ static void NAME(void *p, int tid, int nthr) {                                  
 FP_TASK(fp_task_f16, _Float16, ldh8, H1)
 FP_TASK(fp_task_bf16, uint16_t, ldb8, bf2f)
 
-/* y[m][n] = x[m][k] · W^T + bias; x rows have stride k (padded to kp for the quantized kernels). */
+/* y[m][n] = x[m][k] · W^T + bias (x[m][perm] · W^T with a perm); x rows have stride k (copied to stride
+   kp, gathered by perm, for the quantized kernels). */
 static void linear(eng *E, const eng_lin *L, const float *x, int m, float *y) {
     if (L->gemv_fn) {
-        if (L->kp != L->k) {
+        if (L->kp != L->k || L->perm) {
             for (int i = 0; i < m; i++) {
-                memcpy(E->pad + (size_t)i * L->kp, x + (size_t)i * L->k, sizeof(float) * L->k);
-                memset(E->pad + (size_t)i * L->kp + L->k, 0, sizeof(float) * (L->kp - L->k));
+                const float *src = x + (size_t)i * L->k;
+                float *dst = E->pad + (size_t)i * L->kp;
+                if (L->perm) for (int j = 0; j < L->k; j++) dst[j] = src[L->perm[j]];
+                else memcpy(dst, src, sizeof(float) * L->k);
+                memset(dst + L->k, 0, sizeof(float) * (L->kp - L->k));
             }
             x = E->pad;
         }
@@ -749,12 +754,13 @@ EX eng *eng_new(int layers, int hidden, int heads, int kvh, int hd, int inter, i
     return E;
 }
 
-/* layer -1 = the output head (slot ignored) */
+/* layer -1 = the output head (slot ignored); perm: see eng_lin */
 EX void eng_set_linear(eng *E, int layer, int slot, int n, int k, int kp, void *gemv_fn, const lb_args *gemv,
-                       void *gemm_fn, const lb_args *gemm, const void *w, int wdt, const float *bias) {
+                       void *gemm_fn, const lb_args *gemm, const void *w, int wdt, const float *bias,
+                       const int32_t *perm) {
     eng_lin *L = layer < 0 ? &E->head : &E->L[layer].lin[slot];
     *L = (eng_lin){.n = n, .k = k, .kp = kp, .gemv_fn = (lb_kernel)gemv_fn, .gemm_fn = (lb_kernel)gemm_fn,
-                   .w = w, .wdt = wdt, .bias = bias};
+                   .w = w, .wdt = wdt, .bias = bias, .perm = perm};
     if (gemv) L->gemv = *gemv;
     if (gemm) L->gemm = *gemm;
 }

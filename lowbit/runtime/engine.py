@@ -7,8 +7,9 @@ norms sit where and what they compute (probed numerically: w·x̂ or (1+w)·x̂)
 activation (probed), RoPE tables computed by the model's own rotary module (so every scaling type HF
 implements comes out the same), attention scaling, sliding windows, soft-capping, embedding scale —
 and hands it to the C in engine.c. Quantized linears keep their packed format and run the
-generated kernels; fp linears (the tied head of SmolLM2) are kept in fp16 (bf16 if out of fp16
-range). Every weight the engine streams per token is copied once into one transparent-huge-page
+generated kernels (a layer with an input permutation, act-order: nn.QuantLinear.in_perm, gathers
+its input first, once for q/k/v or gate/up sharing it); fp linears (the tied head of SmolLM2) are
+kept in fp16 (bf16 if out of fp16 range). Every weight the engine streams per token is copied once into one transparent-huge-page
 mapping (≈2× the effective bandwidth of 4 KiB pages on the development VM).
 
 Batched decoding: with `slots=B` the KV cache holds B sequences, and `Engine.step` advances any of
@@ -75,7 +76,7 @@ def _library(isa: str) -> ctypes.CDLL:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     sig = {"eng_new": ([i] * 15 + [f, f, p, p], p), "eng_step": ([p, p, p, i, p], i), "eng_copy": ([p, i, i, i], None), "eng_free": ([p], None), "eng_arena": ([ctypes.c_size_t], p),
            "eng_arena_free": ([p, ctypes.c_size_t], None), "eng_forward": ([p, p, i, i, p, p], None),
-           "eng_set_linear": ([p, i, i, i, i, i, p, p, p, p, p, i, p], None),
+           "eng_set_linear": ([p, i, i, i, i, i, p, p, p, p, p, i, p, p], None),
            "eng_set_norm": ([p, i, i, p, f], None), "eng_set_layer": ([p, i, i, i, i, i, f, f], None),
            "eng_set_rope": ([p, i, p, p], None), "eng_set_threads": ([p, i], None),
            "eng_set_gemm_rows": ([p, i], None), "eng_profile": ([p, i, p], i)}
@@ -130,6 +131,7 @@ class _Linear:
     def __init__(self, module: nn.Module, name: str, round_bits: int | None = None):
         self.bias = None if module.bias is None else module.bias.detach().float().contiguous()
         qt = module.qtensor if isinstance(module, QuantLinear) else None
+        self.perm = None if qt is None or module.in_perm is None else module.in_perm.to(torch.int32).contiguous()
         if qt is None and round_bits is not None and isinstance(module, nn.Linear):
             # round to nearest, symmetric, group 32: what `lowbit quantize --method rtn` gives this head
             qt = UniformQ.from_float(module.weight.detach().float(), round_bits, 32, sym=True)
@@ -161,12 +163,12 @@ class _Linear:
         bias = None if self.bias is None else self.bias.data_ptr()
         if self.packed is None:
             lib.eng_set_linear(handle, layer, slot, self.n, self.k, self.kp, None, None, None, None,
-                               self.w.data_ptr(), self.wdt, bias)
+                               self.w.data_ptr(), self.wdt, bias, None)
             return
         fn1, a1 = self.packed.native(1, self.bias, int8)
         fnm, am = self.packed.native(2, self.bias, int8)
         lib.eng_set_linear(handle, layer, slot, self.n, self.k, self.kp, fn1, ctypes.byref(a1), fnm,
-                           ctypes.byref(am), None, 0, bias)
+                           ctypes.byref(am), None, 0, bias, None if self.perm is None else self.perm.data_ptr())
 
 
 class _Arena:
@@ -191,10 +193,15 @@ class _Arena:
 def _fused(modules: list[nn.Module]) -> QuantLinear | None:
     """One QuantLinear for projections that read the same input (q/k/v, gate/up), their rows stacked
     in order, when all are UniformQ of one layout: per token one kernel call, one activation
-    quantization and one longer weight stream instead of several (row results are unchanged).
-    None when they can't be fused."""
+    quantization and one longer weight stream instead of several (row results are unchanged); an
+    input permutation (act-order, nn.QuantLinear.in_perm) they share is gathered once. None when they
+    can't be fused."""
     qts = [m.qtensor if isinstance(m, QuantLinear) else None for m in modules]
     if not all(isinstance(q, UniformQ) for q in qts):
+        return None
+    perms = [m.in_perm for m in modules]
+    if any(p is None for p in perms) != all(p is None for p in perms) or \
+            (perms[0] is not None and not all(torch.equal(p, perms[0]) for p in perms)):
         return None
     layout = {(q.bits, q.group_size, q.shape[1], q.zeros is None) for q in qts}
     if len(layout) != 1:
@@ -206,7 +213,7 @@ def _fused(modules: list[nn.Module]) -> QuantLinear | None:
     biases = [m.bias for m in modules]
     bias = None if all(b is None for b in biases) else \
         torch.cat([torch.zeros(q.shape[0]) if b is None else b.detach().float() for b, q in zip(biases, qts)])
-    return QuantLinear(qt, bias)
+    return QuantLinear(qt, bias, perms[0])
 
 
 def _rope_tables(model, layer_types: list[str], max_ctx: int, head_dim: int) -> tuple[list, dict]:
