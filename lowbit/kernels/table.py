@@ -72,7 +72,7 @@ def rows(kind: str, bits: int, isa: str | None) -> list[Row]:
 
 def select(qt: QTensor, device: str) -> Row | None:
     """The row `qt` runs on `device` now (see the module's notes), or None: the reference."""
-    found = rows(qt.kind, qt.bits, device_isa(device))
+    found = [r for r in rows(qt.kind, qt.bits, device_isa(device)) if r.activations != "tender"]
     int8 = [r for r in found if r.activations == "int8"]
     rest = [r for r in found if r.activations != "int8"]
     return (int8 if switches.int8_activations() and int8 else rest or [None])[0]

@@ -34,7 +34,7 @@ from . import codegen
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden", "-std=gnu11", "-lm"]
 
 
-_CTYPES = {"int": ctypes.c_int}
+_CTYPES = {"int": ctypes.c_int, "float": ctypes.c_float}
 
 
 def _fields(header: Path) -> list[tuple[str, type]]:
@@ -52,6 +52,11 @@ def _fields(header: Path) -> list[tuple[str, type]]:
 class Args(ctypes.Structure):
     """The C `lb_args` (c/args.h, its one source): one call's pointers, shapes and tiles."""
     _fields_ = _fields(codegen.C_DIR / "args.h")
+
+
+class TenderArgs(ctypes.Structure):
+    """The C `lb_tender_args` (c/tender_args.h): a Tender layer and one call of it."""
+    _fields_ = _fields(codegen.C_DIR / "tender_args.h")
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,6 +122,6 @@ def open_library(path: Path) -> ctypes.CDLL:
     for entry in {e for isa in codegen.FLAGS for e in codegen.entries(isa)}:
         fn = getattr(lib, entry.symbol, None)
         if fn is not None:
-            fn.argtypes, fn.restype = [ctypes.POINTER(Args)], None
+            fn.argtypes, fn.restype = [ctypes.POINTER(TenderArgs if entry.symbol == codegen.TENDER_SYMBOL else Args)], None
     lib.lb_set_threads.argtypes, lib.lb_set_threads.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return lib

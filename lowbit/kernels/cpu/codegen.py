@@ -162,7 +162,7 @@ INT8_BITS = (2, 3, 4, 8)
 FLOAT16 = "float16"  # the kernel table's kind for unquantized layers (fp16 weights), see _float16
 T16_WORDS = 18  # uint16 words of one T16 table: 16 low bytes, 16 high bytes, an fp32 scale
 SIGNED_DOT = 128  # the offset dot8s takes off 8-bit codes (VNNI's dpbusd doesn't: see _int8_dot)
-FLAGS = {"avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"],
+FLAGS = {"avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
          "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"],
          "avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": ["-Wno-psabi"]}
 
@@ -777,19 +777,24 @@ ACTIVATIONS = {
     "fp32": "fp32 activations",
     "int8": "x rounded to s8 per 32-block (scale amax/127), u8 x s8 integer dots (maddubs, VNNI)",
     "int16-T16": "x rounded to int16 per 32-block (scale amax/2^14) against T16 tables (vpshufb, pmaddwd)",
+    "tender": "x quantized by its ActQ (Tender: per-row scale, power-of-two channel groups combined by shifts; "
+              "G = 1: per-token, per-tensor), u8 codes x s8 in vpdpbusd (c/tender.h, kernels/cpu/tender.py)",
 }
+TENDER_SYMBOL = "lb_tender_linear"  # one entry point for every bit width: void lb_tender_linear(lb_tender_args *)
 
 
 @functools.lru_cache(maxsize=None)
 def entries(isa: str) -> tuple[Entry, ...]:
     """Every kernel the library for `isa` exports, in the order `generate` writes them: UniformQ on fp32
     activations (BITS), on int8 (INT8_BITS, where the ISA has an integer dot), CodebookQ (CODEBOOK_BITS,
-    on int16 activations where its tables are T16), unquantized fp16 weights (FLOAT16)."""
+    on int16 activations where its tables are T16), unquantized fp16 weights (FLOAT16), and UniformQ under
+    an activation spec (c/tender.h, where the ISA has vpdpbusd; its own args, never `select`ed)."""
     return (tuple(Entry("uniform", b, "fp32", f"lb_linear_b{b}") for b in BITS)
             + tuple(Entry("uniform", b, "int8", f"lb_linear_q_b{b}") for b in INT8_BITS if "dot8" in OPS[isa])
             + tuple(Entry("codebook", b, "int16-T16" if table16(isa, b) else "fp32", f"lb_linear_lut_b{b}")
                     for b in CODEBOOK_BITS)
-            + (Entry(FLOAT16, 16, "fp32", "lb_linear_f16"),))
+            + (Entry(FLOAT16, 16, "fp32", "lb_linear_f16"),)
+            + tuple(Entry("uniform", b, "tender", TENDER_SYMBOL) for b in BITS if "dpbusd" in OPS[isa]))
 
 
 def entry(isa: str, kind: str, bits: int, activations: str) -> Entry | None:
@@ -824,7 +829,8 @@ def generate(isa: str) -> str:
         f"#define MICRO_MR {mr}\n#define MICRO_NR {nr}\n#define LB_LANES {e.lanes}",
         '#include "driver.h"', f'#include "{e.ops["header"]}"',
         micro, f"static const lb_micro MICRO[{mr}][{nr}] = {{{table}}};", t16,
-        "".join(_kernel(e, tiled, x) for x in ents),
+        "".join(_kernel(e, tiled, x) for x in ents if x.activations != "tender"),
         _int8_peak(e) if "dot8" in e.ops else "",
+        '#include "tender.h"' if "dpbusd" in e.ops else "",
         f"LB_EXPORT int lb_lanes(void) {{ return {e.lanes}; }}",
     ])

@@ -15,7 +15,7 @@ from ... import settings
 
 # Best first. Each ISA needs all of its flags (as /proc/cpuinfo spells them).
 ISA_FLAGS = {
-    "avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma", "f16c"),
+    "avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c"),
     "avx512": ("avx512f", "avx512bw", "avx512vl", "fma", "f16c"),
     "avx2": ("avx2", "fma", "f16c"),
     "scalar": (),
