@@ -44,8 +44,11 @@ class _LinearBase(_QuantModule):
         # rebuilt when the buffers move or are reloaded, or the kernel choice changes.
         key = (x.device.type, kernels.generation())
         if self._prepared_key != key:
-            self._prepared, self._prepared_key = kernels.prepare(self.qtensor, x.device.type), key
+            self._prepared, self._prepared_key = self._bind(x.device.type), key
         return self._prepared(x, self.bias)
+
+    def _bind(self, device: str) -> kernels.Bound:
+        return kernels.prepare(self.qtensor, device)
 
     def _apply(self, fn, *args, **kwargs):
         self._prepared_key = None
@@ -71,11 +74,12 @@ class QuantLinear(_LinearBase):
 
 
 class ActQuantLinear(_LinearBase):
-    """A linear layer whose input is quantized too (W·A·, formats/activation.py): x → x̂ (the ActQ's
-    fake quantization, in the weights' stored channel order), then the weight kernel on x̂ plus the
-    (folded) bias. A class of its own, not a QuantLinear: whatever runs QuantLinear's weights alone
-    (the native engine) does not take it for one, so it runs here (the universal path) until a kernel
-    runs the integer form. The ActQ's tensors are buffers `act_<name>`; `act_meta` its stored meta."""
+    """A linear layer whose input is quantized too (W·A·, formats/activation.py): the integer kernel
+    (kernels.prepare_act: Tender's, on VNNI CPUs) or x → x̂ (the ActQ's fake quantization, in the
+    weights' stored channel order) through the weight kernel, plus the (folded) bias. A class of its
+    own, not a QuantLinear: whatever runs QuantLinear's weights alone must not take it for one (the
+    native engine runs it through the same integer kernel, runtime/engine.py). The ActQ's tensors are
+    buffers `act_<name>`; `act_meta` its stored meta."""
 
     def __init__(self, qt: QTensor, act: ActQ, bias: torch.Tensor | None = None):
         super().__init__(qt, bias)
@@ -88,9 +92,11 @@ class ActQuantLinear(_LinearBase):
     def act(self) -> ActQ:
         return ActQ.from_tensors(self.act_meta, {n: getattr(self, "act_" + n) for n in self._act_names})
 
+    def _bind(self, device: str) -> kernels.Bound:
+        return kernels.prepare_act(self.qtensor, self.act, device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._matmul(self.act.fake_quantize(x).to(x.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._matmul(x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", act=" + ActQ.describe(self.act_meta)

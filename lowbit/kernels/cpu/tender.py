@@ -105,7 +105,7 @@ class PackedTender:
             narrow=self.narrow.data_ptr(), xin=self.xin.data_ptr(), abias=self.abias.data_ptr(),
             tfac=self.tfac.data_ptr(), ginv=self.ginv.data_ptr(), gsh=self.gsh.data_ptr(), jpos=self.jpos.data_ptr(),
             n=n, k=k, kp=self.kp, groups=len(narrow), tiles=self.tiles,
-            chunk=0 if static else act.chunk, top=float(qmax * 2 ** (g_count - 1)),
+            chunk=0 if static else act.chunk if tender else 1, top=float(qmax * 2 ** (g_count - 1)),
             tstatic=float(act.maxima.max()) if static else 0.0,
             qmin=-qmax - 1, qmax=qmax)
 
