@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.errors import LowbitError
+from lowbit.io.act_order import permutation
 from lowbit.io.gptq import _format
 from lowbit.recipes import targets
 
@@ -127,8 +128,8 @@ def test_awq_gemm_import(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("change, needle", [
     (lambda qc, s: qc.update(bits=5), "lowbit imports bits 2, 3, 4, 8"),
-    (lambda qc, s: s.update({"model.layers.0.self_attn.q_proj.g_idx": torch.arange(64, dtype=torch.int32).flip(0) // 32}),
-     "act-order"),
+    (lambda qc, s: s.update({"model.layers.0.self_attn.q_proj.g_idx": torch.arange(64, dtype=torch.int32) // 48}),
+     "puts 48 columns in group 0, not 32"),
     (lambda qc, s: s.pop("model.layers.1.mlp.down_proj.scales"), "scales is missing"),
     (lambda qc, s: s.update({"model.layers.1.mlp.down_proj.qweight": s["model.layers.1.mlp.down_proj.qweight"][:4].contiguous()}),
      "qweight is"),
@@ -172,6 +173,33 @@ def test_fuzz_quantization_config(qc):
         assert "\n" not in str(e)
         return
     assert method in ("gptq", "awq") and bits in (2, 3, 4, 8) and group in (32, 64, 128, -1) and isinstance(sym, bool)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), k=st.sampled_from([32, 64, 96, 100]), group=st.sampled_from([32, 64]))
+def test_fuzz_g_idx(data, k, group):
+    """Any int32 g_idx: the act-order permutation (groups contiguous, of `group` columns, the last one
+    what remains) or a one-line refusal; GPTQ's own act-order g_idx always imports."""
+    groups = -(-k // group)
+    natural = (torch.arange(k) // group).to(torch.int32)
+    if data.draw(st.booleans()):  # as GPTQ writes it: visited column i at order[i], group i // group
+        order = torch.tensor(data.draw(st.permutations(range(k))))
+        g = torch.empty(k, dtype=torch.int32)
+        g[order] = natural
+    else:
+        g = torch.tensor(data.draw(st.lists(st.integers(-1, groups), min_size=k, max_size=k)), dtype=torch.int32)
+    try:
+        perm = permutation("x", "m", g, k, group)
+    except LowbitError as e:
+        valid = int(g.min()) >= 0 and int(g.max()) < groups and \
+            torch.equal(torch.bincount(g.long(), minlength=groups), torch.bincount(natural.long(), minlength=groups))
+        assert "\n" not in str(e) and not valid
+        return
+    if perm is None:
+        assert torch.equal(g, natural)
+    else:
+        assert perm.dtype == torch.int32 and torch.equal(perm.sort().values, torch.arange(k, dtype=torch.int32))
+        assert torch.equal(g[perm.long()], natural)
 
 
 def test_pickled_weights_are_never_loaded(tiny_model_dir, tmp_path):

@@ -1,11 +1,26 @@
-"""GPTQ act-order (`desc_act`: a g_idx that is not k // group) runs as an ordinary UniformQ over the
-permuted columns plus the layer's input permutation (nn.QuantLinear.in_perm): the universal path and
-the native engine gather the input, and give the same logits."""
+"""GPTQ act-order (`desc_act`: a g_idx that is not k // group) imported as an ordinary UniformQ over the
+permuted columns plus the layer's input permutation (nn.QuantLinear.in_perm): the weights are the
+GPTQ formula on the file's own tensors, the universal path and the native engine give the same
+logits, and saving (lowbit or GPTQ) writes the same layers back.
 
+The act-order checkpoints are built here the way GPTQ writes them: columns visited in a random order
+(the stand-in for decreasing diag(H)), a group closed every `group` visited columns, each column
+stored at its original place with its group in g_idx."""
+
+import json
+
+import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.io.gptq import _from_words, _to_words
 from lowbit.runtime.engine import load_decoder
 from test_engine import TINY, check_agreement, quantized
+from test_export_gptq import _ref_gptq_weight
+
+QUANTIZED = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def _permute_inputs(model, seed: int = 3) -> None:
@@ -27,3 +42,124 @@ def test_engine_gathers_permuted_inputs_like_the_universal_path():
     ids = torch.randint(0, TINY["vocab_size"], (14,), generator=torch.Generator().manual_seed(1))
     eng, want = check_agreement(model, ids, prompt=10)
     assert (plain.forward(ids) - want[-1]).abs().max() > 0.1  # the permutations change the model
+
+
+def _act_order(out, bits: int, group: int, fmt: str, seed: int = 0) -> None:
+    """Turn GPTQ directory `out` (in order) into an act-order checkpoint of checkpoint format `fmt`:
+    each module's columns visited in a random order (shared by q/k/v and by gate/up, as their common
+    input gives them one diag(H)), visited column i stored at column order[i] with group i // group."""
+    state = load_file(out / "model.safetensors")
+    gen, orders = torch.Generator().manual_seed(seed), {}
+    raw = json.loads((out / "config.json").read_text())
+    qc = raw["quantization_config"]
+    for key in [k for k in state if k.endswith(".g_idx")]:
+        name = key[:-len(".g_idx")]
+        k = state[key].numel()
+        shared = name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+        order = orders.setdefault(shared, torch.randperm(k, generator=gen))
+        codes = _from_words(state[f"{name}.qweight"].T.contiguous(), bits, k)  # [N, K], column i: group i // group
+        moved = torch.empty_like(codes)
+        moved[:, order] = codes
+        state[f"{name}.qweight"] = _to_words(moved, bits).T.contiguous()
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[order] = (torch.arange(k) // group).to(torch.int32)
+        state[key] = g_idx
+        if fmt != qc["checkpoint_format"]:  # v1 stores z − 1, v2 z
+            n = state[f"{name}.scales"].shape[1]
+            z = _from_words(state[f"{name}.qzeros"], bits, n).to(torch.int16) + (1 if fmt == "gptq_v2" else -1)
+            assert bool((z >= 0).all() and (z < 2**bits).all())
+            state[f"{name}.qzeros"] = _to_words(z.to(torch.uint8), bits)
+    qc.update(desc_act=True, checkpoint_format=fmt)
+    (out / "config.json").write_text(json.dumps(raw))
+    (out / "quantize_config.json").write_text(json.dumps(qc))
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def _checkpoint(tiny_model_dir, tmp_path, bits: int, group: int, fmt: str):
+    q = lowbit.quantize(lowbit.load(tiny_model_dir("llama")), lowbit.RTN(bits=bits, group_size=group, sym=False),
+                        progress=False)
+    out = q.export(tmp_path / "gptq", to="gptq")
+    _act_order(out, bits, group, fmt)
+    return out
+
+
+def _modules(state: dict) -> list[str]:
+    return [k[:-len(".g_idx")] for k in state if k.endswith(".g_idx")]
+
+
+def _weights(module) -> torch.Tensor:
+    """A QuantLinear's weights in input order: column in_perm[i] of x meets stored column i."""
+    w = module.qtensor.dequantize()
+    if module.in_perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, module.in_perm.long()] = w
+    return out
+
+
+@pytest.mark.parametrize("bits,group,fmt", [(4, 32, "gptq"), (3, 32, "gptq_v2"), (2, 32, "gptq")])
+def test_act_order_import_is_the_gptq_formula_and_runs_on_the_engine(tiny_model_dir, tmp_path, bits, group, fmt):
+    out = _checkpoint(tiny_model_dir, tmp_path, bits, group, fmt)
+    state = load_file(out / "model.safetensors")
+    q = lowbit.load(out)
+    assert q.info["imported"] == f"gptq ({fmt}, act-order)"
+    names = _modules(state)
+    assert len(names) == 14
+    for name in names:
+        module = q.model.get_submodule(name)
+        assert module.in_perm is not None, name
+        t = {k: state[f"{name}.{k}"] for k in QUANTIZED}
+        assert torch.equal(_weights(module), _ref_gptq_weight(t, bits, fmt == "gptq")), name
+    ids = torch.tensor([1, 5, 9, 33, 2, 40, 7, 100, 3, 11, 60, 4])
+    eng, want = check_agreement(q.model, ids, prompt=8)
+    eng.truncate(0)
+    with torch.inference_mode():
+        q.model.get_submodule(names[0]).in_perm = None  # the permutation matters
+        assert (q.model(ids[None]).logits[0, -1] - want[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bits,group,fmt", [(4, 32, "gptq_v2"), (3, 32, "gptq")])
+def test_act_order_saves_as_lowbit_and_exports_as_gptq_exactly(tiny_model_dir, tmp_path, bits, group, fmt):
+    out = _checkpoint(tiny_model_dir, tmp_path, bits, group, fmt)
+    q = lowbit.load(out)
+    q.save(tmp_path / "lowbit")
+    back = lowbit.load(tmp_path / "lowbit")
+    first = load_file(out / "model.safetensors")
+    for name in _modules(first):
+        a, b = q.model.get_submodule(name), back.model.get_submodule(name)
+        assert torch.equal(a.in_perm, b.in_perm) and a.in_perm.dtype == torch.int32, name
+        assert all(torch.equal(x, y) for x, y in zip(a.qtensor.tensors().values(), b.qtensor.tensors().values())), name
+    ids = torch.tensor([[1, 5, 9, 33, 2]])
+    with torch.inference_mode():
+        assert torch.equal(back.model(ids).logits, q.model(ids).logits)
+    again = back.export(tmp_path / "again", to="gptq")
+    qc = json.loads((again / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is True
+    second = load_file(again / "model.safetensors")
+    same = ("qweight", "scales", "g_idx") + (("qzeros",) if qc["checkpoint_format"] == fmt else ())
+    for name in _modules(first):
+        for k in same:
+            assert torch.equal(first[f"{name}.{k}"], second[f"{name}.{k}"]), f"{name}.{k}"
+    twice = lowbit.load(again)
+    with torch.inference_mode():
+        assert torch.equal(twice.model(ids).logits, q.model(ids).logits)
+
+
+K = 64  # q_proj's input width in the tiny model
+
+
+@pytest.mark.parametrize("g_idx, needle", [
+    (torch.cat([torch.tensor([1], dtype=torch.int32), torch.arange(1, K, dtype=torch.int32) // 32]),
+     "puts 31 columns in group 0, not 32"),
+    (torch.cat([torch.tensor([2], dtype=torch.int32), torch.arange(1, K, dtype=torch.int32) // 32]), r"outside \[0, 2\)"),
+    (torch.arange(K + 1, dtype=torch.int32) // 32, r"g_idx is \[65\] int32, expected \[64\]"),
+    (torch.arange(K, dtype=torch.int64) // 32, "g_idx is"),
+], ids=["unequal-groups", "out-of-range", "length", "dtype"])
+def test_bad_g_idx_is_one_line(tiny_model_dir, tmp_path, g_idx, needle):
+    out = _checkpoint(tiny_model_dir, tmp_path, 4, 32, "gptq")
+    state = load_file(out / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.g_idx"] = g_idx
+    save_file(state, out / "model.safetensors")
+    with pytest.raises(LowbitError, match=needle) as e:
+        lowbit.load(out)
+    assert "\n" not in str(e.value) and "q_proj" in str(e.value)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import LowbitError
 from ..nn import QuantEmbedding, QuantLinear
+from .act_order import unpermute
 from .atomic import atomic_dir
 from .check import checked_shards
 from .load import assign_state, install_quantized, read_config, skeleton
@@ -46,7 +47,7 @@ def float_state(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor
     state = {f"{layer}.{k}": v for layer, tensors in packed.items() for k, v in tensors.items()}
     for name, module in model.named_modules():
         if isinstance(module, (QuantLinear, QuantEmbedding)) and name not in packed:
-            state[f"{name}.weight"] = module.qtensor.dequantize(dtype)
+            state[f"{name}.weight"] = unpermute(module.qtensor.dequantize(dtype), getattr(module, "in_perm", None))
         if isinstance(module, QuantLinear) and module.bias is not None:
             state[f"{name}.bias"] = module.bias
     for name, p in model.named_parameters():

@@ -12,8 +12,10 @@ GPTQ (transposed: K input columns, N outputs, G groups) holds for each quantized
 and w[n, k] = scales[g_idx[k], n] · (q[k, n] − z[g_idx[k], n]): UniformQ with (N, K) transposed. v1's
 z − 1 cannot store z = 0 (asymmetric groups with no negative weight): the export writes v2 when any
 zero point is 0, v1 otherwise; a v1 file whose z − 1 is all ones (z = 2^b) is refused on import.
-Act-order (`desc_act`, a g_idx that is not k // group) would need the input columns permuted in the
-kernels; it is refused on import (lowbit's own act-order keeps groups in place, so exports never need it).
+Act-order (`desc_act`, a g_idx that is not k // group): the layer is the UniformQ over its columns
+permuted so that each group is contiguous, plus that input permutation (act_order.py,
+nn.QuantLinear.in_perm); the export writes such a layer back as act-order (desc_act, its g_idx), the
+same file. (lowbit's own GPTQ act-order keeps groups in place, so its layers need no permutation.)
 
 AWQ GEMM (4-bit only) holds qweight int32 [K, N/8] and qzeros int32 [G, N/8] packed along N with the
 nibble order 0 2 4 6 1 3 5 7 (AutoAWQ's AWQ_ORDER: nibble i holds output 8c + order[i]), scales fp16
@@ -28,6 +30,7 @@ import torch
 from ..errors import LowbitError
 from ..formats import BITS, GROUP_SIZES, UniformQ
 from ..formats.packing import pack, packed_words, unpack
+from .act_order import g_idx, permutation, unpermute
 from .foreign import finish, float_state, packed_layers, quant_method, read_dir, write_dir
 
 EXPORTABLE = "UniformQ Linear layers of one bits/group/grid (2, 3, 4 or 8 bits) whose width b·K is a multiple of 32"
@@ -49,16 +52,16 @@ def _from_words(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return unpack(full, bits, cols)
 
 
-def _gptq_tensors(name: str, qt, v2: bool) -> dict[str, torch.Tensor]:
+def _gptq_tensors(name: str, qt, perm: torch.Tensor | None, v2: bool) -> dict[str, torch.Tensor]:
     if not isinstance(qt, UniformQ) or qt.shape[1] * qt.bits % 32 or qt.shape[0] * qt.bits % 32:
         raise LowbitError(f"layer {name} is {qt.describe(qt.meta())} {list(qt.shape)}: GPTQ export writes {EXPORTABLE}")
     n, k = qt.shape
     zeros = torch.full_like(qt.scales, 2 ** (qt.bits - 1), dtype=torch.uint8) if qt.sym else qt.zeros
     stored = zeros if v2 else (zeros.to(torch.int16) - 1) % 2**qt.bits
     group = k if qt.group_size == -1 else qt.group_size
-    return {"qweight": _to_words(qt.codes(), qt.bits).T.contiguous(),
+    return {"qweight": _to_words(unpermute(qt.codes(), perm), qt.bits).T.contiguous(),
             "qzeros": _to_words(stored.T.contiguous().to(torch.uint8), qt.bits),
-            "scales": qt.scales.T.contiguous(), "g_idx": (torch.arange(k) // group).to(torch.int32)}
+            "scales": qt.scales.T.contiguous(), "g_idx": g_idx(perm, k, group)}
 
 
 def write_gptq(model: torch.nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
@@ -74,9 +77,10 @@ def write_gptq(model: torch.nn.Module, out: str | Path, tokenizer=None, overwrit
         raise LowbitError(f"GPTQ export writes {EXPORTABLE}: this model has "
                           f"{len(formats) or 'no'} formats (compressed-tensors holds mixed precision)")
     v2 = any(not m.qtensor.sym and bool((m.qtensor.zeros == 0).any()) for m in layers.values())
-    packed = {n: _gptq_tensors(n, m.qtensor, v2) for n, m in layers.items()}
+    packed = {n: _gptq_tensors(n, m.qtensor, m.in_perm, v2) for n, m in layers.items()}
     _, bits, group_size, sym = formats.pop()
-    quantization = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": sym, "desc_act": False,
+    desc_act = any(m.in_perm is not None for m in layers.values())
+    quantization = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": sym, "desc_act": desc_act,
                     "static_groups": False, "true_sequential": True, "lm_head": False, "damp_percent": 0.01,
                     "checkpoint_format": "gptq_v2" if v2 else "gptq"}
     return write_dir(model, out, float_state(model, packed), quantization, tokenizer, overwrite,
@@ -115,14 +119,14 @@ def _expect(path: Path, name: str, t: dict[str, torch.Tensor], shapes: dict[str,
         raise LowbitError(f"{path}: module {name} {bad} (a damaged checkpoint, or not this format)")
 
 
-def _gptq_layer(path: Path, name: str, t: dict, n: int, k: int, bits: int, group: int, sym: bool, v2: bool) -> UniformQ:
+def _gptq_layer(path: Path, name: str, t: dict, n: int, k: int, bits: int, group: int, sym: bool,
+                v2: bool) -> tuple[UniformQ, torch.Tensor | None]:
+    """The module's UniformQ (columns in group order) and its input permutation (None: in order)."""
     g = k if group == -1 else group
     groups = -(-k // g)
     _expect(path, name, t, {"qweight": ((k * bits // 32, n), torch.int32), "qzeros": ((groups, n * bits // 32), torch.int32),
                             "scales": ((groups, n), torch.float16), "g_idx": ((k,), torch.int32)})
-    if not torch.equal(t["g_idx"], (torch.arange(k) // g).to(torch.int32)):
-        raise LowbitError(f"{path}: module {name} has act-order columns (g_idx is not k // {g}): "
-                          "not imported yet (lowbit's kernels keep the input order)")
+    perm = permutation(path, name, t["g_idx"], k, g)
     zeros = _from_words(t["qzeros"], bits, n).T.contiguous()
     if not v2:
         zeros = zeros.to(torch.int16) + 1
@@ -133,7 +137,8 @@ def _gptq_layer(path: Path, name: str, t: dict, n: int, k: int, bits: int, group
     if sym and not bool((zeros == 2 ** (bits - 1)).all()):
         raise LowbitError(f"{path}: module {name} is recorded symmetric but its zero points are not {2 ** (bits - 1)}")
     codes = _from_words(t["qweight"].T.contiguous(), bits, k)
-    return UniformQ(pack(codes, bits), t["scales"].T.contiguous(), None if sym else zeros, bits, group, (n, k))
+    codes = codes if perm is None else codes[:, perm.long()]
+    return UniformQ(pack(codes, bits), t["scales"].T.contiguous(), None if sym else zeros, bits, group, (n, k)), perm
 
 
 def _awq_layer(path: Path, name: str, t: dict, n: int, k: int, group: int) -> UniformQ:
@@ -154,7 +159,8 @@ def _awq_layer(path: Path, name: str, t: dict, n: int, k: int, group: int) -> Un
 
 def load_gptq(path: str | Path):
     """(model, tokenizer, lowbit quantization_config) from a GPTQ or AWQ (GEMM) checkpoint directory:
-    its quantized Linear layers as UniformQ holding the file's codes, scales and zero points."""
+    its quantized Linear layers as UniformQ holding the file's codes, scales and zero points (an
+    act-order layer's columns in group order, with its input permutation)."""
     path = Path(path)
     qc, model, state = read_dir(path)
     method, bits, group, sym, fmt = _format(path, qc)
@@ -169,6 +175,11 @@ def load_gptq(path: str | Path):
             raise LowbitError(f"{path}: module {name} is {n}×{k}: AWQ GEMM packs outputs by 8 and whole groups")
         if method == "gptq" and (k * bits % 32 or n * bits % 32):
             raise LowbitError(f"{path}: module {name} is {n}×{k}: GPTQ packs {bits}-bit values in whole int32 words")
-        qts[name] = _awq_layer(path, name, t, n, k, group) if method == "awq" else \
-            _gptq_layer(path, name, t, n, k, bits, group, sym, fmt == "gptq_v2")
-    return finish(path, model, qts, state, f"{method} ({fmt})")
+        if method == "awq":
+            qts[name] = _awq_layer(path, name, t, n, k, group)
+            continue
+        qts[name], perm = _gptq_layer(path, name, t, n, k, bits, group, sym, fmt == "gptq_v2")
+        if perm is not None:
+            state[f"{name}.in_perm"] = perm
+    act = any(k.endswith(".in_perm") for k in state)
+    return finish(path, model, qts, state, f"{method} ({fmt}{', act-order' if act else ''})")

@@ -22,6 +22,7 @@ from .check import checked_shards
 from .save import FORMAT_VERSION
 
 ACT_PREFIX = "act_"  # an activation spec's tensors: <module>.act_<name>
+IN_PERM = "in_perm"  # a linear layer's input permutation (nn.QuantLinear.in_perm, io/act_order.py)
 
 
 def read_config(path: Path) -> dict:
@@ -71,10 +72,11 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _module_tensors(name: str, state: dict[str, torch.Tensor], pop: bool = False) -> dict[str, torch.Tensor]:
-    """The QTensor's own tensors of module `name` in `state` (its bias and activation tensors aside)."""
+    """The QTensor's own tensors of module `name` in `state` (its bias, input permutation and activation
+    tensors aside)."""
     prefix = name + "."
-    keys = [k for k in state if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] != "bias"
-            and not k[len(prefix):].startswith(ACT_PREFIX)]
+    keys = [k for k in state if k.startswith(prefix) and "." not in k[len(prefix):]
+            and k[len(prefix):] not in ("bias", IN_PERM) and not k[len(prefix):].startswith(ACT_PREFIX)]
     return {k[len(prefix):]: state.pop(k) if pop else state[k] for k in keys}
 
 
@@ -90,6 +92,15 @@ def _checked_act(where, name: str, meta, tensors: dict[str, torch.Tensor], qt_me
         ActQ.check(meta, tensors, qt_meta["shape"][1])
     except LowbitError as e:
         raise LowbitError(f"{where}: module {name}: {e} (a damaged file: quantize it again)") from None
+
+
+def _in_perm(where, name: str, perm: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """A linear layer's stored input permutation, checked: int32 [k] holding each of 0 … k−1 once."""
+    if perm is not None and (perm.dtype != torch.int32 or tuple(perm.shape) != (k,) or
+                             not torch.equal(perm.sort().values, torch.arange(k, dtype=torch.int32))):
+        raise LowbitError(f"{where}: module {name}'s {IN_PERM} is not a permutation of its {k} input columns "
+                          "(a damaged file: quantize it again)")
+    return perm
 
 
 def _checked(where, name: str, meta, tensors: dict[str, torch.Tensor]) -> None:
@@ -136,7 +147,8 @@ def install_quantized(model: torch.nn.Module, modules: dict[str, dict], state: d
             _checked_act(where, name, activations[name], act_tensors, meta)
             new = ActQuantLinear(qt, ActQ.from_tensors(activations[name], act_tensors), state.pop(name + ".bias", None))
         else:
-            new = QuantLinear(qt, state.pop(name + ".bias", None))
+            perm = _in_perm(where, name, state.pop(f"{name}.{IN_PERM}", None), qt.shape[1])
+            new = QuantLinear(qt, state.pop(name + ".bias", None), perm)
         model.set_submodule(name, new)
 
 

@@ -76,11 +76,12 @@ def quantization_config(model: torch.nn.Module, record: dict | None = None) -> d
 
 def _tensors_to_store(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without tied duplicates (the loader re-ties them from config.json); tensors of
-    stored blocks are on meta (each one distinct: meta tensors have no storage to compare)."""
+    stored blocks are on meta (each one distinct: meta tensors have no storage to compare). Input
+    permutations are each layer's own, stored even when layers share one."""
     state, seen = {}, set()
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and not t.is_meta and key in seen:
+        if t.numel() and not t.is_meta and key in seen and not name.endswith(".in_perm"):
             continue
         seen.add(key)
         state[name] = t.detach().contiguous()
