@@ -32,7 +32,9 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint16_t v8u __attribute__((vector_size(16)));
 
 #include "args.h"  /* lb_args: one call of a generated kernel (kernels/cpu/c) */
+#include "tender_args.h"  /* lb_tender_args: a W·A· layer's integer kernel (kernels/cpu/c/tender.h) */
 typedef void (*lb_kernel)(lb_args *);
+typedef void (*lb_tender_kernel)(lb_tender_args *);
 typedef void (*lb_task)(void *arg, int tid, int nthr);
 typedef void (*lb_par)(lb_task fn, void *arg, int want);
 
@@ -102,6 +104,8 @@ typedef struct {
     const void *w; int wdt;         /* fp weights [n][k], DT_F16 or DT_BF16 */
     const float *bias;
     const int32_t *perm;            /* quantized only: the kernel's input is x[perm] (act-order columns), or NULL */
+    lb_tender_kernel tender_fn;     /* activations quantized too (W·A·): this kernel instead, x as it is */
+    lb_tender_args tender;          /* its argument template */
 } eng_lin;
 
 typedef struct {
@@ -161,6 +165,12 @@ FP_TASK(fp_task_bf16, uint16_t, ldb8, bf2f)
 /* y[m][n] = x[m][k] · W^T + bias (x[m][perm] · W^T with a perm); x rows have stride k (copied to stride
    kp, gathered by perm, for the quantized kernels). */
 static void linear(eng *E, const eng_lin *L, const float *x, int m, float *y) {
+    if (L->tender_fn) {  /* it quantizes x itself (permuted, centred: its positions), one call for any m */
+        lb_tender_args a = L->tender;
+        a.m = m; a.x = x; a.y = y; a.threads = E->threads;
+        L->tender_fn(&a);
+        return;
+    }
     if (L->gemv_fn) {
         if (L->kp != L->k || L->perm) {
             for (int i = 0; i < m; i++) {
@@ -763,6 +773,12 @@ EX void eng_set_linear(eng *E, int layer, int slot, int n, int k, int kp, void *
                    .w = w, .wdt = wdt, .bias = bias, .perm = perm};
     if (gemv) L->gemv = *gemv;
     if (gemm) L->gemm = *gemm;
+}
+
+/* A W·A· linear: its integer kernel and prefilled args (x, y, m and threads set per call). */
+EX void eng_set_tender(eng *E, int layer, int slot, int n, int k, void *fn, const lb_tender_args *args) {
+    eng_lin *L = &E->L[layer].lin[slot];
+    *L = (eng_lin){.n = n, .k = k, .kp = k, .tender_fn = (lb_tender_kernel)fn, .tender = *args};
 }
 
 /* layer -1 = the final norm */

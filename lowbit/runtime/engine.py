@@ -8,7 +8,8 @@ activation (probed), RoPE tables computed by the model's own rotary module (so e
 implements comes out the same), attention scaling, sliding windows, soft-capping, embedding scale —
 and hands it to the C in engine.c. Quantized linears keep their packed format and run the
 generated kernels (a layer with an input permutation, act-order: nn.QuantLinear.in_perm, gathers
-its input first, once for q/k/v or gate/up sharing it); fp linears (the tied head of SmolLM2) are
+its input first, once for q/k/v or gate/up sharing it; a W·A· layer, nn.ActQuantLinear, runs Tender's
+integer kernel, kernels/cpu/tender.py, which quantizes its input itself); fp linears (the tied head of SmolLM2) are
 kept in fp16 (bf16 if out of fp16 range). Every weight the engine streams per token is copied once into one transparent-huge-page
 mapping (≈2× the effective bandwidth of 4 KiB pages on the development VM).
 
@@ -43,8 +44,9 @@ from ..formats import UniformQ
 from ..kernels.cpu import build, codegen
 from ..kernels.cpu import float16 as cpu_float16
 from ..kernels.cpu import isa as isa_mod
+from ..kernels.cpu import tender as cpu_tender
 from ..kernels.cpu import threads as cpu_threads
-from ..nn import QuantEmbedding, QuantLinear
+from ..nn import ActQuantLinear, QuantEmbedding, QuantLinear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
@@ -79,7 +81,8 @@ def _library(isa: str) -> ctypes.CDLL:
            "eng_set_linear": ([p, i, i, i, i, i, p, p, p, p, p, i, p, p], None),
            "eng_set_norm": ([p, i, i, p, f], None), "eng_set_layer": ([p, i, i, i, i, i, f, f], None),
            "eng_set_rope": ([p, i, p, p], None), "eng_set_threads": ([p, i], None),
-           "eng_set_gemm_rows": ([p, i], None), "eng_profile": ([p, i, p], i)}
+           "eng_set_gemm_rows": ([p, i], None), "eng_profile": ([p, i, p], i),
+           "eng_set_tender": ([p, i, i, i, i, p, p], None)}
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
@@ -126,10 +129,21 @@ def _activation(act: nn.Module) -> int:
 
 class _Linear:
     """One projection as the C sees it: a packed kernel (quantized, or fp16 weights through the
-    generated float16 kernel) or bf16 rows (fp weights beyond fp16's range) for the engine's own loop."""
+    generated float16 kernel), Tender's integer kernel (an ActQuantLinear: it quantizes its input
+    itself), or bf16 rows (fp weights beyond fp16's range) for the engine's own loop."""
 
     def __init__(self, module: nn.Module, name: str, round_bits: int | None = None):
         self.bias = None if module.bias is None else module.bias.detach().float().contiguous()
+        self.tender = None
+        if isinstance(module, ActQuantLinear):  # W·A·: the integer kernel quantizes the input itself
+            self.tender = cpu_tender.prepare(module.qtensor, module.act)
+            if self.tender is None:
+                raise LowbitError(f"{name}: its activations ({module.act.describe(module.act_meta)}) have no native "
+                                  "kernel here (the engine runs Tender, per-token, smoothquant and per-tensor "
+                                  "activations on AVX-512 VNNI CPUs); use the universal path")
+            self.packed, self.perm, (self.n, self.k) = None, None, module.qtensor.shape
+            self.kp, self.weights = self.k, [(self.tender, "qw")]
+            return
         qt = module.qtensor if isinstance(module, QuantLinear) else None
         self.perm = None if qt is None or module.in_perm is None else module.in_perm.to(torch.int32).contiguous()
         if qt is None and round_bits is not None and isinstance(module, nn.Linear):
@@ -161,6 +175,10 @@ class _Linear:
 
     def install(self, lib, handle, layer: int, slot: int, int8: bool | None) -> None:
         bias = None if self.bias is None else self.bias.data_ptr()
+        if self.tender is not None:
+            fn, args = self.tender.native(self.bias)
+            lib.eng_set_tender(handle, layer, slot, self.n, self.k, fn, ctypes.byref(args))
+            return
         if self.packed is None:
             lib.eng_set_linear(handle, layer, slot, self.n, self.k, self.kp, None, None, None, None,
                                self.w.data_ptr(), self.wdt, bias, None)

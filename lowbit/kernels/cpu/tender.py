@@ -100,14 +100,20 @@ class PackedTender:
         static = act.chunk == 0 or act.method == "per-tensor"  # one calibrated TMax for every row
         self.fn = getattr(lib, codegen.TENDER_SYMBOL)
         self.args = build.TenderArgs(
-            qw=self.qw.data_ptr(), sw=self.sw.data_ptr(), zw=None if self.zw is None else self.zw.data_ptr(),
-            zdef=2 ** (qt.bits - 1), nibble=int(self.nibble), runs=self.runs.data_ptr(), jrun=self.jrun.data_ptr(),
-            narrow=self.narrow.data_ptr(), xin=self.xin.data_ptr(), abias=self.abias.data_ptr(),
-            tfac=self.tfac.data_ptr(), ginv=self.ginv.data_ptr(), gsh=self.gsh.data_ptr(), jpos=self.jpos.data_ptr(),
-            n=n, k=k, kp=self.kp, groups=len(narrow), tiles=self.tiles,
+            zdef=2 ** (qt.bits - 1), nibble=int(self.nibble), n=n, k=k, kp=self.kp, groups=len(narrow), tiles=self.tiles,
             chunk=0 if static else act.chunk if tender else 1, top=float(qmax * 2 ** (g_count - 1)),
             tstatic=float(act.maxima.max()) if static else 0.0,
             qmin=-qmax - 1, qmax=qmax)
+
+        self._point()
+
+    TENSORS = ("qw", "sw", "zw", "runs", "jrun", "narrow", "xin", "abias", "tfac", "ginv", "gsh", "jpos")
+
+    def _point(self) -> None:
+        """The args' pointers at the layout's tensors where they are now (the engine moves `qw`)."""
+        for name in self.TENSORS:
+            t = getattr(self, name)
+            setattr(self.args, name, None if t is None else t.data_ptr())
 
     def _tiles(self, t: torch.Tensor) -> torch.Tensor:
         """[N, J] per-row values -> [tiles, J, 16], padding rows 0."""
@@ -117,9 +123,12 @@ class PackedTender:
     def bytes(self) -> int:
         return self.qw.numel() + 4 * self.sw.numel() + (0 if self.zw is None else 4 * self.zw.numel())
 
-    def native(self) -> build.TenderArgs:
-        """The prefilled args for a native caller (the decode engine), which sets m, x, bias, y, threads."""
-        return self.args
+    def native(self, bias: torch.Tensor | None = None) -> tuple[int, build.TenderArgs]:
+        """(address of the kernel, its prefilled args) for a native caller (the decode engine), which
+        sets m, x, y and threads."""
+        self._point()
+        self.args.bias = None if bias is None else bias.data_ptr()
+        return ctypes.cast(self.fn, ctypes.c_void_p).value, self.args
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x32 = x.reshape(-1, self.k).float().contiguous()
