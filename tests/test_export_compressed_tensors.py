@@ -95,7 +95,8 @@ def _damage(out: Path, config=None, tensors=None):
 
 @pytest.mark.parametrize("config, tensors, needle", [
     (lambda qc: qc["config_groups"]["group_0"]["weights"].update(num_bits=5), None, "lowbit imports int weights"),
-    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(actorder="group"), None, "without act-order"),
+    (lambda qc: [g["weights"].update(actorder="group") for g in qc["config_groups"].values()], None,
+     "weight_g_idx is missing"),
     (lambda qc: qc.update(format="float-quantized"), None, "lowbit imports 'pack-quantized'"),
     (None, lambda s: s.pop("model.layers.1.mlp.up_proj.weight_scale"), "weight_scale is missing"),
     (None, lambda s: s.update({"model.layers.0.self_attn.q_proj.weight_packed":
@@ -144,8 +145,8 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-3, 300) | st.sampl
 @given(spec=_json)
 def test_fuzz_config_groups(spec):
     try:
-        bits, group, sym = _checked_scheme(Path("x"), "group_0", spec)
+        bits, group, sym, act_order = _checked_scheme(Path("x"), "group_0", spec)
     except LowbitError as e:
         assert "\n" not in str(e)
         return
-    assert bits in (2, 3, 4, 8) and group in (32, 64, 128, -1) and isinstance(sym, bool)
+    assert bits in (2, 3, 4, 8) and group in (32, 64, 128, -1) and isinstance(sym, bool) and isinstance(act_order, bool)

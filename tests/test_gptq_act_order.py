@@ -163,3 +163,57 @@ def test_bad_g_idx_is_one_line(tiny_model_dir, tmp_path, g_idx, needle):
     with pytest.raises(LowbitError, match=needle) as e:
         lowbit.load(out)
     assert "\n" not in str(e.value) and "q_proj" in str(e.value)
+
+
+def test_act_order_exports_to_gguf_in_input_order_and_not_to_compressed_tensors(tiny_model_dir, tmp_path):
+    """GGUF blocks are contiguous groups of the input: an act-order layer is fitted in input order
+    (close to its weights, not to its stored column order); compressed-tensors no longer stores g_idx."""
+    from gguf import GGUFReader, quants
+
+    q = lowbit.load(_checkpoint(tiny_model_dir, tmp_path, 4, 32, "gptq"))
+    with pytest.raises(LowbitError, match="act-order.*--to gptq") as e:
+        q.export(tmp_path / "ct", to="compressed-tensors")
+    assert "\n" not in str(e.value) and not (tmp_path / "ct").exists()
+    path = q.export(tmp_path / "m.gguf")
+    down = next(t for t in GGUFReader(str(path)).tensors if t.name == "blk.1.ffn_down.weight")
+    got = torch.from_numpy(quants.dequantize(down.data, down.tensor_type))
+    module = q.model.get_submodule("model.layers.1.mlp.down_proj")
+    want, stored = _weights(module), module.qtensor.dequantize()
+
+    def rel(w):
+        return float((got - w).square().sum() / w.square().sum())
+
+    assert rel(want) < 1e-2 < rel(stored)
+
+
+def test_compressed_tensors_group_act_order_imports_as_its_formula(tiny_model_dir, tmp_path):
+    """An (older llm-compressor) `actorder: group` file: codes in input order, weight_g_idx the group of
+    each column; unpacked by compressed-tensors' own helpers for the reference."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    q = lowbit.quantize(lowbit.load(tiny_model_dir("llama")), lowbit.RTN(bits=4, group_size=32, sym=False),
+                        progress=False)
+    out = q.export(tmp_path / "ct", to="compressed-tensors")
+    state, raw = load_file(out / "model.safetensors"), json.loads((out / "config.json").read_text())
+    gen, refs = torch.Generator().manual_seed(0), {}
+    for key in [k for k in state if k.endswith(".weight_packed")]:
+        name = key[:-len(".weight_packed")]
+        n, k = state[f"{name}.weight_shape"].tolist()
+        codes = helpers.unpack_from_int32(state[key], 4, torch.Size([n, k]))  # signed q, column i in group i // 32
+        order = torch.randperm(k, generator=gen)
+        moved = torch.empty_like(codes)
+        moved[:, order] = codes
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[order] = (torch.arange(k) // 32).to(torch.int32)
+        state[key], state[f"{name}.weight_g_idx"] = helpers.pack_to_int32(moved, 4), g_idx
+        zp = helpers.unpack_from_int32(state[f"{name}.weight_zero_point"], 4, torch.Size([n, k // 32]), packed_dim=0)
+        scale = state[f"{name}.weight_scale"].float()
+        refs[name] = (moved - zp[:, g_idx.long()]).float() * scale[:, g_idx.long()]
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    raw["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (out / "config.json").write_text(json.dumps(raw))
+    back = lowbit.load(out)
+    assert back.info["imported"] == "compressed-tensors (act-order)" and len(refs) == 14
+    for name, ref in refs.items():
+        assert torch.equal(_weights(back.model.get_submodule(name)), ref), name
+    ids = torch.tensor([1, 5, 9, 33, 2, 40, 7, 100, 3, 11])
+    check_agreement(back.model, ids, prompt=6)

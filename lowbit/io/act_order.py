@@ -10,6 +10,9 @@ columns of a group keep their file order and a round trip writes the same file),
 UniformQ over W[:, perm] and computes x[..., perm]·W[:, perm]ᵀ = x·Wᵀ: nn.QuantLinear.in_perm holds
 `perm`, the universal path and the native engine gather the input before the kernel. A g_idx whose
 groups are not that size (not GPTQ's act-order) has no such form and is refused.
+
+Writers whose blocks are contiguous groups of the input (GGUF) take such a layer as `InputOrder`:
+its weights in input order, which they fit like any layer of a format they cannot hold exactly.
 """
 
 import torch
@@ -52,3 +55,20 @@ def unpermute(t: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty_like(t)
     out[:, perm.long()] = t
     return out
+
+
+class InputOrder:
+    """A QTensor whose stored columns are the input's `perm`, seen as a quantized tensor in input
+    order: the same `bits` and `shape`, `dequantize()` with the columns put back, no block layout."""
+
+    def __init__(self, qt, perm: torch.Tensor):
+        self.qt, self.perm, self.bits, self.shape = qt, perm, qt.bits, qt.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return unpermute(self.qt.dequantize(dtype), self.perm)
+
+    def meta(self) -> dict:
+        return self.qt.meta()
+
+    def describe(self, meta: dict) -> str:
+        return self.qt.describe(meta) + " act-order"

@@ -18,7 +18,11 @@ config.json's quantization_config has one config group per distinct (bits, group
 named as targets (mixed precision), and `ignore` for the Linear layers left in float. Quantized
 embeddings and output heads are written as float (their exact dequantized weights): the format's
 consumers run quantized Linear layers inside the decoder blocks. Group sizes must divide the rows
-(compressed-tensors has no ragged last group); act-order (g_idx) is not written or read yet.
+(compressed-tensors has no ragged last group). Act-order: `actorder: weight` (or `static`) changed
+only the order GPTQ visited the columns, the layout is the plain one; `actorder: group` (`dynamic`,
+which compressed-tensors dropped in 2026-08; older llm-compressor files on the Hub have it) stores
+M.weight_g_idx int32 [K], the group of each column as GPTQ's g_idx, imported as act_order.py does for
+GPTQ. An act-order layer is not exported here (the current format has no g_idx): `--to gptq` keeps it.
 """
 
 import json
@@ -30,6 +34,7 @@ import torch
 from ..errors import LowbitError
 from ..formats import BITS, GROUP_SIZES, UniformQ
 from ..formats.packing import pack, packed_words, unpack
+from .act_order import permutation
 from .foreign import finish, float_linears, float_state, packed_layers, quant_method, read_dir, write_dir
 
 METHOD, FORMAT = "compressed-tensors", "pack-quantized"
@@ -50,10 +55,13 @@ def _scheme(qt: UniformQ) -> dict:
             "group_size": None if qt.group_size == -1 else qt.group_size}
 
 
-def _packed(name: str, qt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _packed(name: str, qt, perm: torch.Tensor | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     if not isinstance(qt, UniformQ) or (qt.group_size != -1 and qt.shape[1] % qt.group_size):
         what = qt.describe(qt.meta()) + (f" of width {qt.shape[1]}" if isinstance(qt, UniformQ) else "")
         raise LowbitError(f"layer {name} is {what}: compressed-tensors export writes {EXPORTABLE}")
+    if perm is not None:
+        raise LowbitError(f"layer {name} is act-order (its groups scattered over the input): compressed-tensors "
+                          "no longer stores g_idx; export it with --to gptq (or gguf)")
     n, k = qt.shape
     out = {"weight_packed": qt.qweight[:, :_words(k, qt.bits)], "weight_scale": qt.scales.to(dtype),
            "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
@@ -69,7 +77,7 @@ def write_compressed_tensors(model: torch.nn.Module, out: str | Path, tokenizer=
     layers = packed_layers(model)
     if not layers:
         raise LowbitError(f"model has no quantized Linear layers: compressed-tensors export writes {EXPORTABLE}")
-    packed = {n: _packed(n, m.qtensor, dtype) for n, m in layers.items()}  # refuses what it cannot hold
+    packed = {n: _packed(n, m.qtensor, m.in_perm, dtype) for n, m in layers.items()}  # refuses what it cannot hold
     groups = {}
     for name, module in layers.items():
         groups.setdefault(json.dumps(_scheme(module.qtensor), sort_keys=True), []).append(name)
@@ -86,22 +94,31 @@ def _matches(name: str, targets) -> bool:
     return any(t == name or t == "Linear" or (t.startswith("re:") and re.match(t[3:], name)) for t in targets)
 
 
-def _checked_scheme(path: Path, group: str, spec) -> tuple[int, int, bool]:
-    """(bits, our group size, sym) of a config group's weights, or a one-line refusal naming why."""
+ACTORDER = {None: False, "weight": False, "static": False, "group": True, "dynamic": True}  # -> stores g_idx
+
+
+def _checked_scheme(path: Path, group: str, spec) -> tuple[int, int, bool, bool]:
+    """(bits, our group size, sym, whether g_idx is stored) of a config group's weights, or a one-line
+    refusal naming why."""
     w = spec.get("weights") if isinstance(spec, dict) else None
     if not isinstance(w, dict):
         raise LowbitError(f"{path}: config group {group} has no weights scheme")
     bits, strategy, gs = w.get("num_bits"), w.get("strategy"), w.get("group_size")
     group_size = -1 if strategy == "channel" else gs if strategy == "group" else None
-    if w.get("type") != "int" or w.get("dynamic") or spec.get("input_activations") or w.get("actorder") \
-            or bits not in BITS or group_size not in GROUP_SIZES or not isinstance(w.get("symmetric"), bool):
+    actorder = w.get("actorder")
+    if w.get("type") != "int" or w.get("dynamic") or spec.get("input_activations") or \
+            not isinstance(actorder, (str, type(None))) or actorder not in ACTORDER or \
+            bits not in BITS or group_size not in GROUP_SIZES or not isinstance(w.get("symmetric"), bool):
         raise LowbitError(f"{path}: config group {group} is {json.dumps(w)[:160]}: lowbit imports int weights of "
-                          f"{', '.join(map(str, BITS))} bits, groups of 32/64/128 or channel, static, without act-order")
-    return bits, group_size, w["symmetric"]
+                          f"{', '.join(map(str, BITS))} bits, groups of 32/64/128 or channel, static, "
+                          "act-order weight or group")
+    return bits, group_size, w["symmetric"], ACTORDER[actorder] and group_size != -1
 
 
-def _uniform(path: Path, name: str, t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool) -> UniformQ:
-    """A module's packed tensors as UniformQ, every shape checked."""
+def _uniform(path: Path, name: str, t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
+             act_order: bool) -> tuple[UniformQ, torch.Tensor | None]:
+    """A module's packed tensors as UniformQ (an act-order one's columns in group order) and its input
+    permutation (None: in order), every shape checked."""
     try:
         n, k = (int(v) for v in t["weight_shape"].tolist())
         groups = 1 if group_size == -1 else k // group_size
@@ -109,6 +126,8 @@ def _uniform(path: Path, name: str, t: dict[str, torch.Tensor], bits: int, group
                 "weight_scale": ((n, groups), None)}
         if not sym:
             want["weight_zero_point"] = ((_words(n, bits), groups), torch.int32)
+        if act_order:
+            want["weight_g_idx"] = ((k,), torch.int32)
         extra = sorted(set(t) - set(want))
         bad = next((f"{k_} is missing" for k_ in want if k_ not in t), None) or \
             (f"has unexpected tensor {extra[0]}" if extra else None) or \
@@ -124,8 +143,11 @@ def _uniform(path: Path, name: str, t: dict[str, torch.Tensor], bits: int, group
     if not torch.equal(scales.to(t["weight_scale"].dtype), t["weight_scale"]):
         raise LowbitError(f"{path}: module {name} has scales fp16 cannot hold exactly (lowbit's are fp16)")
     qweight = torch.nn.functional.pad(t["weight_packed"], (0, packed_words(k, bits) - _words(k, bits)))
+    perm = permutation(path, name, t["weight_g_idx"], k, group_size) if act_order else None
+    if perm is not None:
+        qweight = pack(unpack(qweight, bits, k)[:, perm.long()], bits)
     zeros = None if sym else unpack(t["weight_zero_point"].T.contiguous(), bits, n).T.contiguous()
-    return UniformQ(qweight, scales, zeros, bits, group_size, (n, k))
+    return UniformQ(qweight, scales, zeros, bits, group_size, (n, k)), perm
 
 
 def load_compressed_tensors(path: str | Path):
@@ -148,5 +170,8 @@ def load_compressed_tensors(path: str | Path):
         if found is None:
             raise LowbitError(f"{path}: module {name} is packed but no config group targets it")
         tensors = {k[len(name) + 1:]: state.pop(k) for k in list(state) if k.startswith(f"{name}.weight_")}
-        qts[name] = _uniform(path, name, tensors, *found)
-    return finish(path, model, qts, state, METHOD)
+        qts[name], perm = _uniform(path, name, tensors, *found)
+        if perm is not None:
+            state[f"{name}.in_perm"] = perm
+    act = any(k.endswith(".in_perm") for k in state)
+    return finish(path, model, qts, state, METHOD + (" (act-order)" if act else ""))

@@ -5,7 +5,8 @@ UniformQ 4-bit sym -> Q4_0 and 8-bit sym -> Q8_0 exactly, groups of any multiple
 -> Q4_1 with m rounded to fp16). Any other layer (UniformQ of other bits, groups or zero points,
 CodebookQ) goes to the K-quant of its bits (2 -> Q2_K ... 6 -> Q6_K; 8 -> Q8_0), fitted to the layer's
 dequantized weights by our own packer (kquants.py; weighted by the calibration importance of each
-input column when the caller has it). Rows that are not whole 256-weight super-blocks take the type
+input column when the caller has it); so is an act-order layer (its groups scattered over the
+input: act_order.InputOrder). Rows that are not whole 256-weight super-blocks take the type
 llama.cpp's llama-quantize falls back to (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0),
 written exactly when the layer's integer grid fits it (UniformQ of 2/3 bits in Q4_0, 4-bit asym in
 Q5_0, ggml_blocks.holds), else fitted by ggml's reference quantizer (the `gguf` package's). Each
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import LowbitError
+from .act_order import InputOrder
 from .atomic import atomic_file
 from .foreign import check_weight_only
 from .ggml_blocks import ggml_type, holds, to_blocks
@@ -71,7 +73,8 @@ def model_tensors(model: torch.nn.Module) -> dict[str, object]:
         if name in shared:
             continue
         if hasattr(module, "qtensor"):
-            out[f"{name}.weight"] = module.qtensor
+            perm = getattr(module, "in_perm", None)
+            out[f"{name}.weight"] = module.qtensor if perm is None else InputOrder(module.qtensor, perm)
             if getattr(module, "bias", None) is not None:
                 out[f"{name}.bias"] = module.bias
     for name, p in model.named_parameters():  # tied float parameters appear once
