@@ -1,13 +1,15 @@
 """lowbit vs llama.cpp vs HF transformers on this machine, one run, same model and threads (issue #5).
 
-llama.cpp is measured through llama-cpp-python, built from source into a scratch virtualenv under
+llama.cpp is measured by its own `llama-bench` (default: the tools benchmarks/peers/build_llamacpp.sh
+builds, `--peer llama-bench`: its pp and tg tests, the numbers the llama.cpp community quotes) or
+through llama-cpp-python (`--peer python`), built from source into a scratch virtualenv under
 ~/.cache/lowbit/peers/llamacpp (isolated: no system site-packages; never installed into the python
-that runs lowbit, and not a lowbit dependency). Its GGUFs come from the default model's shipped
-Q4_1 file, requantized with llama.cpp's own `llama_model_quantize` to Q4_0, Q4_K_M and Q8_0.
-Every engine runs the same protocol (lowbit/eval/bench.py): a fresh cache, one prefill of pp
-tokens, then tg single-token steps, median of the runs; ratios are ours / theirs.
+that runs lowbit, and not a lowbit dependency) and timed with lowbit's protocol (lowbit/eval/bench.py:
+a fresh cache, one prefill of pp tokens, then tg single-token steps, median of the runs). Both are
+the same llama.cpp release. Its GGUFs come from the default model's shipped Q4_1 file, requantized
+with llama.cpp's own quantizer to Q4_0, Q4_K_M and Q8_0. Ratios are ours / theirs.
 
-    python benchmarks/vs_llamacpp.py MODEL [MODEL ...] [--threads 1 2] [--runs 3] [--build-only]
+    python benchmarks/vs_llamacpp.py MODEL [MODEL ...] [--threads 1 2] [--runs 3] [--peer llama-bench|python]
 """
 
 from __future__ import annotations
@@ -113,8 +115,16 @@ def peer(python: Path, job: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def ggufs(python: Path) -> dict[str, Path]:
-    """The shipped Q4_1 and its requantized Q4_0 / Q4_K_M / Q8_0 (made once, kept beside the venv)."""
+def _tool(name: str) -> Path:
+    binary = tool(name)
+    if binary is None:
+        raise SystemExit(f"{name} is not built: run benchmarks/peers/build_llamacpp.sh")
+    return binary
+
+
+def ggufs(python: Path | None) -> dict[str, Path]:
+    """The shipped Q4_1 and its requantized Q4_0 / Q4_K_M / Q8_0 (made once, kept beside the venv), by
+    llama-cpp-python's llama_model_quantize or (python None) the llama-quantize tool."""
     from lowbit.models import default_gguf
 
     src = default_gguf()
@@ -122,8 +132,27 @@ def ggufs(python: Path) -> dict[str, Path]:
     for name, ftype in FTYPES.items():
         dst = PEERS / f"SmolLM2-135M-Instruct.{name}.gguf"
         if not dst.is_file():
-            peer(python, {"op": "quantize", "src": str(src), "dst": str(dst), "ftype": ftype})
+            if python is None:
+                r = subprocess.run([_tool("llama-quantize"), "--allow-requantize", src, dst, name, "2"],
+                                   capture_output=True, text=True)
+                if r.returncode:
+                    raise SystemExit(f"llama-quantize {name} failed: {(r.stdout + r.stderr)[-1500:]}")
+            else:
+                peer(python, {"op": "quantize", "src": str(src), "dst": str(dst), "ftype": ftype})
         out[name] = dst
+    return out
+
+
+def llama_bench(path: Path, threads: int, pp: list[int], tg: int, runs: int) -> dict:
+    """llama-bench's mean tokens/s for pp{n} (each n) and tg{tg}, `runs` repetitions, `threads` threads."""
+    r = subprocess.run([_tool("llama-bench"), "-m", path, "-t", str(threads), "-p", ",".join(map(str, pp)),
+                        "-n", str(tg), "-r", str(runs), "-o", "json"], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"llama-bench failed on {path}: {(r.stdout + r.stderr).strip()[-1500:]}")
+    out = {}
+    for test in json.loads(r.stdout):
+        key = f"tg{test['n_gen']}" if test["n_gen"] else f"pp{test['n_prompt']}"
+        out[key] = float(test["avg_ts"])
     return out
 
 
@@ -135,18 +164,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tg", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--no-hf", action="store_true", help="skip transformers fp32/bf16")
+    p.add_argument("--peer", choices=["llama-bench", "python"], default="llama-bench",
+                   help="llama.cpp's own llama-bench, or llama-cpp-python timed with lowbit's protocol")
     p.add_argument("--build-only", action="store_true")
     a = p.parse_args(argv)
-    python = build()
+    python = build() if a.peer == "python" else None
     files = ggufs(python)
     if a.build_only:
         print(json.dumps({k: str(v) for k, v in files.items()}))
         return
     from lowbit.eval import bench
 
-    bench.side_by_side(a.models, files, lambda path, t, tokens: peer(python, {
-        "op": "bench", "path": str(path), "threads": t, "pp": a.pp, "tg": a.tg, "runs": a.runs,
-        "tokens": tokens}), threads=a.threads, pp=a.pp, tg=a.tg, runs=a.runs, hf=not a.no_hf)
+    if python is None:
+        def measure(path, t, tokens):
+            return llama_bench(path, t, a.pp, a.tg, a.runs)
+    else:
+        def measure(path, t, tokens):
+            return peer(python, {"op": "bench", "path": str(path), "threads": t, "pp": a.pp, "tg": a.tg,
+                                 "runs": a.runs, "tokens": tokens})
+    bench.side_by_side(a.models, files, measure, threads=a.threads, pp=a.pp, tg=a.tg, runs=a.runs, hf=not a.no_hf)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from lowbit.kernels.cpu import codegen, isa, tender
 from lowbit.nn import ActQuantLinear
 
 pytestmark = pytest.mark.skipif(codegen.entry(isa.selected(), "uniform", 4, "tender") is None,
-                                reason="this CPU has no vpdpbusd (AVX-512 VNNI): the fake-quantized path runs")
+                                reason="no Tender kernel for this CPU's ISA: the fake-quantized path runs")
+# this CPU's own kernel, and the AVX2 one (8-row tiles, maddubs, sign-form 8-bit codes) where it runs
+ISAS = sorted({isa.selected()} | ({"avx2"} if isa.detect().supports("avx2") else set()))
 
 
 def _act(k: int, bits: int, groups: int, chunk: int, seed: int, method: str = "tender") -> ActQ:
@@ -38,15 +40,18 @@ CASES = [  # n, k, weight bits, group, sym, act bits, G, chunk, rows
 
 @pytest.mark.parametrize("n, k, wbits, gs, sym, abits, groups, chunk, m", CASES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_equals_the_integer_oracle(n, k, wbits, gs, sym, abits, groups, chunk, m, threads):
+@pytest.mark.parametrize("on", ISAS)
+def test_kernel_equals_the_integer_oracle(n, k, wbits, gs, sym, abits, groups, chunk, m, threads, on):
     g = torch.Generator().manual_seed(n * k + m)
     qt = UniformQ.from_float(torch.randn(n, k, generator=g), wbits, gs, sym)
     act = _act(k, abits, groups, chunk, seed=m)
+    if chunk == 0:
+        act.maxima *= 50  # a static TMax that clips nothing (AVX2's 8-bit path clamps at -127, the oracle at -128)
     x = torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 3
     bias = torch.randn(n, generator=g)
     kernels.set_threads(threads)
     try:
-        packed = tender.prepare(qt, act)
+        packed = tender.prepare(qt, act, on)
         _check(packed(x, bias), linear_integer(x, act, qt, bias))
         _check(packed(x[:1]), linear_integer(x[:1], act, qt))  # decode: one row, no bias
     finally:
@@ -54,10 +59,11 @@ def test_kernel_equals_the_integer_oracle(n, k, wbits, gs, sym, abits, groups, c
 
 
 @pytest.mark.parametrize("groups", range(1, 17))
-def test_every_g(groups):
-    qt = UniformQ.from_float(torch.randn(23, 160), 4, 32, False)
+@pytest.mark.parametrize("on", ISAS)
+def test_every_g(groups, on):
+    qt = UniformQ.from_float(torch.randn(23, 160), 8 if groups % 2 else 4, 32, False)
     act, x = _act(160, 8, groups, 1, seed=groups), torch.randn(6, 160) * 5
-    _check(tender.prepare(qt, act)(x), linear_integer(x, act, qt))
+    _check(tender.prepare(qt, act, on)(x), linear_integer(x, act, qt))
 
 
 @pytest.mark.parametrize("method", ["per-token", "smoothquant", "per-tensor"])
@@ -67,7 +73,8 @@ def test_one_scale_methods_run_as_one_group(method):
     _check(tender.prepare(qt, act)(x), linear_integer(x, act, qt))
 
 
-def test_worst_case_of_the_bound_is_exact():
+@pytest.mark.parametrize("on", ISAS)
+def test_worst_case_of_the_bound_is_exact(on):
     """Every code 255 (8-bit asym: a group of equal weights and one zero), every activation at the top
     of its group, half the channels in group 15 and half in group 0 of G = 16: the top run alone is
     within int32, its shift by 15 is not, so the kernel must flush to int64 — and stay exact."""
@@ -80,7 +87,7 @@ def test_worst_case_of_the_bound_is_exact():
     act = ActQ("tender", 8, k, 16, 1, torch.zeros(k), torch.arange(k, dtype=torch.int32), group,
                torch.ones(k))
     x = -torch.exp2(group.float())[None].repeat(3, 1)  # |x'_k| · 2^(15 − g_k) equal: every code at −127
-    packed = tender.prepare(qt, act)
+    packed = tender.prepare(qt, act, on)
     assert packed.narrow.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]  # the low half's groups stay in int32
     acc, _ = tender_accumulators(x, act, qt)
     assert acc.abs().max() > 2**31  # the sums themselves leave int32

@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..calib import load
+from ..formats.activation import ActQ
 from ..kernels.cpu import build, isa, threads as pool
 from ..methods import MethodConfig
 from ..models import load_any, load_source
+from ..nn import ActQuantLinear
 from ..runtime import HFDecoder, decoder_for, use_threads
 from .size import model_size
 
@@ -170,6 +172,8 @@ def side_by_side(models: list[str], ggufs: dict, peer, threads=(1, 2), pp=(128, 
             m = max(metas, key=metas.count)  # the body's format (most layers), not the 8-bit head or embedding
             bits = m["bits"]
             scheme = MethodConfig(m["bits"], m["group_size"], m.get("sym", True)).scheme
+            acts = [ActQ.describe(layer.act_meta) for layer in model.modules() if isinstance(layer, ActQuantLinear)]
+            scheme += f" {max(acts, key=acts.count)}" if acts else ""  # W·A·: the activations' spec too
             add(f"lowbit ({type(d).__name__})", scheme, bits, time_decoder(d, tokens, list(pp), tg, runs),
                 bytes_per_token(model, d))
             for fmt in PEERS_BY_BITS.get(bits, []):

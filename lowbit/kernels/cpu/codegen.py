@@ -781,6 +781,7 @@ ACTIVATIONS = {
               "G = 1: per-token, per-tensor), u8 codes x s8 in vpdpbusd (c/tender.h, kernels/cpu/tender.py)",
 }
 TENDER_SYMBOL = "lb_tender_linear"  # one entry point for every bit width: void lb_tender_linear(lb_tender_args *)
+TENDER_ISAS = ("avx512vnni", "avx512", "avx2")  # c/tender.h: vpdpbusd on the first, maddubs on the others
 
 
 @functools.lru_cache(maxsize=None)
@@ -788,13 +789,13 @@ def entries(isa: str) -> tuple[Entry, ...]:
     """Every kernel the library for `isa` exports, in the order `generate` writes them: UniformQ on fp32
     activations (BITS), on int8 (INT8_BITS, where the ISA has an integer dot), CodebookQ (CODEBOOK_BITS,
     on int16 activations where its tables are T16), unquantized fp16 weights (FLOAT16), and UniformQ under
-    an activation spec (c/tender.h, where the ISA has vpdpbusd; its own args, never `select`ed)."""
+    an activation spec (c/tender.h, TENDER_ISAS; its own args, never `select`ed)."""
     return (tuple(Entry("uniform", b, "fp32", f"lb_linear_b{b}") for b in BITS)
             + tuple(Entry("uniform", b, "int8", f"lb_linear_q_b{b}") for b in INT8_BITS if "dot8" in OPS[isa])
             + tuple(Entry("codebook", b, "int16-T16" if table16(isa, b) else "fp32", f"lb_linear_lut_b{b}")
                     for b in CODEBOOK_BITS)
             + (Entry(FLOAT16, 16, "fp32", "lb_linear_f16"),)
-            + tuple(Entry("uniform", b, "tender", TENDER_SYMBOL) for b in BITS if "dpbusd" in OPS[isa]))
+            + tuple(Entry("uniform", b, "tender", TENDER_SYMBOL) for b in BITS if isa in TENDER_ISAS))
 
 
 def entry(isa: str, kind: str, bits: int, activations: str) -> Entry | None:
@@ -831,6 +832,6 @@ def generate(isa: str) -> str:
         micro, f"static const lb_micro MICRO[{mr}][{nr}] = {{{table}}};", t16,
         "".join(_kernel(e, tiled, x) for x in ents if x.activations != "tender"),
         _int8_peak(e) if "dot8" in e.ops else "",
-        '#include "tender.h"' if "dpbusd" in e.ops else "",
+        '#include "tender.h"' if isa in TENDER_ISAS else "",
         f"LB_EXPORT int lb_lanes(void) {{ return {e.lanes}; }}",
     ])

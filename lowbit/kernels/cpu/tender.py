@@ -15,6 +15,11 @@ stays wholly in int32 ("narrow": no flush, no int64) when its one segment, shift
 groups, is below 2^30 (the zero-point fold z·S' has the same bound, and D − z·S' must fit too).
 Per-channel 8-bit weights over a few hundred channels usually are one segment; G = 16 at A8W8 flushes.
 
+AVX-512 VNNI runs 16-row tiles through vpdpbusd; AVX2 (and AVX-512 without VNNI) 8-row tiles through
+maddubs, whose int16 pair sums hold nibble codes as they are and 8-bit codes only in sign form (c − 128,
+zero points alike, activations in [−127, 127]: the static TMax's clamp stops at −127 there, the one
+place that path can differ from the oracle, which allows −128).
+
 Methods it runs: tender, and as G = 1 with the identity order and no bias, per-token and smoothquant
 (one scale per row) and per-tensor (the static TMax). per-block32 and hadamard are not in its form:
 `prepare` returns None and the caller runs the fake-quantized reference.
@@ -88,22 +93,25 @@ class PackedTender:
         self.runs = torch.tensor(runs, dtype=torch.int32).contiguous()
         self.jrun, self.jpos = torch.tensor(jrun, dtype=torch.int32), torch.tensor(jpos, dtype=torch.int32)
         self.narrow = torch.tensor(narrow, dtype=torch.int32)
-        self.tiles = -(-n // 16)
+        self.lanes = lib.lb_tender_lanes()  # rows per tile: 16 (AVX-512 VNNI) or 8 (AVX2: maddubs)
+        self.tiles = -(-n // self.lanes)
+        signed = not self.nibble and self.lanes == 8  # AVX2's 8-bit codes in sign form (c/tender.h)
         codes = torch.where(valid, qt.codes()[:, s], torch.zeros((), dtype=torch.uint8))
-        codes = F.pad(codes, (0, 0, 0, self.tiles * 16 - n)).view(self.tiles, 16, -1, 4)
+        codes = F.pad(codes ^ (0x80 if signed else 0), (0, 0, 0, self.tiles * self.lanes - n))
+        codes = codes.view(self.tiles, self.lanes, -1, 4)
         if self.nibble:  # unit u: positions 8u..8u+3 in the low nibbles, 8u+4..8u+7 in the high ones
             codes = codes[:, :, 0::2] | codes[:, :, 1::2] << 4
         self.qw = codes.permute(0, 2, 1, 3).contiguous()
         self.sw = self._tiles(qt.scales.float())
-        self.zw = None if qt.zeros is None else self._tiles(qt.zeros.to(torch.int32))
+        self.zw = None if qt.zeros is None else self._tiles(qt.zeros.to(torch.int32) - (128 if signed else 0))
         qmax = act.qmax
         static = act.chunk == 0 or act.method == "per-tensor"  # one calibrated TMax for every row
         self.fn = getattr(lib, codegen.TENDER_SYMBOL)
         self.args = build.TenderArgs(
-            zdef=2 ** (qt.bits - 1), nibble=int(self.nibble), n=n, k=k, kp=self.kp, groups=len(narrow), tiles=self.tiles,
+            zdef=2 ** (qt.bits - 1) - (128 if signed else 0), nibble=int(self.nibble), n=n, k=k, kp=self.kp, groups=len(narrow), tiles=self.tiles,
             chunk=0 if static else act.chunk if tender else 1, top=float(qmax * 2 ** (g_count - 1)),
             tstatic=float(act.maxima.max()) if static else 0.0,
-            qmin=-qmax - 1, qmax=qmax)
+            qmin=-qmax if signed else -qmax - 1, qmax=qmax)
 
         self._point()
 
@@ -116,8 +124,8 @@ class PackedTender:
             setattr(self.args, name, None if t is None else t.data_ptr())
 
     def _tiles(self, t: torch.Tensor) -> torch.Tensor:
-        """[N, J] per-row values -> [tiles, J, 16], padding rows 0."""
-        return F.pad(t, (0, 0, 0, self.tiles * 16 - self.n)).view(self.tiles, 16, -1).transpose(1, 2).contiguous()
+        """[N, J] per-row values -> [tiles, J, lanes], padding rows 0."""
+        return F.pad(t, (0, 0, 0, self.tiles * self.lanes - self.n)).view(self.tiles, self.lanes, -1).transpose(1, 2).contiguous()
 
     @property
     def bytes(self) -> int:

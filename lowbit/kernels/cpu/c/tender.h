@@ -25,6 +25,27 @@
 #define LB_TMR 4
 #define LB_TNR 4
 
+#if defined(__AVX512VNNI__) && defined(__AVX512DQ__)
+/* AVX-512 VNNI: 16-row tiles, vpdpbusd on u8 codes (8-bit ones too) */
+#define LB_TL 16
+typedef __m512i lb_tv;
+#define TV_LOAD(p) _mm512_loadu_si512(p)
+#define TV_AND(a, b) _mm512_and_si512(a, b)
+#define TV_HIGH(v) _mm512_srli_epi16(v, 4)
+#define TV_SET1(x) _mm512_set1_epi32(x)
+#define TV_NIBBLE() _mm512_set1_epi8(0x0F)
+#define TV_ZERO() _mm512_setzero_si512()
+#define TV_SLL(a, c) _mm512_sll_epi32(a, c)
+#define TV_DOT(acc, w, x) _mm512_dpbusd_epi32(acc, w, x)
+#define TV_DOT8(acc, w, x) _mm512_dpbusd_epi32(acc, w, x)
+/* acc64[0..16) += acc << base, in int64 */
+static inline __attribute__((always_inline)) void lb_tv_flush(int64_t *acc64, lb_tv acc, __m128i base) {
+    __m512i lo = _mm512_sll_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc)), base);
+    __m512i hi = _mm512_sll_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc, 1)), base);
+    _mm512_store_si512(acc64, _mm512_add_epi64(_mm512_load_si512(acc64), lo));
+    _mm512_store_si512(acc64 + 8, _mm512_add_epi64(_mm512_load_si512(acc64 + 8), hi));
+}
+
 static float lb_tender_rowmax(const lb_tender_args *a, const float *x) {
     __m512 mx = _mm512_setzero_ps();
     for (int p = 0; p < a->kp; p += 16) {
@@ -34,18 +55,71 @@ static float lb_tender_rowmax(const lb_tender_args *a, const float *x) {
     return _mm512_reduce_max_ps(mx);
 }
 
+/* q for 16 positions from p: x' * inv_g (inv_g exact), clamped (integer bounds: the same before or
+   after rounding), rounded half to even */
+static inline void lb_tender_codes(const lb_tender_args *a, const float *x, float inv0, int p, int8_t *q) {
+    __m512 v = _mm512_sub_ps(_mm512_i32gather_ps(_mm512_loadu_si512(a->xin + p), x, 4), _mm512_loadu_ps(a->abias + p));
+    v = _mm512_mul_ps(v, _mm512_mul_ps(_mm512_set1_ps(inv0), _mm512_loadu_ps(a->ginv + p)));
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps((float)a->qmin)), _mm512_set1_ps((float)a->qmax));
+    _mm_storeu_si128((__m128i *)(q + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+}
+#else
+/* AVX2 (and AVX-512 without VNNI): 8-row tiles; u8 x s8 through maddubs + madd. Nibble codes (<= 15)
+   cannot saturate maddubs' int16 pairs (2 * 15 * 128); 8-bit codes are stored signed (c - 128, the
+   zero points alike) and multiplied in sign form, |pair| <= 2 * 128 * 127 with activations kept in
+   [-127, 127] (tender.py sets qmin) — the form codegen's dot8s uses. */
+#define LB_TL 8
+typedef __m256i lb_tv;
+#define TV_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define TV_AND(a, b) _mm256_and_si256(a, b)
+#define TV_HIGH(v) _mm256_srli_epi16(v, 4)
+#define TV_SET1(x) _mm256_set1_epi32(x)
+#define TV_NIBBLE() _mm256_set1_epi8(0x0F)
+#define TV_ZERO() _mm256_setzero_si256()
+#define TV_SLL(a, c) _mm256_sll_epi32(a, c)
+#define TV_DOT(acc, w, x) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)))
+#define TV_DOT8(acc, w, x) \
+    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1)))
+static inline __attribute__((always_inline)) void lb_tv_flush(int64_t *acc64, lb_tv acc, __m128i base) {
+    __m256i lo = _mm256_sll_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc)), base);
+    __m256i hi = _mm256_sll_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc, 1)), base);
+    _mm256_store_si256((__m256i *)acc64, _mm256_add_epi64(_mm256_load_si256((const __m256i *)acc64), lo));
+    _mm256_store_si256((__m256i *)(acc64 + 4), _mm256_add_epi64(_mm256_load_si256((const __m256i *)(acc64 + 4)), hi));
+}
+
+static float lb_tender_rowmax(const lb_tender_args *a, const float *x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    for (int p = 0; p < a->kp; p += 8) {
+        __m256 v = _mm256_sub_ps(_mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i *)(a->xin + p)), 4),
+                                 _mm256_loadu_ps(a->abias + p));
+        mx = _mm256_max_ps(mx, _mm256_mul_ps(_mm256_andnot_ps(sign, v), _mm256_loadu_ps(a->tfac + p)));
+    }
+    float m[8], r = 0;
+    _mm256_storeu_ps(m, mx);
+    for (int i = 0; i < 8; i++) r = m[i] > r ? m[i] : r;
+    return r;
+}
+
+static inline void lb_tender_codes(const lb_tender_args *a, const float *x, float inv0, int p, int8_t *q) {
+    for (int h = p; h < p + 16; h += 8) {
+        __m256 v = _mm256_sub_ps(_mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i *)(a->xin + h)), 4),
+                                 _mm256_loadu_ps(a->abias + h));
+        v = _mm256_mul_ps(v, _mm256_mul_ps(_mm256_set1_ps(inv0), _mm256_loadu_ps(a->ginv + h)));
+        v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps((float)a->qmin)), _mm256_set1_ps((float)a->qmax));
+        int32_t c[8];
+        _mm256_storeu_si256((__m256i *)c, _mm256_cvtps_epi32(v));
+        for (int i = 0; i < 8; i++) q[h + i] = (int8_t)c[i];
+    }
+}
+#endif
+
 static void lb_tender_quant_row(const lb_tender_args *a, int t) {
     const float *x = a->x + (size_t)t * a->k, T = a->tm[t];
     int8_t *q = a->xq + (size_t)t * a->kp;
-    __m512 inv0 = _mm512_set1_ps(T > 0 ? a->top / T : 0.0f);
-    __m512 lo = _mm512_set1_ps((float)a->qmin), hi = _mm512_set1_ps((float)a->qmax);
+    float inv0 = T > 0 ? a->top / T : 0.0f;
     a->s0[t] = T / a->top;
-    for (int p = 0; p < a->kp; p += 16) {
-        __m512 v = _mm512_sub_ps(_mm512_i32gather_ps(_mm512_loadu_si512(a->xin + p), x, 4), _mm512_loadu_ps(a->abias + p));
-        v = _mm512_mul_ps(v, _mm512_mul_ps(inv0, _mm512_loadu_ps(a->ginv + p)));  /* x' * inv_g, inv_g exact */
-        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);  /* integer bounds: clamping before rounding is the same */
-        _mm_storeu_si128((__m128i *)(q + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
-    }
+    for (int p = 0; p < a->kp; p += 16) lb_tender_codes(a, x, inv0, p, q);
     for (int j = 0; j < a->groups; j++) {
         int64_t s = 0;
         for (int p = a->jpos[j]; p < a->jpos[j + 1]; p++) s += (int64_t)q[p] << a->gsh[p];
@@ -75,20 +149,50 @@ static void lb_tender_quant_task(void *p, int tid, int nthr) {
     (void)nthr;
 }
 
-/* MR rows of x times NR tiles of 16 weight rows, every weight group (module comment, step 3). */
+/* y[t, rows of the tile] += fp32(acc - z * S') * (s_0[t] * sw_j), acc in int32 (narrow: the vector
+   path) or int64 (acc64: lane by lane, once per weight group and tile) */
+static inline __attribute__((always_inline)) void lb_tender_out(const lb_tender_args *a, int t, int tile, int j,
+                                                                lb_tv acc, const int64_t *acc64) {
+    size_t at = ((size_t)tile * a->groups + j) * LB_TL;
+    int64_t S = a->zs[(size_t)t * a->groups + j];
+    float s0 = a->s0[t], *y = a->y + (size_t)t * a->n + (size_t)tile * LB_TL;
+    int rows = a->n - tile * LB_TL < LB_TL ? a->n - tile * LB_TL : LB_TL;
+    if (acc64) {
+        for (int l = 0; l < rows; l++) {
+            int64_t z = a->zw ? a->zw[at + l] : a->zdef;
+            y[l] += (float)(acc64[l] - z * S) * (s0 * a->sw[at + l]);
+        }
+        return;
+    }
+#if LB_TL == 16
+    __mmask16 mk = (__mmask16)((1u << rows) - 1);
+    __m512i z = a->zw ? _mm512_loadu_si512(a->zw + at) : _mm512_set1_epi32(a->zdef);
+    __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_mullo_epi32(z, _mm512_set1_epi32((int32_t)S))));
+    __m512 sc = _mm512_mul_ps(_mm512_set1_ps(s0), _mm512_loadu_ps(a->sw + at));
+    _mm512_mask_storeu_ps(y, mk, _mm512_fmadd_ps(f, sc, _mm512_maskz_loadu_ps(mk, y)));
+#else
+    __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i z = a->zw ? _mm256_loadu_si256((const __m256i *)(a->zw + at)) : _mm256_set1_epi32(a->zdef);
+    __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc, _mm256_mullo_epi32(z, _mm256_set1_epi32((int32_t)S))));
+    __m256 sc = _mm256_mul_ps(_mm256_set1_ps(s0), _mm256_loadu_ps(a->sw + at));
+    _mm256_maskstore_ps(y, mk, _mm256_fmadd_ps(f, sc, _mm256_maskload_ps(y, mk)));
+#endif
+}
+
+/* MR rows of x times NR tiles of LB_TL weight rows, every weight group (module comment, step 3). */
 static inline __attribute__((always_inline)) void lb_tender_tile(const lb_tender_args *a, int t0, int tile0,
                                                                  const int MR, const int NR, const int NIB) {
-    const size_t tb = (size_t)a->kp * (NIB ? 8 : 16);  /* code bytes per tile */
+    const size_t ub = LB_TL * 4, tb = (size_t)a->kp * (NIB ? LB_TL / 2 : LB_TL);  /* bytes per unit, per tile */
     const int ldq = a->kp / 4;
     const int32_t *xq = (const int32_t *)a->xq + (size_t)t0 * ldq;
     const uint8_t *qw = a->qw + (size_t)tile0 * tb;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const lb_tv m4 = TV_NIBBLE();
     for (int j = 0; j < a->groups; j++) {
-        __m512i acc[LB_TMR][LB_TNR];  /* sized by constants, not MR x NR: a VLA would never live in registers */
-        int64_t acc64[LB_TMR][LB_TNR][16] __attribute__((aligned(64)));
+        lb_tv acc[LB_TMR][LB_TNR];  /* sized by constants, not MR x NR: a VLA would never live in registers */
+        int64_t acc64[LB_TMR][LB_TNR][LB_TL] __attribute__((aligned(64)));
         const int narrow = a->narrow[j];
         for (int r = 0; r < MR; r++)
-            for (int c = 0; c < NR; c++) acc[r][c] = _mm512_setzero_si512();
+            for (int c = 0; c < NR; c++) acc[r][c] = TV_ZERO();
         if (!narrow)
             for (int r = 0; r < MR; r++)
                 for (int c = 0; c < NR; c++) memset(acc64[r][c], 0, sizeof acc64[r][c]);
@@ -97,69 +201,40 @@ static inline __attribute__((always_inline)) void lb_tender_tile(const lb_tender
             if (R[2]) {
                 __m128i c = _mm_cvtsi32_si128(R[2]);
                 for (int r = 0; r < MR; r++)
-                    for (int s = 0; s < NR; s++) acc[r][s] = _mm512_sll_epi32(acc[r][s], c);
+                    for (int s = 0; s < NR; s++) acc[r][s] = TV_SLL(acc[r][s], c);
             }
             for (int u = R[0]; u < R[0] + R[1]; u++) {
-                __m512i v[LB_TNR];
-                for (int c = 0; c < NR; c++) v[c] = _mm512_loadu_si512(qw + c * tb + (size_t)u * 64);
+                lb_tv v[LB_TNR];
+                for (int c = 0; c < NR; c++) v[c] = TV_LOAD(qw + c * tb + (size_t)u * ub);
                 if (NIB) {
                     for (int c = 0; c < NR; c++) {
-                        __m512i w = _mm512_and_si512(v[c], m4);
-                        for (int r = 0; r < MR; r++)
-                            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], w, _mm512_set1_epi32(xq[(size_t)r * ldq + 2 * u]));
+                        lb_tv w = TV_AND(v[c], m4);
+                        for (int r = 0; r < MR; r++) acc[r][c] = TV_DOT(acc[r][c], w, TV_SET1(xq[(size_t)r * ldq + 2 * u]));
                     }
                     for (int c = 0; c < NR; c++) {
-                        __m512i w = _mm512_and_si512(_mm512_srli_epi16(v[c], 4), m4);
-                        for (int r = 0; r < MR; r++)
-                            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], w, _mm512_set1_epi32(xq[(size_t)r * ldq + 2 * u + 1]));
+                        lb_tv w = TV_AND(TV_HIGH(v[c]), m4);
+                        for (int r = 0; r < MR; r++) acc[r][c] = TV_DOT(acc[r][c], w, TV_SET1(xq[(size_t)r * ldq + 2 * u + 1]));
                     }
                 } else {
                     for (int c = 0; c < NR; c++)
-                        for (int r = 0; r < MR; r++)
-                            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], v[c], _mm512_set1_epi32(xq[(size_t)r * ldq + u]));
+                        for (int r = 0; r < MR; r++) acc[r][c] = TV_DOT8(acc[r][c], v[c], TV_SET1(xq[(size_t)r * ldq + u]));
                 }
             }
             if (R[3] == 1) {  /* the segment's end: into int64, shifted by its lowest group */
                 __m128i c = _mm_cvtsi32_si128(R[4]);
                 for (int r = 0; r < MR; r++)
                     for (int s = 0; s < NR; s++) {
-                        __m512i lo = _mm512_sll_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[r][s])), c);
-                        __m512i hi = _mm512_sll_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[r][s], 1)), c);
-                        _mm512_store_si512(acc64[r][s], _mm512_add_epi64(_mm512_load_si512(acc64[r][s]), lo));
-                        _mm512_store_si512(acc64[r][s] + 8, _mm512_add_epi64(_mm512_load_si512(acc64[r][s] + 8), hi));
-                        acc[r][s] = _mm512_setzero_si512();
+                        lb_tv_flush(acc64[r][s], acc[r][s], c);
+                        acc[r][s] = TV_ZERO();
                     }
             } else if (R[3] == 2 && R[4]) {  /* a narrow group's end: the lowest group's shift */
                 __m128i c = _mm_cvtsi32_si128(R[4]);
                 for (int r = 0; r < MR; r++)
-                    for (int s = 0; s < NR; s++) acc[r][s] = _mm512_sll_epi32(acc[r][s], c);
+                    for (int s = 0; s < NR; s++) acc[r][s] = TV_SLL(acc[r][s], c);
             }
         }
-        for (int c = 0; c < NR; c++) {  /* y += fp32(D - z * S') * (s_0 * sw) for the rows that exist */
-            int row0 = (tile0 + c) * 16, rows = a->n - row0 < 16 ? a->n - row0 : 16;
-            __mmask16 mk = (__mmask16)((1u << rows) - 1);
-            size_t at = ((size_t)(tile0 + c) * a->groups + j) * 16;
-            __m512 sw = _mm512_loadu_ps(a->sw + at);
-            __m512i z = a->zw ? _mm512_loadu_si512(a->zw + at) : _mm512_set1_epi32(a->zdef);
-            for (int r = 0; r < MR; r++) {
-                int t = t0 + r;
-                int64_t S = a->zs[(size_t)t * a->groups + j];
-                __m512 f;
-                if (narrow) {
-                    f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], _mm512_mullo_epi32(z, _mm512_set1_epi32((int)S))));
-                } else {
-                    __m512i s = _mm512_set1_epi64(S);
-                    __m512i lo = _mm512_sub_epi64(_mm512_load_si512(acc64[r][c]),
-                                                  _mm512_mullo_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(z)), s));
-                    __m512i hi = _mm512_sub_epi64(_mm512_load_si512(acc64[r][c] + 8),
-                                                  _mm512_mullo_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(z, 1)), s));
-                    f = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(lo)), _mm512_cvtepi64_ps(hi), 1);
-                }
-                float *y = a->y + (size_t)t * a->n + row0;
-                __m512 sc = _mm512_mul_ps(_mm512_set1_ps(a->s0[t]), sw);
-                _mm512_mask_storeu_ps(y, mk, _mm512_fmadd_ps(f, sc, _mm512_maskz_loadu_ps(mk, y)));
-            }
-        }
+        for (int c = 0; c < NR; c++)
+            for (int r = 0; r < MR; r++) lb_tender_out(a, t0 + r, tile0 + c, j, acc[r][c], narrow ? NULL : acc64[r][c]);
     }
 }
 
@@ -187,6 +262,8 @@ static void lb_tender_gemm_task(void *p, int tid, int nthr) {
     }
     (void)nthr;
 }
+
+LB_EXPORT int lb_tender_lanes(void) { return LB_TL; }
 
 LB_EXPORT void lb_tender_linear(lb_tender_args *a) {
     if (a->threads > lb_pool.n) a->threads = lb_pool.n;
