@@ -42,7 +42,7 @@ if [[ ! -f $build/CMakeCache.txt ]]; then
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
 fi
 for t in "${missing[@]}"; do  # one at a time, each installed when built: the server (the longest) last
-    nice -n 10 cmake --build "$build" --config Release -j "$JOBS" --target "$t"
+    nice -n ${NICE:-10} cmake --build "$build" --config Release -j "$JOBS" --target "$t"
     install -m 755 "$build/bin/$t" "$BIN/$t"
 done
 for t in "${TOOLS[@]}"; do  # each starts and prints its usage (llama-quantize --help exits 1)
