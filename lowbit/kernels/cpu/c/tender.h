@@ -8,15 +8,15 @@
    in the low nibbles and 8u+4..8u+7 in the high ones, half the bytes for decode to stream).
    Activations: a row's codes at their positions, padding 0.
 
-   Per call: (1) per row, TMax = max_p |x[xin_p] - b_p| * 2^(G-1-g_p) (per chunk of rows; static: the
-   calibrated one); (2) q_p = rne(clamp((x[xin_p] - b_p) * (inv_0 * 2^-g_p))), inv_0 = top / TMax,
+   Per call: (1) per row, x'_p = x[xin_p] - b_p gathered once into a buffer, and TMax = max_p |x'_p| *
+   2^(G-1-g_p) (per chunk of rows; static: the calibrated one); (2) q_p = rne(clamp((x[xin_p] - b_p) * (inv_0 * 2^-g_p))), inv_0 = top / TMax,
    s_0 = TMax / top, and per weight group the zero-point fold S'_j = sum_p q_p * 2^g_p; (3) per 16-row
    tile and weight group: Horner over the runs, acc = (acc << (g_prev - g)) + sum q * code in int32
    while the bound of the sums allows it (tender.py proves it per run from the run's lengths and
    shifts: `narrow`), else flushed into int64 (acc64 += acc << base) at the segment's end; then
    acc_j = D_j - z * S'_j and y += fp32(acc_j) * (s_0 * sw_j) (+ the bias, first).
 
-   Threads: rows of x split for (1)-(2), 16-row tiles for (3); one tile block of MR rows x NR tiles
+   Threads: rows of x split for (1)-(2) (one pass unless chunks span rows), tiles of rows for (3); one tile block of MR rows x NR tiles
    keeps its MR*NR accumulators in registers (always_inline with constant MR, NR: the loops unroll). */
 #pragma once
 #include <immintrin.h>
@@ -46,10 +46,13 @@ static inline __attribute__((always_inline)) void lb_tv_flush(int64_t *acc64, lb
     _mm512_store_si512(acc64 + 8, _mm512_add_epi64(_mm512_load_si512(acc64 + 8), hi));
 }
 
-static float lb_tender_rowmax(const lb_tender_args *a, const float *x) {
+/* x' = x[xin] - b at every position (padding: x[0] - 0, its factors are 0); returns the row's TMax
+   candidate max_p |x'_p| * 2^(G-1-g_p) */
+static float lb_tender_gather(const lb_tender_args *a, const float *x, float *xt) {
     __m512 mx = _mm512_setzero_ps();
     for (int p = 0; p < a->kp; p += 16) {
         __m512 v = _mm512_sub_ps(_mm512_i32gather_ps(_mm512_loadu_si512(a->xin + p), x, 4), _mm512_loadu_ps(a->abias + p));
+        _mm512_storeu_ps(xt + p, v);
         mx = _mm512_max_ps(mx, _mm512_mul_ps(_mm512_abs_ps(v), _mm512_loadu_ps(a->tfac + p)));
     }
     return _mm512_reduce_max_ps(mx);
@@ -57,11 +60,21 @@ static float lb_tender_rowmax(const lb_tender_args *a, const float *x) {
 
 /* q for 16 positions from p: x' * inv_g (inv_g exact), clamped (integer bounds: the same before or
    after rounding), rounded half to even */
-static inline void lb_tender_codes(const lb_tender_args *a, const float *x, float inv0, int p, int8_t *q) {
-    __m512 v = _mm512_sub_ps(_mm512_i32gather_ps(_mm512_loadu_si512(a->xin + p), x, 4), _mm512_loadu_ps(a->abias + p));
-    v = _mm512_mul_ps(v, _mm512_mul_ps(_mm512_set1_ps(inv0), _mm512_loadu_ps(a->ginv + p)));
+static inline void lb_tender_codes(const lb_tender_args *a, const float *xt, float inv0, int p, int8_t *q) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xt + p), _mm512_mul_ps(_mm512_set1_ps(inv0), _mm512_loadu_ps(a->ginv + p)));
     v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps((float)a->qmin)), _mm512_set1_ps((float)a->qmax));
     _mm_storeu_si128((__m128i *)(q + p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+}
+
+/* S' = sum over positions [p0, p1) of q_p * 2^g_p (each lane's sum below 2^27: int32, then int64) */
+static int64_t lb_tender_fold(const lb_tender_args *a, const int8_t *q, int p0, int p1) {
+    int64_t s = 0;
+    for (int p = p0; p < p1; p += 16) {
+        __mmask16 mk = p1 - p >= 16 ? 0xFFFF : (__mmask16)((1u << (p1 - p)) - 1);
+        __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + p));
+        s += _mm512_reduce_add_epi32(_mm512_sllv_epi32(v, _mm512_maskz_loadu_epi32(mk, a->gsh + p)));
+    }
+    return s;
 }
 #else
 /* AVX2 (and AVX-512 without VNNI): 8-row tiles; u8 x s8 through maddubs + madd. Nibble codes (<= 15)
@@ -87,12 +100,13 @@ static inline __attribute__((always_inline)) void lb_tv_flush(int64_t *acc64, lb
     _mm256_store_si256((__m256i *)(acc64 + 4), _mm256_add_epi64(_mm256_load_si256((const __m256i *)(acc64 + 4)), hi));
 }
 
-static float lb_tender_rowmax(const lb_tender_args *a, const float *x) {
+static float lb_tender_gather(const lb_tender_args *a, const float *x, float *xt) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 mx = _mm256_setzero_ps();
     for (int p = 0; p < a->kp; p += 8) {
         __m256 v = _mm256_sub_ps(_mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i *)(a->xin + p)), 4),
                                  _mm256_loadu_ps(a->abias + p));
+        _mm256_storeu_ps(xt + p, v);
         mx = _mm256_max_ps(mx, _mm256_mul_ps(_mm256_andnot_ps(sign, v), _mm256_loadu_ps(a->tfac + p)));
     }
     float m[8], r = 0;
@@ -101,30 +115,30 @@ static float lb_tender_rowmax(const lb_tender_args *a, const float *x) {
     return r;
 }
 
-static inline void lb_tender_codes(const lb_tender_args *a, const float *x, float inv0, int p, int8_t *q) {
+static inline void lb_tender_codes(const lb_tender_args *a, const float *xt, float inv0, int p, int8_t *q) {
     for (int h = p; h < p + 16; h += 8) {
-        __m256 v = _mm256_sub_ps(_mm256_i32gather_ps(x, _mm256_loadu_si256((const __m256i *)(a->xin + h)), 4),
-                                 _mm256_loadu_ps(a->abias + h));
-        v = _mm256_mul_ps(v, _mm256_mul_ps(_mm256_set1_ps(inv0), _mm256_loadu_ps(a->ginv + h)));
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xt + h), _mm256_mul_ps(_mm256_set1_ps(inv0), _mm256_loadu_ps(a->ginv + h)));
         v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps((float)a->qmin)), _mm256_set1_ps((float)a->qmax));
         int32_t c[8];
         _mm256_storeu_si256((__m256i *)c, _mm256_cvtps_epi32(v));
         for (int i = 0; i < 8; i++) q[h + i] = (int8_t)c[i];
     }
 }
+
+static int64_t lb_tender_fold(const lb_tender_args *a, const int8_t *q, int p0, int p1) {
+    int64_t s = 0;
+    for (int p = p0; p < p1; p++) s += (int64_t)q[p] << a->gsh[p];
+    return s;
+}
 #endif
 
 static void lb_tender_quant_row(const lb_tender_args *a, int t) {
-    const float *x = a->x + (size_t)t * a->k, T = a->tm[t];
+    const float *xt = a->xt + (size_t)t * a->kp, T = a->tm[t];
     int8_t *q = a->xq + (size_t)t * a->kp;
     float inv0 = T > 0 ? a->top / T : 0.0f;
     a->s0[t] = T / a->top;
-    for (int p = 0; p < a->kp; p += 16) lb_tender_codes(a, x, inv0, p, q);
-    for (int j = 0; j < a->groups; j++) {
-        int64_t s = 0;
-        for (int p = a->jpos[j]; p < a->jpos[j + 1]; p++) s += (int64_t)q[p] << a->gsh[p];
-        a->zs[(size_t)t * a->groups + j] = s;
-    }
+    for (int p = 0; p < a->kp; p += 16) lb_tender_codes(a, xt, inv0, p, q);
+    for (int j = 0; j < a->groups; j++) a->zs[(size_t)t * a->groups + j] = lb_tender_fold(a, q, a->jpos[j], a->jpos[j + 1]);
 }
 
 static void lb_tender_rows(const lb_tender_args *a, int tid, int *lo, int *hi) {
@@ -133,11 +147,16 @@ static void lb_tender_rows(const lb_tender_args *a, int tid, int *lo, int *hi) {
     *hi = *lo + per < a->m ? *lo + per : a->m;
 }
 
-static void lb_tender_rowmax_task(void *p, int tid, int nthr) {
+/* (1) every row's x' into xt and its TMax candidate; with one TMax per row (or the static one), (2) too */
+static void lb_tender_gather_task(void *p, int tid, int nthr) {
     lb_tender_args *a = p;
     int lo, hi;
     lb_tender_rows(a, tid, &lo, &hi);
-    for (int t = lo; t < hi; t++) a->tm[t] = lb_tender_rowmax(a, a->x + (size_t)t * a->k);
+    for (int t = lo; t < hi; t++) {
+        float T = lb_tender_gather(a, a->x + (size_t)t * a->k, a->xt + (size_t)t * a->kp);
+        a->tm[t] = a->chunk ? T : a->tstatic;
+        if (a->chunk <= 1) lb_tender_quant_row(a, t);
+    }
     (void)nthr;
 }
 
@@ -269,24 +288,23 @@ LB_EXPORT void lb_tender_linear(lb_tender_args *a) {
     if (a->threads > lb_pool.n) a->threads = lb_pool.n;
     if (a->threads < 1) a->threads = 1;
     a->xq = (int8_t *)lb_alloc((size_t)a->m * a->kp / 4);
+    a->xt = lb_alloc((size_t)a->m * a->kp);
     a->s0 = lb_alloc(a->m);
     a->tm = lb_alloc(a->m);
     a->zs = malloc(sizeof(int64_t) * a->m * a->groups);
     if (!a->zs) abort();
-    if (a->chunk) {
-        lb_pool_run(lb_tender_rowmax_task, a, a->threads);
-        for (int t0 = 0; t0 < a->m; t0 += a->chunk) {  /* one TMax per chunk of rows */
+    lb_pool_run(lb_tender_gather_task, a, a->threads);
+    if (a->chunk > 1) {  /* one TMax per chunk of rows, then the codes */
+        for (int t0 = 0; t0 < a->m; t0 += a->chunk) {
             int t1 = t0 + a->chunk < a->m ? t0 + a->chunk : a->m;
             float T = 0;
             for (int t = t0; t < t1; t++) T = a->tm[t] > T ? a->tm[t] : T;
             for (int t = t0; t < t1; t++) a->tm[t] = T;
         }
-    } else {
-        for (int t = 0; t < a->m; t++) a->tm[t] = a->tstatic;
+        lb_pool_run(lb_tender_quant_task, a, a->threads);
     }
-    lb_pool_run(lb_tender_quant_task, a, a->threads);
     for (int t = 0; t < a->m; t++)
         for (int r = 0; r < a->n; r++) a->y[(size_t)t * a->n + r] = a->bias ? a->bias[r] : 0.0f;
     lb_pool_run(lb_tender_gemm_task, a, a->threads);
-    free(a->xq); free(a->s0); free(a->tm); free(a->zs);
+    free(a->xq); free(a->xt); free(a->s0); free(a->tm); free(a->zs);
 }

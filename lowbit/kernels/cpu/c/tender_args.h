@@ -45,8 +45,9 @@ typedef struct {
     const float *bias;
     float *y;
     int threads;
-    /* scratch, set per call: codes [m][kp], s_0 [m], TMax [m], z-fold sums [m][J] */
+    /* scratch, set per call: codes [m][kp], x' [m][kp], s_0 [m], TMax [m], z-fold sums [m][J] */
     int8_t *xq;
+    float *xt;
     float *s0;
     float *tm;
     int64_t *zs;
