@@ -113,10 +113,14 @@ class QuantizedModel:
 
     def evaluate(self, text: str | os.PathLike | None = None, *, kld: bool = False, reference=None,
                  ctx: int = 512, stride: int | None = None, max_windows: int | None = None,
-                 progress: bool = True) -> EvalResult:
+                 progress: bool = True, exact: bool = False, scoring: str = "lowbit") -> EvalResult:
         """Perplexity on the evaluation `text` (a file; default: the built-in held-out split); with
         `kld`, also the KL divergence from `reference` (default: the source, streamed block by block
-        when it is an HF directory; its states are cached for the next evaluation, eval/metrics.py)."""
+        when it is an HF directory; its states are cached for the next evaluation, eval/metrics.py).
+        The model is scored as `generate`, `serve` and `bench` run it, on int8 activations (the numbers
+        describe the model a user runs, and its GEMMs run 3-4x faster); `exact`: on fp32 activations
+        (the weights' own error, as eval.evaluate scores by default). The reference is always exact.
+        `scoring`: "lowbit" or "llama.cpp" (llama-perplexity's windows, eval/metrics.py)."""
         eval_text = texts.load("eval", text)
         key = None
         if kld and reference is None:
@@ -125,7 +129,7 @@ class QuantizedModel:
                                   "model that records its source")
             reference, key = load_reference(self.source), fingerprint(self.source)
         return evaluate(self.model, self._tokenizer(), eval_text, ctx, stride, max_windows,
-                        reference if kld else None, progress, source_key=key)
+                        reference if kld else None, progress, source_key=key, exact=exact, scoring=scoring)
 
     def size(self) -> ModelSize:
         return model_size(self.model)

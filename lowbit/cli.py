@@ -189,7 +189,7 @@ def cmd_bench(a) -> None:
 
 def cmd_eval(a) -> None:
     r = api.load(a.model).evaluate(a.text, kld=a.kld, ctx=a.ctx, stride=a.stride, max_windows=a.max_windows,
-                                   progress=not a.json)
+                                   progress=not a.json, exact=a.exact, scoring=a.scoring)
     if a.json:
         print(json.dumps(r.to_dict()))
         return
@@ -198,6 +198,8 @@ def cmd_eval(a) -> None:
         print(f"{'source':<40} {r.source_ppl:>10.4f} {r.tokens:>8} {r.windows:>8}")
     print(f"{a.model or 'default':<40} {r.ppl:>10.4f} {r.tokens:>8} {r.windows:>8}"
           + (f" {r.kld:>10.5f}" if a.kld else ""))
+    print(f"({r.scoring} scoring; the model on {'fp32' if r.exact else 'int8'} activations"
+          + (", the source on fp32)" if a.kld else ")"))
 
 
 def cmd_inspect(a) -> None:
@@ -400,6 +402,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--text", help="evaluation text: a built-in corpus' held-out split (pydoc: the default, "
                    "Python's documentation; prose: The Devil's Dictionary; mixed: both) or a .txt/.jsonl file")
     e.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
+    e.add_argument("--exact", action="store_true", help="score the model on fp32 activations (default: int8 "
+                   "activations, as generate/serve/bench run it; the source is always exact)")
+    e.add_argument("--scoring", default="lowbit", help="lowbit (default: every token scored once) or llama.cpp "
+                   "(llama-perplexity's: disjoint windows, each one's second half scored, BOS first)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
 

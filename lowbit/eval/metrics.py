@@ -1,16 +1,27 @@
-"""Perplexity and KL divergence on fixed token windows.
+"""Perplexity and KL divergence on fixed token windows, scored two ways (SCORINGS).
 
-Windows are `ctx` tokens long and start every `stride` tokens (default: stride = ctx, disjoint
-windows). A window scores only the tokens not already scored by the previous window, each predicted
-from all the tokens before it in the window (the transformers perplexity recipe). KL divergence
-KL(P_source || P_quantized) of the next-token distributions is averaged over the same scored tokens.
+lowbit (ours): windows are `ctx` tokens long and start every `stride` tokens (default: stride = ctx,
+disjoint windows). A window scores only the tokens not already scored by the previous window, each
+predicted from all the tokens before it in the window (the transformers perplexity recipe): every
+token of the text but the first is scored once.
+llama.cpp (llama-perplexity's recipe, tools/perplexity/perplexity.cpp): the text tokenized with BOS
+in front when the tokenizer adds one; disjoint windows of `ctx` tokens, only whole ones, at least two;
+each window's first token replaced by BOS (when the tokenizer adds one) and only its second half scored:
+the tokens at positions ctx/2 + 1 .. ctx − 1, each seeing at least ctx/2 tokens of context. Its
+perplexity is comparable with llama-perplexity's on the same text and context; ours is lower-context
+on average (a window's early tokens see little), so the two differ by design.
+KL divergence KL(P_source || P_quantized) = Σ_v p_v (log p_v − log q_v) of the next-token
+distributions is averaged over the same scored tokens (one fused kl_div over the log-softmaxes).
 
-Both models run on the native engine where it supports them (runtime/engine.py), on its exact path:
-fp32 activations and an fp32 KV cache; the engine returns every position's final-normed hidden state
-and the model's own output head (as stored: float, or its QuantLinear) turns them into logits, so the
-scores are the model's to float rounding, at the engine's prefill speed instead of transformers'.
-Anything else runs through the model's own forward (transformers). The source's states are cached
-between evaluations (SourceScores): scoring variants of one source against it costs one model, not two.
+Both models run on the native engine where it supports them (runtime/engine.py): every position's
+final-normed hidden state comes back and the model's own output head (as stored: float, or its
+QuantLinear) turns it into logits, at the engine's prefill speed instead of transformers'. The source
+always runs exactly (fp32 activations, fp32 KV cache). The quantized model runs exactly too with
+`exact`; without it, as generate/serve/bench run it: its UniformQ matmuls (engine and head) on
+activations rounded to int8 per 32-block (kernels/switches.py), which changes the numbers a little and
+runs the GEMMs 3-4x faster. Anything the engine does not run goes through the model's own forward
+(transformers), under the same switch. The source's states are cached between evaluations
+(SourceScores): scoring variants of one source against it costs one model, not two.
 """
 
 import hashlib
@@ -26,10 +37,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
+from ..kernels.switches import int8_activations_set
 from ..runtime.engine import load_decoder
 from ..settings import cache_root
 
 CACHE_VERSION = 1  # of SourceScores' cache files: bump when what they hold changes
+SCORINGS = ("lowbit", "llama.cpp")
 
 
 @dataclass
@@ -40,6 +53,8 @@ class EvalResult:
     ctx: int
     kld: float | None = None  # mean KL(source || model), nats per token
     source_ppl: float | None = None
+    exact: bool = True  # the model scored on fp32 activations (else int8 ones, as the engine generates)
+    scoring: str = "lowbit"  # which windows and positions were scored (SCORINGS)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -63,18 +78,63 @@ def windows(n_tokens: int, ctx: int, stride: int, max_windows: int | None = None
     return out
 
 
+def llamacpp_windows(n_tokens: int, ctx: int, max_windows: int | None = None):
+    """llama-perplexity's windows as (begin, end, first scored position): whole disjoint windows of
+    `ctx` tokens (it needs at least two), positions ctx/2 + 1 .. ctx − 1 scored."""
+    if ctx < 4:
+        raise LowbitError(f"context length must be at least 4 for llama.cpp's scoring, got {ctx}")
+    if n_tokens < 2 * ctx:
+        raise LowbitError(f"llama.cpp's scoring needs at least 2 × ctx = {2 * ctx} tokens of text, got {n_tokens}")
+    count = n_tokens // ctx if not max_windows else min(n_tokens // ctx, max_windows)
+    return [(i * ctx, (i + 1) * ctx, ctx // 2 + 1) for i in range(count)]
+
+
+def _bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts one in front of a text (llama.cpp's add_bos), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    probe, plain = (tokenizer("a", add_special_tokens=special)["input_ids"] for special in (True, False))
+    return bos if len(probe) > len(plain) and probe[0] == bos else None
+
+
+def scored_windows(tokenizer, text: str, ctx: int, stride: int | None = None, max_windows: int | None = None,
+                   scoring: str = "lowbit") -> list[tuple[torch.Tensor, int]]:
+    """The windows' token ids and their first scored position, as `scoring` (SCORINGS) cuts the text."""
+    if scoring not in SCORINGS:
+        raise LowbitError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if scoring == "lowbit":
+        ids = torch.tensor(ids, dtype=torch.long)
+        spans = windows(len(ids), ctx, stride or ctx, max_windows)
+        if not spans:
+            raise LowbitError(f"evaluation text is too short: {len(ids)} tokens")
+        return [(ids[begin:end], first) for begin, end, first in spans]
+    if stride not in (None, ctx):
+        raise LowbitError("a stride is lowbit's scoring only: llama.cpp's windows are disjoint")
+    bos = _bos(tokenizer)
+    ids = torch.tensor(([] if bos is None else [bos]) + ids, dtype=torch.long)
+    out = []
+    for begin, end, first in llamacpp_windows(len(ids), ctx, max_windows):
+        window = ids[begin:end].clone()
+        if bos is not None:
+            window[0] = bos
+        out.append((window, first))
+    return out
+
+
 @torch.inference_mode()
 def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     logits = model(ids.unsqueeze(0)).logits[0, :-1].float()
     return F.log_softmax(logits, dim=-1)
 
 
-def _decoder(model, ctx: int, engine: bool):
-    """The native engine on its exact path (fp32 activations and KV cache) for `model`, or None."""
+def _decoder(model, ctx: int, engine: bool, exact: bool = True):
+    """The native engine for `model` (fp32 KV cache; fp32 activations if `exact`, else int8), or None."""
     if not engine or hasattr(model, "prefetch"):
         return None
     try:
-        return load_decoder(model, max_context=ctx, kv_dtype=torch.float32)
+        return load_decoder(model, max_context=ctx, kv_dtype=torch.float32, int8_activations=not exact)
     except (AttributeError, LowbitError):
         return None
 
@@ -89,17 +149,19 @@ def _head_logprobs(model, states: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
-def scorer(model, ctx: int, engine: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    """window ids [n] -> log-probabilities [n - 1, vocab] of each next token: on the native engine's
-    exact path when it runs `model` (and `engine`), else through the model's own forward."""
-    decoder = _decoder(model, ctx, engine)
-    if decoder is None:
-        return lambda ids: _logprobs(model, ids)
+def scorer(model, ctx: int, engine: bool = True, exact: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """window ids [n] -> log-probabilities [n - 1, vocab] of each next token: on the native engine
+    when it runs `model` (and `engine`), else through the model's own forward; its UniformQ matmuls on
+    fp32 activations if `exact`, else on int8 ones (the engine's default for generation)."""
+    decoder = _decoder(model, ctx, engine, exact)
 
     @torch.inference_mode()
     def run(ids: torch.Tensor) -> torch.Tensor:
-        decoder.truncate(0)
-        return _head_logprobs(model, decoder.states(ids[:-1]))
+        with int8_activations_set(not exact):
+            if decoder is None:
+                return _logprobs(model, ids)
+            decoder.truncate(0)
+            return _head_logprobs(model, decoder.states(ids[:-1]))
     return run
 
 
@@ -112,14 +174,15 @@ class SourceScores:
     head, not its decoder (half of an evaluation's work; all of a streamed source's reading). A missing,
     foreign or damaged file is computed again; a failed write costs only the cache (a warning)."""
 
-    def __init__(self, source, ctx: int, engine: bool, ids: torch.Tensor, spans, key: str | None):
+    def __init__(self, source, ctx: int, engine: bool, scored: list[tuple[torch.Tensor, int]], key: str | None):
         self.source, self.decoder, self.path, self.states, self.kept, self.offset = source, None, None, None, [], 0
         streamed = hasattr(source, "prefetch")
-        windows = [ids[begin:end] for begin, end, _ in spans]
+        windows = [w for w, _ in scored]
         if key is not None and (engine or streamed):
-            digest = hashlib.sha256(f"{CACHE_VERSION}|{key}|{ctx}|{spans}|{streamed}|".encode() + ids.numpy().tobytes())
+            digest = hashlib.sha256(f"{CACHE_VERSION}|{key}|{ctx}|{[first for _, first in scored]}|{streamed}|".encode()
+                                    + b"".join(w.numpy().tobytes() for w in windows))
             self.path = cache_root() / "eval" / f"{digest.hexdigest()[:32]}.safetensors"
-            total = sum(len(w) for w in windows) if streamed else sum(end - begin - first for begin, end, first in spans)
+            total = sum(len(w) for w in windows) if streamed else sum(len(w) - first for w, first in scored)
             self.states = self._read(total, source.model if streamed else source)
         if streamed:  # all windows run block by block first (models/lazy.py), or come from the cache
             if self.states is None:
@@ -143,7 +206,12 @@ class SourceScores:
 
     @torch.inference_mode()
     def __call__(self, window: torch.Tensor, first: int) -> torch.Tensor:
-        """Log-probabilities [len(window) − first, vocab] of the window's scored positions."""
+        """Log-probabilities [len(window) − first, vocab] of the window's scored positions (exactly:
+        fp32 activations, whatever the process-wide int8 switch says)."""
+        with int8_activations_set(False):
+            return self._logprobs(window, first)
+
+    def _logprobs(self, window: torch.Tensor, first: int) -> torch.Tensor:
         if self.decoder is None and (self.states is None or hasattr(self.source, "prefetch")):
             return _logprobs(self.source, window)[first - 1:]
         if self.states is not None:
@@ -173,29 +241,29 @@ class SourceScores:
 
 def evaluate(model, tokenizer, text: str, ctx: int = 512, stride: int | None = None,
              max_windows: int | None = None, source=None, progress: bool = True,
-             engine: bool = True, source_key: str | None = None) -> EvalResult:
+             engine: bool = True, source_key: str | None = None, exact: bool = True,
+             scoring: str = "lowbit") -> EvalResult:
     """Perplexity of `model` on `text`; with `source` (the unquantized model) also KLD and its ppl.
     `engine`: score on the native engine where it runs the model (else transformers). `source_key`:
-    what identifies the source's weights (models.fingerprint), to cache its states (SourceScores)."""
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    spans = windows(len(ids), ctx, stride or ctx, max_windows)
-    if not spans:
-        raise LowbitError(f"evaluation text is too short: {len(ids)} tokens")
-    score = scorer(model, ctx, engine)
-    score_source = None if source is None else SourceScores(source, ctx, engine, ids, spans, source_key)
+    what identifies the source's weights (models.fingerprint), to cache its states (SourceScores).
+    `exact` (the default here, where methods are compared): the model's matmuls on fp32 activations;
+    False: on int8 activations, as the engine generates (the source is always exact). `scoring`: whose
+    windows and scored positions (SCORINGS: ours, or llama-perplexity's)."""
+    scored = scored_windows(tokenizer, text, ctx, stride, max_windows, scoring)
+    score = scorer(model, ctx, engine, exact)
+    score_source = None if source is None else SourceScores(source, ctx, engine, scored, source_key)
     nll = src_nll = kld = 0.0
     tokens = 0
-    for begin, end, first in tqdm(spans, desc="evaluating", unit="window", disable=not progress):
-        window = ids[begin:end]
-        target = window[first:]
+    for window, first in tqdm(scored, desc="evaluating", unit="window", disable=not progress):
+        target = window[first:, None]
         lp = score(window)[first - 1:]
-        nll -= lp.gather(1, target[:, None]).sum().item()
+        nll -= lp.gather(1, target).sum().item()
         if source is not None:
             slp = score_source(window, first)
-            src_nll -= slp.gather(1, target[:, None]).sum().item()
-            kld += (slp.exp() * (slp - lp)).sum().item()
+            src_nll -= slp.gather(1, target).sum().item()
+            kld += F.kl_div(lp, slp, reduction="sum", log_target=True).item()
         tokens += len(target)
-    result = EvalResult(_perplexity(nll / tokens, "the model"), tokens, len(spans), ctx)
+    result = EvalResult(_perplexity(nll / tokens, "the model"), tokens, len(scored), ctx, exact=exact, scoring=scoring)
     if source is not None:
         score_source.save()
         result.kld, result.source_ppl = kld / tokens, _perplexity(src_nll / tokens, "the source model")

@@ -6,8 +6,11 @@
     isa         the CPU kernels' instruction set: cpu/isa.selected() ($LOWBIT_ISA, read when asked)
     threads     the kernels' pool: cpu/threads.set_threads() ($LOWBIT_THREADS)
 The environment is read by lowbit/settings.py, once here at import. Switching the reference path
-bumps `generation`, so prepared layers (nn.QuantLinear) are rebuilt; the int8 switch is read per call.
+bumps `generation`, so prepared layers (nn.QuantLinear) are rebuilt; the int8 switch is read per call
+(and by the engine when it installs its layers), so `int8_activations_set` scopes it to a with-block.
 """
+
+import contextlib
 
 from .. import settings
 
@@ -31,6 +34,17 @@ def set_int8_activations(on: bool = True) -> None:
 
 def int8_activations() -> bool:
     return _state["int8"]
+
+
+@contextlib.contextmanager
+def int8_activations_set(on: bool):
+    """set_int8_activations(on) inside the with-block; the previous choice again after it."""
+    before = _state["int8"]
+    _state["int8"] = on
+    try:
+        yield
+    finally:
+        _state["int8"] = before
 
 
 def generation() -> int:
