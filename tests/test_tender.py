@@ -7,6 +7,7 @@ fast float path the universal decoder runs is checked against it.
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lowbit.calib.runner import LayerStats
 from lowbit.errors import LowbitError
@@ -58,6 +59,40 @@ def test_tender_scales_are_powers_of_two_apart_and_codes_in_range():
     assert torch.equal(act.group, torch.sort(act.group).values)  # groups contiguous, ascending
     top = act.group == act.group.max()
     assert int(q[:, top].abs().max()) >= 7  # the top group spans the whole 4-bit range
+
+
+@pytest.mark.parametrize("groups, chunk", [(1, 1), (5, 1), (8, 3), (16, 1), (12, 0)])
+def test_fake_quantize_is_the_per_channel_formula_bit_for_bit(groups, chunk):
+    """The float path rounds each Tender group in its own pass (inv_0·2^−g, s_0·2^g): it must equal the
+    module docstring's formula over every channel at once, to the bit (signed zeros too); G = 16
+    leaves groups empty, an all-zero row and channel have no range."""
+    x = _activations(41, 96, seed=groups)
+    _, act, _ = _fitted(x, torch.randn(8, 96), RTN(bits=8, group_size=-1, act_bits=4, act_groups=groups, act_chunk=chunk))
+    y = x * torch.linspace(0.1, 3.0, 96)
+    y[5], y[:, 7] = 0.0, 0.0
+    xt = y[:, act.perm.long()] - act.bias
+    exponent = torch.exp2(act.group.float())
+    per_row = (xt.abs() * torch.exp2(groups - 1 - act.group.float())).amax(1)
+    tmax = act.maxima.max().expand(41) if chunk == 0 else \
+        F.pad(per_row, (0, -41 % chunk)).view(-1, chunk).amax(1).repeat_interleave(chunk)[:41]
+    top = act.qmax * 2.0 ** (groups - 1)
+    inv = torch.where(tmax > 0, top / torch.where(tmax > 0, tmax, torch.ones_like(tmax)), torch.zeros_like(tmax))
+    q = (xt * (inv[:, None] / exponent)).round().clamp(-act.qmax - 1, act.qmax)
+    expected = q * ((tmax / top)[:, None] * exponent)
+    assert torch.equal(act.fake_quantize(y).view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(act.codes(act.transform(y))[0], q.int())
+    token = ActQ("per-token", 8, 96)
+    m = y.abs().amax(1, keepdim=True)
+    expected = (y * torch.where(m > 0, 127 / m, torch.zeros_like(m))).round().clamp(-128, 127) * (m / 127)
+    assert torch.equal(token.fake_quantize(y).view(torch.int32), expected.view(torch.int32))
+
+
+def test_smoothing_search_rounds_weights_as_the_stored_format():
+    """The α search's RTN weights (no packing) are UniformQ's dequantized weights, bit for bit."""
+    w = torch.randn(24, 200)  # 200: a ragged last group of 128 and 32
+    for bits, group_size, sym in ((4, -1, True), (4, 128, False), (8, 32, True), (3, 32, False)):
+        spec = RTN(bits=bits, group_size=group_size, sym=sym)
+        assert torch.equal(tender._rtn_dequantized(w, spec), UniformQ.from_float(w, bits, group_size, sym).dequantize())
 
 
 def test_groups_follow_the_reference_thresholds():

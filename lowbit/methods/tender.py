@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
-from ..formats import UniformQ
 from ..formats.activation import ActQ
 from ..formats.hadamard import hadamard
+from ..formats.uniform import effective_group, group_params, grouped, quantize_codes
 from .awq import fold_shared_inputs
 from .config import MethodConfig
 
@@ -141,6 +141,15 @@ def _fake_tokens(x: torch.Tensor, bits: int) -> torch.Tensor:
     return ActQ("per-token", bits, x.shape[1]).fake_quantize(x)
 
 
+def _rtn_dequantized(w: torch.Tensor, spec: MethodConfig) -> torch.Tensor:
+    """UniformQ.from_float(w, …).dequantize() without packing the codes and unpacking them again: the
+    same numbers (integer codes, fp16-representable scales), for a search that tries many scales."""
+    n, k = w.shape
+    wg, _ = grouped(w, effective_group(spec.group_size, k))
+    s, z = group_params(wg, spec.bits, spec.sym)
+    return ((quantize_codes(wg, s[..., None], z[..., None], spec.bits) - z[..., None]) * s[..., None]).reshape(n, -1)[:, :k]
+
+
 def search_smoothing(x: torch.Tensor, x_max: torch.Tensor, weights: list[torch.Tensor], spec: MethodConfig) -> torch.Tensor:
     """SmoothQuant's scales s [K] for inputs x (sample rows) of the linears `weights`, α searched."""
     w = torch.cat(weights).float()
@@ -149,7 +158,7 @@ def search_smoothing(x: torch.Tensor, x_max: torch.Tensor, weights: list[torch.T
     best, best_s = float("inf"), torch.ones_like(x_max)
     for alpha in ALPHAS:
         s = (x_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
-        wq = UniformQ.from_float(w * s, spec.bits, spec.group_size, spec.sym).dequantize()
+        wq = _rtn_dequantized(w * s, spec)
         err = ((_fake_tokens(x / s, spec.act_bits) @ wq.T - reference) ** 2).mean().item()
         if err < best:
             best, best_s = err, s
