@@ -6,7 +6,7 @@ activations at G = 8 (channel groups drawn as a calibration would leave them: a 
 top groups), next to the weight-only UniformQ kernels on int8 activations per 32-block (W4-g32,
 W8-g32: what `generate` runs). Best wall time of `--reps` calls, each kernel called as the layer calls
 it (Python wrapper included). Prefill rows give int8 GOP/s (2·m·N·K / time) and the share of the
-cores' int8 multiply-add peak measured in the same run (benchmarks/kernels.int8_peak, times threads).
+cores' int8 multiply-add peak measured in the same run (benchmarks/kernel_speed.int8_peak, times threads).
 
     python benchmarks/tender_kernels.py [--threads 1 2] [--rows 1 128 512] [--reps 20]
 """
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from kernels import int8_peak
+from kernel_speed import int8_peak
 from lowbit import kernels
 from lowbit.formats import UniformQ
 from lowbit.formats.activation import ActQ

@@ -1,4 +1,4 @@
-"""llama.cpp's CPU matmul (ggml_mul_mat on Q4_0 / Q4_K / Q8_0 weights) as a peer for benchmarks/kernels.py.
+"""llama.cpp's CPU matmul (ggml_mul_mat on Q4_0 / Q4_K / Q8_0 weights) as a peer for benchmarks/kernel_speed.py.
 
 Compiles ggml_matmul.c (beside this file) against the ggml that llama-cpp-python built into the scratch
 venv of benchmarks/vs_llamacpp.py (`python benchmarks/vs_llamacpp.py --build-only` makes it); the

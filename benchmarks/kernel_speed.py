@@ -28,7 +28,7 @@ ggml's weight buffer is madvised the same way.
 A second table times the CodebookQ (LUT) kernels against the UniformQ kernel of the same bits (the
 first of --bits) in the same run, shape by shape: tables per row (GANQ's format) and per group.
 
-    python benchmarks/kernels.py [--threads 1 2] [--bits 4 3 2] [--group 128] [--quick | --shapes 4096x4096 ...]
+    python benchmarks/kernel_speed.py [--threads 1 2] [--bits 4 3 2] [--group 128] [--quick | --shapes 4096x4096 ...]
                                  [--batches 1 128] [--cold] [--tables uniform codebook] [--no-llamacpp]
 """
 
