@@ -12,7 +12,7 @@ from torch import nn
 
 from ..formats import UniformQ
 from ..formats.uniform import fake_quantize
-from .awq import GROUPS, _producer, fold_scales
+from .awq import fold_scales, shared_inputs
 from .config import MethodConfig
 
 
@@ -42,14 +42,8 @@ class _Scaled(nn.Module):
 
 def quantize_block(block: nn.Module, targets: dict[str, nn.Linear], stats, spec: TEQ, *,
                    inputs, kwargs, fp_outputs) -> dict:
-    groups = []
-    for producer_names, consumer_names in GROUPS:
-        producer = _producer(block, producer_names)
-        consumers = [n for n in consumer_names if n in targets]
-        if producer is None or not consumers or (isinstance(producer, nn.Linear)
-                                                 and producer.out_features != targets[consumers[0]].in_features):
-            continue
-        groups.append((producer, consumers, nn.Parameter(torch.ones(targets[consumers[0]].in_features))))
+    groups = [(producer, consumers, nn.Parameter(torch.ones(targets[consumers[0]].in_features)))
+              for producer, consumers in shared_inputs(block, targets)]
     if spec.steps > 0 and groups:
         _train(block, targets, groups, spec, inputs, kwargs, fp_outputs)
     with torch.no_grad():
