@@ -9,7 +9,7 @@ W4A8-tender within 2% of W4 A16, W4A4-tender ahead of smoothquant and per-token)
 
 Usage: python benchmarks/act_accuracy.py [--weights W8-g128 W4-g128 W4-row] [--acts 8 4] [--groups 4 8 12 16]
        [--baselines per-token per-tensor per-block32 smoothquant hadamard] [--method rtn|gptq]
-       [--chunk 1] [--samples 32] [--seq-len 512] [--max-windows N] [--no-kld]
+       [--chunk 1] [--samples 32] [--seq-len 512] [--max-windows N] [--no-kld] [--a16 W4-row=23.5616 ...]
 The issue's table: the defaults (rtn), then `--method gptq --weights W4-g128 --acts 8 4 --baselines`.
 """
 
@@ -25,7 +25,8 @@ def rows(a) -> list[tuple[str, dict]]:
     """(weights, act fields) for every row, A16 first for each weight format."""
     out = []
     for weights in a.weights:
-        out.append((weights, {}))
+        if weights not in a.a16:
+            out.append((weights, {}))
         for bits in a.acts:
             if weights.startswith("W8") and bits == 4:
                 continue  # W8A4 is in no one's table
@@ -33,6 +34,14 @@ def rows(a) -> list[tuple[str, dict]]:
                 out.append((weights, {"act_bits": bits, "act_method": "tender", "act_groups": g, "act_chunk": a.chunk}))
             out += [(weights, {"act_bits": bits, "act_method": m}) for m in a.baselines]
     return out
+
+
+def _measured(item: str) -> tuple[str, float]:
+    weights, _, ppl = item.partition("=")
+    try:
+        return weights, float(ppl)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{item!r} is not WEIGHTS=PPL (e.g. W4-row=23.5616)") from None
 
 
 def main():
@@ -43,13 +52,16 @@ def main():
     ap.add_argument("--baselines", nargs="*", default=["per-token", "per-tensor", "per-block32", "smoothquant", "hadamard"])
     ap.add_argument("--method", default="rtn", help="weights method (rtn, gptq, ...)")
     ap.add_argument("--chunk", type=int, default=1, help="Tender rows per run-time TMax (0: calibrated)")
+    ap.add_argument("--a16", nargs="*", type=_measured, default=[], metavar="WEIGHTS=PPL",
+                    help="the A16 ppl of weights measured before (same options): their A16 row is not run again")
     add_options(ap)
     a = ap.parse_args()
+    a.a16 = dict(a.a16)
     src, text = start(f"weights {a.method}; calibration {a.samples} x {a.seq_len} tokens; "
                       f"eval windows {a.max_windows or 'all'}")
     print("| weights | acts | method | G | ppl | KLD (nats/tok) | vs A16 ppl | quantize s |\n"
           "|---|---|---|---|---|---|---|---|", flush=True)
-    a16 = {}
+    a16 = dict(a.a16)
     for weights, acts in rows(a):
         cfg = lowbit.methods.config_for(a.method, **scheme_fields(weights), **acts)
         q, r, took = quantize_and_score(src, text, cfg, a)
