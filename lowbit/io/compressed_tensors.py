@@ -152,7 +152,8 @@ def _uniform(path: Path, name: str, t: dict[str, torch.Tensor], bits: int, group
 
 def load_compressed_tensors(path: str | Path):
     """(model, tokenizer, lowbit quantization_config) from a compressed-tensors pack-quantized
-    directory: its quantized Linear layers as UniformQ holding the file's own codes."""
+    directory: its quantized Linear layers as UniformQ holding the file's own codes (an act-order
+    layer's columns in group order, with its input permutation)."""
     path = Path(path)
     qc, model, state = read_dir(path)
     if qc.get("format") != FORMAT:
@@ -162,7 +163,7 @@ def load_compressed_tensors(path: str | Path):
         raise LowbitError(f"{path}: quantization_config has no config_groups")
     schemes = {g: (_checked_scheme(path, g, spec), spec.get("targets") or []) for g, spec in groups.items()}
     ignore = [t for t in qc.get("ignore") or [] if isinstance(t, str) and t != "Linear"]
-    qts = {}
+    qts, perms = {}, {}
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or _matches(name, ignore) or f"{name}.weight_packed" not in state:
             continue
@@ -172,6 +173,5 @@ def load_compressed_tensors(path: str | Path):
         tensors = {k[len(name) + 1:]: state.pop(k) for k in list(state) if k.startswith(f"{name}.weight_")}
         qts[name], perm = _uniform(path, name, tensors, *found)
         if perm is not None:
-            state[f"{name}.in_perm"] = perm
-    act = any(k.endswith(".in_perm") for k in state)
-    return finish(path, model, qts, state, METHOD + (" (act-order)" if act else ""))
+            perms[name] = perm
+    return finish(path, model, qts, state, METHOD, perms)

@@ -91,9 +91,11 @@ def read_dir(path: Path):
     return qc, skeleton(raw, path), {k: v for f in files for k, v in load_file(f).items()}
 
 
-def finish(path: Path, model: torch.nn.Module, qts: dict, state: dict[str, torch.Tensor], imported: str):
-    """Install the decoded QTensors (name -> QTensor), load the rest of `state`, tie; (model,
-    tokenizer, the lowbit quantization_config that records the import)."""
+def finish(path: Path, model: torch.nn.Module, qts: dict, state: dict[str, torch.Tensor], imported: str,
+           perms: dict[str, torch.Tensor] | None = None):
+    """Install the decoded QTensors (name -> QTensor; `perms`: name -> the input permutation of an
+    act-order layer, act_order.py), load the rest of `state`, tie; (model, tokenizer, the lowbit
+    quantization_config that records the import)."""
     from transformers import AutoTokenizer
 
     if not qts:
@@ -103,6 +105,7 @@ def finish(path: Path, model: torch.nn.Module, qts: dict, state: dict[str, torch
             raise LowbitError(f"{path}: module {name} is {list(qt.shape)} in the weights, "
                               f"{list(model.get_submodule(name).weight.shape)} by config.json")
         state.update({f"{name}.{k}": v for k, v in qt.tensors().items()})
+    state.update({f"{name}.in_perm": perm for name, perm in (perms or {}).items()})
     dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     install_quantized(model, {n: qt.meta() for n, qt in qts.items()}, state, dtype, path)
     assign_state(model, state, path)
@@ -113,4 +116,4 @@ def finish(path: Path, model: torch.nn.Module, qts: dict, state: dict[str, torch
             for (b, g, s), names in specs.items()]
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer, quantization_config(model, {"plan": plan, "source": str(path.absolute()),
-                                                                "imported": imported})
+                                                                "imported": imported + " act-order" * bool(perms)})

@@ -164,7 +164,7 @@ def load_gptq(path: str | Path):
     path = Path(path)
     qc, model, state = read_dir(path)
     method, bits, group, sym, fmt = _format(path, qc)
-    qts = {}
+    qts, perms = {}, {}
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or f"{name}.qweight" not in state:
             continue
@@ -180,6 +180,5 @@ def load_gptq(path: str | Path):
             continue
         qts[name], perm = _gptq_layer(path, name, t, n, k, bits, group, sym, fmt == "gptq_v2")
         if perm is not None:
-            state[f"{name}.in_perm"] = perm
-    act = any(k.endswith(".in_perm") for k in state)
-    return finish(path, model, qts, state, f"{method} ({fmt}{', act-order' if act else ''})")
+            perms[name] = perm
+    return finish(path, model, qts, state, f"{method} ({fmt})", perms)
