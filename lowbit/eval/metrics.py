@@ -2,8 +2,8 @@
 
 lowbit (ours): windows are `ctx` tokens long and start every `stride` tokens (default: stride = ctx,
 disjoint windows). A window scores only the tokens not already scored by the previous window, each
-predicted from all the tokens before it in the window (the transformers perplexity recipe): every
-token of the text but the first is scored once.
+predicted from all the tokens before it in the window (the transformers perplexity recipe; with
+disjoint windows each window's first token goes unscored: it has no context in its window).
 llama.cpp (llama-perplexity's recipe, tools/perplexity/perplexity.cpp): the text tokenized with BOS
 in front when the tokenizer adds one; disjoint windows of `ctx` tokens, only whole ones, at least two;
 each window's first token replaced by BOS (when the tokenizer adds one) and only its second half scored:
