@@ -150,18 +150,19 @@ def _head_logprobs(model, states: torch.Tensor) -> torch.Tensor:
 
 
 def scorer(model, ctx: int, engine: bool = True, exact: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    """window ids [n] -> log-probabilities [n - 1, vocab] of each next token: on the native engine
-    when it runs `model` (and `engine`), else through the model's own forward; its UniformQ matmuls on
-    fp32 activations if `exact`, else on int8 ones (the engine's default for generation)."""
+    """(window ids [n], first) -> log-probabilities [n - first, vocab] of tokens first .. n − 1 (first
+    defaults to 1: every next token), the output head run for those positions only: on the native
+    engine when it runs `model` (and `engine`), else through the model's own forward; its UniformQ
+    matmuls on fp32 activations if `exact`, else on int8 ones (the engine's default for generation)."""
     decoder = _decoder(model, ctx, engine, exact)
 
     @torch.inference_mode()
-    def run(ids: torch.Tensor) -> torch.Tensor:
+    def run(ids: torch.Tensor, first: int = 1) -> torch.Tensor:
         with int8_activations_set(not exact):
             if decoder is None:
-                return _logprobs(model, ids)
+                return _logprobs(model, ids)[first - 1:]
             decoder.truncate(0)
-            return _head_logprobs(model, decoder.states(ids[:-1]))
+            return _head_logprobs(model, decoder.states(ids[:-1])[first - 1:])
     return run
 
 
@@ -256,7 +257,7 @@ def evaluate(model, tokenizer, text: str, ctx: int = 512, stride: int | None = N
     tokens = 0
     for window, first in tqdm(scored, desc="evaluating", unit="window", disable=not progress):
         target = window[first:, None]
-        lp = score(window)[first - 1:]
+        lp = score(window, first)
         nll -= lp.gather(1, target).sum().item()
         if source is not None:
             slp = score_source(window, first)
