@@ -1,0 +1,61 @@
+"""Where `lowbit eval`'s seconds go: the command run in this process under cProfile, timed by the
+process's CPU time (all threads), which a busy machine inflates far less than wall time, and summed
+into phases. Run it with one thread (LOWBIT_THREADS=1 OMP_NUM_THREADS=1) for the work itself: a
+spinning pool thread waiting for a core counts as CPU time too.
+
+    LOWBIT_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/eval_profile.py /tmp/h1/w4 --ppl --kld
+
+Phases (cumulative CPU seconds of these functions; imports counted where they happen):
+    import      lowbit.api and what it pulls in (torch, transformers)
+    load        the quantized model (api.load) and the reference (SourceScores: reading it, its cache)
+    engine      building the native engines (load_decoder: repacking weights, the huge-page arena)
+    states      the engines' prefill of every window: the model's, the source's (cold cache only)
+    heads       the output heads and their log-softmax, the model's and the source's
+    kld         the fused kl_div; "other": the rest (tokenizing, the progress bar, gathers)
+"""
+
+import cProfile
+import pstats
+import sys
+import time
+
+PHASES = [("import", "lowbit/cli.py", "_import_api"), ("load", "lowbit/api.py", "load"),
+          ("load", "lowbit/eval/metrics.py", "__init__"), ("engine", "lowbit/runtime/engine.py", "load_decoder"),
+          ("heads", "lowbit/eval/metrics.py", "_head_logprobs"), ("states", "lowbit/runtime/engine.py", "states"),
+          ("kld", "torch/nn/functional.py", "kl_div")]
+
+
+def phases(stats: pstats.Stats) -> dict[str, float]:
+    """Cumulative CPU seconds per phase (states split by caller: the model's scorer or the source's)."""
+    out = dict.fromkeys(["import", "load", "engine", "states (model)", "states (source)", "heads", "kld"], 0.0)
+    for (path, _, name), (_, _, _, cum, callers) in stats.stats.items():
+        for phase, where, fn in PHASES:
+            if path.endswith(where) and name == fn:
+                if phase == "states":
+                    for (_, _, caller), (_, _, _, ccum) in callers.items():
+                        out["states (source)" if caller == "_logprobs" else "states (model)"] += ccum
+                else:
+                    out[phase] += cum
+        if path.endswith("lowbit/eval/metrics.py") and name == "_decoder":  # the source's engine: not "load"
+            out["load"] -= sum(c[3] for (_, _, caller), c in callers.items() if caller == "__init__")
+    return out
+
+
+def main() -> None:
+    wall, cpu = time.perf_counter(), time.process_time()
+    profile = cProfile.Profile(time.process_time)
+    profile.enable()
+    from lowbit.cli import main as lowbit_main
+    rc = lowbit_main(["eval", *sys.argv[1:]])
+    profile.disable()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    split = phases(pstats.Stats(profile))
+    split["other"] = cpu - sum(split.values())
+    print(f"wall {wall:.1f} s, CPU {cpu:.1f} s (exit {rc}); CPU seconds by phase:", file=sys.stderr)
+    for phase, seconds in split.items():
+        print(f"  {phase:<16} {seconds:7.1f}", file=sys.stderr)
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()
