@@ -123,6 +123,7 @@ def test_act_order_saves_as_lowbit_and_exports_as_gptq_exactly(tiny_model_dir, t
     out = _checkpoint(tiny_model_dir, tmp_path, bits, group, fmt)
     q = lowbit.load(out)
     q.save(tmp_path / "lowbit")
+    assert json.loads((tmp_path / "lowbit" / "config.json").read_text())["quantization_config"]["format_version"] == 3
     back = lowbit.load(tmp_path / "lowbit")
     first = load_file(out / "model.safetensors")
     for name in _modules(first):
@@ -217,3 +218,15 @@ def test_compressed_tensors_group_act_order_imports_as_its_formula(tiny_model_di
         assert torch.equal(_weights(back.model.get_submodule(name)), ref), name
     ids = torch.tensor([1, 5, 9, 33, 2, 40, 7, 100, 3, 11])
     check_agreement(back.model, ids, prompt=6)
+
+
+def test_damaged_in_perm_is_one_line(tiny_model_dir, tmp_path):
+    q = lowbit.load(_checkpoint(tiny_model_dir, tmp_path, 4, 32, "gptq"))
+    out = q.save(tmp_path / "lowbit")
+    state = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.in_perm"
+    state[name] = torch.zeros_like(state[name])
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LowbitError, match="down_proj's in_perm is not a permutation of its 128 input columns") as e:
+        lowbit.load(out)
+    assert "\n" not in str(e.value)

@@ -28,7 +28,10 @@ from safetensors.torch import save as serialize
 from ..errors import LowbitError
 from .atomic import atomic_dir
 
-FORMAT_VERSION = 2  # 2: the caller's record is a per-layer plan; 1 recorded one "method" for every module
+# 3: a linear layer may hold its input permutation (<module>.in_perm: act-order imports), written only by
+# files that have one, so older readers refuse those and read the rest; 2: the caller's record is a
+# per-layer plan; 1 recorded one "method" for every module
+FORMAT_VERSION = 3
 
 
 
@@ -69,7 +72,8 @@ def shared_modules(model: torch.nn.Module) -> dict[str, str]:
 
 def quantization_config(model: torch.nn.Module, record: dict | None = None) -> dict:
     shared, acts = shared_modules(model), activation_specs(model)
-    return {"quant_method": "lowbit", "format_version": FORMAT_VERSION, **(record or {}),
+    permuted = any(getattr(m, "in_perm", None) is not None for m in model.modules())
+    return {"quant_method": "lowbit", "format_version": FORMAT_VERSION if permuted else 2, **(record or {}),
             "modules": quantized_modules(model), **({"activations": acts} if acts else {}),
             **({"shared": shared} if shared else {})}
 
