@@ -28,8 +28,8 @@ lowbit's score of the lowbit model on the same chunks, with the published Q4_1 f
 `speed` builds a Llama with 7B shapes (hidden 4096, intermediate 11008, 32 heads, vocab 32000; random
 weights, quantized as they are made: never a float model in memory) at W4 g32 sym with an 8-bit
 g32 head and embedding, exports it to GGUF (Q4_0 with Q8_0 head and embedding), then times lowbit's
-engine and llama.cpp on those identical weights (bench's protocol, 1 and 2 threads, one run: the
-median of --runs), decode as % of the bandwidth roofline measured in the same run. Targets: decode
+engine (bench's protocol: the median of --runs) and llama.cpp's own llama-bench (its mean of --runs)
+on those identical weights, 1 and 2 threads, one run, decode as % of the bandwidth roofline measured in the same run. Targets: decode
 ≥ 1.3× llama.cpp and ≥ 80% of the roofline; prefill ≥ 1.2×. Run it on a quiet machine.
 """
 
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vs_llamacpp import build, llama_perplexity, peer  # noqa: E402  the scratch llama-cpp-python and llama.cpp's tools
+from vs_llamacpp import build, llama_bench, llama_perplexity, peer  # noqa: E402  the scratch llama-cpp-python and llama.cpp's tools
 
 import lowbit  # noqa: E402
 from lowbit.calib import load as load_text  # noqa: E402
@@ -201,8 +201,7 @@ def seven_b(layers: int):
 def speed(a) -> None:
     from peak_memory import tokenizer
 
-    from lowbit.eval.bench import bench, bench_tokens
-    python = build()
+    from lowbit.eval.bench import bench
     tok = tokenizer(SHAPES["vocab_size"])
     model = seven_b(a.layers)
     with tempfile.TemporaryDirectory(dir=a.scratch) as tmp:
@@ -212,11 +211,9 @@ def speed(a) -> None:
               f"median of {a.runs}")
         print("| threads | engine | prefill tok/s | decode tok/s | decode % roofline | ratio prefill | ratio decode |")
         print("|---|---|---|---|---|---|---|")
-        tokens = bench_tokens(tok, a.pp + a.tg + 1)
         for t in a.threads:
             ours = bench(model, tok, threads=t, prompt_tokens=a.pp, gen_tokens=a.tg, runs=a.runs)
-            theirs = peer(python, {"op": "bench", "path": str(path), "threads": t, "pp": [a.pp], "tg": a.tg,
-                                   "runs": a.runs, "tokens": tokens})
+            theirs = llama_bench(path, t, [a.pp], a.tg, a.runs)
             pp, tg = theirs[f"pp{a.pp}"], theirs[f"tg{a.tg}"]
             limit = ours.bandwidth / ours.bytes_per_token  # identical weights: the same bytes per token
             print(f"| {t} | lowbit ({ours.decoder}) | {ours.prefill_tps:.1f} | {ours.decode_tps:.2f} | "
