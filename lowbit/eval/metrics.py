@@ -139,9 +139,9 @@ def _decoder(model, ctx: int, engine: bool, exact: bool = True):
         return None
 
 
-@torch.inference_mode()
 def _head_logprobs(model, states: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities from final-normed hidden states through the model's own output head."""
+    """Log-probabilities from final-normed hidden states through the model's own output head (its
+    callers run in inference mode)."""
     logits = model.get_output_embeddings()(states).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
