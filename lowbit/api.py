@@ -25,6 +25,8 @@ from torch import nn
 from . import calib as texts
 from . import io, methods, recipes
 from .errors import LowbitError
+from .io.gguf_write import report_path as gguf_report_path
+from .io.gguf_write import write_report
 from .kernels import describe_table
 from .eval import EvalResult, ModelSize, evaluate, model_size
 from .eval.bench import Speed, bench
@@ -72,21 +74,30 @@ class QuantizedModel:
         stored = self.checkpoint.stored_in(self.model) if self.checkpoint is not None else None
         return io.save(self.model, out_dir, self.tokenizer, record, overwrite, max_shard_size, extra_files, stored)
 
-    def export(self, path: str | os.PathLike, to: str = "gguf", overwrite: bool = False) -> Path:
+    def export(self, path: str | os.PathLike, to: str = "gguf", overwrite: bool = False,
+               report: bool = False) -> Path:
         """Write the model in another tool's format (EXPORT_FORMATS), atomically: "gguf" is one file
         llama.cpp runs (tokenizer and chat template from the source GGUF, else from the tokenizer);
         "compressed-tensors" a pack-quantized directory (vLLM, transformers + compressed-tensors);
-        "gptq" a GPTQ checkpoint directory (one format over the quantized Linear layers)."""
+        "gptq" a GPTQ checkpoint directory (one format over the quantized Linear layers). `report`
+        (gguf): also write, beside the file (gguf_report_path), a table of each quantized layer's GGUF
+        type and conversion error, since GGUF refits the layers its types do not hold."""
         if self.plan is None:
             raise LowbitError("model has no quantized modules: run lowbit.quantize first")
         if to not in EXPORT_FORMATS:
             raise LowbitError(f"cannot export to '{to}' (choose one of {', '.join(EXPORT_FORMATS)})")
+        if report and to != "gguf":
+            raise LowbitError(f"a conversion report is made for GGUF exports only, not '{to}'")
         self.reload()
         if to == "compressed-tensors":
             return io.write_compressed_tensors(self.model, path, self.tokenizer, overwrite)
         if to == "gptq":
             return io.write_gptq(self.model, path, self.tokenizer, overwrite)
-        return io.write_gguf(self.model, path, self.tokenizer, _source_gguf(self.source), overwrite)
+        converted = [] if report else None
+        out = io.write_gguf(self.model, path, self.tokenizer, _source_gguf(self.source), overwrite, report=converted)
+        if report:
+            write_report(out, converted)
+        return out
 
     def reload(self) -> None:
         """Bring blocks waiting in the checkpoint back into memory, to run the model."""
@@ -151,9 +162,10 @@ def _source_gguf(source: str | None) -> Path | None:
 
 
 def export(model: QuantizedModel | str | os.PathLike, path: str | os.PathLike, to: str = "gguf",
-           overwrite: bool = False) -> Path:
-    """`lowbit export`: a quantized model (or its directory) written in another tool's format."""
-    return (model if isinstance(model, QuantizedModel) else load(model)).export(path, to, overwrite)
+           overwrite: bool = False, report: bool = False) -> Path:
+    """`lowbit export`: a quantized model (or its directory) written in another tool's format (with
+    `report`, GGUF's conversion report beside it: QuantizedModel.export)."""
+    return (model if isinstance(model, QuantizedModel) else load(model)).export(path, to, overwrite, report)
 
 
 def config_for(name: str, scheme: str | None = None, **kwargs) -> MethodConfig | Auto:

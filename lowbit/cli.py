@@ -227,8 +227,10 @@ def cmd_inspect(a) -> None:
 
 
 def cmd_export(a) -> None:
-    out = api.export(a.model, a.output, to=a.to, overwrite=a.overwrite)
-    print(f"exported {out} ({a.to})")
+    out = api.export(a.model, a.output, to=a.to, overwrite=a.overwrite, report=a.report)
+    if a.report:
+        print(api.gguf_report_path(out).read_text(), end="")
+    print(f"exported {out} ({a.to})" + (f", report {api.gguf_report_path(out)}" if a.report else ""))
 
 
 def cmd_tune(a) -> None:
@@ -422,6 +424,8 @@ def _parser() -> argparse.ArgumentParser:
                    "checkpoint (one bits/group over the layers)")
     x.add_argument("-o", "--output", required=True, help="output file (gguf) or directory")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.add_argument("--report", action="store_true", help="gguf: print each quantized layer's GGUF type and "
+                   "conversion error (exact, or the refit's relative squared error), also written to OUTPUT.report.md")
     x.set_defaults(func=cmd_export)
 
     t = sub.add_parser("tune", parents=[common],

@@ -11,7 +11,8 @@ llama.cpp's llama-quantize falls back to (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K 
 written exactly when the layer's integer grid fits it (UniformQ of 2/3 bits in Q4_0, 4-bit asym in
 Q5_0, ggml_blocks.holds), else fitted by ggml's reference quantizer (the `gguf` package's). Each
 tensor's conversion error (relative squared error against the layer's own weights; 0 when exact) is
-reported on request. Float tensors keep their dtype (norms always F32, as llama.cpp wants them).
+reported on request (`lowbit export --report`: a Markdown table written beside the file, so what a
+refit cost is on record next to what it produced). Float tensors keep their dtype (norms always F32, as llama.cpp wants them).
 Names and row layouts: gguf_arch.py.
 
 Metadata: the architecture's hyperparameters from the model's config, as convert_hf_to_gguf.py writes
@@ -30,6 +31,7 @@ import gguf
 import numpy as np
 import torch
 
+from ..atomic_file import atomic_write_text
 from ..errors import LowbitError
 from .act_order import InputOrder
 from .atomic import atomic_file
@@ -90,6 +92,28 @@ class Converted:
     format: str
     gguf_type: str
     rel_err: float
+
+
+def report_path(gguf_file: str | Path) -> Path:
+    """Where the conversion report of the GGUF file `gguf_file` is written: beside it."""
+    gguf_file = Path(gguf_file)
+    return gguf_file.with_name(gguf_file.name + ".report.md")
+
+
+def report_table(report: list[Converted]) -> str:
+    """The conversions as a Markdown table, one row per quantized tensor: "exact" where the GGUF type
+    holds the layer's own values, else the relative squared error of the refit."""
+    rows = ["| layer | lowbit format | GGUF type | conversion error |", "|---|---|---|---|"]
+    rows += [f"| {c.name} | {c.format} | {c.gguf_type} | {'exact' if c.rel_err == 0 else f'{c.rel_err:.3e}'} |"
+             for c in report]
+    return "\n".join(rows) + "\n"
+
+
+def write_report(gguf_file: str | Path, report: list[Converted]) -> Path:
+    """The report table written atomically beside `gguf_file` (report_path); its path."""
+    out = report_path(gguf_file)
+    atomic_write_text(out, report_table(report))
+    return out
 
 
 def gguf_type(qt) -> GGML:
