@@ -18,6 +18,7 @@ class LayerSize:
     kernel: str  # the kernel-table row its matmuls run on this CPU (kernels.kernel_for), or "reference"
     shares: str | None = None  # the layer whose tensors it holds (a tied head quantized once): counted once
     act: dict | None = None  # its activation spec's meta, when it quantizes its input too (formats/activation.py)
+    act_order: bool = False  # its input is permuted (nn.QuantLinear.in_perm: an act-order GPTQ import)
 
     @property
     def bpw(self) -> float:
@@ -25,8 +26,11 @@ class LayerSize:
 
     @property
     def format(self) -> str:
-        """The stored format in a few words ("uniform 4b g32 sym", "uniform 8b g128 sym A8 tender G8 c256")."""
-        return describe(self.meta) + ("" if self.act is None else " " + ActQ.describe(self.act))
+        """The stored format in a few words ("uniform 4b g32 sym", "uniform 4b g32 asym act-order",
+        "uniform 8b g128 sym A8 tender G8 c256"); act-order: its groups are not contiguous runs of the
+        input, so GGUF refits it and compressed-tensors refuses it."""
+        return (describe(self.meta) + (" act-order" if self.act_order else "")
+                + ("" if self.act is None else " " + ActQ.describe(self.act)))
 
 
 @dataclass
@@ -64,7 +68,7 @@ def model_size(model: nn.Module) -> ModelSize:
             kernel = kernel_for(qt) if hasattr(m, "in_features") else "lookup (dequantized rows)"  # an embedding
             key = tuple(t.data_ptr() for t in m.buffers(recurse=False))
             layers.append(LayerSize(name, dict(m.meta), qt.shape[0] * qt.shape[1], qt.nbytes, kernel, owners.get(key),
-                                    getattr(m, "act_meta", None)))
+                                    getattr(m, "act_meta", None), getattr(m, "in_perm", None) is not None))
             owners.setdefault(key, name)
     params = list(model.parameters())  # shared (tied) parameters appear once
     floats = [FloatTensor(name, tuple(p.shape), str(p.dtype).removeprefix("torch."), p.numel() * p.element_size())
