@@ -12,7 +12,8 @@ written exactly when the layer's integer grid fits it (UniformQ of 2/3 bits in Q
 Q5_0, ggml_blocks.holds), else fitted by ggml's reference quantizer (the `gguf` package's). Each
 tensor's conversion error (relative squared error against the layer's own weights; 0 when exact) is
 reported on request (`lowbit export --report`: a Markdown table written beside the file, so what a
-refit cost is on record next to what it produced). Float tensors keep their dtype (norms always F32, as llama.cpp wants them).
+refit cost is on record next to what it produced). Float tensors keep their dtype (norms always F32,
+as llama.cpp wants them).
 Names and row layouts: gguf_arch.py.
 
 Metadata: the architecture's hyperparameters from the model's config, as convert_hf_to_gguf.py writes
