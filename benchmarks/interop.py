@@ -163,7 +163,8 @@ def kquant(a) -> None:
                 n, worst = types.get(r.gguf_type, (0, 0.0))
                 types[r.gguf_type] = (n + 1, max(worst, r.rel_err))
             kinds = ", ".join(f"{t} ({n}, {e:.1e})" for t, (n, e) in sorted(types.items()))
-            kld = lowbit.load(str(path)).evaluate(kld=True, reference=q.model, max_windows=a.windows, progress=False).kld
+            kld = lowbit.load(str(path)).evaluate(kld=True, reference=q.model, max_windows=a.windows, progress=False,
+                                                  exact=True).kld  # the conversion's error, not int8 rounding
             ours, theirs = our_ppl(q.model, chunks), llama_perplexity(path, corpus, a.ctx, len(chunks), a.threads)
             print(f"| W{bits}-g{group}-{'sym' if sym else 'asym'} | {kinds} | {kld:.5f} | {ours:.4f} | {theirs:.4f} | "
                   f"{100 * (theirs / ours - 1):+.2f}% |", flush=True)
