@@ -147,16 +147,18 @@ static void lb_tender_rows(const lb_tender_args *a, int tid, int *lo, int *hi) {
     *hi = *lo + per < a->m ? *lo + per : a->m;
 }
 
-/* (1) every row's x' into xt and its TMax candidate; with one TMax per row (or the static one), (2) too */
+/* (1) row t's x' into xt and its TMax candidate; with one TMax per row (or the static one), (2) too */
+static void lb_tender_gather_row(lb_tender_args *a, int t) {
+    float T = lb_tender_gather(a, a->x + (size_t)t * a->k, a->xt + (size_t)t * a->kp);
+    a->tm[t] = a->chunk ? T : a->tstatic;
+    if (a->chunk <= 1) lb_tender_quant_row(a, t);
+}
+
 static void lb_tender_gather_task(void *p, int tid, int nthr) {
     lb_tender_args *a = p;
     int lo, hi;
     lb_tender_rows(a, tid, &lo, &hi);
-    for (int t = lo; t < hi; t++) {
-        float T = lb_tender_gather(a, a->x + (size_t)t * a->k, a->xt + (size_t)t * a->kp);
-        a->tm[t] = a->chunk ? T : a->tstatic;
-        if (a->chunk <= 1) lb_tender_quant_row(a, t);
-    }
+    for (int t = lo; t < hi; t++) lb_tender_gather_row(a, t);
     (void)nthr;
 }
 
@@ -284,16 +286,35 @@ static void lb_tender_gemm_task(void *p, int tid, int nthr) {
 
 LB_EXPORT int lb_tender_lanes(void) { return LB_TL; }
 
+/* The calling thread's scratch, grown to the largest call it has made and kept: a decode step calls
+   this kernel hundreds of times, and a malloc/free per call (with page faults for the big ones) costs
+   more than a small GEMV. Bounded by the largest prefill chunk (m * kp * 5 bytes and per-row values). */
+static __thread struct { char *p; size_t bytes; } lb_tender_scratch;
+
+static char *lb_tender_space(size_t bytes) {
+    if (bytes > lb_tender_scratch.bytes) {
+        free(lb_tender_scratch.p);
+        if (posix_memalign((void **)&lb_tender_scratch.p, 64, bytes)) abort();
+        lb_tender_scratch.bytes = bytes;
+    }
+    return lb_tender_scratch.p;
+}
+
 LB_EXPORT void lb_tender_linear(lb_tender_args *a) {
     if (a->threads > lb_pool.n) a->threads = lb_pool.n;
     if (a->threads < 1) a->threads = 1;
-    a->xq = (int8_t *)lb_alloc((size_t)a->m * a->kp / 4);
-    a->xt = lb_alloc((size_t)a->m * a->kp);
-    a->s0 = lb_alloc(a->m);
-    a->tm = lb_alloc(a->m);
-    a->zs = malloc(sizeof(int64_t) * a->m * a->groups);
-    if (!a->zs) abort();
-    lb_pool_run(lb_tender_gather_task, a, a->threads);
+    size_t m = (size_t)a->m, codes = (m * a->kp + 63) / 64 * 64, rows = (m * sizeof(float) + 63) / 64 * 64;
+    char *p = lb_tender_space(codes + 4 * m * a->kp + 2 * rows + sizeof(int64_t) * m * a->groups);
+    a->xq = (int8_t *)p;
+    a->xt = (float *)(p + codes);
+    a->s0 = (float *)(p + codes + 4 * m * a->kp);
+    a->tm = (float *)((char *)a->s0 + rows);
+    a->zs = (int64_t *)((char *)a->tm + rows);
+    if (a->m < a->threads) {  /* fewer rows than threads (decode): no wake-up for one row's work */
+        for (int t = 0; t < a->m; t++) lb_tender_gather_row(a, t);
+    } else {
+        lb_pool_run(lb_tender_gather_task, a, a->threads);
+    }
     if (a->chunk > 1) {  /* one TMax per chunk of rows, then the codes */
         for (int t0 = 0; t0 < a->m; t0 += a->chunk) {
             int t1 = t0 + a->chunk < a->m ? t0 + a->chunk : a->m;
@@ -306,5 +327,4 @@ LB_EXPORT void lb_tender_linear(lb_tender_args *a) {
     for (int t = 0; t < a->m; t++)
         for (int r = 0; r < a->n; r++) a->y[(size_t)t * a->n + r] = a->bias ? a->bias[r] : 0.0f;
     lb_pool_run(lb_tender_gemm_task, a, a->threads);
-    free(a->xq); free(a->xt); free(a->s0); free(a->tm); free(a->zs);
 }
