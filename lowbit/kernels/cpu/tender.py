@@ -127,9 +127,6 @@ class PackedTender:
         """[N, J] per-row values -> [tiles, J, lanes], padding rows 0."""
         return F.pad(t, (0, 0, 0, self.tiles * self.lanes - self.n)).view(self.tiles, self.lanes, -1).transpose(1, 2).contiguous()
 
-    @property
-    def bytes(self) -> int:
-        return self.qw.numel() + 4 * self.sw.numel() + (0 if self.zw is None else 4 * self.zw.numel())
 
     def native(self, bias: torch.Tensor | None = None) -> tuple[int, build.TenderArgs]:
         """(address of the kernel, its prefilled args) for a native caller (the decode engine), which

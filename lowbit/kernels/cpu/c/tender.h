@@ -4,13 +4,13 @@
 
    Layout (kernels/cpu/tender.py builds it once per layer). Positions: per weight group j, its runs
    (one activation group g each, from the top group down), each padded to whole units: 4 positions
-   (one byte per code) or 8 (codes of <= 4 bits: a unit's 16 rows x 4 bytes hold positions 8u..8u+3
+   (one byte per code) or 8 (codes of <= 4 bits: a unit's LB_TL rows x 4 bytes hold positions 8u..8u+3
    in the low nibbles and 8u+4..8u+7 in the high ones, half the bytes for decode to stream).
    Activations: a row's codes at their positions, padding 0.
 
    Per call: (1) per row, x'_p = x[xin_p] - b_p gathered once into a buffer, and TMax = max_p |x'_p| *
    2^(G-1-g_p) (per chunk of rows; static: the calibrated one); (2) q_p = rne(clamp((x[xin_p] - b_p) * (inv_0 * 2^-g_p))), inv_0 = top / TMax,
-   s_0 = TMax / top, and per weight group the zero-point fold S'_j = sum_p q_p * 2^g_p; (3) per 16-row
+   s_0 = TMax / top, and per weight group the zero-point fold S'_j = sum_p q_p * 2^g_p; (3) per LB_TL-row
    tile and weight group: Horner over the runs, acc = (acc << (g_prev - g)) + sum q * code in int32
    while the bound of the sums allows it (tender.py proves it per run from the run's lengths and
    shifts: `narrow`), else flushed into int64 (acc64 += acc << base) at the segment's end; then

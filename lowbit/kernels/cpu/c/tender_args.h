@@ -7,8 +7,8 @@
 #include <stdint.h>
 
 typedef struct {
-    /* weights: codes [tiles][units][16 rows][4 bytes] (nibble: low = positions 8u..8u+3, high = 8u+4..8u+7),
-       scales [tiles][J][16] fp32, zero points [tiles][J][16] (NULL: every zero is zdef) */
+    /* weights: codes [tiles][units][LB_TL rows: 16 or 8][4 bytes] (nibble: low = positions 8u..8u+3, high = 8u+4..8u+7),
+       scales [tiles][J][LB_TL] fp32, zero points [tiles][J][LB_TL] (NULL: every zero is zdef) */
     const uint8_t *qw;
     const float *sw;
     const int32_t *zw;
@@ -27,7 +27,7 @@ typedef struct {
     const int32_t *gsh;
     /* per weight group: its first position, and the end of the last ([J + 1]) */
     const int32_t *jpos;
-    /* shapes: outputs, inputs, positions, weight groups, 16-row tiles */
+    /* shapes: outputs, inputs, positions, weight groups, tiles of LB_TL rows */
     int n;
     int k;
     int kp;
