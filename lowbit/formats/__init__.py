@@ -2,10 +2,11 @@
 
 from ..errors import LowbitError
 from .codebook import CODEBOOK_BITS, CodebookQ, check_codebook_spec
+from .kquant import KQuant
 from .qtensor import QTensor
 from .uniform import BITS, GROUP_SIZES, UniformQ, check_spec
 
-KINDS: dict[str, type[QTensor]] = {UniformQ.kind: UniformQ, CodebookQ.kind: CodebookQ}
+KINDS: dict[str, type[QTensor]] = {UniformQ.kind: UniformQ, CodebookQ.kind: CodebookQ, KQuant.kind: KQuant}
 
 
 def from_tensors(meta: dict, tensors) -> QTensor:
@@ -27,4 +28,4 @@ def describe(meta: dict) -> str:
     return KINDS[meta["kind"]].describe(meta)
 
 
-__all__ = ["BITS", "CODEBOOK_BITS", "CodebookQ", "check_codebook_spec", "GROUP_SIZES", "KINDS", "QTensor", "UniformQ", "check", "check_spec", "describe", "from_tensors"]
+__all__ = ["BITS", "CODEBOOK_BITS", "CodebookQ", "check_codebook_spec", "GROUP_SIZES", "KINDS", "KQuant", "QTensor", "UniformQ", "check", "check_spec", "describe", "from_tensors"]
