@@ -23,11 +23,11 @@ import torch
 
 from ..formats import QTensor
 from . import gpu, switches
-from .cpu import build, codebook, codegen, isa as isa_mod, uniform
+from .cpu import build, codebook, codegen, isa as isa_mod, kquant, uniform
 
 Bound = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 PREPARE: dict[tuple[str, str], Callable[[QTensor, str], Bound | None]] = {
-    ("cpu", "uniform"): uniform.prepare, ("cpu", "codebook"): codebook.prepare,
+    ("cpu", "uniform"): uniform.prepare, ("cpu", "codebook"): codebook.prepare, ("cpu", "kquant"): kquant.prepare,
     ("cuda", "uniform"): gpu.prepare, ("cuda", "codebook"): gpu.prepare}
 
 

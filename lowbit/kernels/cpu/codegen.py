@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...formats import CODEBOOK_BITS
+from ...formats.kquant import BY_BITS as KQUANT_BITS
 from .layout import plane_bits, pre_shifts
 from .perf_model import GEMMQ_KBLOCKS, GEMMQ_TILE, GEMV_ROWS, MICRO_TILE, VECTOR_LANES
 
@@ -789,13 +790,16 @@ def entries(isa: str) -> tuple[Entry, ...]:
     """Every kernel the library for `isa` exports, in the order `generate` writes them: UniformQ on fp32
     activations (BITS), on int8 (INT8_BITS, where the ISA has an integer dot), CodebookQ (CODEBOOK_BITS,
     on int16 activations where its tables are T16), unquantized fp16 weights (FLOAT16), and UniformQ under
-    an activation spec (c/tender.h, TENDER_ISAS; its own args, never `select`ed)."""
+    an activation spec (c/tender.h, TENDER_ISAS; its own args, never `select`ed), and GGUF's K-quants
+    (KQuant, hand-written in c/kquant.h, on fp32 and int8 activations, every ISA)."""
     return (tuple(Entry("uniform", b, "fp32", f"lb_linear_b{b}") for b in BITS)
             + tuple(Entry("uniform", b, "int8", f"lb_linear_q_b{b}") for b in INT8_BITS if "dot8" in OPS[isa])
             + tuple(Entry("codebook", b, "int16-T16" if table16(isa, b) else "fp32", f"lb_linear_lut_b{b}")
                     for b in CODEBOOK_BITS)
             + (Entry(FLOAT16, 16, "fp32", "lb_linear_f16"),)
-            + tuple(Entry("uniform", b, "tender", TENDER_SYMBOL) for b in BITS if isa in TENDER_ISAS))
+            + tuple(Entry("uniform", b, "tender", TENDER_SYMBOL) for b in BITS if isa in TENDER_ISAS)
+            + tuple(Entry("kquant", b, act, f"lb_kquant{'_q' if act == 'int8' else ''}_b{b}")
+                    for b in KQUANT_BITS for act in ("fp32", "int8")))
 
 
 def entry(isa: str, kind: str, bits: int, activations: str) -> Entry | None:
@@ -830,8 +834,9 @@ def generate(isa: str) -> str:
         f"#define MICRO_MR {mr}\n#define MICRO_NR {nr}\n#define LB_LANES {e.lanes}",
         '#include "driver.h"', f'#include "{e.ops["header"]}"',
         micro, f"static const lb_micro MICRO[{mr}][{nr}] = {{{table}}};", t16,
-        "".join(_kernel(e, tiled, x) for x in ents if x.activations != "tender"),
+        "".join(_kernel(e, tiled, x) for x in ents if x.activations != "tender" and x.kind != "kquant"),
         _int8_peak(e) if "dot8" in e.ops else "",
         '#include "tender.h"' if isa in TENDER_ISAS else "",
+        '#include "kquant.h"',
         f"LB_EXPORT int lb_lanes(void) {{ return {e.lanes}; }}",
     ])
