@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..formats import UniformQ
-from ..formats.uniform import effective_group, group_params, quantize_codes
+from ..formats.uniform import effective_group, group_params
 from .config import MethodConfig
 
 
@@ -49,48 +49,62 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise RuntimeError("GPTQ: Hessian is not positive definite even after heavy dampening")
 
 
-def _params(w_cols: torch.Tensor, spec: GPTQ):
-    return group_params(w_cols, spec.bits, spec.sym)
-
-
 def quantize(w: torch.Tensor, stats, spec: GPTQ) -> UniformQ:
+    return quantize_many(w, stats, (spec,))[0]
+
+
+def quantize_many(w: torch.Tensor, stats, specs: tuple[GPTQ, ...]) -> list[UniformQ]:
+    """`w` quantized under each of `specs` (any bits, groups and symmetry; one damp, block size and
+    act order) in one pass: GPTQ treats rows independently, all through the same H⁻¹, so the specs'
+    copies of W are stacked along the rows and every column's step runs once for all of them (the
+    recipe search's sensitivity pass: its per-column cost is Python's, not the rows')."""
+    first = specs[0]
+    if any((s.damp, s.block_size, s.act_order) != (first.damp, first.block_size, first.act_order) for s in specs):
+        raise ValueError("quantize_many: the specs must share damp, block_size and act_order")
     n, k = w.shape
-    g = effective_group(spec.group_size, k)
-    n_groups = -(-k // g)
+    groups = [effective_group(s.group_size, k) for s in specs]
+    rows = [slice(c * n, (c + 1) * n) for c in range(len(specs))]
     w = w.detach().float().clone()
     h = stats.hessian * (2.0 / max(stats.tokens, 1))  # a new tensor: stats stay as they are
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    w = w.repeat(len(specs), 1) if len(specs) > 1 else w
+    maxq = torch.cat([torch.full((n,), 2.0**s.bits - 1) for s in specs])
+    scales = [torch.zeros(n, -(-k // g)) for g in groups]
+    zeros = [torch.zeros(n, -(-k // g)) for g in groups]
+    s_rows, z_rows = torch.zeros(len(maxq)), torch.zeros(len(maxq))  # each row's current group's scale and zero
 
-    scale = torch.zeros(n, n_groups)
-    zero = torch.zeros(n, n_groups)
-    if spec.act_order:  # static groups: every group's parameters from the original weights
-        for j in range(n_groups):
-            scale[:, j], zero[:, j] = _params(w[:, j * g:(j + 1) * g], spec)
+    if first.act_order:  # static groups: every group's parameters from the original weights
+        for spec, g, r, scale, zero in zip(specs, groups, rows, scales, zeros):
+            for j in range(scale.shape[1]):
+                scale[:, j], zero[:, j] = group_params(w[r, j * g:(j + 1) * g], spec.bits, spec.sym)
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     else:
         perm = torch.arange(k)
 
-    hinv = inverse_hessian_factor(h, spec.damp)
+    hinv = inverse_hessian_factor(h, first.damp)
     del h  # only its inverse factor is used from here (K² floats: 0.5 GB for a 7B down_proj)
     q = torch.zeros_like(w)
-    for i1 in range(0, k, spec.block_size):
-        i2 = min(i1 + spec.block_size, k)
-        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1), hinv[i1:i2, i1:i2]
+    for i1 in range(0, k, first.block_size):
+        i2 = min(i1 + first.block_size, k)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(len(maxq), i2 - i1), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
-            grp = col // g
-            if not spec.act_order and col % g == 0:  # first column of a group: choose its range now
-                ahead = torch.cat([w1[:, i:], w[:, i2:i2 + g]], dim=1)[:, :g]
-                scale[:, grp], zero[:, grp] = _params(ahead, spec)
-            s, z = scale[:, grp], zero[:, grp]
-            qcol = (quantize_codes(w1[:, i], s, z, spec.bits) - z) * s
+            for spec, g, r, scale, zero in zip(specs, groups, rows, scales, zeros):
+                if not first.act_order and col % g == 0:  # first column of a group: choose its range now
+                    ahead = torch.cat([w1[r, i:], w[r, i2:i2 + g]], dim=1)[:, :g]
+                    scale[:, col // g], zero[:, col // g] = group_params(ahead, spec.bits, spec.sym)
+                if first.act_order or col % g == 0:
+                    s_rows[r], z_rows[r] = scale[:, col // g], zero[:, col // g]
+            codes = torch.minimum(torch.clamp(torch.round(w1[:, i] / s_rows) + z_rows, min=0), maxq)
+            qcol = (codes - z_rows) * s_rows
             q[:, i1 + i] = qcol
             e = (w1[:, i] - qcol) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     q = q[:, torch.argsort(perm)]
-    return UniformQ.from_params(q, scale, None if spec.sym else zero, spec.bits, spec.group_size)
+    return [UniformQ.from_params(q[r], scale, None if spec.sym else zero, spec.bits, spec.group_size)
+            for spec, r, scale, zero in zip(specs, rows, scales, zeros)]
