@@ -1,17 +1,22 @@
-"""Import a GGUF file's Q4_0 and Q8_0 tensors as the UniformQ they are, without a float round trip.
+"""Import a GGUF file's Q4_0, Q8_0 and K-quant (Q2_K ... Q6_K) tensors as the QTensors they are,
+without a float round trip.
 
 transformers builds the model from the GGUF (its own loader dequantizes every tensor to float); then
-each linear layer or embedding whose GGUF tensor is Q4_0 or Q8_0 is replaced by a quantized module
-holding the file's own blocks (ggml_blocks.from_blocks: the same scales and codes, Llama's q/k rows put
-back in transformers' order), so our kernels run the file's weights. Each import is checked against
-the float weight transformers made of the same tensor: they must be equal bit for bit (both are
-d·(q − 8) or d·q in fp32), else the names or layouts disagree and the file is refused. Other types
-(Q4_1, K-quants, floats) stay as transformers loaded them: Q4_1's float minimum is not a UniformQ
-(ggml_blocks.py), and K-quants are a later step.
+each linear layer or embedding whose GGUF tensor is one of those types is replaced by a quantized
+module holding the file's own blocks, Llama's q/k rows put back in transformers' order: Q4_0/Q8_0 as
+the UniformQ they are (ggml_blocks.from_blocks: the same scales and codes), K-quants as KQuant (the
+super-blocks byte for byte, formats/kquant.py; our kernels read them in place, c/kquant.h). The float
+weights transformers made are dropped with the modules they belonged to. Each import is checked
+against the float weight transformers made of the same tensor: they must be equal bit for bit (both
+are the ggml dequantization in fp32), else the names or layouts disagree and the file is refused.
+Other types (Q4_1, Q5_x, floats) stay as transformers loaded them: Q4_1's float minimum is not a
+UniformQ (ggml_blocks.py).
 
-The result is recorded as a lowbit quantization_config (plan: RTN at the block type's bits, group 32,
-symmetric, which is how llama-quantize makes Q4_0/Q8_0 without an importance matrix; source: the
-file), so every verb sees a quantized model, and `save` writes it as a lowbit directory.
+The result is recorded as a lowbit quantization_config, so every verb sees a quantized model, and
+`save` writes it as a lowbit directory: its modules (every imported layer's format, KQuant's "gguf
+Q4_K" among them), the source file, and a plan for the Q4_0/Q8_0 layers (RTN at the block type's
+bits, group 32, symmetric, which is how llama-quantize makes them without an importance matrix). The
+K-quant layers have no plan entry: no lowbit method makes llama-quantize's fit, the file is their origin.
 """
 
 from pathlib import Path
@@ -22,12 +27,15 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..formats import KQuant
+from ..formats.kquant import TYPES as KQUANT_TYPES
 from .ggml_blocks import from_blocks
 from .gguf_arch import ARCHES, gguf_name, row_order
 from .load import install_quantized
 from .save import quantization_config
 
-IMPORTED = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0)
+UNIFORM = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0)
+IMPORTED = UNIFORM + tuple(gguf.GGMLQuantizationType[name] for name in KQUANT_TYPES)
 
 
 def _rows_in_hf_order(config, hf_name: str, data: np.ndarray) -> np.ndarray:
@@ -39,10 +47,20 @@ def _rows_in_hf_order(config, hf_name: str, data: np.ndarray) -> np.ndarray:
     return out
 
 
+def kquant_from_blocks(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, int]) -> KQuant:
+    """A GGUF K-quant tensor's rows (uint8 [N, K/256 · block bytes]) as the KQuant they are (a copy:
+    `data` may be a read-only map of the file)."""
+    n, k = shape
+    t = KQUANT_TYPES[qtype.name]
+    if k % 256 or data.dtype != np.uint8 or data.shape != (n, k // 256 * t.nbytes):
+        raise LowbitError(f"{qtype.name} data of shape {list(data.shape)} does not hold a {n}×{k} weight")
+    return KQuant(torch.from_numpy(np.array(data)), qtype.name, (n, k))
+
+
 def import_gguf(path: Path, model: nn.Module) -> dict | None:
-    """Replace `model`'s (loaded from `path` by transformers) Q4_0/Q8_0 layers by quantized modules
-    holding the file's blocks; the quantization_config that records them, or None when there is none
-    (or the architecture is not one lowbit maps)."""
+    """Replace `model`'s (loaded from `path` by transformers) Q4_0/Q8_0 and K-quant layers by
+    quantized modules holding the file's blocks; the quantization_config that records them, or None
+    when there is none (or the architecture is not one lowbit maps)."""
     config = model.config
     if config.model_type not in ARCHES:
         return None
@@ -61,11 +79,13 @@ def import_gguf(path: Path, model: nn.Module) -> dict | None:
         if t is None or t.tensor_type not in IMPORTED:
             continue
         data = _rows_in_hf_order(config, f"{name}.weight", np.asarray(t.data))
-        qt = from_blocks(data, t.tensor_type, tuple(module.weight.shape))
+        shape = tuple(module.weight.shape)
+        qt = from_blocks(data, t.tensor_type, shape) if t.tensor_type in UNIFORM else \
+            kquant_from_blocks(data, t.tensor_type, shape)
         if not torch.equal(qt.dequantize(), module.weight.detach().float()):
             raise LowbitError(f"{path}: tensor {t.name} does not decode to the weight transformers read for "
                               f"{name}: a GGUF lowbit cannot map")
-        modules[name], specs[name] = qt.meta(), qt.bits
+        modules[name], specs[name] = qt.meta(), qt.bits if t.tensor_type in UNIFORM else None
         state.update({f"{name}.{k}": v for k, v in qt.tensors().items()})
         if getattr(module, "bias", None) is not None:
             state[f"{name}.bias"] = module.bias.detach()
@@ -74,5 +94,5 @@ def import_gguf(path: Path, model: nn.Module) -> dict | None:
         return None
     install_quantized(model, modules, state, config.dtype or torch.float32, path, shared)
     plan = [{"spec": {"method": "rtn", "bits": bits, "group_size": 32, "sym": True},
-             "layers": [n for n in modules if specs[n] == bits]} for bits in sorted(set(specs.values()))]
+             "layers": [n for n in modules if specs[n] == bits]} for bits in sorted(set(specs.values()) - {None})]
     return quantization_config(model, {"plan": plan, "source": str(path), "imported": "gguf"})
