@@ -1,11 +1,16 @@
 """QuantX recipes on the embedded SmolLM2-135M (issue 18): recipes vs our uniform schemes vs llama.cpp's types.
 
     python benchmarks/recipes.py [--targets 2.5 3 3.5 4 4.5] [--candidates default] [--samples 128]
-        [--windows N] [--no-llamacpp] [--png recipes.png] [--reports DIR] [--proxy] [--domains] [--tps N] [--quick]
+        [--sensitivity-samples 32] [--sensitivity FILE] [--rows recipes uniform llamacpp] [--all-uniform]
+        [--windows N] [--png recipes.png] [--reports DIR] [--proxy] [--domains] [--tps N] [--quick]
+    python benchmarks/recipes.py --merge LOG... [--targets ...] [--png recipes.png]
 
-Main table: one sensitivity pass (timed: the search time; its peak RSS printed), then per target bpw the
+Main table: one sensitivity pass (`--sensitivity-samples` x 512, QuantX's default 32: timed, in wall and
+CPU seconds, the search time; its peak RSS printed; with `--sensitivity FILE` read from FILE when it
+exists, else written there, so runs split by `--rows` share it), then per target bpw the
 recipe (GPTQ on the chosen formats, calibration `--samples` x 512 of the pydoc split), every uniform
-GPTQ scheme of the candidate grid, and llama.cpp's Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M and Q4_0 made by
+GPTQ scheme of the candidate grid at no more bits per weight than the largest target (`--all-uniform`:
+the 8-bit ones too), and llama.cpp's Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M and Q4_0 made by
 its own quantizer from the same float weights (the shipped Q4_1, dequantized and requantized by
 llama_model_quantize with allow_requantize; benchmarks/vs_llamacpp.py builds it); every model scored
 by lowbit on the same held-out text (pydoc: in domain; prose: out of domain), its KLD against the
@@ -19,6 +24,8 @@ domain (matplotlib: the test extra); `--reports DIR` writes each recipe's per-la
 layer alone, every layer x 3 RTN candidates. --domains: RTN/GPTQ/AWQ W4 g128 calibrated on pydoc and on
 mixed, ppl in and out of domain. --tps N: a --target-tps recipe and its measured decode speed.
 --quick: two targets, four RTN candidates (g64), 8 x 256 calibration, 2 windows (proves the script works).
+`--rows` runs a part (each row is printed as one JSON line as it is done); `--merge` reads those lines
+from the runs' logs and prints the tables (and the PNG) of all of them.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from lowbit.recipes import EDGE, Plan, QuantX, candidates, edge_names
 from lowbit.recipes import recipe_report
 from lowbit.recipes.apply import apply, replace
 from lowbit.recipes.quantx import plan as recipe_plan
-from lowbit.recipes.sensitivity import block_linears, measure, rank_correlation
+from lowbit.recipes.cost import bits_per_weight
+from lowbit.recipes.sensitivity import Sensitivity, block_linears, measure, rank_correlation
 
 LLAMA_TYPES = {"Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q4_0": 2}  # llama.h ftypes
 BLOCK_TENSOR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
@@ -101,7 +109,7 @@ def llama_rows(src, texts, windows) -> list[dict]:
         model = load_any(path).model
         rows.append({"model": f"llama.cpp {name}", "bpw": bpw, "file_bytes": path.stat().st_size,
                      "decode_tps": speed["tg64"], **score(model, src, texts, windows)})
-        print(json.dumps(rows[-1]), flush=True)
+        print("ROW", json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -149,10 +157,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 4.5])
     ap.add_argument("--candidates", nargs="+", default=["default"])
-    ap.add_argument("--samples", type=int, default=128, help="calibration windows (sensitivity and GPTQ)")
+    ap.add_argument("--samples", type=int, default=128, help="calibration windows (GPTQ)")
+    ap.add_argument("--sensitivity-samples", type=int, default=QuantX.sensitivity_samples,
+                    help="calibration windows of the sensitivity pass (QuantX's default)")
+    ap.add_argument("--sensitivity", help="read the sensitivity pass from this JSON file, or write it there")
+    ap.add_argument("--rows", nargs="+", default=["recipes", "uniform", "llamacpp"],
+                    choices=["recipes", "uniform", "llamacpp"])
+    ap.add_argument("--all-uniform", action="store_true", help="also the uniform schemes above the largest target")
+    ap.add_argument("--merge", nargs="+", help="only the tables (and --png) of these runs' logs")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, help="evaluation windows per corpus (default: all)")
-    ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--png", help="draw ppl against bpw here (matplotlib)")
     ap.add_argument("--reports", help="write each recipe's per-layer report (markdown) into this directory")
     ap.add_argument("--proxy", action="store_true", help="only the proxy-vs-KLD table")
@@ -161,8 +175,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a short run that proves the script works")
     a = ap.parse_args()
     if a.quick:
-        a.targets, a.samples, a.seq_len, a.windows = [3.0, 4.0], 8, 256, a.windows or 2
+        a.targets, a.samples, a.sensitivity_samples, a.seq_len, a.windows = [3.0, 4.0], 8, 8, 256, a.windows or 2
         a.candidates = ["rtn:W2-g64-asym", "rtn:W3-g64-asym", "rtn:W4-g64-sym", "rtn:W8-g64-sym"]
+    if a.merge:
+        return merge(a.merge, a)
     src, _ = start(f"candidates {' '.join(a.candidates)}; calibration {a.samples} x {a.seq_len}; "
                    f"windows {a.windows or 'all'}")
     texts = {"pydoc": load_text("eval", "pydoc"), "prose": load_text("eval", "prose")}
@@ -172,16 +188,12 @@ def main() -> None:
         return domains(src, texts, a)
 
     specs = candidates.parse(a.candidates)
-    t0 = time.perf_counter()
-    sens = measure(src.model, src.tokenizer, load_text("calib"), specs, block_linears(src.model), a.samples, a.seq_len)
-    search_s = time.perf_counter() - t0
-    print(f"sensitivity pass: {search_s:.0f} s, {len(specs)} candidates x {len(sens.loss)} layers, "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", flush=True)
+    sens, search_s = sensitivity(src, specs, a) if "recipes" in a.rows else (None, None)
     edges = {n: EDGE for n in edge_names(src.model) if n is not None}
     rows = []
     budgets = [QuantX(target_bpw=t, candidates=tuple(a.candidates)) for t in a.targets]
     budgets += [QuantX(target_tps=a.tps, candidates=tuple(a.candidates))] if a.tps else []
-    for qx in budgets:
+    for qx in budgets if "recipes" in a.rows else []:
         t = time.perf_counter()
         recipe = recipe_plan(src.model, qx, src.tokenizer, "", edges, a.seq_len, False, sens=sens)
         solve_s = time.perf_counter() - t
@@ -189,28 +201,78 @@ def main() -> None:
         predicted = recipe_report.predict(src.model, recipe.plan, {r["layer"]: r["loss"] for r in recipe.rows})
         rows.append({"model": f"recipe {json.dumps(recipe.summary['target'])}", "bpw": body_bpw(q.model),
                      "predicted": {**recipe.summary["predicted"], "tokens_per_s": predicted["tokens_per_s"]},
+                     "choices": _count(r["choice"] for r in recipe.rows),
                      "solve_s": solve_s, "decode_tps": decode_tps(q), **score(q.model, src, texts, a.windows)})
         if a.reports:
             report = recipe_report.measured(predicted, measured)
             recipe_report.write(Path(a.reports) / f"recipe-{qx.target[0]}-{qx.target[1]:g}.md",
                                 {**recipe.summary, "report": report}, rows[-1]["decode_tps"])
-        print(json.dumps(rows[-1]), flush=True)
-    for spec in specs:
-        if spec.name == "ganq":
-            continue
+        print("ROW", json.dumps(rows[-1]), flush=True)
+    shapes = [tuple(src.model.get_submodule(n).weight.shape) for n in block_linears(src.model)]
+    uniform = [s for s in specs if s.name != "ganq" and (a.all_uniform or _bpw(s, shapes) <= max(a.targets) + 1e-9)]
+    for spec in uniform if "uniform" in a.rows else []:
         q, _ = quantized(src, with_edges(src, Plan.over(src.model, spec, block_linears(src.model)).layers), a)
         rows.append({"model": f"uniform {candidates.name(spec)}", "bpw": body_bpw(q.model),
                      "decode_tps": decode_tps(q), **score(q.model, src, texts, a.windows)})
-        print(json.dumps(rows[-1]), flush=True)
-    if not a.no_llamacpp:
+        print("ROW", json.dumps(rows[-1]), flush=True)
+    if "llamacpp" in a.rows:
         rows += llama_rows(src, texts, a.windows)
-    report(rows, a.targets, search_s)
+    report(rows, a.targets if "recipes" in a.rows else [], search_s)
     if a.png:
         draw(rows, a.png)
 
 
-def report(rows: list[dict], targets: list[float], search_s: float) -> None:
-    print(f"\nsearch (sensitivity) {search_s:.0f} s\n")
+def _count(tokens) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in tokens:
+        counts[t] = counts.get(t, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _bpw(spec, shapes) -> float:
+    """A uniform scheme's bits per weight over the decoder blocks' linear layers."""
+    return sum(bits_per_weight(spec, s) * s[0] * s[1] for s in shapes) / sum(s[0] * s[1] for s in shapes)
+
+
+def sensitivity(src, specs, a) -> tuple[Sensitivity, float | None]:
+    """The sensitivity pass (timed: wall and this process's CPU seconds), or the one stored in
+    `a.sensitivity` (its time unknown here: None)."""
+    path = Path(a.sensitivity) if a.sensitivity else None
+    if path is not None and path.is_file():
+        d = json.loads(path.read_text())
+        print(f"sensitivity pass read from {path} ({d['seconds']:.0f} s when measured)", flush=True)
+        return Sensitivity({n: tuple(s) for n, s in d["shapes"].items()}, d["loss"], d["tokens"]), d["seconds"]
+    t0, c0 = time.perf_counter(), time.process_time()
+    sens = measure(src.model, src.tokenizer, load_text("calib"), specs, block_linears(src.model),
+                   a.sensitivity_samples, a.seq_len)
+    search_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    print(f"sensitivity pass: {search_s:.0f} s wall, {cpu_s:.0f} CPU-s, {len(specs)} candidates x {len(sens.loss)} "
+          f"layers, {a.sensitivity_samples} x {a.seq_len} tokens, "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", flush=True)
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**sens.to_dict(), "seconds": search_s, "cpu_s": cpu_s}))
+        tmp.replace(path)
+    return sens, search_s
+
+
+def merge(logs: list[str], a) -> None:
+    """The tables (and PNG) of the rows printed by earlier runs (lines 'ROW {json}')."""
+    rows = []
+    for log in logs:
+        for line in Path(log).read_text().splitlines():
+            body = line[4:] if line.startswith("ROW ") else None
+            if body:
+                rows.append(json.loads(body))
+    targets = [t for t in a.targets if any(r["model"] == f"recipe {json.dumps({'bpw': t})}" for r in rows)]
+    report(rows, targets, None)
+    if a.png:
+        draw(rows, a.png)
+
+
+def report(rows: list[dict], targets: list[float], search_s: float | None) -> None:
+    if search_s is not None:
+        print(f"\nsearch (sensitivity) {search_s:.0f} s\n")
     print("| model | bpw (blocks) | pydoc ppl | pydoc KLD | prose ppl | prose KLD | decode tok/s (predicted) |"
           "\n|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: r["bpw"]):

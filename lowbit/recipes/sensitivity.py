@@ -11,8 +11,15 @@ sum is the recipe's predicted loss: errors of different layers treated as indepe
 the first-order assumption of every mixed-precision allocator from HAWQ to llama.cpp's imatrix).
 Each candidate is made by its own method on the layer's float inputs (the float model's, block after
 block: what a layer's error costs with the rest exact), so the loss is that of the QTensor the recipe
-would store. Streaming: the block runner holds one decoder block, its inputs and its layers'
-Hessians at a time; the candidates' QTensors are dropped as soon as their loss is known.
+would store. Streaming: one decoder block, its inputs and its Hessians at a time; a lazy model's
+block is read before and dropped (to meta) after. The work is shared as far as the maths allows:
+  - one H per distinct layer input (q/k/v read one tensor, gate/up another): 3 Hessians a block, not 7;
+  - the float block runs once (its outputs are the next block's inputs: nothing is quantized);
+  - GPTQ candidates of the layers that share an H are one stacked GPTQ pass (methods/gptq.py
+    quantize_many: rows are independent under one H⁻¹), up to STACK weights at a time, so its
+    Python-bound column loop runs once per input, not once per layer and candidate (bit-identical to
+    quantizing each alone);
+  - the losses of a stack are one matmul: the row sums of (ΔW H) ∘ ΔW, summed per layer.
 benchmarks/recipes.py checks the proxy against the model-level KL divergence of quantizing one
 layer alone (Spearman rank correlation).
 """
@@ -24,12 +31,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calib.runner import LayerStats, calibration_batches, quantize_blocks
+from tqdm.auto import tqdm
+
+from ..calib.runner import LayerStats, calibration_batches
 from ..errors import LowbitError
 from ..methods import METHODS, MethodConfig
+from ..methods.gptq import quantize_many
 from ..models import LazyBlocks
+from ..models.blocks import capture_inputs, decoder_layers, run_block
 from .candidates import fits, name
 from .plan import block_prefix
+
+STACK = 2**24  # weights quantized in one stacked GPTQ pass (64 MB of fp32 per copy; a 7B layer goes alone)
 
 
 @dataclass
@@ -67,12 +80,80 @@ def block_linears(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
 
 
+def shared_stats(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict,
+                 names: dict[int, str]) -> tuple[list[tuple[list[str], LayerStats]], list[torch.Tensor]]:
+    """Run the float block once over the samples: the statistics of each distinct input of the linears
+    in `names` (module id -> name), with the layers that read it ([names], stats), and the outputs."""
+    groups: dict[str, tuple[list[str], LayerStats]] = {}
+    reader: dict[str, str] = {}  # layer -> the first layer that read the same input (its group's key)
+    last: list = [None, None]  # the input tensor the previous hooked layer read, and that layer
+
+    def hook(module, args):
+        layer, x = names[id(module)], args[0]
+        if layer not in reader:  # first sample: a layer reading the very tensor its predecessor read shares
+            reader[layer] = reader[last[1]] if last[0] is x else layer
+            if reader[layer] == layer:
+                groups[layer] = ([], LayerStats(torch.zeros(x.shape[-1], x.shape[-1]), torch.zeros(x.shape[-1])))
+            groups[reader[layer]][0].append(layer)
+        last[:] = [x, layer]
+        if reader[layer] == layer:
+            groups[layer][1].add(x)
+
+    hooks = [m.register_forward_pre_hook(hook) for m in block.modules() if id(m) in names]
+    try:
+        outputs = run_block(block, inputs, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(groups.values()), outputs
+
+
+def _stacks(specs: list[MethodConfig], rows: int, cols: int) -> list[tuple[MethodConfig, ...]]:
+    """GPTQ specs in runs that share one quantize_many call: same damp, block size and act order, at
+    most STACK weights (rows × cols × specs) at a time (one spec at least)."""
+    runs: list[list[MethodConfig]] = []
+    for spec in specs:
+        run = runs[-1] if runs else None
+        if run and (run[0].damp, run[0].block_size, run[0].act_order) == (spec.damp, spec.block_size, spec.act_order) \
+                and (len(run) + 1) * rows * cols <= STACK:
+            run.append(spec)
+        else:
+            runs.append([spec])
+    return [tuple(r) for r in runs]
+
+
+def group_losses(weights: list[torch.Tensor], stats: LayerStats,
+                 specs: tuple[MethodConfig, ...]) -> list[dict[str, float]]:
+    """The loss of every spec (each fitting all `weights`) on each of `weights`, layers that share
+    `stats` (one input): a dict per layer, candidate token -> loss."""
+    w = torch.cat([x.detach().float() for x in weights]) if len(weights) > 1 else weights[0].detach().float()
+    bounds = torch.tensor([0] + [x.shape[0] for x in weights]).cumsum(0).tolist()
+    out: list[dict[str, float]] = [{} for _ in weights]
+
+    def record(run: tuple[MethodConfig, ...], dequantized: list[torch.Tensor]) -> None:
+        dw = torch.cat(dequantized) - w.repeat(len(run), 1) if len(run) > 1 else dequantized[0] - w
+        per_row = ((dw @ stats.hessian) * dw).sum(1) / max(stats.tokens, 1)
+        for c, spec in enumerate(run):
+            offset = c * w.shape[0]
+            for i in range(len(weights)):
+                out[i][name(spec)] = float(per_row[offset + bounds[i]: offset + bounds[i + 1]].sum())
+
+    gptq = [s for s in specs if s.name == "gptq"]
+    for run in _stacks(gptq, *w.shape):
+        record(run, [qt.dequantize() for qt in quantize_many(w, stats, run)])
+    for spec in specs:
+        if spec.name != "gptq":
+            record((spec,), [torch.cat([METHODS[spec.name].quantize(x, stats, spec).dequantize() for x in weights])])
+    return out
+
+
 @torch.no_grad()
 def measure(model: nn.Module, tokenizer, text: str, candidates: tuple[MethodConfig, ...],
             layers: list[str] | None = None, samples: int = 32, seq_len: int = 512, progress: bool = True,
             lazy: LazyBlocks | None = None) -> Sensitivity:
     """The predicted loss of every candidate that fits each of `layers` (default: every linear inside
-    the decoder blocks), from `samples` windows of `seq_len` tokens of `text`. The model is unchanged."""
+    the decoder blocks), from `samples` windows of `seq_len` tokens of `text`. The model is unchanged
+    (a `lazy` model's blocks are read one at a time and go back to meta)."""
     names = block_linears(model) if layers is None else list(layers)
     modules = dict(model.named_modules())
     missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
@@ -81,22 +162,28 @@ def measure(model: nn.Module, tokenizer, text: str, candidates: tuple[MethodConf
     by_id = {id(modules[n]): n for n in names}
     shapes = {n: tuple(modules[n].weight.shape) for n in names}
     loss: dict[str, dict[str, float]] = {n: {} for n in names}
-    seen = []
-
-    def step(block, inputs, kwargs, fp_outputs, stats):
-        for local, m in block.named_modules():
-            full = by_id.get(id(m))
-            if full is None:
-                continue
-            w = m.weight.detach()
-            for spec in candidates:
-                if fits(spec, w.shape[1]):
-                    qt = METHODS[spec.name].quantize(w, stats[local], spec)
-                    loss[full][name(spec)] = output_error(w, qt.dequantize(), stats[local])
-                    del qt
-            seen.append(stats[local].tokens)
-        return {}
-
-    batches = calibration_batches(tokenizer, text, samples, seq_len)
-    quantize_blocks(model, batches, step, progress, lazy=lazy)
-    return Sensitivity(shapes, loss, max(seen, default=0))
+    tokens = 0
+    inputs, kwargs = capture_inputs(model, calibration_batches(tokenizer, text, samples, seq_len))
+    blocks = decoder_layers(model)
+    wanted = [any(id(m) in by_id for m in block.modules()) for block in blocks]
+    last = max(i for i, w in enumerate(wanted) if w) if any(wanted) else -1
+    for i, block in enumerate(tqdm(blocks[:last + 1], desc="sensitivity", unit="block", disable=not progress)):
+        if lazy is not None:
+            lazy.load(i)
+        if not wanted[i]:
+            inputs = run_block(block, inputs, kwargs[i])
+        else:
+            groups, inputs = shared_stats(block, inputs, kwargs[i], by_id)
+            for members, stats in groups:
+                cols = shapes[members[0]][1]
+                fitting = tuple(s for s in candidates if fits(s, cols))
+                stacked = sum(shapes[n][0] for n in members) * cols <= STACK
+                for part in [members] if stacked else [[n] for n in members]:
+                    for n, found in zip(part, group_losses([modules[n].weight for n in part], stats, fitting)):
+                        loss[n].update(found)
+                tokens = max(tokens, stats.tokens)
+            del groups
+        if lazy is not None:  # back to meta: the next read of this block is from the shards again
+            block.to("meta")
+            lazy.loaded.discard(i)
+    return Sensitivity(shapes, loss, tokens)
