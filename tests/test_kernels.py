@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import lowbit
 from lowbit import kernels
 from lowbit.cli import main
-from lowbit.formats import BITS, CODEBOOK_BITS, GROUP_SIZES, KINDS, CodebookQ, UniformQ
+from lowbit.formats import BITS, CODEBOOK_BITS, GROUP_SIZES, KINDS, CodebookQ, KQuant, UniformQ
+from lowbit.formats.kquant import BY_BITS as KQUANT_TYPES
 from lowbit.kernels import describe_table, kernel_for, reference, table
 from lowbit.kernels.cpu import build, codegen
 from lowbit.kernels.cpu import isa as isa_mod
@@ -38,7 +39,7 @@ def test_reference_matches_f_linear(bits, group_size, sym, n, k, batch):
 
 # (kind, bit widths its format allows): every one needs a native CPU row on every ISA, unless listed in
 # REFERENCE_ONLY (none today), so a format or bit width the generator forgot fails here.
-FORMAT_BITS = {"uniform": BITS, "codebook": CODEBOOK_BITS}
+FORMAT_BITS = {"uniform": BITS, "codebook": CODEBOOK_BITS, "kquant": tuple(KQUANT_TYPES)}
 REFERENCE_ONLY: set[tuple[str, int]] = set()
 
 
@@ -46,6 +47,11 @@ def _random(kind: str, bits: int, n: int, k: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     if kind == "uniform":
         return UniformQ.from_float(torch.randn(n, k, generator=g), bits, 64, bits % 2 == 1)
+    if kind == "kquant":  # llama.cpp's fit of random weights (our packer), k a multiple of 256
+        from lowbit.io.kquants import quantize
+        from gguf import GGMLQuantizationType
+        blocks, _ = quantize(torch.randn(n, k, generator=g), GGMLQuantizationType[KQUANT_TYPES[bits]])
+        return KQuant(torch.from_numpy(blocks), KQUANT_TYPES[bits], (n, k))
     return CodebookQ.from_indices(torch.randint(0, 2**bits, (n, k), generator=g),
                                   torch.randn(n, -(-k // 64), 2**bits, generator=g), bits, 64)
 
@@ -76,6 +82,7 @@ def test_registry_dispatches_to_the_row_the_table_names(kind, thread_count):
     lib = build.load(isa)
     for bits in FORMAT_BITS[kind]:
         n, k = 37 + bits, 75 + 16 * bits  # odd rows, K neither a multiple of 32 nor of the group
+        k = k if kind != "kquant" else 256 * (1 + bits % 2)  # (K-quant rows: whole 256-weight super-blocks)
         qt = _random(kind, bits, n, k, seed=bits)
         row = table.select(qt, "cpu")
         assert row.isa == isa and row.activations != "int8" and row.available()

@@ -791,7 +791,7 @@ def entries(isa: str) -> tuple[Entry, ...]:
     activations (BITS), on int8 (INT8_BITS, where the ISA has an integer dot), CodebookQ (CODEBOOK_BITS,
     on int16 activations where its tables are T16), unquantized fp16 weights (FLOAT16), and UniformQ under
     an activation spec (c/tender.h, TENDER_ISAS; its own args, never `select`ed), and GGUF's K-quants
-    (KQuant, hand-written in c/kquant.h, on fp32 and int8 activations, every ISA)."""
+    (KQuant, hand-written in c/kquant.h, on fp32 activations and, where the ISA has an integer dot, int8)."""
     return (tuple(Entry("uniform", b, "fp32", f"lb_linear_b{b}") for b in BITS)
             + tuple(Entry("uniform", b, "int8", f"lb_linear_q_b{b}") for b in INT8_BITS if "dot8" in OPS[isa])
             + tuple(Entry("codebook", b, "int16-T16" if table16(isa, b) else "fp32", f"lb_linear_lut_b{b}")
@@ -799,7 +799,7 @@ def entries(isa: str) -> tuple[Entry, ...]:
             + (Entry(FLOAT16, 16, "fp32", "lb_linear_f16"),)
             + tuple(Entry("uniform", b, "tender", TENDER_SYMBOL) for b in BITS if isa in TENDER_ISAS)
             + tuple(Entry("kquant", b, act, f"lb_kquant{'_q' if act == 'int8' else ''}_b{b}")
-                    for b in KQUANT_BITS for act in ("fp32", "int8")))
+                    for b in KQUANT_BITS for act in ("fp32", "int8") if act == "fp32" or "dot8" in OPS[isa]))
 
 
 def entry(isa: str, kind: str, bits: int, activations: str) -> Entry | None:

@@ -12,7 +12,8 @@
    everywhere in lowbit (lb_xq_rows_task: xq, scale xd, sums xi), and here also xsum = xd·Σ x_q per
    16-block. Per super-block, with a_g = d·sc_g and b_g = dmin·m_g (symmetric: a_g·off):
        y += Σ_g a_g·xd_{g/2}·(Σ_{k∈g} c_k·xq_k) − Σ_g b_g·xsum_g
-   The code sums are integer dots (VNNI vpdpbusd, else maddubs + madd, or plain C), left in their
+   The code sums are integer dots (VNNI vpdpbusd, else maddubs + madd; x86 only, as UniformQ's int8
+   rows: the portable build runs the fp32 path), left in their
    lanes: lane l of a 64-code chunk t sums codes 4l..4l+3, group 4t + l/4, so the float step
    multiplies each lane by its group's factor (one permute) instead of reducing lanes first.
    Several tokens (prefill) share each decoded super-block: KQ_MT tokens per pass over a row.
@@ -131,7 +132,8 @@ static inline void kq_dec_q2k(const uint8_t *b, kq_sb *s) {
     s->d = kq_h2f(b + 80); s->dmin = kq_h2f(b + 82);
 }
 
-/* ---- int8 activations ---- */
+/* ---- int8 activations (x86: the ISAs with an integer dot) ---- */
+#if defined(__AVX2__)
 
 /* y[m0 + t][row] for t < mt tokens (mt <= KQ_MT): one pass over the row's super-blocks. */
 static inline __attribute__((always_inline)) void kq_row_q(const lb_args *a, int row, int m0, int mt,
@@ -200,23 +202,6 @@ static inline __attribute__((always_inline)) void kq_row_q(const lb_args *a, int
         }
     }
     for (int t = 0; t < mt; t++) out[t] = lb_hsum256(acc[t]) - lb_hsum256(accb[t]);
-#else
-    float acc[KQ_MT] = {0};
-    for (int sb = 0; sb < nsb; sb++, blk += nbytes) {
-        kq_sb s; dec(blk, &s);
-        uint8_t codes[256]; memcpy(codes, s.c, 256);
-        for (int t = 0; t < mt; t++) {
-            const int8_t *xq = a->xq + (m0 + t) * ldq + (size_t)sb * 256;
-            const float *xd = a->xd + (m0 + t) * ldd + (size_t)sb * 8, *xs = a->xsum + (m0 + t) * lds + (size_t)sb * 16;
-            for (int g = 0; g < 16; g++) {
-                int dot = 0;
-                for (int i = 0; i < 16; i++) dot += codes[16 * g + i] * xq[16 * g + i];
-                float ag = s.d * (float)s.sc[g], bg = affine ? s.dmin * (float)s.m[g] : ag * (float)off;
-                acc[t] += ag * xd[g / 2] * (float)dot - bg * xs[g];
-            }
-        }
-    }
-    for (int t = 0; t < mt; t++) out[t] = acc[t];
 #endif
     for (int t = 0; t < mt; t++) a->y[(size_t)(m0 + t) * a->n + row] = out[t] + (a->bias ? a->bias[row] : 0.0f);
 }
@@ -253,6 +238,12 @@ static void kq_linear_q(lb_args *a, lb_task task) {
     lb_pool_run(task, a, a->threads);
     free(a->xq); free(a->xd); free(a->xi); free(a->xsum);
 }
+
+#define KQ_INT8(bits) static void kq_q_task_b##bits(void *p, int tid, int nthr) { (void)nthr; kq_task_q(p, tid, KQ_ARGS_B##bits); } \
+    LB_EXPORT void lb_kquant_q_b##bits(lb_args *a) { kq_linear_q(a, kq_q_task_b##bits); }
+#else
+#define KQ_INT8(bits)
+#endif
 
 /* ---- fp32 activations ---- */
 
@@ -306,15 +297,20 @@ static inline __attribute__((always_inline)) void kq_gemm_task(void *p, int tid,
 }
 
 /* The entry points of one type: lb_kquant_b<bits> (fp32) and lb_kquant_q_b<bits> (int8). */
-#define KQ_ENTRIES(bits, dec, nbytes, affine, off)                                                              \
-    static void kq_q_task_b##bits(void *p, int tid, int nthr) { (void)nthr; kq_task_q(p, tid, dec, nbytes, affine, off); } \
-    static void kq_gemv_task_b##bits(void *p, int tid, int nthr) { (void)nthr; kq_gemv_task(p, tid, dec, nbytes, affine, off); } \
-    static void kq_gemm_task_b##bits(void *p, int tid, int nthr) { (void)nthr; kq_gemm_task(p, tid, dec, nbytes, affine, off); } \
-    LB_EXPORT void lb_kquant_q_b##bits(lb_args *a) { kq_linear_q(a, kq_q_task_b##bits); }                            \
-    LB_EXPORT void lb_kquant_b##bits(lb_args *a) { lb_linear(a, kq_gemv_task_b##bits, kq_gemm_task_b##bits, NULL, NULL); }
+#define KQ_ENTRIES(bits)                                                                                          \
+    static void kq_gemv_task_b##bits(void *p, int tid, int nthr) { (void)nthr; kq_gemv_task(p, tid, KQ_ARGS_B##bits); } \
+    static void kq_gemm_task_b##bits(void *p, int tid, int nthr) { (void)nthr; kq_gemm_task(p, tid, KQ_ARGS_B##bits); } \
+    LB_EXPORT void lb_kquant_b##bits(lb_args *a) { lb_linear(a, kq_gemv_task_b##bits, kq_gemm_task_b##bits, NULL, NULL); } \
+    KQ_INT8(bits)
 
-KQ_ENTRIES(2, kq_dec_q2k, 84, 1, 0)
-KQ_ENTRIES(3, kq_dec_q3k, 110, 0, 4)
-KQ_ENTRIES(4, kq_dec_q4k, 144, 1, 0)
-KQ_ENTRIES(5, kq_dec_q5k, 176, 1, 0)
-KQ_ENTRIES(6, kq_dec_q6k, 210, 0, 32)
+/* decoder, bytes per super-block, affine, offset */
+#define KQ_ARGS_B2 kq_dec_q2k, 84, 1, 0
+#define KQ_ARGS_B3 kq_dec_q3k, 110, 0, 4
+#define KQ_ARGS_B4 kq_dec_q4k, 144, 1, 0
+#define KQ_ARGS_B5 kq_dec_q5k, 176, 1, 0
+#define KQ_ARGS_B6 kq_dec_q6k, 210, 0, 32
+KQ_ENTRIES(2)
+KQ_ENTRIES(3)
+KQ_ENTRIES(4)
+KQ_ENTRIES(5)
+KQ_ENTRIES(6)
