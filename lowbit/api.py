@@ -279,9 +279,9 @@ def recipe(source, qx: QuantX, out: str | os.PathLike | None = None, calib: str 
     YAML when given; the model is not changed. `lm_head`/`embeddings`: their own configs (the
     command line's EDGE) or False (float), counted in size and speed budgets."""
     text = texts.load("calib", calib)
-    start = _start(source, None, lazy=False)
+    start = _start(source, None, lazy=True)  # the search reads one block at a time: memory bounded as GPTQ's
     found = recipe_search.plan(start.model, qx, start.tokenizer, text, _edges(start.model, lm_head, embeddings),
-                               calib_seq_len, progress)
+                               calib_seq_len, progress, lazy=start.lazy)
     if out is not None:
         notes = {r["layer"]: f"predicted loss {r['loss']:.3g}, {r['bpw']:.3f} bpw" for r in found.rows}
         recipe_file.write(out, found.plan, {"source": start.source, **found.summary}, notes)

@@ -157,6 +157,12 @@ def test_recipe_file_round_trip_edit_apply_and_refusals(tiny, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(tiny), "--recipe", str(r), "-o", str(out), "--no-check"]) == 0
     assert lowbit.load(out).plan.layers == read.plan(lowbit.load(tiny).model).layers
+    eager = lowbit.load(tiny)  # the command read the blocks lazily, one at a time: the same recipe
+    same = plan(eager.model, QuantX(target_bpw=3.5, candidates=FAST, sensitivity_samples=4), eager.tokenizer,
+                lowbit.calib.builtin("calib"), {n: lowbit.RTN(bits=8, group_size=32) for n in read.layers
+                                               if not n.startswith("model.layers.")}, 48, progress=False)
+    assert {n: candidates.name(s) for n, s in same.plan.layers.items() if n.startswith("model.layers.")} == \
+        {n: candidates.name(s) for n, s in read.layers.items() if n.startswith("model.layers.")}
 
     # edited by hand: one regex group gives every down projection 8 bits, named layers still win
     edited = tmp_path / "edited.yaml"

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..methods import MethodConfig
+from ..models import LazyBlocks
 from .candidates import fits, name, parse
 from .cost import Machine, bits_per_weight, stored_bytes, this_machine
 from .plan import Plan, edge_names
@@ -173,11 +174,12 @@ def decode_seconds(model: nn.Module, layers: dict[str, MethodConfig],
 
 def plan(model: nn.Module, qx: QuantX, tokenizer, text: str, edges: dict[str, MethodConfig] | None = None,
          calib_seq_len: int = 512, progress: bool = True, machine: Machine | None = None,
-         sens: Sensitivity | None = None) -> Recipe:
+         sens: Sensitivity | None = None, lazy: LazyBlocks | None = None) -> Recipe:
     """The recipe for `model` under `qx`'s budget; `edges`: the head's and embedding's own specs (name ->
     config), `text` the calibration text for the sensitivity pass, `machine` the cost model's (default:
     this one, measured, for a speed budget); `sens`: a sensitivity measured before (with the same
-    candidates and text: one pass serves every budget)."""
+    candidates and text: one pass serves every budget); `lazy`: the loader of a model whose blocks are
+    on meta (read one at a time by the sensitivity pass, and left there)."""
     edges = dict(edges or {})
     specs = parse(qx.candidates)
     names = block_linears(model)
@@ -197,7 +199,8 @@ def plan(model: nn.Module, qx: QuantX, tokenizer, text: str, edges: dict[str, Me
         cost_of = lambda n, s: 8 * stored_bytes(s, shapes[n])
         fused_cost = lambda ms, s: sum(cost_of(m, s) for m in ms)
         budget = value * sum(r * c for r, c in shapes.values()) if kind == "bpw" else 8 * (value - fixed_bytes)
-    sens = sens or measure(model, tokenizer, text, specs, names, qx.sensitivity_samples, calib_seq_len, progress)
+    sens = sens or measure(model, tokenizer, text, specs, names, qx.sensitivity_samples, calib_seq_len, progress,
+                          lazy)
     items = [_options(members, specs, sens, cost_of, fused_cost, qx.fuse) for members in _fused_groups(names)]
     least = least_cost(items)
     if least > budget:
