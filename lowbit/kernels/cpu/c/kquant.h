@@ -50,9 +50,10 @@ static inline float kq_h2f(const uint8_t *p) {
 
 static inline kq_u8x32 kq_ld32(const uint8_t *p) { kq_u8x32 v; memcpy(&v, p, 32); return v; }
 static inline kq_u8x64 kq_ld64(const uint8_t *p) { kq_u8x64 v; memcpy(&v, p, 64); return v; }
-static inline kq_u8x64 kq_cat(kq_u8x32 lo, kq_u8x32 hi) {
-    union { kq_u8x32 h[2]; kq_u8x64 v; } u = {{lo, hi}};
-    return u.v;
+static inline kq_u8x64 kq_cat(kq_u8x32 lo, kq_u8x32 hi) {  /* in registers (a union would go through memory) */
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+                                   21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41,
+                                   42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
 }
 static const kq_u8x16 KQ_PAIRS = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7};  /* group of 16 -> of 32 */
 
@@ -146,8 +147,8 @@ static inline __attribute__((always_inline)) void kq_row_q(const lb_args *a, int
     const __m512i pairs = _mm512_cvtepu8_epi32((__m128i)KQ_PAIRS);
     __m512i lane[4];
     for (int t = 0; t < 4; t++) lane[t] = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(16 * t), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)), 2);
-    __m512 acc[KQ_MT], accb[KQ_MT];
-    for (int t = 0; t < mt; t++) acc[t] = accb[t] = _mm512_setzero_ps();
+    __m512 acc[KQ_MT][2], accb[KQ_MT];  /* two chains a token: an FMA's latency is not a chunk's work */
+    for (int t = 0; t < mt; t++) acc[t][0] = acc[t][1] = accb[t] = _mm512_setzero_ps();
     for (int sb = 0; sb < nsb; sb++, blk += nbytes) {
         LB_PREFETCH(blk + LB_PF_BYTES);
         kq_sb s; dec(blk, &s);
@@ -166,14 +167,14 @@ static inline __attribute__((always_inline)) void kq_row_q(const lb_args *a, int
 #else
                 __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16((__m512i)s.c[c], x), _mm512_set1_epi16(1));
 #endif
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(lane[c], fx), acc[t]);
+                acc[t][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(lane[c], fx), acc[t][c & 1]);
             }
         }
     }
-    for (int t = 0; t < mt; t++) out[t] = _mm512_reduce_add_ps(acc[t]) - _mm512_reduce_add_ps(accb[t]);
+    for (int t = 0; t < mt; t++) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) - _mm512_reduce_add_ps(accb[t]);
 #elif defined(__AVX2__)
-    __m256 acc[KQ_MT], accb[KQ_MT];
-    for (int t = 0; t < mt; t++) acc[t] = accb[t] = _mm256_setzero_ps();
+    __m256 acc[KQ_MT][2], accb[KQ_MT];
+    for (int t = 0; t < mt; t++) acc[t][0] = acc[t][1] = accb[t] = _mm256_setzero_ps();
     __m256i lane[4];  /* 32-code chunk u of a half: groups 2u, 2u + 1 */
     for (int u = 0; u < 4; u++) lane[u] = _mm256_setr_epi32(2 * u, 2 * u, 2 * u, 2 * u, 2 * u + 1, 2 * u + 1, 2 * u + 1, 2 * u + 1);
     for (int sb = 0; sb < nsb; sb++, blk += nbytes) {
@@ -197,11 +198,11 @@ static inline __attribute__((always_inline)) void kq_row_q(const lb_args *a, int
                 __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * c));
                 __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes.h[c], x), _mm256_set1_epi16(1));
                 __m256 fx = _mm256_mul_ps(_mm256_permutevar8x32_ps(f[c / 4], lane[c % 4]), _mm256_set1_ps(xd[c]));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fx, acc[t]);
+                acc[t][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fx, acc[t][c & 1]);
             }
         }
     }
-    for (int t = 0; t < mt; t++) out[t] = lb_hsum256(acc[t]) - lb_hsum256(accb[t]);
+    for (int t = 0; t < mt; t++) out[t] = lb_hsum256(_mm256_add_ps(acc[t][0], acc[t][1])) - lb_hsum256(accb[t]);
 #endif
     for (int t = 0; t < mt; t++) a->y[(size_t)(m0 + t) * a->n + row] = out[t] + (a->bias ? a->bias[row] : 0.0f);
 }
