@@ -95,3 +95,12 @@ def test_sampling_follows_the_distribution():
 def test_bad_values_are_refused(bad):
     with pytest.raises(LowbitError, match=next(iter(bad))):
         Sampler(SamplingParams(**bad))
+
+
+def test_draw_never_picks_a_token_of_probability_zero():
+    from lowbit.runtime.sampling import draw
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.0, 0.3, 0.0, 0.7, 0.0])
+    picks = torch.tensor([draw(probs, g) for _ in range(2000)])
+    assert set(picks.tolist()) == {1, 3}
+    assert abs(float((picks == 3).float().mean()) - 0.7) < 0.04

@@ -159,6 +159,10 @@ class Scheduler(threading.Thread):
 
     # ---- the thread ----------------------------------------------------------------------------------
     def run(self) -> None:
+        # This thread's torch work is one vocabulary-sized row per sequence (sampling, log-probabilities):
+        # a second OpenMP thread only adds a barrier per op and takes a core from the engine's pool
+        # (torch's thread count is per calling thread: other threads keep theirs).
+        torch.set_num_threads(1)
         while True:
             with self.cond:
                 while not self.stopping and not self.active and not self.waiting:

@@ -49,19 +49,39 @@ enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, NPRO
 static inline v8 ld8(const float *p) { v8 v; memcpy(&v, p, 32); return v; }
 static inline void st8(float *p, v8 v) { memcpy(p, &v, 32); }
 static inline v8 bc8(float x) { return (v8){x, x, x, x, x, x, x, x}; }  /* one vbroadcastss */
-#ifdef __F16C__
-#include <immintrin.h>  /* GCC scalarizes vector conversions from _Float16: use the F16C instruction */
+#if defined(__AVX__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#ifdef __F16C__  /* GCC scalarizes vector conversions from _Float16: use the F16C instruction */
 static inline v8 ldh8(const _Float16 *p) { return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 #else
 static inline v8 ldh8(const _Float16 *p) { v8 v; for (int i = 0; i < 8; i++) v[i] = (float)p[i]; return v; }
 #endif
+/* int8 and bf16 to fp32: GCC's generic conversions of these vector types are scalarized (the int8
+   cache's decode attention ran at half the fp16 cache's speed through them), so AVX2 uses intrinsics. */
+#ifdef __AVX2__
+static inline v8 ldc8(const int8_t *p) { return (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+static inline v8 ldb8(const uint16_t *p) {
+    return (v8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+}
+#else
 static inline v8 ldc8(const int8_t *p) {
     typedef int8_t v8c __attribute__((vector_size(8)));
     v8c c; memcpy(&c, p, 8);
     return __builtin_convertvector(__builtin_convertvector(c, v8i), v8);
 }
 static inline v8 ldb8(const uint16_t *p) { v8u h; memcpy(&h, p, 16); return (v8)(__builtin_convertvector(h, v8i) << 16); }
+#endif
 static inline float hsum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+/* out[i] = hsum8(a_i), four at once (AVX: two rounds of pairwise adds and one of halves) */
+static inline void hsum8x4(v8 a0, v8 a1, v8 a2, v8 a3, float *out) {
+#ifdef __AVX__
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps((__m256)a0, (__m256)a1), _mm256_hadd_ps((__m256)a2, (__m256)a3));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+#else
+    out[0] = hsum8(a0); out[1] = hsum8(a1); out[2] = hsum8(a2); out[3] = hsum8(a3);
+#endif
+}
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {  /* round to nearest even */
     uint32_t u; memcpy(&u, &f, 4);
@@ -245,9 +265,34 @@ static void gated(int act, const float *g, const float *u, int n, float *out) {
 typedef struct { eng *E; int layer, m; const int *rows; const float *q; int ldq; float *out; } att_job;
 
 #define KTILE 16  /* keys per Q·K^T tile */
+#ifdef __AVX512F__
+#define PV_HEADS 4  /* query heads per P·V pass: 4 x 4 accumulators + 4 V vectors fit 32 registers */
+#else
+#define PV_HEADS 2  /* 16 registers: 2 x 4 accumulators + 4 V vectors */
+#endif
+
+/* P·V for heads [h0, h0 + HN) over dims [d0, d0 + 32): each cached V row's 32 dims are converted once
+   and meet the HN heads' probabilities (rows of sc, max_ctx apart) in HN x 4 register accumulators. */
+#define PV_BLOCK(HN, T, LD8) do {                                                                   \
+    v8 a_[HN][4];                                                                                   \
+    for (int h = 0; h < HN; h++) a_[h][0] = a_[h][1] = a_[h][2] = a_[h][3] = (v8){0};               \
+    const T *vr = vb + (size_t)lo * hd + d0;                                                        \
+    for (int t = 0; t < len; t++, vr += hd) {                                                       \
+        v8 w0 = LD8(vr), w1 = LD8(vr + 8), w2 = LD8(vr + 16), w3 = LD8(vr + 24);                    \
+        for (int h = 0; h < HN; h++) {                                                              \
+            v8 p = bc8(sc[(size_t)(h0 + h) * E->max_ctx + t]);                                      \
+            a_[h][0] += p * w0; a_[h][1] += p * w1; a_[h][2] += p * w2; a_[h][3] += p * w3;         \
+        }                                                                                           \
+    }                                                                                               \
+    for (int h = 0; h < HN; h++) {                                                                  \
+        float *o = out + (size_t)(h0 + h) * hd + d0; v8 iv = bc8(1.0f / sum[h0 + h]);               \
+        st8(o, a_[h][0] * iv); st8(o + 8, a_[h][1] * iv); st8(o + 16, a_[h][2] * iv); st8(o + 24, a_[h][3] * iv); \
+    }                                                                                               \
+} while (0)
 
 /* One token's `nh` query heads (one KV group: they share every K and V row, converted to fp32 once)
-   at position p against cached positions [lo, p]; sc holds nh rows of max_ctx scores. */
+   at position p against cached positions [lo, p]; sc holds nh rows of max_ctx scores. An int8 cache's
+   row scales (ks, vs) multiply the scores and the probabilities, not the rows: one product per key. */
 #define ATTEND(NAME, T, LD8, LD1, COPY)                                                             \
 static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, const float *ks,       \
                  const float *vs, int p, const float *q, int nh, float *out, float *sc) {           \
@@ -261,7 +306,6 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, con
             int c = 0;                                                                              \
             for (; c + 8 <= nt * hd; c += 8) st8(tile + c, LD8(kr + c));                            \
             for (; c < nt * hd; c++) tile[c] = LD1(kr[c]);                                          \
-            if (ks) for (int j = 0; j < nt; j++) for (int d = 0; d < hd; d++) tile[j * hd + d] *= ks[lo + t0 + j]; \
         } else kt = (const float *)kr;                                                              \
         for (int h = 0; h < nh; h++) {                                                              \
             const float *qh = q + (size_t)h * hd; float *sh = sc + (size_t)h * E->max_ctx + t0;     \
@@ -274,41 +318,54 @@ static void NAME(const eng *E, const eng_layer *Y, const T *kb, const T *vb, con
                     a0 += x * ld8(k0 + d); a1 += x * ld8(k0 + hd + d);                              \
                     a2 += x * ld8(k0 + 2 * hd + d); a3 += x * ld8(k0 + 3 * hd + d);                 \
                 }                                                                                   \
-                sh[j] = hsum8(a0); sh[j + 1] = hsum8(a1); sh[j + 2] = hsum8(a2); sh[j + 3] = hsum8(a3); \
+                hsum8x4(a0, a1, a2, a3, sh + j);                                                    \
             }                                                                                       \
             for (; j < nt; j++) sh[j] = dot(qh, kt + (size_t)j * hd, hd);                           \
         }                                                                                           \
     }                                                                                               \
     for (int h = 0; h < nh; h++) {  /* scale, soft-cap, softmax (normalised after P·V) */           \
-        float *sh = sc + (size_t)h * E->max_ctx, mx = -INFINITY; int t;                            \
-        for (t = 0; t < len; t++) {                                                                 \
-            float v = sh[t] * Y->scale;                                                             \
-            if (Y->softcap > 0) v = tanhf(v / Y->softcap) * Y->softcap;                             \
-            sh[t] = v; mx = v > mx ? v : mx;                                                        \
-        }                                                                                           \
-        sum[h] = 0;                                                                                 \
-        for (t = 0; t + 8 <= len; t += 8) { v8 e = exp8(ld8(sh + t) - mx); st8(sh + t, e); sum[h] += hsum8(e); } \
-        for (; t < len; t++) { sh[t] = expf(sh[t] - mx); sum[h] += sh[t]; }                         \
-        if (vs) for (t = 0; t < len; t++) sh[t] *= vs[lo + t];  /* int8 V: each row's scale */     \
-    }                                                                                               \
-    for (int h = 0; h < nh; h++) {  /* P·V, 32 output dims at a time in registers */              \
-        const float *sh = sc + (size_t)h * E->max_ctx; float *o = out + (size_t)h * hd, inv = 1.0f / sum[h]; \
-        int d0 = 0;                                                                                 \
-        for (; d0 + 32 <= hd; d0 += 32) {                                                           \
-            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                              \
-            const T *vr = vb + (size_t)lo * hd + d0;                                                \
-            for (int t = 0; t < len; t++, vr += hd) {                                               \
-                v8 w = bc8(sh[t]);                                                                  \
-                a0 += w * LD8(vr); a1 += w * LD8(vr + 8); a2 += w * LD8(vr + 16); a3 += w * LD8(vr + 24); \
+        float *sh = sc + (size_t)h * E->max_ctx, mx = -INFINITY; int t = 0;                         \
+        if (Y->softcap > 0)                                                                         \
+            for (; t < len; t++) {                                                                  \
+                float v = tanhf(sh[t] * Y->scale * (ks ? ks[lo + t] : 1.0f) / Y->softcap) * Y->softcap; \
+                sh[t] = v; mx = v > mx ? v : mx;                                                    \
             }                                                                                       \
-            st8(o + d0, a0 * inv); st8(o + d0 + 8, a1 * inv); st8(o + d0 + 16, a2 * inv); st8(o + d0 + 24, a3 * inv); \
+        else {                                                                                      \
+            v8 vm = bc8(-INFINITY), s8 = bc8(Y->scale);                                             \
+            for (; t + 8 <= len; t += 8) {                                                          \
+                v8 v = ld8(sh + t) * s8;                                                            \
+                if (ks) v *= ld8(ks + lo + t);                                                      \
+                st8(sh + t, v); vm = vmax8(vm, v);                                                  \
+            }                                                                                       \
+            for (int i = 0; i < 8; i++) mx = vm[i] > mx ? vm[i] : mx;                               \
+            for (; t < len; t++) {                                                                  \
+                float v = sh[t] * Y->scale * (ks ? ks[lo + t] : 1.0f);                              \
+                sh[t] = v; mx = v > mx ? v : mx;                                                    \
+            }                                                                                       \
         }                                                                                           \
-        for (int d = d0; d < hd; d++) {                                                             \
-            float a = 0;                                                                            \
-            for (int t = 0; t < len; t++) a += sh[t] * LD1(vb[(size_t)(lo + t) * hd + d]);          \
-            o[d] = a * inv;                                                                         \
+        v8 acc = {0}; float tail = 0;                                                               \
+        for (t = 0; t + 8 <= len; t += 8) {  /* int8 V: each row's scale goes into its probability */ \
+            v8 e = exp8(ld8(sh + t) - mx); acc += e;                                                \
+            st8(sh + t, vs ? e * ld8(vs + lo + t) : e);                                             \
         }                                                                                           \
+        for (; t < len; t++) { float e = expf(sh[t] - mx); tail += e; sh[t] = vs ? e * vs[lo + t] : e; } \
+        sum[h] = hsum8(acc) + tail;                                                                 \
     }                                                                                               \
+    int d0 = 0;                                                                                     \
+    for (; d0 + 32 <= hd; d0 += 32)                                                                 \
+        for (int h0 = 0; h0 < nh; h0 += PV_HEADS)                                                   \
+            switch (nh - h0 < PV_HEADS ? nh - h0 : PV_HEADS) {                                      \
+            case 1: PV_BLOCK(1, T, LD8); break;                                                     \
+            case 2: PV_BLOCK(2, T, LD8); break;                                                     \
+            case 3: PV_BLOCK(3, T, LD8); break;                                                     \
+            default: PV_BLOCK(PV_HEADS, T, LD8); break;                                             \
+            }                                                                                       \
+    for (int h = 0; h < nh; h++)  /* dims past the last multiple of 32 */                           \
+        for (int d = d0; d < hd; d++) {                                                             \
+            const float *sh = sc + (size_t)h * E->max_ctx; float a = 0;                             \
+            for (int t = 0; t < len; t++) a += sh[t] * LD1(vb[(size_t)(lo + t) * hd + d]);          \
+            out[(size_t)h * hd + d] = a / sum[h];                                                   \
+        }                                                                                           \
 }
 #define F1(v) (v)
 ATTEND(attend_f32, float, ld8, F1, 0)

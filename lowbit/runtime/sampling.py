@@ -6,6 +6,12 @@ A constrained sequence (runtime/constrained.py) passes the tokens its grammar al
 logit is -inf after the penalties, so neither the truncations nor greedy can pick outside the grammar.
 Log-probabilities reported to clients are the model's own, log_softmax of the raw logits (before
 penalties and temperature), as vLLM reports them: what lm-eval's scoring and a calibration check need.
+
+The draw is by inverse CDF: one uniform u from the seeded generator, the first token whose cumulative
+probability (float64, so no token's share is lost to rounding) exceeds u times the total. A token of
+probability 0 (cut by a truncation or a grammar) has no interval of its own and is never drawn.
+torch.multinomial gives the same distribution at ~1.5 ms per 49k-token vocabulary (one thread); this
+is ~0.1 ms, which matters at a server's 8 sequences per step.
 """
 
 from __future__ import annotations
@@ -118,4 +124,14 @@ class Sampler:
         if p.temperature == 0:
             return int(logits.argmax())
         logits = min_p(top_p(top_k(logits / p.temperature, p.top_k), p.top_p), p.min_p)
-        return int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))
+        return draw(logits.softmax(-1), self.generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """A token drawn with probability probs[i] (inverse CDF; see the module docstring)."""
+    cdf = probs.double().cumsum(0)
+    u = torch.rand((), dtype=torch.float64, generator=generator)
+    i = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    if i >= len(probs) or probs[i] == 0:  # u·total rounded up to the total: the last token that can be drawn
+        i = int(probs.nonzero()[-1])
+    return i
