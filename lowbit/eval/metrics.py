@@ -11,11 +11,15 @@ the tokens at positions ctx/2 + 1 .. ctx − 1, each seeing at least ctx/2 token
 perplexity is comparable with llama-perplexity's on the same text and context; ours is lower-context
 on average (a window's early tokens see little), so the two differ by design.
 KL divergence KL(P_source || P_quantized) = Σ_v p_v (log p_v − log q_v) of the next-token
-distributions is averaged over the same scored tokens (a row-wise dot over the log-softmaxes, in place).
+distributions is averaged over the same scored tokens. Both are made of per-row scores of the two
+models' logits (kernels/cpu/logit_scores: each row's log-softmax at its target, and the KL row sum,
+read from the logits in one native pass instead of torch's log-softmaxes of vocabulary size).
 
 Both models run on the native engine where it supports them (runtime/engine.py): every position's
 final-normed hidden state comes back and the model's own output head (as stored: float, or its
-QuantLinear) turns it into logits, at the engine's prefill speed instead of transformers'. The source
+QuantLinear) turns it into logits, at the engine's prefill speed instead of transformers'. A float
+head writes into one buffer per model, reused window after window (a fresh 100 MB tensor a window
+costs ~25k page faults). The source
 always runs exactly (fp32 activations, fp32 KV cache). The quantized model runs exactly too with
 `exact`; without it, as generate/serve/bench run it: its UniformQ matmuls (engine and head) on
 activations rounded to int8 per 32-block (kernels/switches.py), which changes the numbers a little and
@@ -34,9 +38,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
+from ..kernels.cpu.logit_scores import row_scores
 from ..kernels.switches import int8_activations_set
 from ..runtime.engine import load_decoder
 from ..settings import cache_root
@@ -123,10 +129,10 @@ def scored_windows(tokenizer, text: str, ctx: int, stride: int | None = None, ma
     return out
 
 
-@torch.inference_mode()
-def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(ids.unsqueeze(0)).logits[0, :-1].float()
-    return F.log_softmax(logits, dim=-1)
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [n − 1, vocab] of every next token of `ids` through the model's own forward (its callers
+    run in inference mode)."""
+    return model(ids.unsqueeze(0)).logits[0, :-1].float()
 
 
 def _decoder(model, ctx: int, engine: bool, exact: bool = True):
@@ -139,35 +145,58 @@ def _decoder(model, ctx: int, engine: bool, exact: bool = True):
         return None
 
 
-def _head_logprobs(model, states: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities from final-normed hidden states through the model's own output head (its
-    callers run in inference mode)."""
-    logits = model.get_output_embeddings()(states).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.log_softmax(logits, dim=-1)
+class _HeadLogits:
+    """Logits from final-normed hidden states through the model's own output head (its callers run
+    in inference mode). A float nn.Linear head writes into one buffer, grown to the most rows asked
+    and reused: the logits returned are valid until the next call."""
+
+    def __init__(self, model):
+        self.head, self.buffer = model.get_output_embeddings(), None
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def __call__(self, states: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        if type(head) is nn.Linear and head.weight.dtype == states.dtype == torch.float32:
+            if self.buffer is None or len(self.buffer) < len(states):
+                self.buffer = None  # the old one goes before the new one comes
+                self.buffer = torch.empty(len(states), head.out_features)
+            logits = torch.matmul(states, head.weight.T, out=self.buffer[:len(states)])
+            if head.bias is not None:
+                logits.add_(head.bias)
+        else:
+            logits = head(states).float()
+        if self.cap:
+            logits.div_(self.cap).tanh_().mul_(self.cap)
+        return logits
 
 
-def scorer(model, ctx: int, engine: bool = True, exact: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(window ids [n], first) -> log-probabilities [n - first, vocab] of tokens first .. n − 1 (first
-    defaults to 1: every next token), the output head run for those positions only: on the native
-    engine when it runs `model` (and `engine`), else through the model's own forward; its UniformQ
-    matmuls on fp32 activations if `exact`, else on int8 ones (the engine's default for generation)."""
+def logit_scorer(model, ctx: int, engine: bool = True, exact: bool = True) -> Callable[..., torch.Tensor]:
+    """(window ids [n], first) -> float32 logits [n − first, vocab] of tokens first .. n − 1 (first
+    defaults to 1: every next token; valid until the next call), the output head run for those
+    positions only: on the native engine when it runs `model` (and `engine`), else through the
+    model's own forward; its UniformQ matmuls on fp32 activations if `exact`, else on int8 ones (the
+    engine's default for generation)."""
     decoder = _decoder(model, ctx, engine, exact)
+    head = None if decoder is None else _HeadLogits(model)
 
     @torch.inference_mode()
     def run(ids: torch.Tensor, first: int = 1) -> torch.Tensor:
         with int8_activations_set(not exact):
             if decoder is None:
-                return _logprobs(model, ids)[first - 1:]
+                return _logits(model, ids)[first - 1:]
             decoder.truncate(0)
-            return _head_logprobs(model, decoder.states(ids[:-1])[first - 1:])
+            return head(decoder.states(ids[:-1])[first - 1:])
     return run
 
 
+def scorer(model, ctx: int, engine: bool = True, exact: bool = True) -> Callable[..., torch.Tensor]:
+    """logit_scorer's log-probabilities (a new tensor each call)."""
+    logits = logit_scorer(model, ctx, engine, exact)
+    return lambda ids, first=1: F.log_softmax(logits(ids, first), dim=-1)
+
+
 class SourceScores:
-    """The reference's log-probabilities of each window's scored positions, with a cache. The states
+    """The reference's logits of each window's scored positions, with a cache. The states
     the reference computes (on the engine: the scored positions' final-normed hidden states; a source
     streamed block by block: every position's last-block output) are kept in a file named by a hash of
     the source's fingerprint (models.fingerprint: its files' paths, sizes and times), the token ids and
@@ -178,6 +207,7 @@ class SourceScores:
     def __init__(self, source, ctx: int, engine: bool, scored: list[tuple[torch.Tensor, int]], key: str | None):
         self.source, self.decoder, self.path, self.states, self.kept, self.offset = source, None, None, None, [], 0
         streamed = hasattr(source, "prefetch")
+        self.head = None if streamed else _HeadLogits(source)
         windows = [w for w, _ in scored]
         if key is not None and (engine or streamed):
             digest = hashlib.sha256(f"{CACHE_VERSION}|{key}|{ctx}|{[first for _, first in scored]}|{streamed}|".encode()
@@ -207,23 +237,23 @@ class SourceScores:
 
     @torch.inference_mode()
     def __call__(self, window: torch.Tensor, first: int) -> torch.Tensor:
-        """Log-probabilities [len(window) − first, vocab] of the window's scored positions (exactly:
-        fp32 activations, whatever the process-wide int8 switch says)."""
+        """Logits [len(window) − first, vocab] of the window's scored positions (exactly: fp32
+        activations, whatever the process-wide int8 switch says; valid until the next call)."""
         with int8_activations_set(False):
-            return self._logprobs(window, first)
+            return self._logits(window, first)
 
-    def _logprobs(self, window: torch.Tensor, first: int) -> torch.Tensor:
-        if self.decoder is None and (self.states is None or hasattr(self.source, "prefetch")):
-            return _logprobs(self.source, window)[first - 1:]
+    def _logits(self, window: torch.Tensor, first: int) -> torch.Tensor:
+        if self.head is None or (self.decoder is None and self.states is None):
+            return _logits(self.source, window)[first - 1:]
         if self.states is not None:
             n = len(window) - first
             states, self.offset = self.states[self.offset:self.offset + n], self.offset + n
-            return _head_logprobs(self.source, states)
+            return self.head(states)
         self.decoder.truncate(0)
         states = self.decoder.states(window[:-1])[first - 1:]
         if self.path is not None:
             self.kept.append(states.clone())
-        return _head_logprobs(self.source, states)
+        return self.head(states)
 
     def save(self) -> None:
         """Write the kept states (once: after the last window, or a streamed source's prefetch), atomically."""
@@ -251,19 +281,15 @@ def evaluate(model, tokenizer, text: str, ctx: int = 512, stride: int | None = N
     False: on int8 activations, as the engine generates (the source is always exact). `scoring`: whose
     windows and scored positions (SCORINGS: ours, or llama-perplexity's)."""
     scored = scored_windows(tokenizer, text, ctx, stride, max_windows, scoring)
-    score = scorer(model, ctx, engine, exact)
+    score = logit_scorer(model, ctx, engine, exact)
     score_source = None if source is None else SourceScores(source, ctx, engine, scored, source_key)
-    nll = src_nll = kld = 0.0
+    sums = torch.zeros(3, dtype=torch.float64)  # the model's log-loss, the source's, KL(source ‖ model)
     tokens = 0
     for window, first in tqdm(scored, desc="evaluating", unit="window", disable=not progress):
-        target = window[first:, None]
-        lp = score(window, first)
-        nll -= lp.gather(1, target).sum().item()
-        if source is not None:
-            slp = score_source(window, first)
-            src_nll -= slp.gather(1, target).sum().item()
-            kld += _kl_sum(lp, slp)
-        tokens += len(target)
+        logits = score(window, first)
+        sums += row_scores(logits, None if source is None else score_source(window, first), window[first:]).sum(0)
+        tokens += len(window) - first
+    nll, src_nll, kld = sums.tolist()
     result = EvalResult(_perplexity(nll / tokens, "the model"), tokens, len(scored), ctx, exact=exact, scoring=scoring)
     if source is not None:
         score_source.save()
@@ -272,16 +298,6 @@ def evaluate(model, tokenizer, text: str, ctx: int = 512, stride: int | None = N
             raise LowbitError(f"the KL divergence came out as {result.kld}: one of the models gives NaN or Inf "
                               "log-probabilities (damaged weights, or activations that overflow their dtype)")
     return result
-
-
-@torch.inference_mode()
-def _kl_sum(lp: torch.Tensor, slp: torch.Tensor) -> float:
-    """Σ exp(slp)·(slp − lp) over every position and token: KL(source ‖ model) summed, consuming both
-    log-probability tensors (overwritten in place). As exact as F.kl_div (fp32 per row, rows summed in
-    fp64) without its two full-size temporaries: at 511 × 49152 those are 200 MB of fresh pages per
-    window, whose page faults cost as much CPU time as the arithmetic."""
-    diff = lp.sub_(slp).neg_()
-    return torch.linalg.vecdot(slp.exp_(), diff).double().sum().item()
 
 
 def _perplexity(mean_nll: float, who: str) -> float:
