@@ -8,7 +8,8 @@
 Main table: one sensitivity pass (`--sensitivity-samples` x 512, QuantX's default 32: timed, in wall and
 CPU seconds, the search time; its peak RSS printed; with `--sensitivity FILE` read from FILE when it
 exists, else written there, so runs split by `--rows` share it), then per target bpw the
-recipe (GPTQ on the chosen formats, calibration `--samples` x 512 of the pydoc split), every uniform
+recipe (GPTQ on the chosen formats, calibration `--samples` x 512 of the `--calib` split, pydoc unless
+told), every uniform
 GPTQ scheme of the candidate grid at no more bits per weight than the largest target (`--all-uniform`:
 the 8-bit ones too), and llama.cpp's Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M and Q4_0 made by
 its own quantizer from the same float weights (the shipped Q4_1, dequantized and requantized by
@@ -73,10 +74,10 @@ def body_bpw(model) -> float:
 
 
 def quantized(src, plan: Plan, a) -> tuple[lowbit.QuantizedModel, dict[str, float]]:
-    """A copy of the source quantized by `plan` (calibration `a.samples` x `a.seq_len` of pydoc), and the
+    """A copy of the source quantized by `plan` (calibration `a.samples` x `a.seq_len` of `a.calib`), and the
     block runner's measured loss per layer."""
     model = copy.deepcopy(src.model)
-    measured = apply(model, plan, tokenizer=src.tokenizer, text=load_text("calib"), calib_samples=a.samples,
+    measured = apply(model, plan, tokenizer=src.tokenizer, text=load_text("calib", a.calib), calib_samples=a.samples,
                      calib_seq_len=a.seq_len, progress=False)
     return lowbit.QuantizedModel(model, src.tokenizer, plan, "default"), measured
 
@@ -166,6 +167,8 @@ def main() -> None:
     ap.add_argument("--all-uniform", action="store_true", help="also the uniform schemes above the largest target")
     ap.add_argument("--merge", nargs="+", help="only the tables (and --png) of these runs' logs")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib", default="pydoc", choices=["pydoc", "prose", "mixed"],
+                    help="calibration corpus of the main table (sensitivity and GPTQ)")
     ap.add_argument("--windows", type=int, help="evaluation windows per corpus (default: all)")
     ap.add_argument("--png", help="draw ppl against bpw here (matplotlib)")
     ap.add_argument("--reports", help="write each recipe's per-layer report (markdown) into this directory")
@@ -179,7 +182,7 @@ def main() -> None:
         a.candidates = ["rtn:W2-g64-asym", "rtn:W3-g64-asym", "rtn:W4-g64-sym", "rtn:W8-g64-sym"]
     if a.merge:
         return merge(a.merge, a)
-    src, _ = start(f"candidates {' '.join(a.candidates)}; calibration {a.samples} x {a.seq_len}; "
+    src, _ = start(f"candidates {' '.join(a.candidates)}; calibration {a.calib} {a.samples} x {a.seq_len}; "
                    f"windows {a.windows or 'all'}")
     texts = {"pydoc": load_text("eval", "pydoc"), "prose": load_text("eval", "prose")}
     if a.proxy:
@@ -243,7 +246,7 @@ def sensitivity(src, specs, a) -> tuple[Sensitivity, float | None]:
         print(f"sensitivity pass read from {path} ({d['seconds']:.0f} s when measured)", flush=True)
         return Sensitivity({n: tuple(s) for n, s in d["shapes"].items()}, d["loss"], d["tokens"]), d["seconds"]
     t0, c0 = time.perf_counter(), time.process_time()
-    sens = measure(src.model, src.tokenizer, load_text("calib"), specs, block_linears(src.model),
+    sens = measure(src.model, src.tokenizer, load_text("calib", a.calib), specs, block_linears(src.model),
                    a.sensitivity_samples, a.seq_len)
     search_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     print(f"sensitivity pass: {search_s:.0f} s wall, {cpu_s:.0f} CPU-s, {len(specs)} candidates x {len(sens.loss)} "
