@@ -48,7 +48,7 @@ from lowbit.eval import evaluate, model_size
 from lowbit.eval.bench import bench
 from lowbit.eval.metrics import scorer
 from lowbit.methods import METHODS, config_for
-from lowbit.models import load_any
+from lowbit.models import fingerprint, load_any
 from lowbit.recipes import EDGE, Plan, QuantX, candidates, edge_names
 from lowbit.recipes import recipe_report
 from lowbit.recipes.apply import apply, replace
@@ -63,7 +63,8 @@ BLOCK_TENSOR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate
 def score(model, src, texts: dict[str, str], windows: int | None) -> dict:
     row = {}
     for domain, text in texts.items():
-        r = evaluate(model, src.tokenizer, text, max_windows=windows, source=src.model, progress=False)
+        r = evaluate(model, src.tokenizer, text, max_windows=windows, source=src.model, progress=False,
+                     source_key=fingerprint(src.source))  # the source's states cached: scored once, not per row
         row[domain] = {"ppl": r.ppl, "kld": r.kld, "tokens": r.tokens}
     return row
 
