@@ -10,8 +10,9 @@ Phases (cumulative CPU seconds of these functions; imports counted where they ha
     load        the quantized model (api.load) and the reference (SourceScores: reading it, its cache)
     engine      building the native engines (load_decoder: repacking weights, the huge-page arena)
     states      the engines' prefill of every window: the model's, the source's (cold cache only)
-    heads       the output heads and their log-softmax: the model's, the source's
-    kld         the KL sum (metrics._kl_sum); "other": the rest (tokenizing, the progress bar, gathers)
+    heads       the output heads (logits): the model's, the source's
+    scores      log-losses and the KL sum from the logits (kernels/cpu/logit_scores); "other": the rest
+                (tokenizing, the progress bar)
 """
 
 import cProfile
@@ -21,21 +22,21 @@ import time
 
 PHASES = [("import", "lowbit/cli.py", "_import_api"), ("load", "lowbit/api.py", "load"),
           ("load", "lowbit/eval/metrics.py", "__init__"), ("engine", "lowbit/runtime/engine.py", "load_decoder"),
-          ("heads", "lowbit/eval/metrics.py", "_head_logprobs"), ("states", "lowbit/runtime/engine.py", "states"),
-          ("kld", "lowbit/eval/metrics.py", "_kl_sum")]
-SPLIT = {"states", "heads"}  # split by caller: the source's (SourceScores._logprobs) or the model's scorer
+          ("heads", "lowbit/eval/metrics.py", "logits"), ("states", "lowbit/runtime/engine.py", "states"),
+          ("scores", "lowbit/kernels/cpu/logit_scores.py", "row_scores")]
+SPLIT = {"states", "heads"}  # split by caller: the source's (SourceScores._logits) or the model's scorer
 
 
 def phases(stats: pstats.Stats) -> dict[str, float]:
     """Cumulative CPU seconds per phase (states and heads split by caller: the model's or the source's)."""
     out = dict.fromkeys(["import", "load", "engine", "states (model)", "states (source)", "heads (model)",
-                         "heads (source)", "kld"], 0.0)
+                         "heads (source)", "scores"], 0.0)
     for (path, _, name), (_, _, _, cum, callers) in stats.stats.items():
         for phase, where, fn in PHASES:
             if path.endswith(where) and name == fn:
                 if phase in SPLIT:
                     for (_, _, caller), (_, _, _, ccum) in callers.items():
-                        out[f"{phase} (source)" if caller == "_logprobs" else f"{phase} (model)"] += ccum
+                        out[f"{phase} (source)" if caller == "_logits" else f"{phase} (model)"] += ccum
                 else:
                     out[phase] += cum
         if path.endswith("lowbit/eval/metrics.py") and name == "_decoder":  # the source's engine: not "load"

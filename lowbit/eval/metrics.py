@@ -145,7 +145,7 @@ def _decoder(model, ctx: int, engine: bool, exact: bool = True):
         return None
 
 
-class _HeadLogits:
+class _Head:
     """Logits from final-normed hidden states through the model's own output head (its callers run
     in inference mode). A float nn.Linear head writes into one buffer, grown to the most rows asked
     and reused: the logits returned are valid until the next call."""
@@ -154,7 +154,7 @@ class _HeadLogits:
         self.head, self.buffer = model.get_output_embeddings(), None
         self.cap = getattr(model.config, "final_logit_softcapping", None)
 
-    def __call__(self, states: torch.Tensor) -> torch.Tensor:
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
         head = self.head
         if type(head) is nn.Linear and head.weight.dtype == states.dtype == torch.float32:
             if self.buffer is None or len(self.buffer) < len(states):
@@ -177,7 +177,7 @@ def logit_scorer(model, ctx: int, engine: bool = True, exact: bool = True) -> Ca
     model's own forward; its UniformQ matmuls on fp32 activations if `exact`, else on int8 ones (the
     engine's default for generation)."""
     decoder = _decoder(model, ctx, engine, exact)
-    head = None if decoder is None else _HeadLogits(model)
+    head = None if decoder is None else _Head(model)
 
     @torch.inference_mode()
     def run(ids: torch.Tensor, first: int = 1) -> torch.Tensor:
@@ -185,7 +185,7 @@ def logit_scorer(model, ctx: int, engine: bool = True, exact: bool = True) -> Ca
             if decoder is None:
                 return _logits(model, ids)[first - 1:]
             decoder.truncate(0)
-            return head(decoder.states(ids[:-1])[first - 1:])
+            return head.logits(decoder.states(ids[:-1])[first - 1:])
     return run
 
 
@@ -207,7 +207,7 @@ class SourceScores:
     def __init__(self, source, ctx: int, engine: bool, scored: list[tuple[torch.Tensor, int]], key: str | None):
         self.source, self.decoder, self.path, self.states, self.kept, self.offset = source, None, None, None, [], 0
         streamed = hasattr(source, "prefetch")
-        self.head = None if streamed else _HeadLogits(source)
+        self.head = None if streamed else _Head(source)
         windows = [w for w, _ in scored]
         if key is not None and (engine or streamed):
             digest = hashlib.sha256(f"{CACHE_VERSION}|{key}|{ctx}|{[first for _, first in scored]}|{streamed}|".encode()
@@ -248,12 +248,12 @@ class SourceScores:
         if self.states is not None:
             n = len(window) - first
             states, self.offset = self.states[self.offset:self.offset + n], self.offset + n
-            return self.head(states)
+            return self.head.logits(states)
         self.decoder.truncate(0)
         states = self.decoder.states(window[:-1])[first - 1:]
         if self.path is not None:
             self.kept.append(states.clone())
-        return self.head(states)
+        return self.head.logits(states)
 
     def save(self) -> None:
         """Write the kept states (once: after the last window, or a streamed source's prefetch), atomically."""
