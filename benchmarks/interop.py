@@ -4,6 +4,7 @@ speed at 7B shapes on identical weights.
     python benchmarks/interop.py ppl   [--ctx 512] [--chunks N]      # SmolLM2: export, llama.cpp vs lowbit
     python benchmarks/interop.py kquant [--chunks N] [--windows N]   # SmolLM2 W2/W3/W4-asym: K-quant exports
     python benchmarks/interop.py speed [--layers 32] [--threads 1 2]  # 7B shapes, Q4_0 on both engines
+    python benchmarks/interop.py kspeed [--shape 7b] [--layers 32]    # llama.cpp's own Q4_K_M, imported
 
 `ppl` quantizes the embedded SmolLM2 (RTN, head and embedding 8-bit g32 as the CLI does) to W4 g32 sym,
 W8 g32 sym and W4 g32 asym, exports each with `lowbit export --to gguf` (Q4_0, Q8_0, Q4_1), and scores
@@ -31,6 +32,13 @@ g32 head and embedding, exports it to GGUF (Q4_0 with Q8_0 head and embedding), 
 engine (bench's protocol: the median of --runs) and llama.cpp's own llama-bench (its mean of --runs)
 on those identical weights, 1 and 2 threads, one run, decode as % of the bandwidth roofline measured in the same run. Targets: decode
 ≥ 1.3× llama.cpp and ≥ 80% of the roofline; prefill ≥ 1.2×. Run it on a quiet machine.
+
+`kspeed` is the other way: the same random Llama (7B or, `--shape 1b`, TinyLlama-1.1B shapes) with
+every weight at 8-bit g32 (Q8_0, the closest to float llama-quantize accepts without a float model
+in memory) made into llama.cpp's own Q4_K_M by llama-quantize (--allow-requantize; Q4_K with Q6_K for
+the output head and half of attn_v/ffn_down), then imported by lowbit without dequantizing
+(gguf_read.skeleton + import_gguf: KQuant layers holding the file's blocks, c/kquant.h) and timed
+on lowbit's engine beside llama-bench on that very file, 1 and 2 threads. Target: decode ≥ 1.0×.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vs_llamacpp import build, llama_bench, llama_perplexity, peer  # noqa: E402  the scratch llama-cpp-python and llama.cpp's tools
+from vs_llamacpp import build, llama_bench, llama_perplexity, peer, tool  # noqa: E402  the scratch llama-cpp-python and llama.cpp's tools
 
 import lowbit  # noqa: E402
 from lowbit.calib import load as load_text  # noqa: E402
@@ -175,14 +183,19 @@ SHAPES = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
               vocab_size=32000, max_position_embeddings=4096)
 
 
-def seven_b(layers: int):
-    """A Llama with 7B shapes, each weight quantized as it is drawn (0.02·N(0, 1), the seed fixed)."""
+SHAPES_1B = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+                 vocab_size=32000, max_position_embeddings=2048)
+
+
+def seven_b(layers: int, bits: int = 4, shapes: dict = SHAPES):
+    """A Llama with 7B shapes (or `shapes`), each weight quantized as it is drawn (0.02·N(0, 1), the
+    seed fixed): `bits` g32 sym, the head and embedding 8-bit."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from lowbit.nn import QuantEmbedding, QuantLinear
 
-    config = LlamaConfig(**SHAPES, num_hidden_layers=layers, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(**shapes, num_hidden_layers=layers, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)
@@ -190,7 +203,7 @@ def seven_b(layers: int):
         if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
             w = torch.randn(m.weight.shape, generator=gen) * 0.02
             head = name in ("lm_head", "model.embed_tokens")
-            qt = lowbit.UniformQ.from_float(w, 8 if head else 4, 32, True)
+            qt = lowbit.UniformQ.from_float(w, 8 if head else bits, 32, True)
             model.set_submodule(name, QuantEmbedding(qt) if isinstance(m, torch.nn.Embedding) else QuantLinear(qt))
     for name, p in list(model.named_parameters()):
         if p.is_meta:  # the norms
@@ -222,6 +235,44 @@ def speed(a) -> None:
             print(f"| {t} | llama.cpp | {pp:.1f} | {tg:.2f} | {100 * tg / limit:.0f}% | | |", flush=True)
 
 
+def kspeed(a) -> None:
+    import subprocess
+
+    from peak_memory import tokenizer
+
+    from lowbit.eval.bench import bench
+    from lowbit.io.gguf_read import import_gguf, skeleton
+    shapes = SHAPES if a.shape == "7b" else SHAPES_1B
+    tok = tokenizer(shapes["vocab_size"])
+    with tempfile.TemporaryDirectory(dir=a.scratch) as tmp:
+        q8, path = Path(tmp) / "llama.Q8_0.gguf", Path(tmp) / "llama.Q4_K_M.gguf"
+        write_gguf(seven_b(a.layers, 8, shapes), q8, tok)
+        r = subprocess.run([tool("llama-quantize"), "--allow-requantize", q8, path, "Q4_K_M", "2"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"llama-quantize failed: {r.stderr.strip()[-1500:]}")
+        q8.unlink()
+        model = skeleton(path)
+        import_gguf(path, model)
+        kinds = {}
+        for m in model.modules():
+            if hasattr(m, "qtensor"):
+                kinds[m.meta.get("type", m.meta["kind"])] = kinds.get(m.meta.get("type", m.meta["kind"]), 0) + 1
+        print(f"# Llama {a.shape} shapes, {a.layers} layers, random weights: llama-quantize Q4_K_M "
+              f"({path.stat().st_size / 2**30:.2f} GiB; imported layers: "
+              f"{', '.join(f'{k} ×{n}' for k, n in sorted(kinds.items()))}); pp{a.pp}, tg{a.tg}, median of {a.runs}")
+        print("| threads | engine | prefill tok/s | decode tok/s | decode % roofline | ratio prefill | ratio decode |")
+        print("|---|---|---|---|---|---|---|")
+        for t in a.threads:
+            ours = bench(model, tok, threads=t, prompt_tokens=a.pp, gen_tokens=a.tg, runs=a.runs)
+            theirs = llama_bench(path, t, [a.pp], a.tg, a.runs)
+            pp, tg = theirs[f"pp{a.pp}"], theirs[f"tg{a.tg}"]
+            limit = ours.bandwidth / ours.bytes_per_token
+            print(f"| {t} | lowbit ({ours.decoder}) | {ours.prefill_tps:.1f} | {ours.decode_tps:.2f} | "
+                  f"{ours.roofline_pct:.0f}% | {ours.prefill_tps / pp:.2f}x | {ours.decode_tps / tg:.2f}x |")
+            print(f"| {t} | llama.cpp | {pp:.1f} | {tg:.2f} | {100 * tg / limit:.0f}% | | |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -244,7 +295,18 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--runs", type=int, default=3)
     s.add_argument("--scratch", default=None, help="where the exported GGUF goes (default: a temporary directory)")
     s.set_defaults(func=speed)
+    s = sub.add_parser("kspeed")
+    s.add_argument("--shape", choices=["7b", "1b"], default="7b")
+    s.add_argument("--layers", type=int, default=None, help="default: 32 (7b), 22 (1b)")
+    s.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--pp", type=int, default=512)
+    s.add_argument("--tg", type=int, default=128)
+    s.add_argument("--runs", type=int, default=3)
+    s.add_argument("--scratch", default=None, help="where the GGUFs go (default: a temporary directory)")
+    s.set_defaults(func=kspeed)
     a = p.parse_args(argv)
+    if a.what == "kspeed" and a.layers is None:
+        a.layers = 32 if a.shape == "7b" else 22
     a.func(a)
 
 

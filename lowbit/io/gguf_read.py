@@ -12,6 +12,12 @@ are the ggml dequantization in fp32), else the names or layouts disagree and the
 Other types (Q4_1, Q5_x, floats) stay as transformers loaded them: Q4_1's float minimum is not a
 UniformQ (ggml_blocks.py).
 
+A model built on meta (`skeleton`: config.json-free, from the GGUF's own metadata) gets everything
+from the file instead: the imported layers as above (nothing to compare them with), every other
+tensor dequantized one at a time (gguf.quants) and put in transformers' layout (Llama's q/k rows,
+Gemma's norm shift: gguf_arch.py), so a 7B model loads in the memory of its quantized weights, never
+as a float model.
+
 The result is recorded as a lowbit quantization_config, so every verb sees a quantized model, and
 `save` writes it as a lowbit directory: its modules (every imported layer's format, KQuant's "gguf
 Q4_K" among them), the source file, and a plan for the Q4_0/Q8_0 layers (RTN at the block type's
@@ -30,7 +36,7 @@ from ..errors import LowbitError
 from ..formats import KQuant
 from ..formats.kquant import TYPES as KQUANT_TYPES
 from .ggml_blocks import from_blocks
-from .gguf_arch import ARCHES, gguf_name, row_order
+from .gguf_arch import ARCHES, NORM_SHIFT, gguf_name, row_order
 from .load import install_quantized
 from .save import quantization_config
 
@@ -82,7 +88,7 @@ def import_gguf(path: Path, model: nn.Module) -> dict | None:
         shape = tuple(module.weight.shape)
         qt = from_blocks(data, t.tensor_type, shape) if t.tensor_type in UNIFORM else \
             kquant_from_blocks(data, t.tensor_type, shape)
-        if not torch.equal(qt.dequantize(), module.weight.detach().float()):
+        if not module.weight.is_meta and not torch.equal(qt.dequantize(), module.weight.detach().float()):
             raise LowbitError(f"{path}: tensor {t.name} does not decode to the weight transformers read for "
                               f"{name}: a GGUF lowbit cannot map")
         modules[name], specs[name] = qt.meta(), qt.bits if t.tensor_type in UNIFORM else None
@@ -93,6 +99,36 @@ def import_gguf(path: Path, model: nn.Module) -> dict | None:
     if not modules:
         return None
     install_quantized(model, modules, state, config.dtype or torch.float32, path, shared)
+    _fill_floats(path, model, names, tensors)
     plan = [{"spec": {"method": "rtn", "bits": bits, "group_size": 32, "sym": True},
              "layers": [n for n in modules if specs[n] == bits]} for bits in sorted(set(specs.values()) - {None})]
     return quantization_config(model, {"plan": plan, "source": str(path), "imported": "gguf"})
+
+
+def _fill_floats(path: Path, model: nn.Module, names: gguf.TensorNameMap, tensors: dict) -> None:
+    """Every parameter of `model` still on meta, from its GGUF tensor dequantized (transformers' layout)."""
+    config = model.config
+    for hf_name, p in list(model.named_parameters()):
+        if not p.is_meta:
+            continue
+        t = tensors.get(gguf_name(names, hf_name))
+        if t is None:
+            raise LowbitError(f"{path} lacks tensor {gguf_name(names, hf_name)} ({hf_name})")
+        value = torch.from_numpy(np.ascontiguousarray(_rows_in_hf_order(
+            config, hf_name, gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1, p.shape[-1])))).float()
+        if value.numel() != p.numel():
+            raise LowbitError(f"{path}: tensor {t.name} holds {value.numel()} values, {hf_name} has {p.numel()}")
+        if NORM_SHIFT.get(config.model_type) and hf_name.endswith("norm.weight"):
+            value = value - NORM_SHIFT[config.model_type]
+        parent, attr = hf_name.rsplit(".", 1) if "." in hf_name else ("", hf_name)
+        setattr(model.get_submodule(parent), attr, nn.Parameter(value.reshape(p.shape).to(p.dtype), requires_grad=False))
+
+
+def skeleton(path: Path) -> nn.Module:
+    """The transformers model a GGUF file describes (its metadata read as transformers reads it), on meta."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
