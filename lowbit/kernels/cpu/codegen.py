@@ -525,6 +525,78 @@ static void gemvqr_b{bits}(const lb_args *a, int row) {{
 
 
 
+# The multi-token int8 GEMV's token count (lb_linear_q: LB_GEMVQ_TOKENS, for exactly that many). Measured
+# (1 thread, SmolLM2 shapes, W4 g32, loaded machine): at 2 tokens it costs 0.85x the GEMM (VNNI, 3072x576)
+# and 0.4-0.6x on the 49152x576 head and on AVX2; at 4 tokens they tie and at 8 the GEMM wins by 1.4x (VNNI):
+# its codes, unpacked to full bytes, fill every dpbusd lane where the GEMV's 32-bit lanes are half empty.
+GEMVQ_TOKENS = 2
+
+
+def _gemvq_tokens(e: _Emit, bits: int, tokens: int) -> str:
+    """The int8 GEMV over one tile for `tokens` tokens at once (m0 ..): each block's codes are taken
+    out of their words once (_lane_codes) and meet every token's x word (_gemvq_rows' dot, per token),
+    so a batched decode step (a few tokens) reads and unpacks the weights once and pays no unpacking
+    into a buffer, as the GEMM does (_unpackq: as much work as the dots themselves at 8 tokens)."""
+    vf, vi, lanes = e.ops["vf"], e.ops["vi"], e.lanes
+    dot, offset = _int8_dot(e, bits)
+    T = range(tokens)
+    xw = lambda t, lane: e.seti(f"x{t}[{lane}]")  # noqa: E731
+    body = [" ".join(f"const int32_t *x{t} = xq{t} + (size_t)blk * {lanes};" for t in T)]
+    for lane in range(lanes):
+        c = f"{vi} c = {_lane_codes(e, bits, lane)};"
+        if "dpbusd" in e.ops:
+            step = [f"d{t} = {dot('c', xw(t, 0))};" if lane == 0 else f"d{t} = {e.dpbusd('c', xw(t, lane), f'd{t}')};" for t in T]
+        elif bits == 8:
+            step = [f"d{t} = {dot('c', xw(t, lane))};" if lane == 0 else f"d{t} = {e.add32(f'd{t}', dot('c', xw(t, lane)))};" for t in T]
+        else:
+            step = [f"h{t} = {e.maddubs('c', xw(t, lane))};" if lane == 0 else f"h{t} = {e.add16(f'h{t}', e.maddubs('c', xw(t, lane)))};" for t in T]
+        body.append("{ " + c + " " + " ".join(step) + " }")
+    if "dpbusd" not in e.ops and bits != 8:
+        body.append(" ".join(f"d{t} = {e.madd1(f'h{t}')};" for t in T))
+    zp = e.sub32(e.ldzi(f"zp + (size_t)g * {lanes}"), "voff")
+    body.append("if (zp) { " + f"{vi} z = {zp}; " + " ".join(f"d{t} = {e.sub32(f'd{t}', e.mullo('z', e.seti(f'xi{t}[blk]')))};" for t in T)
+                + " } else { " + " ".join(f"d{t} = {e.sub32(f'd{t}', e.seti(f'zdef * xi{t}[blk]'))};" for t in T) + " }")
+    body += [f"acc{t} = {e.fma(e.cvt(f'd{t}'), e.setf(f'xd{t}[blk]'), f'acc{t}')};" for t in T]
+    nl = "\n            "
+    return f"""
+static void gemvqr{tokens}_b{bits}(const lb_args *a, int row, int m0) {{
+    const uint32_t *q = a->qw + (size_t)row * a->nblocks * {bits};  /* row: a tile's first */
+    const uint16_t *sc = a->sc + (size_t)row * a->groups;
+    const uint8_t *zp = a->zp ? a->zp + (size_t)row * a->groups : NULL;
+    int zdef = a->zdef - {offset};
+    {vi} voff = {e.seti(str(offset))};
+    {" ".join(f"const int32_t *xq{t} = (const int32_t *)a->xq + (size_t)(m0 + {t}) * a->nblocks * {lanes}; "
+              f"const int32_t *xi{t} = a->xi + (size_t)(m0 + {t}) * a->nblocks; "
+              f"const float *xd{t} = a->xd + (size_t)(m0 + {t}) * a->nblocks;" for t in T)}
+    {" ".join(f"{vf} res{t} = {e.zero()};" for t in T)}
+    {" ".join(f"{vi} d{t};" for t in T)} {" ".join(f"{vi} h{t};" for t in T) if "dpbusd" not in e.ops and bits != 8 else ""}
+    float out[{lanes}];
+    for (int g = 0; g < a->groups; g++) {{
+        int b1 = (g + 1) * a->bpg < a->nblocks ? (g + 1) * a->bpg : a->nblocks;
+        {" ".join(f"{vf} acc{t} = {e.zero()};" for t in T)}
+        for (int blk = g * a->bpg; blk < b1; blk++) {{
+            {nl.join(_tile_block(e, bits) + body)}
+        }}
+        {vf} s = {e.ldh(f"sc + (size_t)g * {lanes}")};
+        {" ".join(f"res{t} = {e.fma('s', f'acc{t}', f'res{t}')};" for t in T)}
+    }}
+    {" ".join(f"{e.store('out', f'res{t}')}; lb_store_token(a, m0 + {t}, row, out);" for t in T)}
+    (void)voff;
+}}
+"""
+
+
+def _gemvqm_task(e: _Emit, bits: int) -> str:
+    """Thread tid's band of tiles against the GEMVQ_TOKENS tokens (lb_linear_q calls it for that many)."""
+    return _gemvq_tokens(e, bits, GEMVQ_TOKENS) + f"""
+static void gemvqm_task_b{bits}(void *p, int tid, int nthr) {{
+    const lb_args *a = p;
+    int lo, hi; lb_band(a, tid, LB_LANES, &lo, &hi);
+    for (int row = lo; row < hi; row += LB_LANES) gemvqr{GEMVQ_TOKENS}_b{bits}(a, row, 0);
+    (void)nthr;
+}}
+"""
+
 def _unpackq(e: _Emit, bits: int) -> str:
     """One interleaved tile's blocks [kb, kb + nkb) as u8 codes for the int8 GEMM: vector 8·b + j holds,
     in lane l, codes 4j .. 4j + 3 of block kb + b of the tile's row l, in natural order, so one s8 word
@@ -679,7 +751,7 @@ static void {name}_task_b{bits}(void *p, int tid, int nthr) {{
 def _per_bits_int8(entry: Entry) -> str:
     bits = entry.bits
     return _gemv_task("gemvq", bits, tiles=True) + f"""
-LB_EXPORT void {entry.symbol}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bits}, gemmq_task_b{bits}); }}
+LB_EXPORT void {entry.symbol}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bits}, gemvqm_task_b{bits}, gemmq_task_b{bits}); }}
 """
 
 
@@ -811,7 +883,8 @@ def _kernel(e: _Emit, tiled: _Emit, entry: Entry) -> str:
     """The C of one entry point and of what only it uses."""
     b = entry.bits
     if entry.activations == "int8":
-        return _gemvq_rows(tiled, b) + _unpackq(tiled, b) + _gemmq_task(tiled, b) + _per_bits_int8(entry)
+        return (_gemvq_rows(tiled, b) + _gemvqm_task(tiled, b) + _unpackq(tiled, b) + _gemmq_task(tiled, b)
+                + _per_bits_int8(entry))
     if entry.kind == FLOAT16:
         return _float16(e) + _per_bits(entry)
     if entry.kind == "uniform":
@@ -831,7 +904,7 @@ def generate(isa: str) -> str:
     t16 = _t16_xorder(e.lanes) if any(x.activations == "int16-T16" for x in ents) else ""
     return "\n".join([
         f"/* Generated by lowbit.kernels.cpu.codegen for {isa}; do not edit. */",
-        f"#define MICRO_MR {mr}\n#define MICRO_NR {nr}\n#define LB_LANES {e.lanes}",
+        f"#define MICRO_MR {mr}\n#define MICRO_NR {nr}\n#define LB_LANES {e.lanes}\n#define LB_GEMVQ_TOKENS {GEMVQ_TOKENS}",
         '#include "driver.h"', f'#include "{e.ops["header"]}"',
         micro, f"static const lb_micro MICRO[{mr}][{nr}] = {{{table}}};", t16,
         "".join(_kernel(e, tiled, x) for x in ents if x.activations != "tender" and x.kind != "kquant"),

@@ -201,12 +201,21 @@ static inline void lb_addq(const lb_args *a, int m, int row, const float *out, i
     }
 }
 
-/* The int8 path. One token: x -> s8 per 32-block with scale amax/127 (round half to even), each code
-   f·L + l at byte 4·l + f·L/8 to meet the GEMV's SIMD layout; xi[blk] = Σ x_q over the block (the
-   zero-point fold). Several tokens: lb_xq_rows, then the GEMM over every token. */
-__attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq, lb_task gemmq) {
+/* The multi-token GEMV's results for token m: the tile's rows that exist, plus bias. */
+static inline void lb_store_token(const lb_args *a, int m, int row, const float *out) {
+    float *y = a->y + (size_t)m * a->n;
+    for (int l = 0; l < LB_LANES && row + l < a->n; l++) y[row + l] = out[l] + (a->bias ? a->bias[row + l] : 0.0f);
+}
+
+/* The int8 path. One token, or LB_GEMVQ_TOKENS (codegen.GEMVQ_TOKENS; from 3 on, the GEMM wins): each
+   token's x -> s8 per 32-block with scale amax/127 (lb_quant32: round half to even), code f·L + l at
+   byte 4·l + f·L/8 of the block's 4·L bytes
+   to meet the GEMV's SIMD layout; xi[blk] = Σ x_q over the block (the zero-point fold); then the
+   one-token GEMV, or the multi-token one (codes taken out of their words once for both tokens). Other
+   counts: lb_xq_rows (natural order), then the GEMM over every token. */
+__attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq, lb_task gemvqm, lb_task gemmq) {
     if (a->threads > lb_pool.n) a->threads = lb_pool.n;
-    if (a->m > 1) {
+    if (a->m != 1 && a->m != LB_GEMVQ_TOKENS) {
         size_t blocks = (size_t)a->m * a->nblocks;
         a->xq = (int8_t *)lb_alloc(blocks * 8);
         a->xd = lb_alloc(blocks);
@@ -217,25 +226,17 @@ __attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq, lb_ta
         return;
     }
     int bb = 4 * LB_LANES;
-    int8_t *xq = calloc((size_t)a->nblocks * bb, 1);
-    float *xd = malloc(sizeof(float) * a->nblocks);
-    int32_t *xi = malloc(sizeof(int32_t) * a->nblocks);
+    size_t blocks = (size_t)a->m * a->nblocks;
+    int8_t *xq = calloc(blocks * bb, 1);
+    float *xd = malloc(sizeof(float) * blocks);
+    int32_t *xi = malloc(sizeof(int32_t) * blocks);
     if (!xq || !xd || !xi) abort();
-    for (int blk = 0; blk < a->nblocks; blk++) {
-        const float *x = a->x + (size_t)blk * 32;
-        float amax = 0;
-        for (int c = 0; c < 32; c++) amax = fabsf(x[c]) > amax ? fabsf(x[c]) : amax;
-        float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
-        int isum = 0;
-        for (int c = 0; c < 32; c++) {
-            int v = (int)nearbyintf(x[c] * inv);
-            xq[(size_t)blk * bb + 4 * (c % LB_LANES) + (c / LB_LANES) * (LB_LANES / 8)] = (int8_t)v;
-            isum += v;
-        }
-        xd[blk] = d;
-        xi[blk] = isum;
+    for (size_t b = 0; b < blocks; b++) {
+        int8_t nat[32];
+        xi[b] = lb_quant32(a->x + b * 32, nat, xd + b);  /* token b / nblocks, block b % nblocks: x rows are nblocks·32 long */
+        for (int c = 0; c < 32; c++) xq[b * bb + 4 * (c % LB_LANES) + (c / LB_LANES) * (LB_LANES / 8)] = nat[c];
     }
     a->xq = xq; a->xd = xd; a->xi = xi;
-    lb_pool_run(gemvq, a, a->threads);
+    lb_pool_run(a->m == 1 ? gemvq : gemvqm, a, a->threads);
     free(xq); free(xd); free(xi);
 }
