@@ -19,11 +19,10 @@ Both models run on the native engine where it supports them (runtime/engine.py):
 final-normed hidden state comes back and the model's own output head (as stored: float, or its
 QuantLinear) turns it into logits, at the engine's prefill speed instead of transformers'. A float
 head writes into one buffer per model, reused window after window (a fresh 100 MB tensor a window
-costs ~25k page faults). The source
-always runs exactly (fp32 activations, fp32 KV cache). The quantized model runs exactly too with
-`exact`; without it, as generate/serve/bench run it: its UniformQ matmuls (engine and head) on
-activations rounded to int8 per 32-block (kernels/switches.py), which changes the numbers a little and
-runs the GEMMs 3-4x faster. Anything the engine does not run goes through the model's own forward
+costs ~25k page faults). The source always runs exactly (fp32 activations, fp32 KV cache). The
+quantized model runs exactly too with `exact`; without it, as generate/serve/bench run it: its
+UniformQ matmuls (engine and head) on activations rounded to int8 per 32-block (kernels/switches.py),
+which changes the numbers a little and runs the GEMMs 3-4x faster. Anything the engine does not run goes through the model's own forward
 (transformers), under the same switch. The source's states are cached between evaluations
 (SourceScores): scoring variants of one source against it costs one model, not two.
 """
