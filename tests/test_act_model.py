@@ -11,7 +11,7 @@ import lowbit
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.nn import ActQuantLinear
-from lowbit.runtime.engine import load_decoder
+from lowbit.runtime.engine import _fused, load_decoder
 
 OPTS = dict(calib_samples=2, calib_seq_len=48, progress=False)
 
@@ -43,6 +43,8 @@ def test_reload_is_exact_and_runs_on_the_engine(tender_dir):
     assert q.plan.specs[0].act_groups == 6 and q.plan.specs[0].scheme == "W4A8-tender-g32-sym-G6-c1"
     with torch.no_grad():
         assert torch.equal(q.model(ids).logits, logits)
+    mlp = q.model.model.layers[0].mlp  # equal activation quantizers: the engine runs gate/up as one layer
+    assert isinstance(_fused([mlp.gate_proj, mlp.up_proj]), ActQuantLinear)
     engine = load_decoder(q.model, kv_dtype="fp32")  # every W·A· layer through the same integer kernel
     ref = logits[0, -1]
     prefill = engine.forward(ids[0])

@@ -208,16 +208,20 @@ class _Arena:
             setattr(obj, attr, whole[off:off + t.nbytes].view(t.dtype).view(t.shape).copy_(t))
 
 
-def _fused(modules: list[nn.Module]) -> QuantLinear | None:
-    """One QuantLinear for projections that read the same input (q/k/v, gate/up), their rows stacked
-    in order, when all are UniformQ of one layout: per token one kernel call, one activation
-    quantization and one longer weight stream instead of several (row results are unchanged); an
-    input permutation (act-order, nn.QuantLinear.in_perm) they share is gathered once. None when they
-    can't be fused."""
-    qts = [m.qtensor if isinstance(m, QuantLinear) else None for m in modules]
+def _fused(modules: list[nn.Module]) -> QuantLinear | ActQuantLinear | None:
+    """One layer for projections that read the same input (q/k/v, gate/up), their rows stacked in
+    order, when all are UniformQ of one layout: per token one kernel call, one activation quantization
+    and one longer weight stream instead of several (row results are unchanged); an input permutation
+    (act-order, nn.QuantLinear.in_perm) they share is gathered once. W·A· layers (ActQuantLinear) fuse
+    when their activation quantizers are equal too (Tender fits one per layer: q/k/v's can differ in
+    centring, a choice made per layer from its own output error). None when they can't be fused."""
+    acts = [m.act if isinstance(m, ActQuantLinear) else None for m in modules]
+    if any(a is not None for a in acts) and not all(a is not None and _same_act(a, acts[0]) for a in acts):
+        return None
+    qts = [m.qtensor if isinstance(m, (QuantLinear, ActQuantLinear)) else None for m in modules]
     if not all(isinstance(q, UniformQ) for q in qts):
         return None
-    perms = [m.in_perm for m in modules]
+    perms = [getattr(m, "in_perm", None) for m in modules]
     if any(p is None for p in perms) != all(p is None for p in perms) or \
             (perms[0] is not None and not all(torch.equal(p, perms[0]) for p in perms)):
         return None
@@ -231,8 +235,13 @@ def _fused(modules: list[nn.Module]) -> QuantLinear | None:
     biases = [m.bias for m in modules]
     bias = None if all(b is None for b in biases) else \
         torch.cat([torch.zeros(q.shape[0]) if b is None else b.detach().float() for b, q in zip(biases, qts)])
-    return QuantLinear(qt, bias, perms[0])
+    return ActQuantLinear(qt, acts[0], bias) if acts[0] is not None else QuantLinear(qt, bias, perms[0])
 
+
+def _same_act(a, b) -> bool:
+    """Whether two activation quantizers (formats/activation.ActQ) quantize every input alike."""
+    ta, tb = a.tensors(), b.tensors()
+    return a.meta() == b.meta() and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 def _rope_tables(model, layer_types: list[str], max_ctx: int, head_dim: int) -> tuple[list, dict]:
     """cos/sin [max_ctx, rot/2] per RoPE variant, from the model's own rotary module, and which
