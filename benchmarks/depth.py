@@ -6,15 +6,23 @@ Ours: the prompt (the built-in evaluation text, repeated) is prefilled once to t
 the engine's own chunks; each run, deepest first, truncates the cache back to d and times `--tg` single-token steps
 (median of `--runs`). llama-bench: `-p 0 -n TG -d D,...` (its own tokens; its mean). SmolLM2-135M
 holds 8,192 positions, so the issue's 16k is not a depth this model has: the default depths stop at 8k.
+`--rope-factor F` runs ours on the same weights with linear RoPE scaling by F (a copy of the model's
+config with F times the positions; the text's continuation is not what is measured, the cost of
+attending to d cached tokens is), and llama-bench on its file past the trained context (it warns and
+runs): `--rope-factor 2 --depths 512 4096 16320` gives the issue's 16k.
 
     python benchmarks/depth.py MODEL [--gguf FILE] [--depths 512 4096 8192] [--tg 32] [--threads 2] [--runs 3]
+                               [--rope-factor F]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 from vs_llamacpp import ggufs, tool
 
@@ -40,8 +48,21 @@ def ours(model, tokens: list[int], depths: list[int], tg: int, threads: int, kv:
     return out
 
 
+def rope_scaled(model_dir: str, factor: float, into: Path) -> Path:
+    """`model_dir` with linear RoPE scaling by `factor` and `factor` times the positions: links to its
+    files and an edited config.json in `into`."""
+    for f in Path(model_dir).iterdir():
+        if f.name != "config.json":
+            (into / f.name).symlink_to(f.resolve())
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    config["rope_parameters"] = {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+    config["max_position_embeddings"] = int(config["max_position_embeddings"] * factor)
+    (into / "config.json").write_text(json.dumps(config))
+    return into
+
+
 def theirs(gguf, depths: list[int], tg: int, threads: int, kv: str, runs: int) -> dict[int, float]:
-    import json
     import subprocess
 
     binary = tool("llama-bench")
@@ -64,11 +85,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--kv", nargs="+", default=["fp16", "int8"])
+    ap.add_argument("--rope-factor", type=float, help="run ours with linear RoPE scaling by this factor (16k on SmolLM2: 2)")
     a = ap.parse_args()
-    model = lowbit.load(a.model)
+    scratch = tempfile.TemporaryDirectory()
+    model = lowbit.load(rope_scaled(a.model, a.rope_factor, Path(scratch.name)) if a.rope_factor else a.model)
     tokens = bench_tokens(model._tokenizer(), max(a.depths) + a.tg + 1)
     gguf = a.gguf or ggufs(None)["Q4_0"]
-    print(f"model {a.model} vs llama.cpp {gguf}; {a.threads} threads; tg{a.tg} at each depth\n")
+    scaled = f" (RoPE scaled x{a.rope_factor:g})" if a.rope_factor else ""
+    print(f"model {a.model}{scaled} vs llama.cpp {gguf}; {a.threads} threads; tg{a.tg} at each depth\n")
     print("| KV cache | depth | lowbit tok/s | llama.cpp tok/s | ours / theirs |")
     print("|---|---|---|---|---|")
     for kv in a.kv:
