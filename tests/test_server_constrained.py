@@ -158,6 +158,21 @@ def test_tool_calls_stream_as_openai_does(client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_auto_streams_text_and_ends_as_the_whole_reply(client):
+    """tool_choice "auto": text streams as it comes (up to where a call could begin); content and calls
+    put together from the chunks are the non-streamed reply's."""
+    for ask in (ASK_WEATHER, [{"role": "user", "content": "Say hello in one short sentence."}]):
+        kw = dict(model=NAME, messages=ask, max_tokens=60, temperature=0, tools=[WEATHER, TIME])
+        whole = client.chat.completions.create(**kw).choices[0]
+        text, names = "", []
+        for c in client.chat.completions.create(**kw, stream=True):
+            delta = c.choices[0].delta if c.choices else None
+            text += (delta.content or "") if delta else ""
+            names += [d.function.name for d in (delta.tool_calls or []) if d.function.name] if delta else []
+        assert text == (whole.message.content or "")
+        assert names == [t.function.name for t in whole.message.tool_calls or []]
+
+
 def test_a_conversation_with_tool_results_goes_on(client):
     history = ASK_WEATHER + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
@@ -199,6 +214,23 @@ def test_parse_calls():
                  '<tool_call>\n{"name": "get_weather", "argu',  # cut short by max_tokens
                  "The weather is fine."):
         assert tools.parse_calls(text, [WEATHER]) == (text, [])
+
+
+@pytest.mark.parametrize("text,now", [("Sure, one moment. ", "Sure, one moment."), ("Hi <tool", "Hi"),
+                                      ("Hi\n<tool_call>{\"name\"", "Hi"), (' {"name": "get_time"', ""),
+                                      ("\n\n", ""), ("a < b", "a < b")])
+def test_what_streams_before_a_reply_is_parsed(text, now):
+    assert text[:tools.streamable(text)] == now
+
+
+def test_the_rest_after_streaming_completes_the_parsed_content():
+    call = '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>'
+    for reply in ("Let me check. " + call + " Done.", "\nJust text, no call.", call):
+        content, calls = tools.parse_calls(reply, [TIME])
+        for cut in range(len(reply) + 1):
+            sent = reply[:tools.streamable(reply[:cut])]
+            streamed = sent + tools.unsent(content, calls, sent)
+            assert streamed == (content or "") or (calls and streamed.lstrip() == content), (reply, cut)
 
 
 @pytest.mark.parametrize("kw,param", [

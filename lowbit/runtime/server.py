@@ -9,8 +9,8 @@ while waiting or while streaming, cancels its request and frees its slots at the
 OpenAI surface: n choices, logprobs / top_logprobs (the model's own log-probabilities), echo with the
 prompt's log-probabilities (what lm-eval's loglikelihood tasks ask for), seed, presence and
 frequency penalties, `response_format` json_object / json_schema (decoding constrained to the schema:
-runtime/constrained.py), `tools` / `tool_choice` with parsed `tool_calls` (runtime/tools.py; while a
-reply may hold calls it streams whole when done: its text cannot be told from a call until then).
+runtime/constrained.py), `tools` / `tool_choice` with parsed `tool_calls` (runtime/tools.py; a reply
+that may hold calls streams its text up to where a call could begin, the rest once done and parsed).
 Bad requests get OpenAI's error JSON: {"error": {"message", "type", "param",
 "code"}}, and a request that cannot fit (n choices beyond the slots, prompt plus max tokens beyond a
 slot's context) is refused before any work.
@@ -520,6 +520,7 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
         offsets = [0] * n
 
         held = [[] for _ in range(n)]  # with tools offered: each choice's log-probabilities until it is done
+        texts, sent = [""] * n, [0] * n  # with tools offered: each choice's text so far, and how much of it went out
 
         def chunk(i: int, text: str | None, finish: str | None, recs=(), role: bool = False, delta=None) -> dict:
             lp = logprobs(list(recs), offsets[i]) if recs else None
@@ -534,8 +535,9 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
             """A choice that may hold tool calls, once done: its content, then each call as OpenAI streams
             one (a delta with id, type and name, then one with the arguments), then the finish."""
             content, calls, finish = _reply(out, tool_list)
-            if content or held[i]:
-                yield chunk(i, content or "", None, held[i])
+            rest = tools.unsent(content, calls, texts[i][:sent[i]])
+            if rest or held[i]:
+                yield chunk(i, rest, None, held[i])
             for k, call in enumerate(calls):
                 head = {**call, "index": k, "function": {"name": call["function"]["name"], "arguments": ""}}
                 yield chunk(i, None, None, delta={"tool_calls": [head]})
@@ -550,8 +552,13 @@ def create_app(session: Session, name: str, defaults: dict | None = None, max_qu
             outs = []
             try:
                 async for i, kind, value in until_done():
-                    if kind == "text" and tool_list:
+                    if kind == "text" and tool_list:  # text that cannot be part of a call goes out now
                         held[i] += value[1]
+                        texts[i] += value[0]
+                        upto = tools.streamable(texts[i])
+                        if upto > sent[i]:
+                            yield _sse(chunk(i, texts[i][sent[i]:upto], None))
+                            sent[i] = upto
                     elif kind == "text":
                         yield _sse(chunk(i, value[0], None, value[1]))
                     else:

@@ -25,6 +25,11 @@ Parsing. Every complete <tool_call>{...}</tool_call> block naming a given tool b
 Hermes form); so does a whole reply that is one JSON object {"name", "arguments" | "parameters"}
 naming a given tool (the Llama 3.1 form). The text around the calls stays `content`; a block cut
 short by max_tokens is not a call (it stays in `content`, and the finish reason stays "length").
+
+Streaming under "auto" (`streamable`): text is sent as it comes while it cannot be part of a call:
+up to the first "<tool_call>" (or a tail that may be its start), never trailing whitespace (content
+around calls is stripped), and nothing of a reply that starts with "{" (it may be a whole-reply call).
+The rest waits until the reply is done and parsed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from .constrained import Grammar, Grammars, InvalidRequest, with_whitespace
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 NO_PARAMETERS = {"type": "object", "properties": {}}
+OPEN = "<tool_call>"
 PROBE = [{"role": "user", "content": "x"}]
 PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "p", "parameters": NO_PARAMETERS}}
 FALLBACK = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
@@ -197,3 +203,23 @@ def parse_calls(text: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
         return None, [whole]
     content = "".join(rest).strip()
     return (content or None) if calls else text, calls
+
+
+def streamable(text: str) -> int:
+    """How many characters of a reply so far can be streamed before it is parsed (module docstring)."""
+    if text.lstrip().startswith("{"):
+        return 0
+    end = text.find(OPEN)
+    if end < 0:
+        end = next((len(text) - k for k in range(min(len(OPEN) - 1, len(text)), 0, -1) if text.endswith(OPEN[:k])),
+                   len(text))
+    cut = len(text[:end].rstrip())
+    return cut if text[:cut].strip() else 0
+
+
+def unsent(content: str | None, calls: list, sent: str) -> str:
+    """The content still to stream after `sent` (a `streamable` prefix of the reply's text): with calls,
+    content is stripped, so the part after the sent text without its leading whitespace."""
+    content, done = content or "", sent.lstrip() if calls else sent
+    same = next((i for i, (a, b) in enumerate(zip(content, done)) if a != b), min(len(content), len(done)))
+    return content[same:]  # all of `done` by construction (streamable's prefix lies before every call)
