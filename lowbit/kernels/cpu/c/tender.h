@@ -278,6 +278,9 @@ static void lb_tender_gemm_task(void *p, int tid, int nthr) {
     int lo = tid < a->threads ? tid * per : a->tiles, hi = lo + per < a->tiles ? lo + per : a->tiles;
     for (int t0 = lo; t0 < hi; t0 += LB_TNR) {
         int nr = hi - t0 < LB_TNR ? hi - t0 : LB_TNR;
+        int r0 = t0 * LB_TL, r1 = (t0 + nr) * LB_TL < a->n ? (t0 + nr) * LB_TL : a->n;
+        for (int t = 0; t < a->m; t++)  /* the tiles' outputs start at the bias, in the thread that adds to them */
+            for (int r = r0; r < r1; r++) a->y[(size_t)t * a->n + r] = a->bias ? a->bias[r] : 0.0f;
         for (int m = 0; m < a->m; m += LB_TMR)
             LB_TENDER[a->nibble][(a->m - m < LB_TMR ? a->m - m : LB_TMR) - 1][nr - 1](a, m, t0);
     }
@@ -324,7 +327,5 @@ LB_EXPORT void lb_tender_linear(lb_tender_args *a) {
         }
         lb_pool_run(lb_tender_quant_task, a, a->threads);
     }
-    for (int t = 0; t < a->m; t++)
-        for (int r = 0; r < a->n; r++) a->y[(size_t)t * a->n + r] = a->bias ? a->bias[r] : 0.0f;
     lb_pool_run(lb_tender_gemm_task, a, a->threads);
 }
