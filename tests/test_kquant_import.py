@@ -26,7 +26,6 @@ from lowbit.io.gguf_read import kquant_from_blocks
 from lowbit.io.kquants import quantize
 from lowbit.kernels.cpu import build, isa as isa_mod
 from lowbit.kernels.cpu import kquant as cpu_kquant
-from lowbit.kernels.cpu.uniform import quantize_activations
 from lowbit.nn import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -40,7 +39,8 @@ ISAS = [i for i in ("avx512vnni", "avx2", "scalar") if isa_mod.detect().supports
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", list(TYPES))
 def test_kernel_matches_reference(qtype, isa):
-    """fp32 activations: dequantize then x·Wᵀ; int8 (x86): the same with x rounded as the int8 path rounds it."""
+    """fp32 activations: dequantize then x·Wᵀ; int8 (x86): the same with x rounded as the int8 path rounds
+    it (q8_K: per 256)."""
     gen = torch.Generator().manual_seed(1)
     n, k = 37, 768
     w = torch.randn(n, k, generator=gen) * 0.05
@@ -50,7 +50,7 @@ def test_kernel_matches_reference(qtype, isa):
     ref_w, bias = qt.dequantize(), torch.randn(n, generator=gen)
     for m in (1, 2, 7):
         x = torch.randn(m, k, generator=gen)
-        for int8, xr in ((False, x), (True, quantize_activations(x)))[:1 + (packed.qfn is not None)]:
+        for int8, xr in ((False, x), (True, cpu_kquant.quantize_activations(x)))[:1 + (packed.qfn is not None)]:
             fn, args = packed._call(m, bias.contiguous(), int8)
             y = torch.empty(m, n)
             args.x, args.y = x.contiguous().data_ptr(), y.data_ptr()

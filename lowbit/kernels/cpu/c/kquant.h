@@ -8,15 +8,13 @@
        w = d·sc_g·(c − off)              (Q3_K off 4, Q6_K off 32)
    Codes never exceed 63, so u8·s8 pair sums fit int16 (maddubs) without saturating.
 
-   int8 activations (the `q` entries, the decode engine's default): x rounded to s8 per 32-block as
-   everywhere in lowbit (lb_xq_rows_task: xq, scale xd, sums xi), and here also xsum = xd·Σ x_q per
-   16-block. Per super-block, with a_g = d·sc_g and b_g = dmin·m_g (symmetric: a_g·off):
-       y += Σ_g a_g·xd_{g/2}·(Σ_{k∈g} c_k·xq_k) − Σ_g b_g·xsum_g
-   The code sums are integer dots (VNNI vpdpbusd, else maddubs + madd; x86 only, as UniformQ's int8
-   rows: the portable build runs the fp32 path), left in their
-   lanes: lane l of a 64-code chunk t sums codes 4l..4l+3, group 4t + l/4, so the float step
-   multiplies each lane by its group's factor (one permute) instead of reducing lanes first.
-   Several tokens (prefill) share each decoded super-block: KQ_MT tokens per pass over a row.
+   int8 activations (the `q` entries, the decode engine's default): x rounded to s8 per 256 as
+   llama.cpp's q8_K (scale amax/127, and the sums of each 16: bsums), so that per super-block
+       y += d·dx·Σ_g sc_g·Σ_{k∈g} c_k·x_k − dx·Σ_g f_g·S_g,  f_g = dmin·m_g (affine) or d·off·sc_g
+   with every sum over g an integer (maddubs pairs, madd/vpdpwssd by the int16 group scale): one
+   float step per super-block, llama.cpp's arithmetic. (x per 32, as UniformQ's int8 rows round it,
+   would need a float step per 32 codes: measured 1.7x slower per byte on Zen 4.) Several tokens
+   (prefill) share each decoded super-block: KQ_MT tokens per pass over a row.
 
    fp32 activations (the exact path): a super-block decoded to fp32 weights, w = a_g·(c − off) − b_g
    as the reference computes it; one token: a dot with x; several: tiles of rows dequantized into
@@ -55,40 +53,51 @@ static inline kq_u8x64 kq_cat(kq_u8x32 lo, kq_u8x32 hi) {  /* in registers (a un
                                    21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41,
                                    42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
 }
-static const kq_u8x16 KQ_PAIRS = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7};  /* group of 16 -> of 32 */
 
 /* ---- decoders: one super-block -> kq_sb (byte layouts: io/kquants.py) ---- */
 
-/* Q4_K {fp16 d, dmin; scales[12]; qs[128]}: the 6-bit scales and mins unpacked as ggml's
-   get_scale_min_k4, with whole words (bytes 0-7 of u: scales, 8-15: mins). */
-static inline void kq_scales_k4(const uint8_t *p, kq_sb *s) {
-    uint32_t u[4]; memcpy(u, p, 12);
-    const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
-    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
-    uint32_t mins = u[1] & m1;
-    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
-    u[2] = mins; u[0] &= m1;
-    kq_u8x16 v; memcpy(&v, u, 16);
-    s->sc = (kq_i8x16)__builtin_shuffle(v, KQ_PAIRS);
-    s->m = __builtin_shuffle(v, KQ_PAIRS + 8);
+/* 32 bytes p -> 64 codes: (p[i] >> s0) & mask, then (p[i] >> s1) & mask. AVX-512: the 32 bytes broadcast
+   to both halves, each half shifted by its own count (64-bit lanes: the mask drops what crosses a byte). */
+static inline kq_u8x64 kq_split(const uint8_t *p, int s0, int s1, int mask) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+    v = _mm512_srlv_epi64(v, _mm512_setr_epi64(s0, s0, s0, s0, s1, s1, s1, s1));
+    return (kq_u8x64)_mm512_and_si512(v, _mm512_set1_epi8((char)mask));
+#else
+    kq_u8x32 v = kq_ld32(p);
+    return kq_cat((v >> s0) & (uint8_t)mask, (v >> s1) & (uint8_t)mask);
+#endif
 }
 
+/* Q4_K/Q5_K's twelve bytes of eight 6-bit scales and mins (ggml's get_scale_min_k4: j < 4 the low 6
+   bits of byte j, j + 4; j >= 4 a nibble of byte j + 4 and the top two bits of byte j − 4, j) straight
+   into the per-16 form (each pair repeated): byte shuffles, no scalar code. p: the 12 bytes and 4 more. */
+static inline void kq_scales_k4(const uint8_t *p, kq_sb *s) {
+    static const kq_u8x16 SC = {0, 0, 1, 1, 2, 2, 3, 3, 8, 8, 9, 9, 10, 10, 11, 11};
+    static const kq_u8x16 SC_TOP = {16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 1, 1, 2, 2, 3, 3};  /* 16: zero */
+    static const kq_u8x16 M = {4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11};
+    static const kq_u8x16 M_TOP = {16, 16, 16, 16, 16, 16, 16, 16, 4, 4, 5, 5, 6, 6, 7, 7};
+    static const kq_u8x16 LOW = {63, 63, 63, 63, 63, 63, 63, 63, 15, 15, 15, 15, 15, 15, 15, 15};
+    static const kq_u8x16 FIRST = {63, 63, 63, 63, 63, 63, 63, 63, 0, 0, 0, 0, 0, 0, 0, 0};
+    kq_u8x16 v, zero = {0};
+    memcpy(&v, p, 16);
+    kq_u8x16 sc = __builtin_shuffle(v, SC), m = __builtin_shuffle(v, M);
+    s->sc = (kq_i8x16)((sc & LOW) | ((__builtin_shuffle(v, zero, SC_TOP) >> 2) & 48));
+    s->m = (m & FIRST) | ((m >> 4) & (LOW & ~FIRST)) | ((__builtin_shuffle(v, zero, M_TOP) >> 2) & 48);
+}
+
+/* Q4_K {fp16 d, dmin; scales[12]; qs[128]}: byte 32t + i holds code 64t + i low, 64t + 32 + i high */
 static inline void kq_dec_q4k(const uint8_t *b, kq_sb *s) {
     s->d = kq_h2f(b); s->dmin = kq_h2f(b + 2);
     kq_scales_k4(b + 4, s);
-    for (int t = 0; t < 4; t++) { kq_u8x32 v = kq_ld32(b + 16 + 32 * t); s->c[t] = kq_cat(v & 15, v >> 4); }
+    for (int t = 0; t < 4; t++) s->c[t] = kq_split(b + 16 + 32 * t, 0, 4, 15);
 }
 
 /* Q5_K {fp16 d, dmin; scales[12]; qh[32]; qs[128]}: Q4_K's nibbles, bit t of qh[i] the fifth bit of code 32t + i */
 static inline void kq_dec_q5k(const uint8_t *b, kq_sb *s) {
     s->d = kq_h2f(b); s->dmin = kq_h2f(b + 2);
     kq_scales_k4(b + 4, s);
-    kq_u8x32 qh = kq_ld32(b + 16);
-    for (int t = 0; t < 4; t++) {
-        kq_u8x32 v = kq_ld32(b + 48 + 32 * t);
-        kq_u8x32 h0 = (qh >> (2 * t)) & 1, h1 = (qh >> (2 * t + 1)) & 1;
-        s->c[t] = kq_cat((v & 15) | h0 << 4, (v >> 4) | h1 << 4);
-    }
+    for (int t = 0; t < 4; t++) s->c[t] = kq_split(b + 48 + 32 * t, 0, 4, 15) | kq_split(b + 16, 2 * t, 2 * t + 1, 1) << 4;
 }
 
 /* Q6_K {ql[128]; qh[64]; int8 scales[16]; fp16 d}: low nibbles of ql[64h + i] codes 128h + i, high
@@ -96,9 +105,8 @@ static inline void kq_dec_q5k(const uint8_t *b, kq_sb *s) {
 static inline void kq_dec_q6k(const uint8_t *b, kq_sb *s) {
     for (int h = 0; h < 2; h++) {
         kq_u8x64 l = kq_ld64(b + 64 * h);
-        kq_u8x32 q = kq_ld32(b + 128 + 32 * h);
-        s->c[2 * h] = (l & 15) | (kq_cat(q, q >> 2) & 3) << 4;
-        s->c[2 * h + 1] = (l >> 4) | (kq_cat(q >> 4, q >> 6) & 3) << 4;
+        s->c[2 * h] = (l & 15) | kq_split(b + 128 + 32 * h, 0, 2, 3) << 4;
+        s->c[2 * h + 1] = (l >> 4) | kq_split(b + 128 + 32 * h, 4, 6, 3) << 4;
     }
     memcpy(&s->sc, b + 192, 16);
     s->m = (kq_u8x16){0};
@@ -107,17 +115,13 @@ static inline void kq_dec_q6k(const uint8_t *b, kq_sb *s) {
 
 /* The 2-bit fields of Q2_K and Q3_K: byte 32h + i holds code 128h + 32s + i at bits 2s. */
 static inline kq_u8x64 kq_two_bit(const uint8_t *qs, int t) {
-    kq_u8x32 q = kq_ld32(qs + 32 * (t / 2));
-    int s = 4 * (t % 2);
-    return kq_cat((q >> s) & 3, (q >> (s + 2)) & 3);
+    return kq_split(qs + 32 * (t / 2), 4 * (t % 2), 4 * (t % 2) + 2, 3);
 }
 
 /* Q3_K {hmask[32]; qs[64]; scales[12]; fp16 d}: code = 2 bits | hmask bit << 2 (bit b of hmask[i]:
    code 32b + i); sixteen 6-bit scales, low nibbles in bytes 0-7 (j, j+8), top bits at 2s of byte 8 + j%4. */
 static inline void kq_dec_q3k(const uint8_t *b, kq_sb *s) {
-    kq_u8x32 hm = kq_ld32(b);
-    for (int t = 0; t < 4; t++)
-        s->c[t] = kq_two_bit(b + 32, t) | kq_cat((hm >> (2 * t)) & 1, (hm >> (2 * t + 1)) & 1) << 2;
+    for (int t = 0; t < 4; t++) s->c[t] = kq_two_bit(b + 32, t) | kq_split(b, 2 * t, 2 * t + 1, 1) << 2;
     const uint8_t *p = b + 96;
     for (int j = 0; j < 16; j++)
         s->sc[j] = (int8_t)((((j < 8 ? p[j] : p[j - 8] >> 4) & 15) | ((p[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) - 32);
@@ -136,75 +140,102 @@ static inline void kq_dec_q2k(const uint8_t *b, kq_sb *s) {
 /* ---- int8 activations (x86: the ISAs with an integer dot) ---- */
 #if defined(__AVX2__)
 
-/* y[m0 + t][row] for t < mt tokens (mt <= KQ_MT): one pass over the row's super-blocks. */
+static inline float kq_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* 256 floats -> s8 q = round-half-even(x / d), d = amax/127 (0 for a zero block), and the sums of q
+   over each 16 (bsums): llama.cpp's q8_K, the activations its K-quant dots take. */
+static void kq_quant256(const float *x, int8_t *q, float *d, int16_t *bsums) {
+#ifdef __AVX512F__
+    __m512 mx = _mm512_setzero_ps();
+    for (int i = 0; i < 256; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    float amax = _mm512_reduce_max_ps(mx);
+#else
+    float amax = 0;
+    for (int i = 0; i < 256; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+#endif
+    *d = amax / 127.0f;
+    float inv = *d > 0 ? 1.0f / *d : 0.0f;
+    for (int g = 0; g < 16; g++) {
+        int s = 0;
+        for (int i = 16 * g; i < 16 * g + 16; i++) { int v = (int)nearbyintf(x[i] * inv); q[i] = (int8_t)v; s += v; }
+        bsums[g] = (int16_t)s;
+    }
+}
+
+/* Σ_k c_k·x_k per group of 16 times its scale, over a super-block: codes c (u8, <= 63) times x (s8)
+   in int16 pairs (maddubs: at most 2·63·127, no saturation), times the group's int16 scale summed
+   in int32 (madd, or VNNI's vpdpwssd), in 16 (AVX-512) or 8 (AVX2) int32 lanes; then (kq_fma) those
+   lanes in float times a scale into a float accumulator, reduced once a row (kq_sum). */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+typedef __m512 kq_accf;
+static const uint16_t KQ_SCALE_LANES[4][32] = {  /* chunk t: 128-bit lane L holds pairs of group 4t + L */
+#define KQ_L(t) {4*t, 4*t, 4*t, 4*t, 4*t, 4*t, 4*t, 4*t, 4*t+1, 4*t+1, 4*t+1, 4*t+1, 4*t+1, 4*t+1, 4*t+1, 4*t+1, \
+                 4*t+2, 4*t+2, 4*t+2, 4*t+2, 4*t+2, 4*t+2, 4*t+2, 4*t+2, 4*t+3, 4*t+3, 4*t+3, 4*t+3, 4*t+3, 4*t+3, 4*t+3, 4*t+3}
+    KQ_L(0), KQ_L(1), KQ_L(2), KQ_L(3)
+#undef KQ_L
+};
+static inline kq_accf kq_fma(const kq_sb *s, __m256i sc16, const int8_t *x, float scale, kq_accf acc) {
+    __m512i dot[4], wide = _mm512_castsi256_si512(sc16);
+    for (int t = 0; t < 4; t++) {  /* four independent sums, added as a tree: short dependency chains */
+        __m512i scv = _mm512_permutexvar_epi16(_mm512_loadu_si512((const void *)KQ_SCALE_LANES[t]), wide);
+        __m512i p = _mm512_maddubs_epi16((__m512i)s->c[t], _mm512_loadu_si512((const void *)(x + 64 * t)));
+        dot[t] = _mm512_madd_epi16(p, scv);
+    }
+    __m512i sum = _mm512_add_epi32(_mm512_add_epi32(dot[0], dot[1]), _mm512_add_epi32(dot[2], dot[3]));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(scale), acc);
+}
+static inline kq_accf kq_zero(void) { return _mm512_setzero_ps(); }
+static inline float kq_sum(kq_accf v) { return _mm512_reduce_add_ps(v); }
+#else
+typedef __m256 kq_accf;
+static inline kq_accf kq_fma(const kq_sb *s, __m256i sc16, const int8_t *x, float scale, kq_accf acc) {
+    __m256i dot = _mm256_setzero_si256();
+    union { kq_u8x64 v[4]; __m256i h[8]; } codes;
+    memcpy(codes.v, s->c, sizeof codes.v);
+    int16_t sc[16]; memcpy(sc, &sc16, 32);
+    for (int c = 0; c < 8; c++) {  /* 128-bit half L of chunk c: pairs of group 2c + L */
+        __m256i scv = _mm256_setr_m128i(_mm_set1_epi16(sc[2 * c]), _mm_set1_epi16(sc[2 * c + 1]));
+        __m256i p = _mm256_maddubs_epi16(codes.h[c], _mm256_loadu_si256((const __m256i *)(x + 32 * c)));
+        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, scv));
+    }
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc);
+}
+static inline kq_accf kq_zero(void) { return _mm256_setzero_ps(); }
+static inline float kq_sum(kq_accf v) { return kq_hsum256(v); }
+#endif
+
+/* y[m0 + t][row] for t < mt tokens (mt <= KQ_MT): one pass over the row's super-blocks, each decoded
+   once for the mt tokens. Per super-block and token, with dx its x scale and S_g the bsums:
+       y += d·dx·Σ_g sc_g·(Σ c·x_q) − dx·(affine ? dmin·Σ_g m_g·S_g : d·off·Σ_g sc_g·S_g)
+   the sums over g exact in int32, then one FMA each into float lanes. */
 static inline __attribute__((always_inline)) void kq_row_q(const lb_args *a, int row, int m0, int mt,
                                                            kq_decoder dec, int nbytes, int affine, int off) {
     int nsb = a->nblocks / 8;
     const uint8_t *blk = (const uint8_t *)a->qw + (size_t)row * nsb * nbytes;
-    size_t ldq = (size_t)a->nblocks * 32, ldd = a->nblocks, lds = (size_t)a->nblocks * 2;
-    float out[KQ_MT];
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-    const __m512i pairs = _mm512_cvtepu8_epi32((__m128i)KQ_PAIRS);
-    __m512i lane[4];
-    for (int t = 0; t < 4; t++) lane[t] = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(16 * t), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)), 2);
-    __m512 acc[KQ_MT][2], accb[KQ_MT];  /* two chains a token: an FMA's latency is not a chunk's work */
-    for (int t = 0; t < mt; t++) acc[t][0] = acc[t][1] = accb[t] = _mm512_setzero_ps();
+    const int16_t *bsums = (const int16_t *)a->xi;
+    kq_accf acc[KQ_MT];
+    __m256 accb[KQ_MT];
+    for (int t = 0; t < mt; t++) acc[t] = kq_zero(), accb[t] = _mm256_setzero_ps();
     for (int sb = 0; sb < nsb; sb++, blk += nbytes) {
         LB_PREFETCH(blk + LB_PF_BYTES);
         kq_sb s; dec(blk, &s);
-        __m512 f = _mm512_mul_ps(_mm512_set1_ps(s.d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32((__m128i)s.sc)));
-        __m512 b = affine ? _mm512_mul_ps(_mm512_set1_ps(s.dmin), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32((__m128i)s.m)))
-                          : _mm512_mul_ps(f, _mm512_set1_ps((float)off));
+        __m256i sc16 = _mm256_cvtepi8_epi16((__m128i)s.sc);
+        __m256i fold = affine ? _mm256_cvtepu8_epi16((__m128i)s.m) : _mm256_mullo_epi16(sc16, _mm256_set1_epi16((short)off));
+        float dfold = affine ? s.dmin : s.d;
         for (int t = 0; t < mt; t++) {
-            const int8_t *xq = a->xq + (m0 + t) * ldq + (size_t)sb * 256;
-            __m512 dx = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(a->xd + (m0 + t) * ldd + (size_t)sb * 8)));
-            __m512 fx = _mm512_mul_ps(f, dx);
-            accb[t] = _mm512_fmadd_ps(b, _mm512_loadu_ps(a->xsum + (m0 + t) * lds + (size_t)sb * 16), accb[t]);
-            for (int c = 0; c < 4; c++) {
-                __m512i x = _mm512_loadu_si512((const void *)(xq + 64 * c));
-#ifdef __AVX512VNNI__
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), (__m512i)s.c[c], x);
-#else
-                __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16((__m512i)s.c[c], x), _mm512_set1_epi16(1));
-#endif
-                acc[t][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(lane[c], fx), acc[t][c & 1]);
-            }
+            size_t at = (size_t)(m0 + t) * nsb + sb;
+            float dx = a->xd[at];
+            acc[t] = kq_fma(&s, sc16, a->xq + 256 * at, s.d * dx, acc[t]);
+            __m256i b = _mm256_madd_epi16(fold, _mm256_loadu_si256((const __m256i *)(bsums + 16 * at)));
+            accb[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), _mm256_set1_ps(dfold * dx), accb[t]);
         }
     }
-    for (int t = 0; t < mt; t++) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) - _mm512_reduce_add_ps(accb[t]);
-#elif defined(__AVX2__)
-    __m256 acc[KQ_MT][2], accb[KQ_MT];
-    for (int t = 0; t < mt; t++) acc[t][0] = acc[t][1] = accb[t] = _mm256_setzero_ps();
-    __m256i lane[4];  /* 32-code chunk u of a half: groups 2u, 2u + 1 */
-    for (int u = 0; u < 4; u++) lane[u] = _mm256_setr_epi32(2 * u, 2 * u, 2 * u, 2 * u, 2 * u + 1, 2 * u + 1, 2 * u + 1, 2 * u + 1);
-    for (int sb = 0; sb < nsb; sb++, blk += nbytes) {
-        LB_PREFETCH(blk + LB_PF_BYTES);
-        kq_sb s; dec(blk, &s);
-        __m256 f[2], b[2];
-        for (int h = 0; h < 2; h++) {
-            __m128i sc = h ? _mm_srli_si128((__m128i)s.sc, 8) : (__m128i)s.sc;
-            f[h] = _mm256_mul_ps(_mm256_set1_ps(s.d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
-            __m128i m = h ? _mm_srli_si128((__m128i)s.m, 8) : (__m128i)s.m;
-            b[h] = affine ? _mm256_mul_ps(_mm256_set1_ps(s.dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)))
-                          : _mm256_mul_ps(f[h], _mm256_set1_ps((float)off));
-        }
-        union { kq_u8x64 v[4]; __m256i h[8]; } codes;
-        memcpy(codes.v, s.c, sizeof codes.v);
-        for (int t = 0; t < mt; t++) {
-            const int8_t *xq = a->xq + (m0 + t) * ldq + (size_t)sb * 256;
-            const float *xd = a->xd + (m0 + t) * ldd + (size_t)sb * 8, *xs = a->xsum + (m0 + t) * lds + (size_t)sb * 16;
-            accb[t] = _mm256_fmadd_ps(b[0], _mm256_loadu_ps(xs), _mm256_fmadd_ps(b[1], _mm256_loadu_ps(xs + 8), accb[t]));
-            for (int c = 0; c < 8; c++) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * c));
-                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes.h[c], x), _mm256_set1_epi16(1));
-                __m256 fx = _mm256_mul_ps(_mm256_permutevar8x32_ps(f[c / 4], lane[c % 4]), _mm256_set1_ps(xd[c]));
-                acc[t][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), fx, acc[t][c & 1]);
-            }
-        }
-    }
-    for (int t = 0; t < mt; t++) out[t] = lb_hsum256(_mm256_add_ps(acc[t][0], acc[t][1])) - lb_hsum256(accb[t]);
-#endif
-    for (int t = 0; t < mt; t++) a->y[(size_t)(m0 + t) * a->n + row] = out[t] + (a->bias ? a->bias[row] : 0.0f);
+    for (int t = 0; t < mt; t++)
+        a->y[(size_t)(m0 + t) * a->n + row] = kq_sum(acc[t]) - kq_hsum256(accb[t]) + (a->bias ? a->bias[row] : 0.0f);
 }
 
 /* Thread tid's band of rows, every token, KQ_MT tokens per pass (tokens in chunks that stay in cache). */
@@ -222,22 +253,24 @@ static inline __attribute__((always_inline)) void kq_task_q(void *p, int tid, kq
     }
 }
 
-/* x -> s8 per 32-block (xq, xd, xi: lb_xq_rows_task) and xsum = xd·Σ x_q per 16-block; then `task`. */
+/* Each token's x -> q8_K per 256 (xq, its scale xd, bsums in xi as int16); then `task`. */
+static void kq_xq_task(void *p, int tid, int nthr) {
+    lb_args *a = p;
+    int per = (a->m + nthr - 1) / nthr, lo = tid * per, hi = lo + per < a->m ? lo + per : a->m;
+    size_t nsb = a->nblocks / 8;
+    for (size_t at = (size_t)lo * nsb; at < (size_t)hi * nsb; at++)
+        kq_quant256(a->x + 256 * at, a->xq + 256 * at, a->xd + at, (int16_t *)a->xi + 16 * at);
+}
+
 static void kq_linear_q(lb_args *a, lb_task task) {
     if (a->threads > lb_pool.n) a->threads = lb_pool.n;
-    size_t blocks = (size_t)a->m * a->nblocks;
-    a->xq = (int8_t *)lb_alloc(blocks * 8);
-    a->xd = lb_alloc(blocks);
-    a->xi = (int32_t *)lb_alloc(blocks);
-    a->xsum = lb_alloc(blocks * 2);
-    lb_pool_run(lb_xq_rows_task, a, a->threads);
-    for (size_t h = 0; h < blocks * 2; h++) {
-        int s = 0;
-        for (int i = 0; i < 16; i++) s += a->xq[16 * h + i];
-        a->xsum[h] = a->xd[h / 2] * (float)s;
-    }
+    size_t sbs = (size_t)a->m * (a->nblocks / 8);
+    a->xq = (int8_t *)lb_alloc(sbs * 64);
+    a->xd = lb_alloc(sbs);
+    a->xi = (int32_t *)lb_alloc(sbs * 8);
+    lb_pool_run(kq_xq_task, a, a->m < a->threads ? a->m : a->threads);
     lb_pool_run(task, a, a->threads);
-    free(a->xq); free(a->xd); free(a->xi); free(a->xsum);
+    free(a->xq); free(a->xd); free(a->xi);
 }
 
 #define KQ_INT8(bits) static void kq_q_task_b##bits(void *p, int tid, int nthr) { (void)nthr; kq_task_q(p, tid, KQ_ARGS_B##bits); } \
