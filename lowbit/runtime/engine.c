@@ -45,6 +45,7 @@ enum { DT_F32, DT_F16, DT_BF16, DT_I8 };  /* DT_I8: KV cache only, a scale per (
 enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, NPROF };
 #define PREFILL_MIN_TOKENS 4  /* chunks from this size run the blocked prefill attention */
 #define MIN_PAR_WORK (1 << 18)  /* multiply-adds below which waking the pool costs more than it saves */
+#define MIN_PAR_ATTENTION (1 << 15)  /* decode attention follows the q/k/v linear, whose pool threads still spin: cheap to wake */
 
 static inline v8 ld8(const float *p) { v8 v; memcpy(&v, p, 32); return v; }
 static inline void st8(float *p, v8 v) { memcpy(p, &v, 32); }
@@ -583,7 +584,7 @@ static void attention(eng *E, int l, const int *segs, int nseg, const float *q, 
     }
     if (nsmall) {
         att_job J = {E, l, nsmall, E->small, q, ldq, E->att};
-        E->par(att_task, &J, work >= MIN_PAR_WORK ? E->threads : 1);
+        E->par(att_task, &J, work >= MIN_PAR_ATTENTION ? E->threads : 1);
     }
     row = 0;
     for (int s = 0; s < nseg; row += segs[4 * s + 2], s++) {
