@@ -16,7 +16,7 @@ import ctypes
 
 import torch
 
-from ...formats.kquant import QK_K, KQuant
+from ...formats.kquant import QK_K, KQuant, _scales_k4, decode
 from ...formats.packing import BLOCK
 from .uniform import PackedUniform, entry_point
 from .uniform import prepare as _prepare
@@ -31,10 +31,33 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xb * inv) * d).flatten(-2)
 
 
-class PackedKQuant(PackedUniform):
-    """A KQuant's blocks as the kernels read them, callable as linear(x, bias)."""
+TILE = 16  # rows of a tile (c/kquant.h, kq_tiles_task_b4)
 
-    WEIGHTS = ("blocks",)
+
+def tiles(qt: KQuant) -> torch.Tensor:
+    """A Q4_K's blocks as c/kquant.h's tiles of 16 rows (rows padded with zeros), uint8: per tile
+    and super-block, codes [32 p][16 rows][4 bytes] (byte i: code 8p + i low, 8p + 4 + i high),
+    scales and mins [8 groups][16 rows], d and dmin [16] (fp16)."""
+    n, k = qt.shape
+    nsb, rows = k // QK_K, -(-n // TILE) * TILE
+    blocks = torch.nn.functional.pad(qt.blocks.reshape(n, nsb, 144), (0, 0, 0, 0, 0, rows - n)).reshape(-1, 144)
+    codes, _, _ = decode("Q4_K", blocks)
+    sc, mn = _scales_k4(blocks[:, 4:16])
+    q = codes.view(rows // TILE, TILE, nsb, 32, 2, 4)
+    packed = (q[..., 0, :] | q[..., 1, :] << 4).permute(0, 2, 3, 1, 4).reshape(rows // TILE, nsb, -1)
+    def lanes(t: torch.Tensor, fields_first: bool) -> torch.Tensor:  # [rows·nsb, f] -> [tiles, nsb, ...]
+        t = t.reshape(rows // TILE, TILE, nsb, -1)
+        return t.permute(0, 2, 3, 1) if fields_first else t.permute(0, 2, 1, 3)
+
+    parts = [lanes(sc, True), lanes(mn, True), lanes(blocks[:, 0:2], False), lanes(blocks[:, 2:4], False)]
+    out = torch.cat([packed] + [t.reshape(rows // TILE, nsb, -1) for t in parts], dim=-1)
+    return out.contiguous()
+
+
+class PackedKQuant(PackedUniform):
+    """A KQuant's blocks as the kernels read them, callable as linear(x, bias). Where the int8 row
+    runs tiles (Q4_K on AVX-512 VNNI: lb_kquant_tiled), the tiles are built once, and are what the
+    int8 kernel (and the engine's arena) reads; the fp32 row reads the blocks."""
 
     def __init__(self, qt: KQuant, isa: str, lib: ctypes.CDLL):
         n, k = qt.shape
@@ -44,9 +67,17 @@ class PackedKQuant(PackedUniform):
         self.blocks = qt.blocks.contiguous()
         self._plans = {}
         self.fn, self.qfn = entry_point(lib, isa, qt, "fp32"), entry_point(lib, isa, qt, "int8")
+        self.tiles = tiles(qt) if self.qfn is not None and lib.lb_kquant_tiled(qt.bits) else None
+        self.WEIGHTS = ("tiles",) if self.tiles is not None else ("blocks",)
 
     def _weights(self) -> dict[str, int | None]:
         return {"qw": self.blocks.data_ptr()}
+
+    def _call(self, m: int, bias: torch.Tensor | None, int8: bool | None = None):
+        fn, args = super()._call(m, bias, int8)
+        if fn is self.qfn and self.tiles is not None:
+            args.qw = self.tiles.data_ptr()
+        return fn, args
 
 
 def prepare(qt: KQuant, isa: str | None = None) -> PackedKQuant | None:

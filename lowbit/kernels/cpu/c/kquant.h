@@ -273,11 +273,77 @@ static void kq_linear_q(lb_args *a, lb_task task) {
     free(a->xq); free(a->xd); free(a->xi);
 }
 
-#define KQ_INT8(bits) static void kq_q_task_b##bits(void *p, int tid, int nthr) { (void)nthr; kq_task_q(p, tid, KQ_ARGS_B##bits); } \
-    LB_EXPORT void lb_kquant_q_b##bits(lb_args *a) { kq_linear_q(a, kq_q_task_b##bits); }
+#define KQ_INT8(bits) __attribute__((unused)) static void kq_q_task_b##bits(void *p, int tid, int nthr) { (void)nthr; kq_task_q(p, tid, KQ_ARGS_B##bits); } \
+    LB_EXPORT void lb_kquant_q_b##bits(lb_args *a) { kq_linear_q(a, KQ_TASK_B##bits); }
 #else
 #define KQ_INT8(bits)
 #endif
+
+/* Q4_K in tiles of 16 rows (AVX-512 VNNI): the rows in the 16 lanes, as llama.cpp's repacked
+   q4_K_8x8 and UniformQ's kernels keep them, so one super-block step serves 16 rows: a code vector
+   holds 4 bytes of each row (8 codes: quad 2p in the low nibbles, quad 2p + 1 in the high ones, p <
+   32), each meets x's quad broadcast (vpdpbusd), a group of 32 gets its 16 rows' scales in one
+   multiply. Per super-block of a tile (KQ_TILE_BYTES, built by kernels/cpu/kquant.py's `tiles`):
+   codes [32 p][16 rows][4], scales [8 groups][16 rows], mins [8][16] (u8), d [16], dmin [16] (fp16).
+   Per row it is 16 vector instructions a super-block where the row-at-a-time kernel takes ~60. */
+#if defined(__AVX512VNNI__)
+#define KQ_TILE_BYTES 2368
+static void kq_tiles_task_b4(void *p, int tid, int nthr) {
+    const lb_args *a = p;
+    int lo, hi; lb_band(a, tid, 16, &lo, &hi);
+    int nsb = a->nblocks / 8;
+    const int16_t *bsums = (const int16_t *)a->xi;
+    const __m512i nib = _mm512_set1_epi8(15);
+    for (int row = lo; row < hi; row += 16) {
+        const uint8_t *tile = (const uint8_t *)a->qw + (size_t)(row / 16) * nsb * KQ_TILE_BYTES;
+        for (int m = 0; m < a->m; m++) {
+            const int8_t *xq = a->xq + (size_t)m * nsb * 256;
+            __m512 acc = _mm512_setzero_ps();
+            const uint8_t *t = tile;
+            for (int sb = 0; sb < nsb; sb++, t += KQ_TILE_BYTES, xq += 256) {
+                LB_PREFETCH(t + LB_PF_BYTES);
+                size_t at = (size_t)m * nsb + sb;
+                const int16_t *bs = bsums + 16 * at;
+                __m512i main = _mm512_setzero_si512(), mins = _mm512_setzero_si512();
+                for (int g = 0; g < 8; g++) {
+                    __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+                    for (int q = 4 * g; q < 4 * g + 4; q++) {
+                        __m512i v = _mm512_loadu_si512((const void *)(t + 64 * q));
+                        int32_t x0, x1; memcpy(&x0, xq + 8 * q, 4); memcpy(&x1, xq + 8 * q + 4, 4);
+                        d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(v, nib), _mm512_set1_epi32(x0));
+                        d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), _mm512_set1_epi32(x1));
+                    }
+                    __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t + 2048 + 16 * g)));
+                    __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t + 2176 + 16 * g)));
+                    main = _mm512_add_epi32(main, _mm512_mullo_epi32(_mm512_add_epi32(d0, d1), sc));
+                    mins = _mm512_add_epi32(mins, _mm512_mullo_epi32(mn, _mm512_set1_epi32(bs[2 * g] + bs[2 * g + 1])));
+                }
+                __m512 dx = _mm512_set1_ps(a->xd[at]);
+                __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t + 2304)));
+                __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t + 2336)));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(main), _mm512_mul_ps(d, dx), acc);
+                acc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins), _mm512_mul_ps(dmin, dx), acc);
+            }
+            float out[16];
+            _mm512_storeu_ps(out, acc);
+            for (int l = 0; l < 16 && row + l < a->n; l++)
+                a->y[(size_t)m * a->n + row + l] = out[l] + (a->bias ? a->bias[row + l] : 0.0f);
+        }
+    }
+    (void)nthr;
+}
+#define KQ_TASK_B4 kq_tiles_task_b4
+LB_EXPORT int lb_kquant_tiled(int bits) { return bits == 4; }  /* which int8 entries read tiles (kquant.py) */
+#else
+LB_EXPORT int lb_kquant_tiled(int bits) { (void)bits; return 0; }
+#endif
+#define KQ_TASK_B2 kq_q_task_b2
+#define KQ_TASK_B3 kq_q_task_b3
+#ifndef KQ_TASK_B4
+#define KQ_TASK_B4 kq_q_task_b4
+#endif
+#define KQ_TASK_B5 kq_q_task_b5
+#define KQ_TASK_B6 kq_q_task_b6
 
 /* ---- fp32 activations ---- */
 
