@@ -97,6 +97,8 @@ def test_lm_eval_rolling_perplexity_equals_lowbit_eval(served, smollm_w4_dir, tm
         nll += math.log(r.ppl) * r.tokens
         words += len(re.split(r"\s+", doc))
         nbytes += len(doc.encode())
-    assert theirs["word_perplexity,none"] == pytest.approx(math.exp(nll / words), rel=1e-5)
-    assert theirs["bits_per_byte,none"] == pytest.approx(nll / nbytes / math.log(2), rel=1e-5)
+    # float rounding: the server's log-probabilities are torch's float log-softmax (its sum over the
+    # 49152-token vocabulary ~3e-6 low in log-loss), evaluate's are float64-close (tests/test_logit_scores.py)
+    assert theirs["word_perplexity,none"] == pytest.approx(math.exp(nll / words), rel=3e-5)
+    assert theirs["bits_per_byte,none"] == pytest.approx(nll / nbytes / math.log(2), rel=3e-5)
     assert 1 < theirs["bits_per_byte,none"] < 2  # a real model on real English: ~1.2 bits per byte
