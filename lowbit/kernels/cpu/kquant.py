@@ -16,7 +16,7 @@ import ctypes
 
 import torch
 
-from ...formats.kquant import QK_K, KQuant, _scales_k4, decode
+from ...formats.kquant import QK_K, TYPES, KQuant, _scales_k4, decode
 from ...formats.packing import BLOCK
 from .uniform import PackedUniform, entry_point
 from .uniform import prepare as _prepare
@@ -35,20 +35,28 @@ TILE = 16  # rows of a tile (c/kquant.h, kq_tiles_task_b4)
 
 
 def tiles(qt: KQuant) -> torch.Tensor:
-    """A Q4_K's blocks as c/kquant.h's tiles of 16 rows (rows padded with zeros), uint8: per tile
-    and super-block, codes [32 p][16 rows][4 bytes] (byte i: code 8p + i low, 8p + 4 + i high),
-    scales and mins [8 groups][16 rows], d and dmin [16] (fp16)."""
+    """A Q4_K's or Q6_K's blocks as c/kquant.h's tiles of 16 rows (rows padded with zeros), uint8: per
+    tile and super-block, the low nibbles of the codes [32 p][16 rows][4 bytes] (byte i: code 8p + i
+    low, 8p + 4 + i high); Q4_K: scales and mins [8 groups][16 rows], d and dmin [16] (fp16); Q6_K:
+    the codes' top two bits [8 j][A, B][16 rows][4 bytes] (bits 2f of byte i: code 8(4j + f) + i, B: + 4),
+    int8 scales [16 groups][16 rows], d [16]."""
     n, k = qt.shape
+    nbytes = TYPES[qt.qtype].nbytes
     nsb, rows = k // QK_K, -(-n // TILE) * TILE
-    blocks = torch.nn.functional.pad(qt.blocks.reshape(n, nsb, 144), (0, 0, 0, 0, 0, rows - n)).reshape(-1, 144)
-    codes, _, _ = decode("Q4_K", blocks)
-    sc, mn = _scales_k4(blocks[:, 4:16])
+    blocks = torch.nn.functional.pad(qt.blocks.reshape(n, nsb, nbytes), (0, 0, 0, 0, 0, rows - n)).reshape(-1, nbytes)
+    codes, _, _ = decode(qt.qtype, blocks)
     q = codes.view(rows // TILE, TILE, nsb, 32, 2, 4)
-    packed = (q[..., 0, :] | q[..., 1, :] << 4).permute(0, 2, 3, 1, 4).reshape(rows // TILE, nsb, -1)
+    packed = ((q[..., 0, :] & 15) | (q[..., 1, :] & 15) << 4).permute(0, 2, 3, 1, 4).reshape(rows // TILE, nsb, -1)
     def lanes(t: torch.Tensor, fields_first: bool) -> torch.Tensor:  # [rows·nsb, f] -> [tiles, nsb, ...]
         t = t.reshape(rows // TILE, TILE, nsb, -1)
         return t.permute(0, 2, 3, 1) if fields_first else t.permute(0, 2, 1, 3)
 
+    if qt.qtype == "Q6_K":
+        high = (q >> 4).view(rows // TILE, TILE, nsb, 8, 4, 2, 4)  # [.., j, f, A/B, i]
+        planes = sum(high[..., f, :, :] << 2 * f for f in range(4)).permute(0, 2, 3, 4, 1, 5)
+        parts = [planes, lanes(blocks[:, 192:208], True), lanes(blocks[:, 208:210], False)]
+        return torch.cat([packed] + [t.reshape(rows // TILE, nsb, -1) for t in parts], dim=-1).contiguous()
+    sc, mn = _scales_k4(blocks[:, 4:16])
     parts = [lanes(sc, True), lanes(mn, True), lanes(blocks[:, 0:2], False), lanes(blocks[:, 2:4], False)]
     out = torch.cat([packed] + [t.reshape(rows // TILE, nsb, -1) for t in parts], dim=-1)
     return out.contiguous()
@@ -56,7 +64,7 @@ def tiles(qt: KQuant) -> torch.Tensor:
 
 class PackedKQuant(PackedUniform):
     """A KQuant's blocks as the kernels read them, callable as linear(x, bias). Where the int8 row
-    runs tiles (Q4_K on AVX-512 VNNI: lb_kquant_tiled), the tiles are built once, and are what the
+    runs tiles (Q4_K and Q6_K on AVX-512 VNNI: lb_kquant_tiled), the tiles are built once, and are what the
     int8 kernel (and the engine's arena) reads; the fp32 row reads the blocks."""
 
     def __init__(self, qt: KQuant, isa: str, lib: ctypes.CDLL):

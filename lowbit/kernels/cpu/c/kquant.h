@@ -301,7 +301,7 @@ static void kq_tiles_task_b4(void *p, int tid, int nthr) {
             __m512 acc = _mm512_setzero_ps();
             const uint8_t *t = tile;
             for (int sb = 0; sb < nsb; sb++, t += KQ_TILE_BYTES, xq += 256) {
-                LB_PREFETCH(t + LB_PF_BYTES);
+                for (int o = 0; o < KQ_TILE_BYTES; o += 64) LB_PREFETCH(t + LB_PF_BYTES + o);  /* every line: a step reads 37 */
                 size_t at = (size_t)m * nsb + sb;
                 const int16_t *bs = bsums + 16 * at;
                 __m512i main = _mm512_setzero_si512(), mins = _mm512_setzero_si512();
@@ -333,7 +333,62 @@ static void kq_tiles_task_b4(void *p, int tid, int nthr) {
     (void)nthr;
 }
 #define KQ_TASK_B4 kq_tiles_task_b4
-LB_EXPORT int lb_kquant_tiled(int bits) { return bits == 4; }  /* which int8 entries read tiles (kquant.py) */
+
+/* Q6_K the same way: low nibbles as Q4_K's tiles; the top two bits in planes [8 j][A, B][16 rows][4],
+   byte i of plane A holding, at bits 2f, those of code 8(4j + f) + i (B: + 4); int8 scales [16 groups][16
+   rows]; d [16]. The offset 32 is taken off each group's sum (32·Σ x_q) before its scale. */
+#define KQ_TILE6_BYTES 3360
+static void kq_tiles_task_b6(void *p, int tid, int nthr) {
+    const lb_args *a = p;
+    int lo, hi; lb_band(a, tid, 16, &lo, &hi);
+    int nsb = a->nblocks / 8;
+    const int16_t *bsums = (const int16_t *)a->xi;
+    const __m512i nib = _mm512_set1_epi8(15), top = _mm512_set1_epi8(0x30);
+    for (int row = lo; row < hi; row += 16) {
+        const uint8_t *tile = (const uint8_t *)a->qw + (size_t)(row / 16) * nsb * KQ_TILE6_BYTES;
+        for (int m = 0; m < a->m; m++) {
+            const int8_t *xq = a->xq + (size_t)m * nsb * 256;
+            __m512 acc = _mm512_setzero_ps();
+            const uint8_t *t = tile;
+            for (int sb = 0; sb < nsb; sb++, t += KQ_TILE6_BYTES, xq += 256) {
+                for (int o = 0; o < KQ_TILE6_BYTES; o += 64) LB_PREFETCH(t + LB_PF_BYTES + o);
+                size_t at = (size_t)m * nsb + sb;
+                const int16_t *bs = bsums + 16 * at;
+                __m512i main = _mm512_setzero_si512();
+                for (int j = 0; j < 8; j++) {
+                    __m512i ha = _mm512_loadu_si512((const void *)(t + 2048 + 128 * j));
+                    __m512i hb = _mm512_loadu_si512((const void *)(t + 2048 + 128 * j + 64));
+                    __m512i dg[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+                    for (int f = 0; f < 4; f++) {
+                        int q = 4 * j + f;
+                        __m512i v = _mm512_loadu_si512((const void *)(t + 64 * q));
+                        __m512i sa = f == 0 ? _mm512_slli_epi16(ha, 4) : f == 1 ? _mm512_slli_epi16(ha, 2) : f == 2 ? ha : _mm512_srli_epi16(ha, 2);
+                        __m512i sbv = f == 0 ? _mm512_slli_epi16(hb, 4) : f == 1 ? _mm512_slli_epi16(hb, 2) : f == 2 ? hb : _mm512_srli_epi16(hb, 2);
+                        __m512i ca = _mm512_or_si512(_mm512_and_si512(v, nib), _mm512_and_si512(sa, top));
+                        __m512i cb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib), _mm512_and_si512(sbv, top));
+                        int32_t x0, x1; memcpy(&x0, xq + 8 * q, 4); memcpy(&x1, xq + 8 * q + 4, 4);
+                        dg[f / 2] = _mm512_dpbusd_epi32(dg[f / 2], ca, _mm512_set1_epi32(x0));
+                        dg[f / 2] = _mm512_dpbusd_epi32(dg[f / 2], cb, _mm512_set1_epi32(x1));
+                    }
+                    for (int h = 0; h < 2; h++) {
+                        int g = 2 * j + h;
+                        __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(t + 3072 + 16 * g)));
+                        main = _mm512_add_epi32(main, _mm512_mullo_epi32(_mm512_sub_epi32(dg[h], _mm512_set1_epi32(32 * bs[g])), sc));
+                    }
+                }
+                __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t + 3328)));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(main), _mm512_mul_ps(d, _mm512_set1_ps(a->xd[at])), acc);
+            }
+            float out[16];
+            _mm512_storeu_ps(out, acc);
+            for (int l = 0; l < 16 && row + l < a->n; l++)
+                a->y[(size_t)m * a->n + row + l] = out[l] + (a->bias ? a->bias[row + l] : 0.0f);
+        }
+    }
+    (void)nthr;
+}
+#define KQ_TASK_B6 kq_tiles_task_b6
+LB_EXPORT int lb_kquant_tiled(int bits) { return bits == 4 || bits == 6; }  /* which int8 entries read tiles (kquant.py) */
 #else
 LB_EXPORT int lb_kquant_tiled(int bits) { (void)bits; return 0; }
 #endif
@@ -343,7 +398,9 @@ LB_EXPORT int lb_kquant_tiled(int bits) { (void)bits; return 0; }
 #define KQ_TASK_B4 kq_q_task_b4
 #endif
 #define KQ_TASK_B5 kq_q_task_b5
+#ifndef KQ_TASK_B6
 #define KQ_TASK_B6 kq_q_task_b6
+#endif
 
 /* ---- fp32 activations ---- */
 
