@@ -301,7 +301,7 @@ static void kq_tiles_task_b4(void *p, int tid, int nthr) {
             __m512 acc = _mm512_setzero_ps();
             const uint8_t *t = tile;
             for (int sb = 0; sb < nsb; sb++, t += KQ_TILE_BYTES, xq += 256) {
-                for (int o = 0; o < KQ_TILE_BYTES; o += 64) LB_PREFETCH(t + LB_PF_BYTES + o);  /* every line: a step reads 37 */
+                LB_PREFETCH(t + LB_PF_BYTES);
                 size_t at = (size_t)m * nsb + sb;
                 const int16_t *bs = bsums + 16 * at;
                 __m512i main = _mm512_setzero_si512(), mins = _mm512_setzero_si512();
@@ -351,7 +351,7 @@ static void kq_tiles_task_b6(void *p, int tid, int nthr) {
             __m512 acc = _mm512_setzero_ps();
             const uint8_t *t = tile;
             for (int sb = 0; sb < nsb; sb++, t += KQ_TILE6_BYTES, xq += 256) {
-                for (int o = 0; o < KQ_TILE6_BYTES; o += 64) LB_PREFETCH(t + LB_PF_BYTES + o);
+                LB_PREFETCH(t + LB_PF_BYTES);
                 size_t at = (size_t)m * nsb + sb;
                 const int16_t *bs = bsums + 16 * at;
                 __m512i main = _mm512_setzero_si512();
