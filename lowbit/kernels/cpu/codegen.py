@@ -863,7 +863,8 @@ def entries(isa: str) -> tuple[Entry, ...]:
     activations (BITS), on int8 (INT8_BITS, where the ISA has an integer dot), CodebookQ (CODEBOOK_BITS,
     on int16 activations where its tables are T16), unquantized fp16 weights (FLOAT16), and UniformQ under
     an activation spec (c/tender.h, TENDER_ISAS; its own args, never `select`ed), and GGUF's K-quants
-    (KQuant, hand-written in c/kquant.h, on fp32 activations and, where the ISA has an integer dot, int8)."""
+    (KQuant, hand-written in c/kquant.h, on fp32 activations and, where the ISA has an integer dot, int8:
+    there x is rounded per 256 as llama.cpp's q8_K, not per 32)."""
     return (tuple(Entry("uniform", b, "fp32", f"lb_linear_b{b}") for b in BITS)
             + tuple(Entry("uniform", b, "int8", f"lb_linear_q_b{b}") for b in INT8_BITS if "dot8" in OPS[isa])
             + tuple(Entry("codebook", b, "int16-T16" if table16(isa, b) else "fp32", f"lb_linear_lut_b{b}")
