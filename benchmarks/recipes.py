@@ -245,7 +245,8 @@ def sensitivity(src, specs, a) -> tuple[Sensitivity, float | None]:
     if path is not None and path.is_file():
         d = json.loads(path.read_text())
         print(f"sensitivity pass read from {path} ({d['seconds']:.0f} s when measured)", flush=True)
-        return Sensitivity({n: tuple(s) for n, s in d["shapes"].items()}, d["loss"], d["tokens"]), d["seconds"]
+        return Sensitivity({n: tuple(s) for n, s in d["shapes"].items()}, d["loss"], d["tokens"],
+                           d.get("propagation", {})), d["seconds"]
     t0, c0 = time.perf_counter(), time.process_time()
     sens = measure(src.model, src.tokenizer, load_text("calib", a.calib), specs, block_linears(src.model),
                    a.sensitivity_samples, a.seq_len)

@@ -209,13 +209,16 @@ def plan(model: nn.Module, qx: QuantX, tokenizer, text: str, edges: dict[str, Me
     chosen = solve(items, budget, resolution=budget / RESOLUTION)
     choice = {m: s for option in chosen for m, s in option.choice.items()}
     ordered = {n: choice[n] for n in names}
-    rows = [{"layer": n, "choice": name(s), "loss": sens.loss[n][name(s)], "bpw": bits_per_weight(s, shapes[n]),
-             "bytes": stored_bytes(s, shapes[n])} for n, s in ordered.items()]
+    # loss: the layer's own output error (what the block runner measures as it applies the recipe, the
+    # report's comparison); weighted: times its propagation to the block output, what the solver minimised
+    rows = [{"layer": n, "choice": name(s), "loss": sens.loss[n][name(s)] / sens.propagation.get(n, 1.0),
+             "propagation": sens.propagation.get(n, 1.0), "weighted": sens.loss[n][name(s)],
+             "bpw": bits_per_weight(s, shapes[n]), "bytes": stored_bytes(s, shapes[n])} for n, s in ordered.items()]
     body = sum(r["bytes"] for r in rows)
     seconds = sum(o.cost for o in chosen) + fixed_seconds if kind == "tps" else None
     summary = {"target": {kind: qx.target_size if kind == "size" else value}, "candidates": [name(s) for s in specs],
                "predicted": {"bpw": 8 * body / sum(r * c for r, c in shapes.values()), "bytes": body + fixed_bytes,
-                             "loss": sum(r["loss"] for r in rows)},
+                             "loss": sum(r["weighted"] for r in rows)},
                "sensitivity_tokens": sens.tokens}
     if seconds:
         summary["predicted"]["tokens_per_s"] = 1 / seconds
