@@ -212,10 +212,25 @@ def seven_b(layers: int, bits: int = 4, shapes: dict = SHAPES):
     return model.eval()
 
 
+def side_by_side(model, tok, path: Path, a) -> None:
+    """`bench` of our engine beside llama-bench on the same file `path` (identical weights: the same
+    bytes per token, so one roofline), a row each per thread count of `a.threads`."""
+    from lowbit.eval.bench import bench
+    print("| threads | engine | prefill tok/s | decode tok/s | decode % roofline | ratio prefill | ratio decode |")
+    print("|---|---|---|---|---|---|---|")
+    for t in a.threads:
+        ours = bench(model, tok, threads=t, prompt_tokens=a.pp, gen_tokens=a.tg, runs=a.runs)
+        theirs = llama_bench(path, t, [a.pp], a.tg, a.runs)
+        pp, tg = theirs[f"pp{a.pp}"], theirs[f"tg{a.tg}"]
+        limit = ours.bandwidth / ours.bytes_per_token
+        print(f"| {t} | lowbit ({ours.decoder}) | {ours.prefill_tps:.1f} | {ours.decode_tps:.2f} | "
+              f"{ours.roofline_pct:.0f}% | {ours.prefill_tps / pp:.2f}x | {ours.decode_tps / tg:.2f}x |")
+        print(f"| {t} | llama.cpp | {pp:.1f} | {tg:.2f} | {100 * tg / limit:.0f}% | | |", flush=True)
+
+
 def speed(a) -> None:
     from peak_memory import tokenizer
 
-    from lowbit.eval.bench import bench
     tok = tokenizer(SHAPES["vocab_size"])
     model = seven_b(a.layers)
     with tempfile.TemporaryDirectory(dir=a.scratch) as tmp:
@@ -223,16 +238,7 @@ def speed(a) -> None:
         print(f"# Llama 7B shapes, {a.layers} layers, random weights: W4 g32 sym, head and embedding 8-bit g32; "
               f"exported {path.stat().st_size / 2**30:.2f} GiB GGUF (Q4_0 + Q8_0); pp{a.pp}, tg{a.tg}, "
               f"median of {a.runs}")
-        print("| threads | engine | prefill tok/s | decode tok/s | decode % roofline | ratio prefill | ratio decode |")
-        print("|---|---|---|---|---|---|---|")
-        for t in a.threads:
-            ours = bench(model, tok, threads=t, prompt_tokens=a.pp, gen_tokens=a.tg, runs=a.runs)
-            theirs = llama_bench(path, t, [a.pp], a.tg, a.runs)
-            pp, tg = theirs[f"pp{a.pp}"], theirs[f"tg{a.tg}"]
-            limit = ours.bandwidth / ours.bytes_per_token  # identical weights: the same bytes per token
-            print(f"| {t} | lowbit ({ours.decoder}) | {ours.prefill_tps:.1f} | {ours.decode_tps:.2f} | "
-                  f"{ours.roofline_pct:.0f}% | {ours.prefill_tps / pp:.2f}x | {ours.decode_tps / tg:.2f}x |")
-            print(f"| {t} | llama.cpp | {pp:.1f} | {tg:.2f} | {100 * tg / limit:.0f}% | | |", flush=True)
+        side_by_side(model, tok, path, a)
 
 
 def kspeed(a) -> None:
@@ -240,7 +246,6 @@ def kspeed(a) -> None:
 
     from peak_memory import tokenizer
 
-    from lowbit.eval.bench import bench
     from lowbit.io.gguf_read import import_gguf, skeleton
     shapes = SHAPES if a.shape == "7b" else SHAPES_1B
     tok = tokenizer(shapes["vocab_size"])
@@ -261,16 +266,7 @@ def kspeed(a) -> None:
         print(f"# Llama {a.shape} shapes, {a.layers} layers, random weights: llama-quantize Q4_K_M "
               f"({path.stat().st_size / 2**30:.2f} GiB; imported layers: "
               f"{', '.join(f'{k} ×{n}' for k, n in sorted(kinds.items()))}); pp{a.pp}, tg{a.tg}, median of {a.runs}")
-        print("| threads | engine | prefill tok/s | decode tok/s | decode % roofline | ratio prefill | ratio decode |")
-        print("|---|---|---|---|---|---|---|")
-        for t in a.threads:
-            ours = bench(model, tok, threads=t, prompt_tokens=a.pp, gen_tokens=a.tg, runs=a.runs)
-            theirs = llama_bench(path, t, [a.pp], a.tg, a.runs)
-            pp, tg = theirs[f"pp{a.pp}"], theirs[f"tg{a.tg}"]
-            limit = ours.bandwidth / ours.bytes_per_token
-            print(f"| {t} | lowbit ({ours.decoder}) | {ours.prefill_tps:.1f} | {ours.decode_tps:.2f} | "
-                  f"{ours.roofline_pct:.0f}% | {ours.prefill_tps / pp:.2f}x | {ours.decode_tps / tg:.2f}x |")
-            print(f"| {t} | llama.cpp | {pp:.1f} | {tg:.2f} | {100 * tg / limit:.0f}% | | |", flush=True)
+        side_by_side(model, tok, path, a)
 
 
 def main(argv: list[str] | None = None) -> None:
