@@ -13,6 +13,10 @@
     threads.py    the thread count ($LOWBIT_THREADS)
     uniform.py    UniformQ: prepare (repack) once per layer, then one C call per matmul
     codebook.py   CodebookQ: the same, with a table lookup for "scale × (q − zero)" and CSR outliers
+    float16.py    unquantized fp16 weights through the same GEMV/GEMM drivers (the engine's float layers)
+    tender.py     W·A· layers (Tender and its baselines): the integer kernel of c/tender.h
+    kquant.py     GGUF K-quant blocks as stored (c/kquant.h), fp32 or q8_K activations
+    logit_scores  eval's per-row log-loss and KL over a window's logits, one native pass (.py + .c)
 """
 
 from .threads import set_threads
