@@ -328,8 +328,8 @@ def _parser() -> argparse.ArgumentParser:
         _config_options(q)
     q.add_argument("--scheme", help="format as a scheme string: W4A16-g128, W3A16-g64-asym, W2-row "
                    "(instead of --bits, --group-size, --sym/--asym)")
-    q.add_argument("--calib", help="calibration text: a built-in corpus (pydoc: the default; prose; mixed) "
-                   "or a .txt/.jsonl file")
+    q.add_argument("--calib", help="calibration text: a built-in corpus (pydoc; prose; mixed: the default where "
+                   "prose is installed) or a .txt/.jsonl file")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (calibrated methods)")
     q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
     q.add_argument("--lm-head", action="store_true", help="quantize the output head in the layers' format "
@@ -352,8 +352,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True, help="the recipe file to write (YAML)")
     if api is not None:
         _config_options(r, {api.QuantX.name: api.QuantX})
-    r.add_argument("--calib", help="calibration text for the sensitivity pass: a built-in corpus (pydoc: the "
-                   "default; prose; mixed) or a .txt/.jsonl file")
+    r.add_argument("--calib", help="calibration text for the sensitivity pass: a built-in corpus (pydoc; prose; "
+                   "mixed: the default where prose is installed) or a .txt/.jsonl file")
     r.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
     r.add_argument("--float-embeddings", action="store_true",
                    help="keep the output head and the input embedding in float (default: 8-bit RTN g32)")

@@ -12,7 +12,7 @@ from lowbit.cli import main
 from lowbit.errors import LowbitError
 
 
-def test_pydoc_is_still_the_default_and_unchanged():
+def test_pydoc_is_still_the_default_evaluation_text_and_unchanged():
     from pydoc_data.topics import topics
 
     names = sorted(topics)
@@ -33,6 +33,14 @@ def test_prose_is_the_devils_dictionary_split_without_overlap():
 
 def test_mixed_holds_both():
     assert corpora.load("calib", "mixed") == corpora.builtin("calib", "pydoc") + "\n\n" + corpora.builtin("calib", "prose")
+
+
+def test_calibration_defaults_to_mixed_and_to_pydoc_with_a_warning_without_prose(monkeypatch, tmp_path):
+    assert corpora.load("calib") == corpora.load("calib", "mixed")
+    monkeypatch.setattr(corpora, "PROSE_DIRS", (str(tmp_path / "none"), "nothing/here"))
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    with pytest.warns(UserWarning, match="calibrating on the pydoc corpus only"):
+        assert corpora.load("calib") == corpora.builtin("calib", "pydoc")
 
 
 def test_a_missing_corpus_and_an_unknown_name_are_one_line_errors(monkeypatch, tmp_path):

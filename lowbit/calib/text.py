@@ -11,7 +11,8 @@ passage is ever seen while calibrating.
          document per headword, read through the dictd index (headword, base64 offset, length).
   mixed  both parts, one after the other: windows spread evenly over it are ~55% pydoc, ~45% prose.
 A model calibrated and judged on pydoc alone is judged in its own domain; `prose` is the
-out-of-domain check (README, BENCHMARKS.md).
+out-of-domain check (README, BENCHMARKS.md). Unnamed, calibration is `mixed` and evaluation `pydoc`
+(`default_corpus`).
 
 A user's own file: `.txt` (used whole) or `.jsonl` (one JSON object per line with a "text" field,
 or a bare JSON string per line).
@@ -19,6 +20,7 @@ or a bare JSON string per line).
 
 import gzip
 import json
+import warnings
 import zlib
 from pathlib import Path
 
@@ -125,11 +127,29 @@ def read_file(path: str | Path) -> str:
     return raw
 
 
+def default_corpus(part: str) -> str:
+    """The built-in corpus used when none is named: evaluation is judged on pydoc (every number in
+    BENCHMARKS.md is); calibration covers both domains ('mixed') where the prose corpus is installed,
+    so a calibrated method does not learn one domain only (issue 18: GPTQ calibrated on pydoc alone
+    is worse than RTN out of domain), and pydoc alone, with a warning, where it is not (a pip-only
+    install without `make setup`)."""
+    if part != "calib":
+        return "pydoc"
+    try:
+        prose_files()
+    except LowbitError:
+        warnings.warn("lowbit: calibrating on the pydoc corpus only (the prose corpus is not installed: "
+                      "`make setup` or `apt-get install dict-devil` adds it, and calibration then mixes both)",
+                      stacklevel=3)
+        return "pydoc"
+    return "mixed"
+
+
 def load(part: str, path: str | Path | None = None) -> str:
-    """Text for `part` ('calib' or 'eval'): a built-in corpus by name (default: pydoc), else the
-    user's file (a file named like a corpus is given as ./NAME)."""
+    """Text for `part` ('calib' or 'eval'): a built-in corpus by name (default: `default_corpus`),
+    else the user's file (a file named like a corpus is given as ./NAME)."""
     named = path is None or str(path) in CORPORA
-    text = builtin(part, "pydoc" if path is None else str(path)) if named else read_file(path)
+    text = builtin(part, default_corpus(part) if path is None else str(path)) if named else read_file(path)
     if not text.strip():
         what = "calibration" if part == "calib" else "evaluation"
         raise LowbitError(f"{what} text is empty" + (f": {path}" if path else ""))
