@@ -9,8 +9,11 @@ W4A8-tender within 2% of W4 A16, W4A4-tender ahead of smoothquant and per-token)
 
 Usage: python benchmarks/act_accuracy.py [--weights W8-g128 W4-g128 W4-row] [--acts 8 4] [--groups 4 8 12 16]
        [--baselines per-token per-tensor per-block32 smoothquant hadamard] [--method rtn|gptq]
-       [--chunk 1] [--samples 32] [--seq-len 512] [--max-windows N] [--no-kld] [--a16 W4-row=23.5616 ...]
-The issue's table: the defaults (rtn), then `--method gptq --weights W4-g128 --acts 8 4 --baselines`.
+       [--chunk 1] [--calib pydoc|prose|mixed|FILE] [--samples 32] [--seq-len 512] [--max-windows N] [--no-kld]
+       [--a16 W4-row=23.5616 ...]
+The issue's table: the defaults (rtn), then `--method gptq --weights W4-g128 --acts 8 4 --baselines`; its
+rows were calibrated on pydoc (`--calib pydoc`; lowbit's default became mixed at f8d3735). Tender's
+weights are the A16 row's weights with their columns moved within each weight group (methods/tender.py).
 """
 
 import argparse
@@ -57,7 +60,7 @@ def main():
     add_options(ap)
     a = ap.parse_args()
     a.a16 = dict(a.a16)
-    src, text = start(f"weights {a.method}; calibration {a.samples} x {a.seq_len} tokens; "
+    src, text = start(f"weights {a.method}; calibration {a.calib or 'default'}, {a.samples} x {a.seq_len} tokens; "
                       f"eval windows {a.max_windows or 'all'}")
     print("| weights | acts | method | G | ppl | KLD (nats/tok) | vs A16 ppl | quantize s |\n"
           "|---|---|---|---|---|---|---|---|", flush=True)

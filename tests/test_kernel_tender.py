@@ -58,6 +58,29 @@ def test_kernel_equals_the_integer_oracle(n, k, wbits, gs, sym, abits, groups, c
         kernels.set_threads(2)
 
 
+@pytest.mark.parametrize("n, k, wbits, gs, sym, abits, groups", [
+    (37, 384, 4, 128, True, 8, 8), (29, 200, 8, 128, False, 8, 16), (17, 96, 4, 32, False, 4, 6),
+    (40, 576, 4, 128, True, 8, 16), (9, 160, 3, 64, True, 8, 12)])
+@pytest.mark.parametrize("on", ISAS)
+def test_runs_restart_in_every_weight_group(n, k, wbits, gs, sym, abits, groups, on):
+    """The fitting's order (methods/tender.py): channels sorted by (weight group, activation group), so
+    every weight group holds runs of several activation groups, ascending inside it and starting again
+    in the next (a ragged last group too): the kernel's layout takes them as they come."""
+    g = torch.Generator().manual_seed(n + k + groups)
+    raw = torch.randint(0, groups, (k,), generator=g)
+    perm = torch.sort(torch.arange(k) // gs * groups + raw, stable=True).indices
+    group = raw[perm]
+    assert bool((group[1:] < group[:-1]).any())
+    act = ActQ("tender", abits, k, groups, 1, torch.randn(k, generator=g), perm.to(torch.int32), group.to(torch.uint8),
+               torch.rand(k, generator=g) * torch.exp2(group.float()))
+    qt = UniformQ.from_float(torch.randn(n, k, generator=g), wbits, gs, sym)
+    x = torch.randn(11, k, generator=g) * torch.rand(k, generator=g) * 3
+    packed = tender.prepare(qt, act, on)
+    assert packed.runs.shape[0] == sum(len(set(group[j:j + gs].tolist())) for j in range(0, k, gs))
+    _check(packed(x, torch.ones(n)), linear_integer(x, act, qt, torch.ones(n)))
+    _check(packed(x[:1]), linear_integer(x[:1], act, qt))
+
+
 @pytest.mark.parametrize("groups", range(1, 17))
 @pytest.mark.parametrize("on", ISAS)
 def test_every_g(groups, on):

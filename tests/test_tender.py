@@ -14,7 +14,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import UniformQ
 from lowbit.formats.activation import METHODS, ActQ, group_partials, horner, linear_integer, tender_accumulators
 from lowbit.formats.hadamard import hadamard
-from lowbit.methods import GPTQ, RTN, tender
+from lowbit.methods import GANQ, GPTQ, METHODS as METHODS_BY_NAME, RTN, tender
 from lowbit.methods import rtn as rtn_method
 from lowbit.nn import ActQuantLinear
 
@@ -31,7 +31,7 @@ def _fitted(x: torch.Tensor, w: torch.Tensor, spec) -> tuple:
     stats = LayerStats(torch.zeros(x.shape[1], x.shape[1]), torch.zeros(x.shape[1]))
     stats.add(x)
     fit = tender.fit(w, stats, spec)
-    qt = rtn_method.quantize(fit.weight, fit.stats, spec)
+    qt = fit.quantize(rtn_method, spec)
     act, bias = fit.finish(qt, None)
     return qt, act, bias
 
@@ -183,13 +183,42 @@ def test_tender_beats_per_tensor_on_outlier_channels():
     assert errors["tender"] < 0.5 * errors["per-tensor"]
 
 
-def test_gptq_takes_the_permuted_columns():
-    x, w = _activations(100, 64), torch.randn(16, 64)
-    stats = LayerStats(torch.zeros(64, 64), torch.zeros(64))
+@pytest.mark.parametrize("spec", [GPTQ(bits=4, group_size=32, act_bits=8, act_groups=8),
+                                  GPTQ(bits=4, group_size=128, sym=False, act_bits=8, act_groups=16),  # 200: a ragged group
+                                  RTN(bits=8, group_size=64, act_bits=4, act_groups=6),
+                                  GANQ(bits=3, group_size=-1, iters=2, outlier_ratio=0.02, act_bits=8, act_groups=8)])
+def test_grouped_weights_are_the_weight_only_ones_with_their_columns_moved(spec):
+    """Channels ordered by (weight group, activation group, channel): each weight group keeps its
+    column set, and the weight method quantizes in the input order, so Ŵ is the weight-only layer's Ŵ
+    (scales, zero points, codebooks, outliers) with its columns permuted, bit for bit — GPTQ's error
+    feedback and groups included."""
+    k = 200 if spec.group_size == 128 else 96
+    x, w = _activations(300, k, seed=5), torch.randn(24, k)
+    stats = LayerStats(torch.zeros(k, k), torch.zeros(k))
     stats.add(x)
-    fit = tender.fit(w, stats, GPTQ(bits=4, group_size=32, act_bits=8))
-    assert torch.equal(fit.weight, w[:, fit.act.perm.long()])
-    assert torch.equal(fit.stats.hessian, stats.hessian[fit.act.perm.long()][:, fit.act.perm.long()])
+    fit = tender.fit(w, stats, spec)
+    perm, group = fit.act.perm.long(), fit.act.group.long()
+    gs = k if spec.group_size == -1 else spec.group_size
+    assert torch.equal(perm // gs, torch.arange(k) // gs)  # no column leaves its weight group
+    for j in range(0, k, gs):  # inside one: runs of one activation group, ascending, channels in order
+        key = group[j:j + gs] * k + perm[j:j + gs]
+        assert torch.equal(key, torch.sort(key).values)
+    if spec.group_size != -1:
+        assert bool((group[1:] < group[:-1]).any())  # several weight groups: the groups start again in each
+    assert torch.equal(fit.weight, w[:, perm]) and torch.equal(fit.stats.hessian, stats.hessian[perm][:, perm])
+    method = METHODS_BY_NAME[spec.name]
+    weight_only, stored = method.quantize(w, stats, spec), fit.quantize(method, spec)
+    assert torch.equal(stored.dequantize(), weight_only.dequantize()[:, perm])
+    for name, t in weight_only.tensors().items():
+        if name not in ("qweight", "outlier_rowptr", "outlier_cols", "outlier_values"):
+            assert torch.equal(stored.tensors()[name], t), name
+
+
+def test_a_permutation_across_weight_groups_is_refused():
+    qt = UniformQ.from_float(torch.randn(4, 64), 4, 32, True)
+    tender.columns_permuted(qt, torch.arange(64).flip(0) % 32 + torch.arange(64) // 32 * 32)  # inside groups: fine
+    with pytest.raises(LowbitError, match="moves columns between weight groups of 32"):
+        tender.columns_permuted(qt, torch.arange(64).flip(0))
 
 
 def test_hadamard_orders():
@@ -223,5 +252,5 @@ def test_stored_spec_checks():
     broken = {**act.tensors(), "perm": torch.zeros(32, dtype=torch.int32)}
     with pytest.raises(LowbitError, match="not a permutation"):
         ActQ.check(act.meta(), broken)
-    with pytest.raises(LowbitError, match="'group' is not ascending"):
-        ActQ.check(act.meta(), {**act.tensors(), "group": act.group.flip(0)})
+    with pytest.raises(LowbitError, match=r"'group' is not in \[0, 8\)"):
+        ActQ.check(act.meta(), {**act.tensors(), "group": torch.full((32,), 8, dtype=torch.uint8)})

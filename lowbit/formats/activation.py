@@ -18,8 +18,10 @@ range each scale covers:
 
 Tender. Calibration fixed, per channel: a bias b = (max + min)/2, the maximum m = max |x − b|, and a
 group g ∈ [0, G) (the smallest g with m ≤ TMax / 2^(G−1−g), TMax = max m); the channels are permuted
-so that groups are contiguous and ascending (`perm`: stored channel j is input channel perm[j]; W's
-columns are permuted the same way, and b·Ŵᵀ is added to the layer's bias, so x·Ŵᵀ = (x − b)·Ŵᵀ + b·Ŵᵀ).
+(`perm`: stored channel j is input channel perm[j]) so that each weight group's channels are runs of
+one group each (methods/tender.py orders them by weight group, then group: every weight group keeps
+its column set); W's columns are permuted the same way, and b·Ŵᵀ is added to the layer's bias, so
+x·Ŵᵀ = (x − b)·Ŵᵀ + b·Ŵᵀ.
 At run time x' = x[..., perm] − bias; the rows are cut into chunks of `chunk` rows (0: one calibrated
 TMax for every row), and per chunk
 
@@ -100,7 +102,7 @@ class ActQ:
     chunk: int = 1  # Tender: rows per run-time TMax (0: the calibrated TMax)
     bias: torch.Tensor | None = None  # fp32 [K], stored order (tender)
     perm: torch.Tensor | None = None  # int32 [K]: stored channel j is input channel perm[j] (tender)
-    group: torch.Tensor | None = None  # uint8 [K]: group of stored channel j, ascending (tender)
+    group: torch.Tensor | None = None  # uint8 [K]: group of stored channel j (tender)
     maxima: torch.Tensor | None = None  # fp32 [K]: calibrated max |x'| per stored channel (tender, per-tensor)
 
     def __post_init__(self):
@@ -141,7 +143,7 @@ class ActQ:
     @classmethod
     def check(cls, meta, tensors: dict[str, torch.Tensor], in_features: int | None = None) -> None:
         """A LowbitError unless `tensors` (real, or on meta) are what `meta` describes for a layer with
-        `in_features` inputs; real ones must be finite, `perm` a permutation, `group` ascending in [0, G)."""
+        `in_features` inputs; real ones must be finite, `perm` a permutation, `group` in [0, G)."""
         expected = cls.layout(meta)
         if in_features is not None and meta["in_features"] != in_features:
             raise LowbitError(f"activation spec is for {meta['in_features']} input features, the weights have {in_features}")
@@ -164,9 +166,8 @@ class ActQ:
             k = meta["in_features"]
             if not torch.equal(torch.sort(tensors["perm"].long()).values, torch.arange(k)):
                 raise LowbitError("activation 'perm' is not a permutation of the input channels")
-            group = tensors["group"].long()
-            if int(group.max()) >= meta["groups"] or bool((group[1:] < group[:-1]).any()):
-                raise LowbitError(f"activation 'group' is not ascending in [0, {meta['groups']})")
+            if int(tensors["group"].max()) >= meta["groups"]:
+                raise LowbitError(f"activation 'group' is not in [0, {meta['groups']})")
 
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> ActQ:
@@ -191,13 +192,9 @@ class ActQ:
             return x @ hadamard(self.in_features).to(x.device)
         return x
 
-    def segments(self) -> list[tuple[int, int, int]]:
-        """(first, end, g): the runs of stored channels that share one scale exponent — Tender's groups
-        (contiguous, ascending; empty ones left out), one run of every channel (g = 0) for the rest."""
-        if self.method != "tender":
-            return [(0, self.in_features, 0)]
-        ends = torch.bincount(self.group.long(), minlength=self.groups).cumsum(0).tolist()
-        return [(a, b, g) for g, (a, b) in enumerate(zip([0] + ends[:-1], ends)) if b > a]
+    def steps(self) -> torch.Tensor:
+        """2^g of each stored channel [K] fp32 (Tender: its group's scale over s_0, exact), 1 for the rest."""
+        return torch.exp2(self.group.float()) if self.method == "tender" else torch.ones(())
 
     def ranges(self, xt: torch.Tensor) -> torch.Tensor:
         """The max |x'| each scale covers, broadcastable to [T, K]: [T, 1] per row (tender: its TMax),
@@ -219,36 +216,29 @@ class ActQ:
         t = xt.shape[0]
         if self.chunk == 0:
             return self.maxima.max().expand(t)
-        per_row = torch.stack([_abs_max(xt[:, a:b]) * 2.0 ** (self.groups - 1 - g) for a, b, g in self.segments()]).amax(0)
+        per_row = (xt.abs() * (2.0 ** (self.groups - 1) / self.steps())).amax(1)
         per_chunk = F.pad(per_row, (0, -t % self.chunk)).view(-1, self.chunk).amax(1)
         return per_chunk.repeat_interleave(self.chunk)[:t]
 
-    def _rounded(self, xt: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor]]]:
-        """(q as fp32 integers [T, K], (first, end, s) per segment: the scales of those channels,
-        broadcastable to [T, end − first]). Tender's group g: inv_0 · 2^−g and s_0 · 2^g, exact
-        (powers of two), so its channels are rounded in one pass without a [T, K] scale tensor."""
+    def _rounded(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q as fp32 integers [T, K], the scales broadcastable to [T, K]). Tender's group g:
+        inv_0 · 2^−g and s_0 · 2^g, exact (powers of two)."""
         r = self.ranges(xt)
         top = float(self.qmax * 2 ** (self.groups - 1)) if self.method == "tender" else float(self.qmax)
         inv = torch.where(r > 0, top / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(r))
-        s = r / top
-        q = torch.empty_like(xt)
-        scales = []
-        for a, b, g in self.segments():
-            torch.mul(xt[:, a:b], inv / 2.0 ** g if g else inv, out=q[:, a:b])
-            scales.append((a, b, s * 2.0 ** g if g else s))
-        return q.round_().clamp_(-self.qmax - 1, self.qmax), scales
+        steps = self.steps()
+        q = xt * (inv / steps)
+        return q.round_().clamp_(-self.qmax - 1, self.qmax), r / top * steps
 
     def codes(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, s): the integer codes of x' [T, K] (int32) and the scales [T, K] (fp32)."""
-        q, scales = self._rounded(xt)
-        return q.to(torch.int32), torch.cat([s.expand(len(q), b - a) for a, b, s in scales], 1)
+        q, s = self._rounded(xt)
+        return q.to(torch.int32), s.expand_as(q)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """x̂ [T, K] in the stored order: what the layer's weights (stored in that order) multiply."""
-        q, scales = self._rounded(self.transform(x))
-        for a, b, s in scales:
-            q[:, a:b].mul_(s)
-        return q
+        q, s = self._rounded(self.transform(x))
+        return q.mul_(s)
 
 
 def _abs_max(x: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,16 @@ Per linear layer, from the block runner's statistics of its input x (each channe
                other row away from 0, where the top group rounds it coarsely); channel k
                goes to group g = #{i < G−1 : m_k > TMax / 2^(G−1−i)} (the reference's thresholds
                T_i = TMax/2^(G−1−i), so group g holds T_(g−1) < m ≤ T_g); the channels are sorted by
-               group (stable), W's columns permuted alike BEFORE the weight method runs (its groups and
-               GPTQ's column order then live in the stored order: H is permuted too), and b·Ŵᵀ with the
-               quantized Ŵ is added to the layer's bias: with float activations the layer is then
-               exactly the weight-only one, x·Ŵᵀ = (x − b)·Ŵᵀ + b·Ŵᵀ.
+               (weight group of the input order, activation group, channel): every weight group keeps
+               its own column set, each of its activation groups one run inside it (what the integer
+               kernel lays out anyway: kernels/cpu/tender.py). The weight method quantizes W in the
+               input order, as the weight-only model does, and its codes are permuted after (`Fit`):
+               each group's scale, zero point or codebook stays, so Ŵ is the weight-only model's Ŵ
+               with its columns moved, whatever the method (GPTQ's error feedback, too, runs in the
+               input order; sorting by group alone mixed columns of different weight groups and left
+               W4-g128 GPTQ 4.6-5.8% worse at A8, BENCHMARKS.md). b·Ŵᵀ is added to the layer's bias:
+               with float activations the layer is then exactly the weight-only one,
+               x·Ŵᵀ = (x − b)·Ŵᵀ + b·Ŵᵀ.
   hadamard     W's columns rotated by the orthonormal Hadamard matrix (W·H, H's order = in_features)
                before the weight method runs (H becomes HᵀΣxxᵀH); x·H online; per-token rounding.
   per-tensor   the calibrated max |x| per channel (its max is the static scale's range).
@@ -38,8 +44,10 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..formats import CodebookQ, UniformQ
 from ..formats.activation import ActQ
 from ..formats.hadamard import hadamard
+from ..formats.packing import pack
 from ..formats.uniform import effective_group, group_params, grouped, quantize_codes
 from .awq import fold_shared_inputs
 from .config import MethodConfig
@@ -52,10 +60,18 @@ WEIGHT_PRESERVING = ("per-token", "per-block32", "per-tensor")  # methods that l
 @dataclass
 class Fit:
     """A layer's fitted activation quantizer before its weights are quantized: `weight` and `stats`
-    in the stored channel order (what the weight method quantizes), and the ActQ's tensors."""
+    in the stored channel order (what the layer's weight error is measured on), the ActQ's tensors,
+    and for Tender the input-order `source` (weight, stats) that the weight method quantizes."""
     weight: torch.Tensor
     stats: object
     act: ActQ
+    source: tuple | None = None
+
+    def quantize(self, method, spec: MethodConfig):
+        """The layer's QTensor in the stored order by weight `method` (module docstring)."""
+        if self.source is None:
+            return method.quantize(self.weight, self.stats, spec)
+        return columns_permuted(method.quantize(*self.source, spec), self.act.perm.long())
 
     def finish(self, qt, bias: torch.Tensor | None) -> tuple[ActQ, torch.Tensor | None]:
         """(the ActQ, the layer's new bias): Tender's b·Ŵᵀ folded into the bias, with the quantized Ŵ
@@ -64,6 +80,21 @@ class Fit:
             return self.act, bias
         folded = qt.dequantize() @ self.act.bias
         return self.act, folded if bias is None else bias.detach().float() + folded
+
+
+def columns_permuted(qt, perm: torch.Tensor):
+    """`qt` (UniformQ or CodebookQ) with stored column j = column perm[j], where `perm` keeps every
+    weight group's column set: only the codes (and sparse outliers) move; a LowbitError otherwise."""
+    n, k = qt.shape
+    g = effective_group(qt.group_size, k)
+    if not torch.equal(perm // g, torch.arange(k) // g):
+        raise LowbitError(f"the channel order moves columns between weight groups of {g}")
+    if isinstance(qt, UniformQ):
+        return dataclasses.replace(qt, qweight=pack(qt.codes()[:, perm], qt.bits))
+    if isinstance(qt, CodebookQ):
+        return CodebookQ.from_indices(qt.indices()[:, perm], qt.codebook, qt.bits, qt.group_size,
+                                      qt.outliers_dense()[:, perm] if qt.has_outliers else None)
+    raise LowbitError(f"Tender activations need uniform or codebook weights, not {qt.kind}")
 
 
 def _permuted(stats, perm: torch.Tensor):
@@ -88,9 +119,12 @@ def groups_of(maxima: torch.Tensor, n_groups: int) -> torch.Tensor:
 
 
 def tender_act(bias: torch.Tensor, maxima: torch.Tensor, spec: MethodConfig) -> ActQ:
-    """Tender's ActQ from each channel's bias and max |x − bias|: groups, channels sorted by group."""
+    """Tender's ActQ from each channel's bias and max |x − bias|: groups, channels sorted by (weight
+    group of `spec`, activation group, channel)."""
     group = groups_of(maxima, spec.act_groups)
-    perm = torch.sort(group, stable=True).indices
+    k = len(maxima)
+    weight_group = torch.arange(k) // effective_group(spec.group_size, k)
+    perm = torch.sort(weight_group * spec.act_groups + group, stable=True).indices
     return ActQ("tender", spec.act_bits, len(maxima), spec.act_groups, spec.act_chunk, bias[perm].contiguous(),
                 perm.int(), group[perm].to(torch.uint8), maxima[perm].contiguous())
 
@@ -120,7 +154,7 @@ def fit(w: torch.Tensor, stats, spec: MethodConfig) -> Fit:
     if spec.act_method == "tender":
         act = centred(w, stats, spec)
         perm = act.perm.long()
-        return Fit(w[:, perm], _permuted(stats, perm), act)
+        return Fit(w[:, perm], _permuted(stats, perm), act, (w, stats))
     if spec.act_method == "hadamard":
         h = hadamard(k)
         return Fit(w.float() @ h, _rotated(stats, h), act)

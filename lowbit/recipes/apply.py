@@ -45,8 +45,8 @@ def block_quantizer(specs: dict[int, MethodConfig], losses: dict[int, float] | N
     one spec with its method, replace the layers, return their relative output errors (and put each
     layer's output_error into `losses`, by the id of the float module it replaced). Specs that
     quantize activations too have them fitted (methods/tender.py): SmoothQuant's scales folded into
-    the block first, then each layer's ActQ around its weight method (W's columns permuted or rotated
-    before it quantizes them)."""
+    the block first, then each layer's ActQ around its weight method (W's columns rotated before it
+    quantizes them, or its codes permuted after: Fit.quantize)."""
 
     def run(block, inputs, kwargs, fp_outputs, stats):
         mine = {name: m for name, m in block.named_modules() if id(m) in specs}
@@ -70,7 +70,7 @@ def block_quantizer(specs: dict[int, MethodConfig], losses: dict[int, float] | N
             for name, m in group.items():
                 if spec.quantizes_acts:
                     fits[name] = tender.fit(m.weight.detach(), stats[name], spec)
-                    qts[name] = method.quantize(fits[name].weight, fits[name].stats, spec)
+                    qts[name] = fits[name].quantize(method, spec)
                 else:
                     qts[name] = method.quantize(m.weight.detach(), stats[name], spec)
         errors = {}
