@@ -54,8 +54,9 @@ def tiles(qt: KQuant) -> torch.Tensor:
     if qt.qtype == "Q6_K":
         high = (q >> 4).view(rows // TILE, TILE, nsb, 8, 4, 2, 4)  # [.., j, f, A/B, i]
         planes = sum(high[..., f, :, :] << 2 * f for f in range(4)).permute(0, 2, 3, 4, 1, 5)
-        parts = [planes, lanes(blocks[:, 192:208], True), lanes(blocks[:, 208:210], False)]
-        return torch.cat([packed] + [t.reshape(rows // TILE, nsb, -1) for t in parts], dim=-1).contiguous()
+        pairs = torch.cat([packed.view(rows // TILE, nsb, 8, 256), planes.reshape(rows // TILE, nsb, 8, 128)], dim=-1)
+        parts = [lanes(blocks[:, 192:208], True), pairs, lanes(blocks[:, 208:210], False)]
+        return torch.cat([t.reshape(rows // TILE, nsb, -1) for t in parts], dim=-1).contiguous()
     sc, mn = _scales_k4(blocks[:, 4:16])
     parts = [lanes(sc, True), lanes(mn, True), lanes(blocks[:, 0:2], False), lanes(blocks[:, 2:4], False)]
     out = torch.cat([packed] + [t.reshape(rows // TILE, nsb, -1) for t in parts], dim=-1)

@@ -334,9 +334,10 @@ static void kq_tiles_task_b4(void *p, int tid, int nthr) {
 }
 #define KQ_TASK_B4 kq_tiles_task_b4
 
-/* Q6_K the same way: low nibbles as Q4_K's tiles; the top two bits in planes [8 j][A, B][16 rows][4],
-   byte i of plane A holding, at bits 2f, those of code 8(4j + f) + i (B: + 4); int8 scales [16 groups][16
-   rows]; d [16]. The offset 32 is taken off each group's sum (32·Σ x_q) before its scale. */
+/* Q6_K the same way, its tile read front to back as one stream: per super-block, int8 scales [16 groups]
+   [16 rows]; then per pair j of groups (codes 32j .. 32j + 31) the low nibbles [4 q][16 rows][4] as Q4_K's
+   and the top two bits [A, B][16 rows][4], byte i of A holding, at bits 2f, those of code 8(4j + f) + i
+   (B: + 4); d [16] last. The offset 32 is taken off each group's sum (32·Σ x_q) before its scale. */
 #define KQ_TILE6_BYTES 3360
 static void kq_tiles_task_b6(void *p, int tid, int nthr) {
     const lb_args *a = p;
@@ -356,12 +357,13 @@ static void kq_tiles_task_b6(void *p, int tid, int nthr) {
                 const int16_t *bs = bsums + 16 * at;
                 __m512i main = _mm512_setzero_si512();
                 for (int j = 0; j < 8; j++) {
-                    __m512i ha = _mm512_loadu_si512((const void *)(t + 2048 + 128 * j));
-                    __m512i hb = _mm512_loadu_si512((const void *)(t + 2048 + 128 * j + 64));
+                    const uint8_t *u = t + 256 + 384 * j;
+                    __m512i ha = _mm512_loadu_si512((const void *)(u + 256));
+                    __m512i hb = _mm512_loadu_si512((const void *)(u + 320));
                     __m512i dg[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
                     for (int f = 0; f < 4; f++) {
                         int q = 4 * j + f;
-                        __m512i v = _mm512_loadu_si512((const void *)(t + 64 * q));
+                        __m512i v = _mm512_loadu_si512((const void *)(u + 64 * f));
                         __m512i sa = f == 0 ? _mm512_slli_epi16(ha, 4) : f == 1 ? _mm512_slli_epi16(ha, 2) : f == 2 ? ha : _mm512_srli_epi16(ha, 2);
                         __m512i sbv = f == 0 ? _mm512_slli_epi16(hb, 4) : f == 1 ? _mm512_slli_epi16(hb, 2) : f == 2 ? hb : _mm512_srli_epi16(hb, 2);
                         __m512i ca = _mm512_or_si512(_mm512_and_si512(v, nib), _mm512_and_si512(sa, top));
@@ -372,7 +374,7 @@ static void kq_tiles_task_b6(void *p, int tid, int nthr) {
                     }
                     for (int h = 0; h < 2; h++) {
                         int g = 2 * j + h;
-                        __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(t + 3072 + 16 * g)));
+                        __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(t + 16 * g)));
                         main = _mm512_add_epi32(main, _mm512_mullo_epi32(_mm512_sub_epi32(dg[h], _mm512_set1_epi32(32 * bs[g])), sc));
                     }
                 }
