@@ -40,6 +40,8 @@ def test_reload_is_exact_and_runs_on_the_engine(tender_dir):
     q = lowbit.load(out)
     layers = [m for m in q.model.modules() if isinstance(m, ActQuantLinear)]
     assert len(layers) == 14  # 7 linears × 2 blocks
+    # channels by (weight group, group): the groups start again in each weight group, on the engine too
+    assert any(bool((m.act.group[1:] < m.act.group[:-1]).any()) for m in layers)
     assert q.plan.specs[0].act_groups == 6 and q.plan.specs[0].scheme == "W4A8-tender-g32-sym-G6-c1"
     with torch.no_grad():
         assert torch.equal(q.model(ids).logits, logits)
