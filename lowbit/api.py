@@ -127,7 +127,8 @@ class QuantizedModel:
                  progress: bool = True, exact: bool = False, scoring: str = "lowbit") -> EvalResult:
         """Perplexity on the evaluation `text` (a file; default: the built-in held-out split); with
         `kld`, also the KL divergence from `reference` (default: the source, streamed block by block
-        when it is an HF directory; its states are cached for the next evaluation, eval/metrics.py).
+        when it is an HF directory; what the scores need of it is cached for the next evaluation,
+        which then never loads it: eval/source_cache.py).
         The model is scored as `generate`, `serve` and `bench` run it, on int8 activations (the numbers
         describe the model a user runs, and its GEMMs run 3-4x faster); `exact`: on fp32 activations
         (the weights' own error, as eval.evaluate scores by default). The reference is always exact.
@@ -138,7 +139,8 @@ class QuantizedModel:
             if self.plan is None or self.source is None:
                 raise LowbitError("--kld compares a quantized model with its source: this is not a lowbit "
                                   "model that records its source")
-            reference, key = load_reference(self.source), fingerprint(self.source)
+            source = self.source
+            reference, key = (lambda: load_reference(source)), fingerprint(source)  # loaded if not cached
         return evaluate(self.model, self._tokenizer(), eval_text, ctx, stride, max_windows,
                         reference if kld else None, progress, source_key=key, exact=exact, scoring=scoring)
 

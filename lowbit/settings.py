@@ -6,6 +6,8 @@
     LOWBIT_ISA        the CPU kernels' instruction set (avx512vnni, avx512, avx2, scalar); default: the best
     LOWBIT_THREADS    threads of the generated kernels; default: the physical cores
     LOWBIT_INT8_ACT   1: UniformQ matmuls on int8 activations outside the engine too
+    LOWBIT_EVAL_CACHE_MB  the most MiB that cached source scores of evaluations keep (eval/source_cache.py;
+                      default 4096, least recently used removed first)
     CC                the C compiler for generated kernels (else cc, gcc or clang on PATH)
 
 Read when asked (not at import), so a test or a caller that sets a variable sees it take effect.
@@ -32,6 +34,10 @@ def isa() -> str | None:
 def threads() -> int | None:
     value = os.environ.get("LOWBIT_THREADS")
     return int(value) if value else None
+
+
+def eval_cache_mb() -> float:
+    return float(os.environ.get("LOWBIT_EVAL_CACHE_MB") or 4096)
 
 
 def int8_activations() -> bool:

@@ -79,3 +79,71 @@ def test_evaluate_is_the_plain_torch_computation(tiny_model_dir, tiny_tokenizer)
         assert got.ppl == pytest.approx(math.exp(nll / got.tokens), rel=rel)
         assert got.source_ppl == pytest.approx(math.exp(src_nll / got.tokens), rel=rel)
         assert got.kld == pytest.approx(kl / got.tokens, rel=10 * rel, abs=1e-7) and got.kld > 0  # float32 (lp − lq)
+
+
+def _p_weighted_spread(zm, record):
+    """E_p|log q − E_p log q| of each row, p the record's (what bounds the cross term's error)."""
+    codes, meta = record
+    k = codes.double()
+    p = torch.where(k > 0, torch.exp(meta[:, :1] + (k - 1) * meta[:, 1:2]), 0)
+    p = p / p.sum(-1, keepdim=True)
+    lq = F.log_softmax(zm.double(), -1)
+    mean = (p * lq).sum(-1, keepdim=True)
+    return (p * (lq - mean).abs()).sum(-1)
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 17), (7, 300), (33, 49157)])
+def test_records_are_the_torch_records(rows, vocab):
+    """The native record (codes, [lo, step, target log-loss, Σ p log p]) is reference_records' on odd
+    shapes: codes within one (a logit on a rounding boundary), scalars to float rounding."""
+    zm, zs, target = _logits(rows, vocab, seed=rows)
+    codes, meta = logit_scores.records(zs, target)
+    want_codes, want_meta = logit_scores.reference_records(zs, target)
+    assert codes.dtype == torch.uint16 and codes.shape == (rows, vocab) and meta.shape == (rows, 4)
+    assert (codes.int() - want_codes.int()).abs().max() <= 1
+    torch.testing.assert_close(meta, want_meta, rtol=1e-6, atol=5e-6)
+    exact = _float64(zm, zs, target)
+    assert torch.allclose(meta[:, 2], exact[:, 1], rtol=1e-6, atol=2e-7)  # the source's log-loss: exact
+    assert torch.equal(meta[:, 2], logit_scores.row_scores(zm, zs, target)[:, 1])  # bit for bit as uncached
+    lp = F.log_softmax(zs.double(), -1)
+    assert torch.allclose(meta[:, 3], (lp.exp() * lp).sum(-1), rtol=1e-6, atol=2e-7)  # Σ p log p: exact
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 17), (7, 300), (64, 49157)])
+def test_kl_from_a_record_is_within_its_bound(rows, vocab):
+    """KL against a record: the model's and the source's log-losses exact, the KL within the rounding
+    bound of its codes (half a step of log p: ≤ 2·h·E_p|log q − E_p log q| a row, h = 32/131068), its
+    mean far closer (unbiased rounding), and what the torch reference of the record computes."""
+    zm, zs, target = _logits(rows, vocab, seed=rows + 1)
+    record = logit_scores.records(zs, target)
+    got, exact = logit_scores.row_scores(zm, None, target, record), _float64(zm, zs, target)
+    assert torch.allclose(got[:, :2], exact[:, :2], rtol=1e-6, atol=2e-7)
+    bound = 2 * (32 / 131068) * _p_weighted_spread(zm, record) + 1e-6
+    assert ((got[:, 2] - exact[:, 2]).abs() <= bound).all()
+    assert abs((got[:, 2] - exact[:, 2]).mean()) < 1e-5
+    torch.testing.assert_close(got, logit_scores.reference(zm, None, target, record), rtol=1e-5, atol=2e-6)
+    assert not torch.equal(got[:, 2], exact[:, 2]) or rows == 1  # really computed from the codes
+    torch.testing.assert_close(logit_scores.reference(zm, None, target, logit_scores.reference_records(zs, target)),
+                               got, rtol=1e-5, atol=2e-6)
+
+
+def test_records_of_flat_wide_and_nan_rows():
+    """A constant row (step 0), a row wider than 32 nats (its tail coded 0: no mass), and NaN (NaN
+    scalars, which evaluate refuses and the cache never keeps); rows of any stride."""
+    zs = torch.zeros(3, 40)
+    zs[1] = torch.linspace(-60, 0, 40)
+    zs[2, 5] = float("nan")
+    target = torch.tensor([3, 39, 0])
+    codes, meta = logit_scores.records(zs, target)
+    k = codes.int()
+    assert meta[0, 1] == 0 and (k[0] == 1).all() and meta[0, 2] == pytest.approx(math.log(40), rel=1e-6)
+    assert (k[1][zs[1] < -32] == 0).all() and k[1, -1] == 65535 and (k[1][zs[1] >= -32] > 0).all()
+    assert meta[2].isnan().any()
+    zm = torch.randn(3, 40)
+    got = logit_scores.row_scores(zm, None, target, (codes, meta))
+    assert not got[:2].isnan().any() and got[2, 1:].isnan().any()
+    assert got[0, 2] == pytest.approx(_float64(zm[:1], zs[:1], target[:1])[0, 2].item(), abs=1e-6)
+    wide = torch.zeros(3, 64)
+    wide[:, :40] = zs
+    again = logit_scores.records(wide[:, :40], target)
+    assert torch.equal(again[0], codes) and torch.equal(again[1][:2], meta[:2])

@@ -23,30 +23,28 @@ costs ~25k page faults). The source always runs exactly (fp32 activations, fp32 
 quantized model runs exactly too with `exact`; without it, as generate/serve/bench run it: its
 UniformQ matmuls (engine and head) on activations rounded to int8 per 32-block (kernels/switches.py),
 which changes the numbers a little and runs the GEMMs 3-4x faster. Anything the engine does not run goes through the model's own forward
-(transformers), under the same switch. The source's states are cached between evaluations
-(SourceScores): scoring variants of one source against it costs one model, not two.
+(transformers), under the same switch. What the scores need of the source is cached between
+evaluations (SourceScores, eval/source_cache.py): a second evaluation against one source and text
+neither loads nor runs it, and costs one model, not two.
 """
 
 import hashlib
 import math
-import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
-from ..kernels.cpu.logit_scores import row_scores
+from ..kernels.cpu.logit_scores import records, row_scores
 from ..kernels.switches import int8_activations_set
 from ..runtime.engine import load_decoder
-from ..settings import cache_root
+from . import source_cache
 
-CACHE_VERSION = 1  # of SourceScores' cache files: bump when what they hold changes
+CACHE_VERSION = 2  # of SourceScores' cache files: bump when what they hold changes
 SCORINGS = ("lowbit", "llama.cpp")
 
 
@@ -195,87 +193,82 @@ def scorer(model, ctx: int, engine: bool = True, exact: bool = True) -> Callable
 
 
 class SourceScores:
-    """The reference's logits of each window's scored positions, with a cache. The states
-    the reference computes (on the engine: the scored positions' final-normed hidden states; a source
-    streamed block by block: every position's last-block output) are kept in a file named by a hash of
-    the source's fingerprint (models.fingerprint: its files' paths, sizes and times), the token ids and
-    the windows, so the next evaluation against the same source and text runs only the source's output
-    head, not its decoder (half of an evaluation's work; all of a streamed source's reading). A missing,
+    """What the KL divergence and the source's perplexity need of the reference on each window's scored
+    positions, with a cache. Without a `key`: the source's exact logits, scored with the model's (the KL
+    exact). With one (models.fingerprint: its files' paths, sizes and times), a record of them
+    (kernels/cpu/logit_scores: uint16 log-probabilities and exact scalars), kept in a file named by a
+    hash of the key, the token ids, the windows and `engine` (eval/source_cache.py), so that the next
+    evaluation against the same source and text reads the records and never loads or runs the source:
+    its log-loss and entropy stay exact, the KL's cross term comes from the dequantized record (~1e-6
+    nats on a mean over thousands of positions), the same numbers first run and second. `source` is the
+    reference, or a function that loads it (called only when its records are not cached). A missing,
     foreign or damaged file is computed again; a failed write costs only the cache (a warning)."""
 
     def __init__(self, source, ctx: int, engine: bool, scored: list[tuple[torch.Tensor, int]], key: str | None):
-        self.source, self.decoder, self.path, self.states, self.kept, self.offset = source, None, None, None, [], 0
-        streamed = hasattr(source, "prefetch")
-        self.head = None if streamed else _Head(source)
-        windows = [w for w, _ in scored]
-        if key is not None and (engine or streamed):
-            digest = hashlib.sha256(f"{CACHE_VERSION}|{key}|{ctx}|{[first for _, first in scored]}|{streamed}|".encode()
-                                    + b"".join(w.numpy().tobytes() for w in windows))
-            self.path = cache_root() / "eval" / f"{digest.hexdigest()[:32]}.safetensors"
-            total = sum(len(w) for w in windows) if streamed else sum(len(w) - first for w, first in scored)
-            self.states = self._read(total, source.model if streamed else source)
-        if streamed:  # all windows run block by block first (models/lazy.py), or come from the cache
-            if self.states is None:
-                source.prefetch(windows)
-                self.kept = [source.finals[w.numpy().tobytes()].reshape(len(w), -1) for w in windows]
-                self.save()
-            else:
-                source.finals.update({w.numpy().tobytes(): h.unsqueeze(0) for w, h in
-                                      zip(windows, self.states.split([len(w) for w in windows]))})
-        elif self.states is None:
-            self.decoder = _decoder(source, ctx, engine)
+        self.source, self.ctx, self.engine, self.scored = source, ctx, engine, scored
+        self.decoder = self.head = self.cached = self.writer = self.buffers = None
+        self.row, self.ready = 0, False
+        if key is not None:
+            digest = hashlib.sha256(f"{CACHE_VERSION}|{key}|{ctx}|{[first for _, first in scored]}|{engine}|".encode()
+                                    + b"".join(w.numpy().tobytes() for w, _ in scored)).hexdigest()
+            path = source_cache.directory() / f"{digest[:32]}{source_cache.SUFFIX}"
+            rows = sum(len(w) - first for w, first in scored)
+            self.cached = source_cache.read(path, digest, rows)
+            self.writer = source_cache.Writer(path, digest, rows) if self.cached is None else None
 
-    def _read(self, total: int, model) -> torch.Tensor | None:
-        try:
-            states = load_file(self.path).get("states")
-        except Exception:  # missing or damaged: computed again (safetensors never unpickles)
-            return None
-        hidden = model.get_output_embeddings().in_features
-        ok = states is not None and states.dtype == torch.float32 and tuple(states.shape) == (total, hidden)
-        return states if ok else None
+    def _load(self) -> None:
+        """The reference, ready to run (loaded at the first window that needs it)."""
+        if self.ready:
+            return
+        self.ready = True
+        if not isinstance(self.source, nn.Module) and not hasattr(self.source, "prefetch"):
+            self.source = self.source()
+        if hasattr(self.source, "prefetch"):  # all windows run block by block first (models/lazy.py)
+            self.source.prefetch([w for w, _ in self.scored])
+        else:
+            self.head, self.decoder = _Head(self.source), _decoder(self.source, self.ctx, self.engine)
 
     @torch.inference_mode()
-    def __call__(self, window: torch.Tensor, first: int) -> torch.Tensor:
-        """Logits [len(window) − first, vocab] of the window's scored positions (exactly: fp32
-        activations, whatever the process-wide int8 switch says; valid until the next call)."""
+    def scores(self, logits: torch.Tensor, window: torch.Tensor, first: int) -> torch.Tensor:
+        """row_scores of the model's logits [len(window) − first, vocab] against the source on the
+        window's scored positions (the source exact: fp32 activations, whatever the process-wide int8
+        switch says)."""
+        target, n = window[first:], len(window) - first
+        if self.cached is not None:
+            self.row += n
+            return row_scores(logits, None, target, self.cached.record(self.row - n, n))
+        self._load()
         with int8_activations_set(False):
-            return self._logits(window, first)
+            source = self._logits(window, first)
+        if self.writer is None:
+            return row_scores(logits, source, target)
+        if self.buffers is None or len(self.buffers[1]) < n:
+            self.buffers = None  # the old ones go before the new ones come
+            self.buffers = torch.empty(n, source.shape[1], dtype=torch.uint16), torch.empty(n, 4, dtype=torch.float64)
+        record = records(source, target, (self.buffers[0][:n], self.buffers[1][:n]))
+        self.writer.write(record)
+        return row_scores(logits, None, target, record)
 
     def _logits(self, window: torch.Tensor, first: int) -> torch.Tensor:
-        if self.head is None or (self.decoder is None and self.states is None):
+        if self.decoder is None:
             return _logits(self.source, window)[first - 1:]
-        if self.states is not None:
-            n = len(window) - first
-            states, self.offset = self.states[self.offset:self.offset + n], self.offset + n
-            return self.head.logits(states)
         self.decoder.truncate(0)
-        states = self.decoder.states(window[:-1])[first - 1:]
-        if self.path is not None:
-            self.kept.append(states.clone())
-        return self.head.logits(states)
+        return self.head.logits(self.decoder.states(window[:-1])[first - 1:])
 
     def save(self) -> None:
-        """Write the kept states (once: after the last window, or a streamed source's prefetch), atomically."""
-        if self.path is None or self.states is not None or not self.kept:
-            return
-        tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"states": torch.cat(self.kept).float().contiguous()}, str(tmp))
-            os.replace(tmp, self.path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            warnings.warn(f"lowbit: could not cache the source's states in {self.path.parent}: {e}", stacklevel=2)
-        self.kept = []
+        """Put the written records in place (after the last window)."""
+        if self.writer is not None:
+            self.writer.commit()
 
 
 def evaluate(model, tokenizer, text: str, ctx: int = 512, stride: int | None = None,
              max_windows: int | None = None, source=None, progress: bool = True,
              engine: bool = True, source_key: str | None = None, exact: bool = True,
              scoring: str = "lowbit") -> EvalResult:
-    """Perplexity of `model` on `text`; with `source` (the unquantized model) also KLD and its ppl.
-    `engine`: score on the native engine where it runs the model (else transformers). `source_key`:
-    what identifies the source's weights (models.fingerprint), to cache its states (SourceScores).
+    """Perplexity of `model` on `text`; with `source` (the unquantized model, or a function that loads
+    it) also KLD and its ppl. `engine`: score on the native engine where it runs the model (else
+    transformers). `source_key`: what identifies the source's weights (models.fingerprint), to cache
+    its scores (SourceScores: a function is called only when they are not cached).
     `exact` (the default here, where methods are compared): the model's matmuls on fp32 activations;
     False: on int8 activations, as the engine generates (the source is always exact). `scoring`: whose
     windows and scored positions (SCORINGS: ours, or llama-perplexity's)."""
@@ -286,16 +279,17 @@ def evaluate(model, tokenizer, text: str, ctx: int = 512, stride: int | None = N
     tokens = 0
     for window, first in tqdm(scored, desc="evaluating", unit="window", disable=not progress):
         logits = score(window, first)
-        sums += row_scores(logits, None if source is None else score_source(window, first), window[first:]).sum(0)
+        sums += (row_scores(logits, None, window[first:]) if source is None else
+                 score_source.scores(logits, window, first)).sum(0)
         tokens += len(window) - first
     nll, src_nll, kld = sums.tolist()
     result = EvalResult(_perplexity(nll / tokens, "the model"), tokens, len(scored), ctx, exact=exact, scoring=scoring)
     if source is not None:
-        score_source.save()
         result.kld, result.source_ppl = kld / tokens, _perplexity(src_nll / tokens, "the source model")
         if not math.isfinite(result.kld):
             raise LowbitError(f"the KL divergence came out as {result.kld}: one of the models gives NaN or Inf "
                               "log-probabilities (damaged weights, or activations that overflow their dtype)")
+        score_source.save()
     return result
 
 

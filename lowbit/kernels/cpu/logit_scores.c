@@ -15,7 +15,20 @@
    Sums run in float lanes over 256 columns at a time, added into double lanes: closer to the exact
    sums than torch's float reductions, so results differ from torch's in the last float digits only.
    NaN anywhere in a row gives NaN scores (the caller refuses non-finite results). Rows are split
-   across the kernels' pool (lb_parallel of the kernel library, c/pool.h). */
+   across the kernels' pool (lb_parallel of the kernel library, c/pool.h).
+
+   Source records (lb_logprob_records, what eval/source_cache.py keeps on disk so that a warm
+   evaluation never runs the source's head): per row, its log-probabilities as uint16 codes, as
+   llama-perplexity's --kl-divergence-base stores them but without its 16-nat cut: with the floor
+   f = max(min z, max z − RANGE), code 0 is a logit below f (p taken as 0: at most V·e^−RANGE of mass)
+   and code k ≥ 1 the log-probability lo + (k − 1)·step, lo = (f − max) − log Σ, step = (max − f)/65534
+   (half a step ≤ RANGE/131068 = 2.4e-4 nats of rounding). Beside the codes four exact doubles:
+   lo, step, the target's log-loss and Σ p log p = T/S − log S, S = Σ e^(z−max), T = Σ e^(z−max)(z−max)
+   (summed in one pass). KL from a record (lb_logit_scores with codes): Σ p log p exactly, minus the
+   cross term Σ p̃ log q over the dequantized p̃ renormalized (Σ p̃ = 1): Σ p̃ (zm − mm) / Σ p̃ − lm.
+   A rounding error δ_v ∈ [−h, h] (h = step/2) of each log p moves the cross term by
+   Σ p_v (δ_v − δ̄) (log q_v − c) for any c: at most ~2h · E_p|log q − E_p log q| a row, and being
+   unbiased rounding noise, ~h·(Σ p² (log q − ·)²)^½ / √rows on the mean (~1e-6 at SmolLM2's 16.8k). */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -25,6 +38,8 @@ typedef void (*lb_par)(lb_task fn, void *arg, int want);
 
 #define LANES 16
 #define CHUNK 256 /* columns summed in float before the double lanes take them */
+#define RANGE 32.0f /* nats below a row's maximum logit that a record codes (see above) */
+#define TOP 65534.0f /* the largest code, less one */
 
 static inline float exp_le0(float x) { /* e^x for x <= 0 (NaN stays NaN) */
     x = x < -87.0f ? -87.0f : x;          /* below: < 2e-38, nothing next to the row's maximum's 1 */
@@ -94,8 +109,71 @@ static double kl_row(const float *zm, const float *zs, int v, float mm, float lm
     return sum;
 }
 
+static float row_min(const float *z, int v) {
+    float m[LANES];
+    for (int j = 0; j < LANES; j++) m[j] = INFINITY;
+    int i = 0;
+    for (; i + LANES <= v; i += LANES)
+        for (int j = 0; j < LANES; j++) m[j] = z[i + j] < m[j] ? z[i + j] : m[j];
+    float out = INFINITY;
+    for (int j = 0; j < LANES; j++) out = m[j] < out ? m[j] : out;
+    for (; i < v; i++) out = z[i] < out ? z[i] : out;
+    return out;
+}
+
+/* S = Σ exp(z_v − max) (summed as log_sum_exp sums it) and T = Σ exp(z_v − max)(z_v − max) */
+static void sum_exp_and_moment(const float *z, int v, float max, double *S, double *T) {
+    double s[LANES] = {0}, t[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= v;) {
+        float ps[LANES] = {0}, pt[LANES] = {0};
+        for (int end = i + CHUNK < v ? i + CHUNK : v; i + LANES <= end; i += LANES)
+            for (int j = 0; j < LANES; j++) {
+                float x = z[i + j] - max, e = exp_le0(x);
+                ps[j] += e;
+                pt[j] += e * x;
+            }
+        for (int j = 0; j < LANES; j++) s[j] += ps[j], t[j] += pt[j];
+    }
+    double ss = 0, tt = 0;
+    for (int j = 0; j < LANES; j++) ss += s[j], tt += t[j];
+    for (; i < v; i++) {
+        float x = z[i] - max, e = exp_le0(x);
+        ss += e;
+        tt += (double)e * x;
+    }
+    *S = ss, *T = tt;
+}
+
+/* Σ p̃_v (zm_v − mm) / Σ p̃_v over a record's dequantized p̃ (see the top) */
+static double cross_row(const float *zm, const uint16_t *code, int v, float mm, float lo, float step) {
+    double num[LANES] = {0}, den[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= v;) {
+        float pn[LANES] = {0}, pd[LANES] = {0};
+        for (int end = i + CHUNK < v ? i + CHUNK : v; i + LANES <= end; i += LANES)
+            for (int j = 0; j < LANES; j++) {
+                float k = (float)code[i + j], x = fmaf(k - 1.0f, step, lo), e = exp_le0(x < 0.0f ? x : 0.0f);
+                float p = k > 0.0f ? e : 0.0f;
+                pn[j] += p * (zm[i + j] - mm);
+                pd[j] += p;
+            }
+        for (int j = 0; j < LANES; j++) num[j] += pn[j], den[j] += pd[j];
+    }
+    double n = 0, d = 0;
+    for (int j = 0; j < LANES; j++) n += num[j], d += den[j];
+    for (; i < v; i++) {
+        float k = (float)code[i], x = fmaf(k - 1.0f, step, lo), p = k > 0.0f ? exp_le0(x < 0.0f ? x : 0.0f) : 0.0f;
+        n += (double)p * (zm[i] - mm);
+        d += p;
+    }
+    return n / d;
+}
+
 typedef struct {
     const float *zm, *zs; /* [rows, stride] each (zs may be NULL: the model's log-loss only) */
+    const uint16_t *code; /* or the source's records: codes [rows, vocab] and meta [rows, 4] */
+    const double *meta;
     const int64_t *target;
     double *out;          /* [rows, 3] */
     long stride_m, stride_s;
@@ -111,6 +189,12 @@ static void rows_task(void *arg, int tid, int nthr) {
         float mm = row_max(zm, J->vocab), lm = log_sum_exp(zm, J->vocab, mm);
         double *o = J->out + 3 * (long)r;
         o[0] = -(double)((zm[t] - mm) - lm);
+        if (J->code) {
+            const double *m = J->meta + 4 * (long)r;
+            o[1] = m[2];
+            o[2] = m[3] - (cross_row(zm, J->code + (long)r * J->vocab, J->vocab, mm, (float)m[0], (float)m[1]) - lm);
+            continue;
+        }
         if (!J->zs) continue;
         const float *zs = J->zs + r * J->stride_s;
         float ms = row_max(zs, J->vocab), ls = log_sum_exp(zs, J->vocab, ms);
@@ -120,11 +204,45 @@ static void rows_task(void *arg, int tid, int nthr) {
 }
 
 __attribute__((visibility("default"))) void lb_logit_scores(const float *zm, long stride_m, const float *zs,
-                                                            long stride_s, const int64_t *target, int rows,
-                                                            int vocab, double *out, void *par, int threads) {
-    job J = {zm, zs, target, out, stride_m, stride_s, rows, vocab};
+                                                            long stride_s, const uint16_t *code, const double *meta,
+                                                            const int64_t *target, int rows, int vocab, double *out,
+                                                            void *par, int threads) {
+    job J = {zm, zs, code, meta, target, out, stride_m, stride_s, rows, vocab};
     if (par && threads > 1 && rows > 1)
         ((lb_par)par)(rows_task, &J, threads < rows ? threads : rows);
     else
         rows_task(&J, 0, 1);
+}
+
+static void records_task(void *arg, int tid, int nthr) {
+    const job *J = arg;
+    int per = (J->rows + nthr - 1) / nthr, r0 = tid * per, r1 = r0 + per < J->rows ? r0 + per : J->rows;
+    for (int r = r0; r < r1; r++) {
+        const float *z = J->zs + r * J->stride_s;
+        uint16_t *code = (uint16_t *)J->code + (long)r * J->vocab;
+        double *m = (double *)J->meta + 4 * (long)r, S, T;
+        float max = row_max(z, J->vocab), min = row_min(z, J->vocab);
+        sum_exp_and_moment(z, J->vocab, max, &S, &T);
+        float ls = logf((float)S), floor = min > max - RANGE ? min : max - RANGE;
+        float step = (max - floor) / TOP, inv = step > 0 ? 1.0f / step : 0.0f;
+        for (int i = 0; i < J->vocab; i++) {
+            float k = (z[i] - floor) * inv + 1.5f; /* 1 + round((z − floor) / step) */
+            code[i] = z[i] >= floor ? (uint16_t)(k < TOP + 1.0f ? k : TOP + 1.0f) : 0;
+        }
+        m[0] = (double)((floor - max) - ls);
+        m[1] = step;
+        m[2] = -(double)((z[J->target[r]] - max) - ls);
+        m[3] = T / S - log(S);
+    }
+}
+
+/* The source's records of `rows` rows of logits zs (see the top): codes [rows, vocab], meta [rows, 4]. */
+__attribute__((visibility("default"))) void lb_logprob_records(const float *zs, long stride, const int64_t *target,
+                                                               int rows, int vocab, uint16_t *code, double *meta,
+                                                               void *par, int threads) {
+    job J = {NULL, zs, code, meta, target, NULL, 0, stride, rows, vocab};
+    if (par && threads > 1 && rows > 1)
+        ((lb_par)par)(records_task, &J, threads < rows ? threads : rows);
+    else
+        records_task(&J, 0, 1);
 }
