@@ -59,8 +59,7 @@ def tiles(qt: KQuant) -> torch.Tensor:
         return torch.cat([t.reshape(rows // TILE, nsb, -1) for t in parts], dim=-1).contiguous()
     sc, mn = _scales_k4(blocks[:, 4:16])
     parts = [lanes(sc, True), lanes(mn, True), lanes(blocks[:, 0:2], False), lanes(blocks[:, 2:4], False)]
-    out = torch.cat([packed] + [t.reshape(rows // TILE, nsb, -1) for t in parts], dim=-1)
-    return out.contiguous()
+    return torch.cat([t.reshape(rows // TILE, nsb, -1) for t in parts] + [packed], dim=-1).contiguous()
 
 
 class PackedKQuant(PackedUniform):
