@@ -3,10 +3,11 @@
 Each kernel is called as the decode engine calls it (one token, int8 activations: the C entry from
 prefilled Args through ctypes, no Python wrapper), on weights rotated through copies totalling more
 than --mib MiB so every call streams them from DRAM, as a decode step does. Per type and shape: the
-best and median µs per call over --reps rounds, and GB/s of weight bytes at the median. A Q8_0 layer
-(UniformQ 8-bit g32 sym, the engine's fastest streaming kernel) of each shape runs in the same process
-as the yardstick: the last column is the K-quant's GB/s over Q8_0's, which a loaded machine moves far
-less than either number alone. Blocks are llama.cpp's K-quants of random rows (io/kquants.quantize)
+best and median wall µs per call over --reps rounds, the median CPU µs (the process's CPU time per
+call: on a shared machine it leaves out the time the kernel was not running), and GB/s of weight bytes
+at the median wall time. A Q8_0 layer (UniformQ 8-bit g32 sym, the engine's fastest streaming kernel)
+of each shape runs in the same process as the yardstick: the last column is the K-quant's bytes per
+CPU second over Q8_0's, which a loaded machine moves far less than either number alone. Blocks are llama.cpp's K-quants of random rows (io/kquants.quantize)
 repeated to the shape.
 
     python benchmarks/kquant_gemv.py [--threads 1 2] [--types Q4_K Q5_K Q6_K] [--shapes 2048x2048 ...]
@@ -46,8 +47,9 @@ def layer(qtype: str, n: int, k: int, seed: int):
     return kquant.prepare(KQuant(blocks, qtype, (n, k)))
 
 
-def time_calls(packs: list, k: int, reps: int) -> list[float]:
-    """Seconds per call, one per round; a round calls every copy once."""
+def time_calls(packs: list, k: int, reps: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds per call (CPU: this process's, all its threads), one per round; a round
+    calls every copy once."""
     x = torch.randn(k)
     calls = []
     for p in packs:
@@ -57,13 +59,14 @@ def time_calls(packs: list, k: int, reps: int) -> list[float]:
         calls.append((fn, ctypes.byref(args), y))
     for fn, a, _ in calls:
         fn(a)
-    out = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for fn, a, _ in calls:
             fn(a)
-        out.append((time.perf_counter() - t) / len(calls))
-    return out
+        wall.append((time.perf_counter() - t) / len(calls))
+        cpu.append((time.process_time() - c) / len(calls))
+    return wall, cpu
 
 
 def main() -> None:
@@ -74,7 +77,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--mib", type=int, default=192, help="weights each timing rotates through (> the L3)")
     a = ap.parse_args()
-    print("| threads | shape | type | best µs | median µs | GB/s | vs Q8_0 GB/s |\n|---|---|---|---|---|---|---|")
+    print("| threads | shape | type | best µs | median µs | median CPU µs | GB/s | vs Q8_0 |\n|---|---|---|---|---|---|---|---|")
     for nthr in a.threads:
         threads.set_threads(nthr)
         for shape in a.shapes:
@@ -83,11 +86,11 @@ def main() -> None:
             for qtype in ["Q8_0", *a.types]:
                 first = layer(qtype, n, k, 0)
                 copies = [first] + [layer(qtype, n, k, i) for i in range(1, max(2, (a.mib << 20) // first.bytes + 1))]
-                t = time_calls(copies, k, a.reps)
-                rate[qtype] = first.bytes / statistics.median(t) / 1e9
+                t, cpu = time_calls(copies, k, a.reps)
+                rate[qtype] = first.bytes / statistics.median(cpu)
                 vs = "" if qtype == "Q8_0" else f"{rate[qtype] / rate['Q8_0']:.2f}"
                 print(f"| {nthr} | {shape} | {qtype} | {min(t) * 1e6:.0f} | {statistics.median(t) * 1e6:.0f} | "
-                      f"{rate[qtype]:.1f} | {vs} |", flush=True)
+                      f"{statistics.median(cpu) * 1e6:.0f} | {first.bytes / statistics.median(t) / 1e9:.1f} | {vs} |", flush=True)
                 del copies, first
 
 
