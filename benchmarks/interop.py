@@ -4,7 +4,7 @@ speed at 7B shapes on identical weights.
     python benchmarks/interop.py ppl   [--ctx 512] [--chunks N]      # SmolLM2: export, llama.cpp vs lowbit
     python benchmarks/interop.py kquant [--chunks N] [--windows N]   # SmolLM2 W2/W3/W4-asym: K-quant exports
     python benchmarks/interop.py speed [--layers 32] [--threads 1 2]  # 7B shapes, Q4_0 on both engines
-    python benchmarks/interop.py kspeed [--shape 7b] [--layers 32]    # llama.cpp's own Q4_K_M, imported
+    python benchmarks/interop.py kspeed [--shape 7b] [--layers 32] [--gguf F]  # llama.cpp's own Q4_K_M, imported
 
 `ppl` quantizes the embedded SmolLM2 (RTN, head and embedding 8-bit g32 as the CLI does) to W4 g32 sym,
 W8 g32 sym and W4 g32 asym, exports each with `lowbit export --to gguf` (Q4_0, Q8_0, Q4_1), and scores
@@ -242,21 +242,15 @@ def speed(a) -> None:
 
 
 def kspeed(a) -> None:
-    import subprocess
-
     from peak_memory import tokenizer
 
     from lowbit.io.gguf_read import import_gguf, skeleton
     shapes = SHAPES if a.shape == "7b" else SHAPES_1B
     tok = tokenizer(shapes["vocab_size"])
     with tempfile.TemporaryDirectory(dir=a.scratch) as tmp:
-        q8, path = Path(tmp) / "llama.Q8_0.gguf", Path(tmp) / "llama.Q4_K_M.gguf"
-        write_gguf(seven_b(a.layers, 8, shapes), q8, tok)
-        r = subprocess.run([tool("llama-quantize"), "--allow-requantize", q8, path, "Q4_K_M", "2"],
-                           capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(f"llama-quantize failed: {r.stderr.strip()[-1500:]}")
-        q8.unlink()
+        path = Path(a.gguf) if a.gguf else Path(tmp) / "llama.Q4_K_M.gguf"
+        if not path.is_file():
+            q4_k_m(a, shapes, tok, path)
         model = skeleton(path)
         import_gguf(path, model)
         kinds = {}
@@ -267,6 +261,20 @@ def kspeed(a) -> None:
               f"({path.stat().st_size / 2**30:.2f} GiB; imported layers: "
               f"{', '.join(f'{k} ×{n}' for k, n in sorted(kinds.items()))}); pp{a.pp}, tg{a.tg}, median of {a.runs}")
         side_by_side(model, tok, path, a)
+
+
+def q4_k_m(a, shapes: dict, tok, path: Path) -> None:
+    """llama-quantize's Q4_K_M of the random Llama, written at `path` (from an all-Q8_0 export beside it)."""
+    import subprocess
+
+    q8 = path.with_suffix(".Q8_0.tmp")
+    write_gguf(seven_b(a.layers, 8, shapes), q8, tok)
+    r = subprocess.run([tool("llama-quantize"), "--allow-requantize", q8, path, "Q4_K_M", "2"],
+                       capture_output=True, text=True)
+    q8.unlink()
+    if r.returncode:
+        path.unlink(missing_ok=True)
+        raise SystemExit(f"llama-quantize failed: {r.stderr.strip()[-1500:]}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("kspeed", parents=[timing])
     s.add_argument("--shape", choices=["7b", "1b"], default="7b")
     s.add_argument("--layers", type=int, default=None, help="default: 32 (7b), 22 (1b)")
+    s.add_argument("--gguf", default=None, help="the Q4_K_M file: used if it exists (its shape and layers must be "
+                   "--shape's and --layers'), else made there and kept (default: made in a temporary directory)")
     s.set_defaults(func=kspeed)
     a = p.parse_args(argv)
     if a.what == "kspeed" and a.layers is None:

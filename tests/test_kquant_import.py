@@ -24,7 +24,7 @@ from lowbit.formats.kquant import TYPES
 from lowbit.io.gguf_arch import row_order
 from lowbit.io.gguf_read import kquant_from_blocks
 from lowbit.io.kquants import quantize
-from lowbit.kernels.cpu import build, isa as isa_mod
+from lowbit.kernels.cpu import build, isa as isa_mod, threads
 from lowbit.kernels.cpu import kquant as cpu_kquant
 from lowbit.nn import QuantLinear
 
@@ -40,7 +40,7 @@ ISAS = [i for i in ("avx512vnni", "avx2", "scalar") if isa_mod.detect().supports
 @pytest.mark.parametrize("qtype", list(TYPES))
 def test_kernel_matches_reference(qtype, isa):
     """fp32 activations: dequantize then x·Wᵀ; int8 (x86): the same with x rounded as the int8 path rounds
-    it (q8_K: per 256)."""
+    it (q8_K: per 256). 37 rows (a partial 16-row tile), 3 super-blocks, 1 and 2 threads."""
     gen = torch.Generator().manual_seed(1)
     n, k = 37, 768
     w = torch.randn(n, k, generator=gen) * 0.05
@@ -48,15 +48,20 @@ def test_kernel_matches_reference(qtype, isa):
     packed = cpu_kquant.prepare(qt, isa)
     assert (packed.qfn is None) == (isa == "scalar")
     ref_w, bias = qt.dequantize(), torch.randn(n, generator=gen)
-    for m in (1, 2, 7):
-        x = torch.randn(m, k, generator=gen)
-        for int8, xr in ((False, x), (True, cpu_kquant.quantize_activations(x)))[:1 + (packed.qfn is not None)]:
-            fn, args = packed._call(m, bias.contiguous(), int8)
-            y = torch.empty(m, n)
-            args.x, args.y = x.contiguous().data_ptr(), y.data_ptr()
-            fn(args)
-            ref = xr @ ref_w.T + bias
-            assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (qtype, isa, m, int8)
+    before = threads.get()
+    try:
+        for nthr, m in ((1, 1), (2, 1), (2, 2), (1, 7), (2, 7)):
+            threads.set_threads(nthr)
+            x = torch.randn(m, k, generator=gen)
+            for int8, xr in ((False, x), (True, cpu_kquant.quantize_activations(x)))[:1 + (packed.qfn is not None)]:
+                fn, args = packed._call(m, bias.contiguous(), int8)
+                y = torch.empty(m, n)
+                args.x, args.y = x.contiguous().data_ptr(), y.data_ptr()
+                fn(args)
+                ref = xr @ ref_w.T + bias
+                assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (qtype, isa, nthr, m, int8)
+    finally:
+        threads.set_threads(before)
 
 
 def _q4_k_m(tiny_model_dir, tmp_path) -> Path:
