@@ -7,12 +7,14 @@ spinning pool thread waiting for a core counts as CPU time too.
 
 Phases (cumulative CPU seconds of these functions; imports counted where they happen):
     import      lowbit.api and what it pulls in (torch, transformers)
-    load        the quantized model (api.load) and the reference (SourceScores: reading it, its cache)
+    load        the quantized model (api.load) and the reference (SourceScores: reading its cache;
+                loading the source, cold cache only)
     engine      building the native engines (load_decoder: repacking weights, the huge-page arena)
     states      the engines' prefill of every window: the model's, the source's (cold cache only)
-    heads       the output heads (logits): the model's, the source's
-    scores      log-losses and the KL sum from the logits (kernels/cpu/logit_scores); "other": the rest
-                (tokenizing, the progress bar)
+    heads       the output heads (logits): the model's, the source's (cold cache only)
+    records     the source's logits made into the cached records (kernels/cpu/logit_scores; cold only)
+    scores      log-losses and the KL sum from the logits and records (kernels/cpu/logit_scores);
+                "other": the rest (tokenizing, the progress bar)
 """
 
 import cProfile
@@ -21,8 +23,9 @@ import sys
 import time
 
 PHASES = [("import", "lowbit/cli.py", "_import_api"), ("load", "lowbit/api.py", "load"),
-          ("load", "lowbit/eval/metrics.py", "__init__"), ("engine", "lowbit/runtime/engine.py", "load_decoder"),
-          ("heads", "lowbit/eval/metrics.py", "logits"), ("states", "lowbit/runtime/engine.py", "states"),
+          ("load", "lowbit/eval/metrics.py", "__init__"), ("load", "lowbit/eval/metrics.py", "_load"),
+          ("engine", "lowbit/runtime/engine.py", "load_decoder"), ("heads", "lowbit/eval/metrics.py", "logits"),
+          ("states", "lowbit/runtime/engine.py", "states"), ("records", "lowbit/kernels/cpu/logit_scores.py", "records"),
           ("scores", "lowbit/kernels/cpu/logit_scores.py", "row_scores")]
 SPLIT = {"states", "heads"}  # split by caller: the source's (SourceScores._logits) or the model's scorer
 
@@ -30,7 +33,7 @@ SPLIT = {"states", "heads"}  # split by caller: the source's (SourceScores._logi
 def phases(stats: pstats.Stats) -> dict[str, float]:
     """Cumulative CPU seconds per phase (states and heads split by caller: the model's or the source's)."""
     out = dict.fromkeys(["import", "load", "engine", "states (model)", "states (source)", "heads (model)",
-                         "heads (source)", "scores"], 0.0)
+                         "heads (source)", "records", "scores"], 0.0)
     for (path, _, name), (_, _, _, cum, callers) in stats.stats.items():
         for phase, where, fn in PHASES:
             if path.endswith(where) and name == fn:
@@ -40,7 +43,7 @@ def phases(stats: pstats.Stats) -> dict[str, float]:
                 else:
                     out[phase] += cum
         if path.endswith("lowbit/eval/metrics.py") and name == "_decoder":  # the source's engine: not "load"
-            out["load"] -= sum(c[3] for (_, _, caller), c in callers.items() if caller == "__init__")
+            out["load"] -= sum(c[3] for (_, _, caller), c in callers.items() if caller in ("__init__", "_load"))
     return out
 
 

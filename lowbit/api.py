@@ -37,7 +37,6 @@ from .recipes import EDGE, Auto, Plan, QuantX, RecipeFile, edge_names
 from .recipes import quantx as recipe_search
 from .recipes import recipe_file, recipe_report
 from .runtime import Chat, GenerationStats, SamplingParams, Session, generate
-from .runtime.server import MAX_BODY_BYTES, serve
 
 # every name `--method` accepts: the methods, and the automatic choice among them
 CONFIGS: dict[str, type] = {**{name: m.CONFIG for name, m in METHODS.items()}, Auto.name: Auto, QuantX.name: QuantX}
@@ -118,9 +117,13 @@ class QuantizedModel:
         return Chat(self.session(**session), system)
 
     def serve(self, name: str, host: str = "127.0.0.1", port: int = 8000, defaults: dict | None = None,
-              max_queue: int = 64, max_body_bytes: int = MAX_BODY_BYTES, **session) -> None:
-        """The OpenAI-compatible HTTP server (runtime/server.py), until interrupted."""
-        serve(self.session(**session), name, host, port, defaults, max_queue, max_body_bytes=max_body_bytes)
+              max_queue: int = 64, max_body_bytes: int | None = None, **session) -> None:
+        """The OpenAI-compatible HTTP server (runtime/server.py), until interrupted; `max_body_bytes`:
+        the largest request body (default: runtime.server.MAX_BODY_BYTES)."""
+        from .runtime import server  # FastAPI (~0.5 s of imports) for a server only
+
+        server.serve(self.session(**session), name, host, port, defaults, max_queue,
+                     max_body_bytes=server.MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes)
 
     def evaluate(self, text: str | os.PathLike | None = None, *, kld: bool = False, reference=None,
                  ctx: int = 512, stride: int | None = None, max_windows: int | None = None,

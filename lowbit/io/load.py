@@ -42,11 +42,12 @@ def skeleton(config: dict, where) -> torch.nn.Module:
     meta (no memory); transformers validates the config its own way: any of its errors means a damaged
     config.json."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     config = dict(config)
     try:
         config = AutoConfig.for_model(config.pop("model_type", None), **config)
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=False), no_init_weights():  # meta: initializing it costs ~1 s
             return AutoModelForCausalLM.from_config(config, dtype=config.dtype)
     except Exception as e:
         raise LowbitError(f"{where}: config.json describes no model lowbit can build ({_first_line(e)})") from None
