@@ -200,7 +200,10 @@ static inline __attribute__((always_inline)) void lb_tender_out(const lb_tender_
 #endif
 }
 
-/* MR rows of x times NR tiles of LB_TL weight rows, every weight group (module comment, step 3). */
+/* MR rows of x times NR tiles of LB_TL weight rows, every weight group (module comment, step 3).
+   The NR tiles are one contiguous run read at NR places; while unit u of each is read, the same share
+   of the next NR tiles is prefetched: a decode step reads its weights from DRAM, and rows of a few
+   hundred codes are too short for the hardware's stream prefetchers (codegen's GEMVs do the same). */
 static inline __attribute__((always_inline)) void lb_tender_tile(const lb_tender_args *a, int t0, int tile0,
                                                                  const int MR, const int NR, const int NIB) {
     const size_t ub = LB_TL * 4, tb = (size_t)a->kp * (NIB ? LB_TL / 2 : LB_TL);  /* bytes per unit, per tile */
@@ -226,6 +229,7 @@ static inline __attribute__((always_inline)) void lb_tender_tile(const lb_tender
             }
             for (int u = R[0]; u < R[0] + R[1]; u++) {
                 lb_tv v[LB_TNR];
+                for (int c = 0; c < NR; c++) LB_PREFETCH(qw + NR * tb + ((size_t)u * NR + c) * ub);
                 for (int c = 0; c < NR; c++) v[c] = TV_LOAD(qw + c * tb + (size_t)u * ub);
                 if (NIB) {
                     for (int c = 0; c < NR; c++) {
