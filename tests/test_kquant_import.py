@@ -137,3 +137,37 @@ def test_fuzz_blocks(qtype, rows, blocks, raw, cols_off):
         return
     theirs = quants.dequantize(data.reshape(rows, -1), GGML[qtype])
     assert np.array_equal(qt.dequantize().numpy(), theirs)
+
+
+@pytest.mark.skipif(build.compiler() is None, reason="no C compiler")
+def test_engine_fuses_kquant_projections(tiny_model_dir, monkeypatch):
+    """q/k/v and gate/up of one K-quant type run as one layer (x rounded to q8_K once); the logits are
+    those of the layers one by one, bit for bit. Mixed types (a Q6_K v_proj, as Q4_K_M has) stay apart."""
+    from lowbit.runtime import engine as eng
+
+    q = lowbit.load(tiny_model_dir("llama", **WIDE))
+    layers = q.model.model.layers
+    for i, layer in enumerate(layers):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            parent, attr = name.split(".")
+            w = layer.get_submodule(name).weight.detach().float()
+            qtype = "Q6_K" if (i, attr) == (0, "v_proj") else "Q4_K"
+            qt = KQuant(torch.from_numpy(quantize(w, GGML[qtype])[0]), qtype, tuple(w.shape))
+            setattr(getattr(layer, parent), attr, QuantLinear(qt, torch.randn(w.shape[0]) if attr == "k_proj" else None))
+    attn0, attn1 = layers[0].self_attn, layers[1].self_attn
+    assert eng._fused([attn0.q_proj, attn0.k_proj, attn0.v_proj]) is None
+    qkv = eng._fused([attn1.q_proj, attn1.k_proj, attn1.v_proj])
+    gate_up = eng._fused([layers[0].mlp.gate_proj, layers[0].mlp.up_proj])
+    assert qkv.qtensor.shape == (256 + 2 * 128, 256) and gate_up.qtensor.shape == (1024, 256)
+    assert torch.equal(qkv.qtensor.dequantize(), torch.cat([m.qtensor.dequantize() for m in
+                                                            (attn1.q_proj, attn1.k_proj, attn1.v_proj)]))
+    ids = q.tokenizer("for i in range(10):").input_ids
+
+    def logits():
+        engine = eng.load_decoder(q.model, max_context=64)
+        return torch.stack([engine.forward(ids[:-1]), engine.forward(ids[-1:])])  # a prompt, then one step
+
+    fused = logits()
+    monkeypatch.setattr(eng, "_fused", lambda modules: None)
+    assert torch.equal(fused, logits())

@@ -40,7 +40,7 @@ from torch import nn
 from .. import kernels
 from ..kernels import switches
 from ..errors import LowbitError
-from ..formats import UniformQ
+from ..formats import KQuant, UniformQ
 from ..kernels.cpu import build, codegen
 from ..kernels.cpu import float16 as cpu_float16
 from ..kernels.cpu import isa as isa_mod
@@ -210,8 +210,9 @@ class _Arena:
 
 def _fused(modules: list[nn.Module]) -> QuantLinear | ActQuantLinear | None:
     """One layer for projections that read the same input (q/k/v, gate/up), their rows stacked in
-    order, when all are UniformQ of one layout: per token one kernel call, one activation quantization
-    and one longer weight stream instead of several (row results are unchanged); an input permutation
+    order, when all are UniformQ of one layout, or all KQuant of one GGUF type: per token one kernel
+    call, one activation quantization (KQuant: x's q8_K rounding, the same for every such layer) and
+    one longer weight stream instead of several (row results are unchanged); an input permutation
     (act-order, nn.QuantLinear.in_perm) they share is gathered once. W·A· layers (ActQuantLinear) fuse
     when their activation quantizers are equal too (Tender fits one per layer: q/k/v's can differ in
     centring, a choice made per layer from its own output error). None when they can't be fused."""
@@ -219,19 +220,23 @@ def _fused(modules: list[nn.Module]) -> QuantLinear | ActQuantLinear | None:
     if any(a is not None for a in acts) and not all(a is not None and _same_act(a, acts[0]) for a in acts):
         return None
     qts = [m.qtensor if isinstance(m, (QuantLinear, ActQuantLinear)) else None for m in modules]
-    if not all(isinstance(q, UniformQ) for q in qts):
-        return None
     perms = [getattr(m, "in_perm", None) for m in modules]
     if any(p is None for p in perms) != all(p is None for p in perms) or \
             (perms[0] is not None and not all(torch.equal(p, perms[0]) for p in perms)):
         return None
-    layout = {(q.bits, q.group_size, q.shape[1], q.zeros is None) for q in qts}
-    if len(layout) != 1:
+    first, rows = qts[0], sum(q.shape[0] for q in qts) if all(q is not None for q in qts) else 0
+    if all(isinstance(q, UniformQ) for q in qts):
+        if len({(q.bits, q.group_size, q.shape[1], q.zeros is None) for q in qts}) != 1:
+            return None
+        zeros = None if first.zeros is None else torch.cat([q.zeros for q in qts])
+        qt = UniformQ(torch.cat([q.qweight for q in qts]), torch.cat([q.scales for q in qts]), zeros, first.bits,
+                      first.group_size, (rows, first.shape[1]))
+    elif all(isinstance(q, KQuant) for q in qts):
+        if len({(q.qtype, q.shape[1]) for q in qts}) != 1:
+            return None
+        qt = KQuant(torch.cat([q.blocks for q in qts]), first.qtype, (rows, first.shape[1]))
+    else:
         return None
-    first = qts[0]
-    zeros = None if first.zeros is None else torch.cat([q.zeros for q in qts])
-    qt = UniformQ(torch.cat([q.qweight for q in qts]), torch.cat([q.scales for q in qts]), zeros, first.bits,
-                  first.group_size, (sum(q.shape[0] for q in qts), first.shape[1]))
     biases = [m.bias for m in modules]
     bias = None if all(b is None for b in biases) else \
         torch.cat([torch.zeros(q.shape[0]) if b is None else b.detach().float() for b, q in zip(biases, qts)])
