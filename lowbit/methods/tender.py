@@ -14,9 +14,10 @@ Per linear layer, from the block runner's statistics of its input x (each channe
                kernel lays out anyway: kernels/cpu/tender.py). The weight method quantizes W in the
                input order, as the weight-only model does, and its codes are permuted after (`Fit`):
                each group's scale, zero point or codebook stays, so Ŵ is the weight-only model's Ŵ
-               with its columns moved, whatever the method (GPTQ's error feedback, too, runs in the
-               input order; sorting by group alone mixed columns of different weight groups and left
-               W4-g128 GPTQ 4.6-5.8% worse at A8, BENCHMARKS.md). b·Ŵᵀ is added to the layer's bias:
+               with its columns moved, whatever the method, given the same statistics (GPTQ's error
+               feedback, too, runs in the input order; its later blocks see inputs of blocks that
+               quantize activations). Sorting by group alone mixed columns of different weight groups
+               (W4-g128 GPTQ A8: +5.8% over A16, BENCHMARKS.md). b·Ŵᵀ is added to the layer's bias:
                with float activations the layer is then exactly the weight-only one,
                x·Ŵᵀ = (x − b)·Ŵᵀ + b·Ŵᵀ.
   hadamard     W's columns rotated by the orthonormal Hadamard matrix (W·H, H's order = in_features)
