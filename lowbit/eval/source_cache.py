@@ -90,9 +90,10 @@ def read(path: Path, digest: str, rows: int) -> Cached | None:
                 return None
             f.seek(_meta_offset(rows, vocab))
             meta = torch.frombuffer(bytearray(f.read(rows * 32)), dtype=torch.float64).view(rows, 4)
-        os.utime(path)  # recently used
     except (OSError, ValueError):
         return None
+    with contextlib.suppress(OSError):  # recently used (a cache one may not write is still read)
+        os.utime(path)
     lo, step, nll, neg_entropy = meta.unbind(1)
     ok = meta.isfinite().all() and (lo <= 0).all() and (step >= 0).all() and (step <= RANGE).all() and \
         (nll >= -1e-3).all() and (neg_entropy <= 1e-3).all()
@@ -119,7 +120,7 @@ class Writer:
                     return
                 self.file = open(self.tmp, "wb")
                 self.file.write(_header(self.digest, self.rows, self.vocab))
-            self.file.write(codes.numpy().tobytes())
+            self.file.write(codes.contiguous().numpy())
         except OSError as e:
             self._fail(e)
             return
