@@ -47,6 +47,7 @@ def test_kernel_matches_reference(qtype, isa):
     qt = KQuant(torch.from_numpy(quantize(w, GGML[qtype])[0]), qtype, (n, k))
     packed = cpu_kquant.prepare(qt, isa)
     assert (packed.qfn is None) == (isa == "scalar")
+    assert (packed.tiles is not None) == (isa == "avx512vnni" and TYPES[qtype].bits >= 4)  # the tiled kernels
     ref_w, bias = qt.dequantize(), torch.randn(n, generator=gen)
     before = threads.get()
     try:

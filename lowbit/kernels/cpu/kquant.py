@@ -35,11 +35,13 @@ TILE = 16  # rows of a tile (c/kquant.h, kq_tiles_task_b4)
 
 
 def tiles(qt: KQuant) -> torch.Tensor:
-    """A Q4_K's or Q6_K's blocks as c/kquant.h's tiles of 16 rows (rows padded with zeros), uint8: per
-    tile and super-block, the low nibbles of the codes [32 p][16 rows][4 bytes] (byte i: code 8p + i
-    low, 8p + 4 + i high); Q4_K: scales and mins [8 groups][16 rows], d and dmin [16] (fp16); Q6_K:
-    the codes' top two bits [8 j][A, B][16 rows][4 bytes] (bits 2f of byte i: code 8(4j + f) + i, B: + 4),
-    int8 scales [16 groups][16 rows], d [16]."""
+    """A Q4_K's, Q5_K's or Q6_K's blocks as c/kquant.h's tiles of 16 rows (rows padded with zeros),
+    uint8, per tile and super-block in the order the kernel reads them. The codes' low nibbles come as
+    vectors [16 rows][4 bytes] (p < 32: byte i holds code 8p + i low, 8p + 4 + i high). Q4_K/Q5_K:
+    scales and mins [8 groups][16 rows], d and dmin [16] (fp16), then per group g its nibbles (p = 4g
+    + s, s < 4) and, Q5_K, the fifth bits [16 rows][4] (byte i, bit 2s: code 8p + i; 2s + 1: 8p + 4 + i).
+    Q6_K: int8 scales [16 groups][16 rows], then per pair j of groups its nibbles (p = 4j + f) and top
+    two bits [A, B][16 rows][4] (bits 2f of byte i: code 8p + i, B: + 4), d [16] last."""
     n, k = qt.shape
     nbytes = TYPES[qt.qtype].nbytes
     nsb, rows = k // QK_K, -(-n // TILE) * TILE
@@ -57,14 +59,19 @@ def tiles(qt: KQuant) -> torch.Tensor:
         pairs = torch.cat([packed.view(rows // TILE, nsb, 8, 256), planes.reshape(rows // TILE, nsb, 8, 128)], dim=-1)
         parts = [lanes(blocks[:, 192:208], True), pairs, lanes(blocks[:, 208:210], False)]
         return torch.cat([t.reshape(rows // TILE, nsb, -1) for t in parts], dim=-1).contiguous()
+    groups = packed.view(rows // TILE, nsb, 8, 256)
+    if qt.qtype == "Q5_K":
+        fifth = ((q >> 4) & 1).view(rows // TILE, TILE, nsb, 8, 4, 2, 4)  # [.., g, s, half, i]
+        plane = sum(fifth[..., s, h, :] << 2 * s + h for s in range(4) for h in range(2)).permute(0, 2, 3, 1, 4)
+        groups = torch.cat([groups, plane.reshape(rows // TILE, nsb, 8, 64)], dim=-1)
     sc, mn = _scales_k4(blocks[:, 4:16])
-    parts = [lanes(sc, True), lanes(mn, True), lanes(blocks[:, 0:2], False), lanes(blocks[:, 2:4], False)]
-    return torch.cat([t.reshape(rows // TILE, nsb, -1) for t in parts] + [packed], dim=-1).contiguous()
+    parts = [lanes(sc, True), lanes(mn, True), lanes(blocks[:, 0:2], False), lanes(blocks[:, 2:4], False), groups]
+    return torch.cat([t.reshape(rows // TILE, nsb, -1) for t in parts], dim=-1).contiguous()
 
 
 class PackedKQuant(PackedUniform):
     """A KQuant's blocks as the kernels read them, callable as linear(x, bias). Where the int8 row
-    runs tiles (Q4_K and Q6_K on AVX-512 VNNI: lb_kquant_tiled), the tiles are built once, and are what the
+    runs tiles (Q4_K, Q5_K and Q6_K on AVX-512 VNNI: lb_kquant_tiled), the tiles are built once, and are what the
     int8 kernel (and the engine's arena) reads; the fp32 row reads the blocks."""
 
     def __init__(self, qt: KQuant, isa: str, lib: ctypes.CDLL):

@@ -295,40 +295,53 @@ static void kq_linear_q(lb_args *a, lb_task task) {
 #define KQ_INT8(bits)
 #endif
 
-/* Q4_K in tiles of 16 rows (AVX-512 VNNI): the rows in the 16 lanes, as llama.cpp's repacked
+/* Q4_K and Q5_K in tiles of 16 rows (AVX-512 VNNI): the rows in the 16 lanes, as llama.cpp's repacked
    q4_K_8x8 and UniformQ's kernels keep them, so one super-block step serves 16 rows: a code vector
    holds 4 bytes of each row (8 codes: quad 2p in the low nibbles, quad 2p + 1 in the high ones, p <
    32), each meets x's quad broadcast (vpdpbusd), a group of 32 gets its 16 rows' scales in one
-   multiply. Per super-block of a tile (KQ_TILE_BYTES, built by kernels/cpu/kquant.py's `tiles`):
-   scales [8 groups][16 rows], mins [8][16] (u8), d [16], dmin [16] (fp16), codes [32 p][16 rows][4]: read
-   front to back, one stream (scales between the codes cost Q6_K 2.5x in DRAM reads).
-   Per row it is 16 vector instructions a super-block where the row-at-a-time kernel takes ~60. */
+   multiply. Per super-block of a tile (built by kernels/cpu/kquant.py's `tiles`), read front to back
+   as one stream (scales between the codes cost Q6_K 2.5x in DRAM reads): scales [8 groups][16 rows],
+   mins [8][16] (u8), d [16], dmin [16] (fp16); then per group g the codes' nibbles [4 s][16 rows][4]
+   (p = 4g + s) and, Q5_K, their fifth bits [16 rows][4]: byte i's bit 2s the one of code 8p + i, bit
+   2s + 1 that of code 8p + 4 + i, set into bit 4 of the code by one shift and one ternary-logic op.
+   Per row it is 16 vector instructions a super-block (Q4_K) where the row-at-a-time kernel takes ~60. */
 #if defined(__AVX512VNNI__)
-#define KQ_TILE_BYTES 2368
-static void kq_tiles_task_b4(void *p, int tid, int nthr) {
+static inline __m512i kq_bit4(__m512i h, int from) {  /* bit `from` of each byte moved to bit 4 (other bits: any) */
+    return from < 4 ? _mm512_slli_epi16(h, 4 - from) : from > 4 ? _mm512_srli_epi16(h, from - 4) : h;
+}
+
+static inline __attribute__((always_inline)) void kq_tiles_affine(void *p, int tid, int fifth) {
     const lb_args *a = p;
     int lo, hi; lb_band(a, tid, 16, &lo, &hi);
-    int nsb = a->nblocks / 8;
+    int nsb = a->nblocks / 8, gstride = 256 + 64 * fifth, bytes = 320 + 8 * gstride;
     const int16_t *bsums = (const int16_t *)a->xi;
-    const __m512i nib = _mm512_set1_epi8(15);
+    const __m512i nib = _mm512_set1_epi8(15), b4 = _mm512_set1_epi8(16);
     for (int row = lo; row < hi; row += 16) {
-        const uint8_t *tile = (const uint8_t *)a->qw + (size_t)(row / 16) * nsb * KQ_TILE_BYTES;
+        const uint8_t *tile = (const uint8_t *)a->qw + (size_t)(row / 16) * nsb * bytes;
         for (int m = 0; m < a->m; m++) {
             const int8_t *xq = a->xq + (size_t)m * nsb * 256;
             __m512 acc = _mm512_setzero_ps();
             const uint8_t *t = tile;
-            for (int sb = 0; sb < nsb; sb++, t += KQ_TILE_BYTES, xq += 256) {
+            for (int sb = 0; sb < nsb; sb++, t += bytes, xq += 256) {
                 LB_PREFETCH(t + LB_PF_BYTES);
                 size_t at = (size_t)m * nsb + sb;
                 const int16_t *bs = bsums + 16 * at;
                 __m512i main = _mm512_setzero_si512(), mins = _mm512_setzero_si512();
                 for (int g = 0; g < 8; g++) {
+                    const uint8_t *u = t + 320 + gstride * g;
                     __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
-                    for (int q = 4 * g; q < 4 * g + 4; q++) {
-                        __m512i v = _mm512_loadu_si512((const void *)(t + 320 + 64 * q));
+                    __m512i h = fifth ? _mm512_loadu_si512((const void *)(u + 256)) : nib;
+                    for (int s4 = 0; s4 < 4; s4++) {
+                        int q = 4 * g + s4;
+                        __m512i v = _mm512_loadu_si512((const void *)(u + 64 * s4));
+                        __m512i c0 = _mm512_and_si512(v, nib), c1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                        if (fifth) {  /* c | (h' & 16) */
+                            c0 = _mm512_ternarylogic_epi32(c0, kq_bit4(h, 2 * s4), b4, 0xF8);
+                            c1 = _mm512_ternarylogic_epi32(c1, kq_bit4(h, 2 * s4 + 1), b4, 0xF8);
+                        }
                         int32_t x0, x1; memcpy(&x0, xq + 8 * q, 4); memcpy(&x1, xq + 8 * q + 4, 4);
-                        d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(v, nib), _mm512_set1_epi32(x0));
-                        d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), _mm512_set1_epi32(x1));
+                        d0 = _mm512_dpbusd_epi32(d0, c0, _mm512_set1_epi32(x0));
+                        d1 = _mm512_dpbusd_epi32(d1, c1, _mm512_set1_epi32(x1));
                     }
                     __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t + 16 * g)));
                     __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(t + 128 + 16 * g)));
@@ -347,8 +360,10 @@ static void kq_tiles_task_b4(void *p, int tid, int nthr) {
                 a->y[(size_t)m * a->n + row + l] = out[l] + (a->bias ? a->bias[row + l] : 0.0f);
         }
     }
-    (void)nthr;
 }
+static void kq_tiles_task_b4(void *p, int tid, int nthr) { (void)nthr; kq_tiles_affine(p, tid, 0); }
+static void kq_tiles_task_b5(void *p, int tid, int nthr) { (void)nthr; kq_tiles_affine(p, tid, 1); }
+#define KQ_TASK_B5 kq_tiles_task_b5
 #define KQ_TASK_B4 kq_tiles_task_b4
 
 /* Q6_K the same way, its tile read front to back as one stream: per super-block, int8 scales [16 groups]
@@ -407,7 +422,7 @@ static void kq_tiles_task_b6(void *p, int tid, int nthr) {
     (void)nthr;
 }
 #define KQ_TASK_B6 kq_tiles_task_b6
-LB_EXPORT int lb_kquant_tiled(int bits) { return bits == 4 || bits == 6; }  /* which int8 entries read tiles (kquant.py) */
+LB_EXPORT int lb_kquant_tiled(int bits) { return bits >= 4; }  /* which int8 entries read tiles (kquant.py) */
 #else
 LB_EXPORT int lb_kquant_tiled(int bits) { (void)bits; return 0; }
 #endif
@@ -416,7 +431,9 @@ LB_EXPORT int lb_kquant_tiled(int bits) { (void)bits; return 0; }
 #ifndef KQ_TASK_B4
 #define KQ_TASK_B4 kq_q_task_b4
 #endif
+#ifndef KQ_TASK_B5
 #define KQ_TASK_B5 kq_q_task_b5
+#endif
 #ifndef KQ_TASK_B6
 #define KQ_TASK_B6 kq_q_task_b6
 #endif
