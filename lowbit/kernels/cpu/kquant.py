@@ -1,13 +1,17 @@
-"""KQuant (GGUF K-quants) on the CPU: the file's own blocks, read in place by c/kquant.h.
+"""KQuant (GGUF K-quants) on the CPU: the file's own blocks, and for the int8 GEMV tiles built from them.
 
-Nothing is repacked: the kernels decode each 256-weight super-block in registers as they stream it
-(a super-block is 84-210 contiguous bytes of one row, already one sequential run), so the layer
-costs exactly the GGUF tensor's bytes, and the decode engine copies them into its huge-page arena
+The fp32 row (and the int8 row without VNNI, and Q2_K/Q3_K everywhere) reads the blocks in place: the
+kernels decode each 256-weight super-block in registers as they stream it (84-210 contiguous bytes of
+one row). On AVX-512 VNNI the int8 rows of Q4_K, Q5_K and Q6_K read tiles of 16 rows instead, built
+once at load (`tiles`): the rows in the vector's lanes, so one super-block step serves 16 rows, and
+each tile super-block laid out in the order the kernel reads it, one sequential stream (codes and
+scales in separate regions cost Q6_K 2.5x in DRAM reads). Tiles hold the blocks' bytes (Q4_K/Q5_K 4
+more a super-block: the 6-bit scales as bytes; the last tile's padding rows), and the decode engine copies them into its huge-page arena
 like any packed layer (`WEIGHTS`). The drivers, plans and `native` interface are UniformQ's; the
-entry points are the kernel table's kquant rows: int8 activations (x rounded to s8 per 32-block,
-integer dots) where the int8 switch is on, as the decode engine runs by default, else fp32.
-The int8 rows round x as llama.cpp's K-quant dots do (q8_K: per 256, `quantize_activations`), not per
-32 as UniformQ's: that keeps every sum of a super-block in integers (c/kquant.h says why).
+entry points are the kernel table's kquant rows: int8 activations where the int8 switch is on, as
+the decode engine runs by default, else fp32. The int8 rows round x as llama.cpp's K-quant dots do
+(q8_K: per 256, `quantize_activations`), not per 32 as UniformQ's: that keeps every sum of a
+super-block in integers (c/kquant.h says why).
 """
 
 from __future__ import annotations
