@@ -145,3 +145,19 @@ def test_cli_bad_scoring_is_one_line(tiny_quantized_dir, capsys, extra, needle):
     assert main(["eval", str(tiny_quantized_dir), "--ctx", "64", "--max-windows", "2", *extra]) == 1
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and err.startswith("lowbit: error: ") and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+def test_head_in_row_chunks_is_the_head(models, monkeypatch, chunk_rows):
+    """_Head runs a quantized head a few rows at a time into its reused buffer: the same logits as the
+    head on all rows at once (rows are independent; a kernel may take another path for one row: float
+    rounding), whatever the chunk, for any number of rows."""
+    _, q = models
+    head = q.model.get_output_embeddings()
+    assert type(head) is not torch.nn.Linear  # the chunked path
+    monkeypatch.setattr(metrics._Head, "CHUNK_BYTES", chunk_rows * 4 * head.out_features)
+    runs = metrics._Head(q.model)
+    with torch.inference_mode():
+        for n in (23, 5, 23):  # grown, then a shorter call into the same buffer
+            states = torch.randn(n, head.in_features)
+            torch.testing.assert_close(runs.logits(states), head(states).float(), rtol=1e-5, atol=1e-6)

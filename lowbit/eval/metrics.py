@@ -144,24 +144,32 @@ def _decoder(model, ctx: int, engine: bool, exact: bool = True):
 
 class _Head:
     """Logits from final-normed hidden states through the model's own output head (its callers run
-    in inference mode). A float nn.Linear head writes into one buffer, grown to the most rows asked
-    and reused: the logits returned are valid until the next call."""
+    in inference mode), written into one buffer, grown to the most rows asked and reused: the logits
+    returned are valid until the next call. A float nn.Linear head writes there directly; any other
+    (a QuantLinear) runs CHUNK_BYTES of output rows at a time, copied in: its own ~100 MB output a
+    window, freed and allocated again, cost ~25k page faults a window (malloc maps blocks over 32 MB
+    afresh each time; smaller ones it reuses), ~2 CPU-s over SmolLM2's 33 windows."""
+
+    CHUNK_BYTES = 16 << 20
 
     def __init__(self, model):
         self.head, self.buffer = model.get_output_embeddings(), None
         self.cap = getattr(model.config, "final_logit_softcapping", None)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
-        head = self.head
+        head, n = self.head, len(states)
+        if self.buffer is None or len(self.buffer) < n:
+            self.buffer = None  # the old one goes before the new one comes
+            self.buffer = torch.empty(n, head.out_features)
+        logits = self.buffer[:n]
         if type(head) is nn.Linear and head.weight.dtype == states.dtype == torch.float32:
-            if self.buffer is None or len(self.buffer) < len(states):
-                self.buffer = None  # the old one goes before the new one comes
-                self.buffer = torch.empty(len(states), head.out_features)
-            logits = torch.matmul(states, head.weight.T, out=self.buffer[:len(states)])
+            torch.matmul(states, head.weight.T, out=logits)
             if head.bias is not None:
                 logits.add_(head.bias)
         else:
-            logits = head(states).float()
+            rows = max(1, self.CHUNK_BYTES // (4 * head.out_features))
+            for i in range(0, n, rows):
+                logits[i:i + rows] = head(states[i:i + rows])
         if self.cap:
             logits.div_(self.cap).tanh_().mul_(self.cap)
         return logits
