@@ -79,9 +79,13 @@ def _q4_k_m(tiny_model_dir, tmp_path) -> Path:
 
 @pytest.mark.skipif(tool("llama-quantize") is None, reason="llama.cpp's tools are not built "
                     "(bash benchmarks/peers/build_llamacpp.sh)")
-def test_llama_quantize_q4_k_m_imports_as_its_blocks(tiny_model_dir, tmp_path):
+def test_llama_quantize_q4_k_m_imports_as_its_blocks(tiny_model_dir, tmp_path, monkeypatch):
+    from lowbit.models import source
+
     path = _q4_k_m(tiny_model_dir, tmp_path)
-    q = lowbit.load(path)
+    with monkeypatch.context() as patch:  # built on meta from the file alone: transformers' fp32 load never runs
+        patch.setattr(source, "_from_pretrained", lambda *a, **k: pytest.fail("a float copy of the GGUF was loaded"))
+        q = lowbit.load(path)
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
     imported = {}
     for i, hf in enumerate(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -114,8 +114,8 @@ def _fill_floats(path: Path, model: nn.Module, names: gguf.TensorNameMap, tensor
         t = tensors.get(gguf_name(names, hf_name))
         if t is None:
             raise LowbitError(f"{path} lacks tensor {gguf_name(names, hf_name)} ({hf_name})")
-        value = torch.from_numpy(np.ascontiguousarray(_rows_in_hf_order(
-            config, hf_name, gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1, p.shape[-1])))).float()
+        value = torch.from_numpy(np.array(_rows_in_hf_order(  # a copy: an F32 tensor is the file's read-only map
+            config, hf_name, gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1, p.shape[-1])), order="C")).float()
         if value.numel() != p.numel():
             raise LowbitError(f"{path}: tensor {t.name} holds {value.numel()} values, {hf_name} has {p.numel()}")
         if NORM_SHIFT.get(config.model_type) and hf_name.endswith("norm.weight"):

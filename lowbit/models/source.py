@@ -13,6 +13,7 @@ from ..errors import LowbitError
 from ..io import (check_gguf, checked_shards, import_gguf,
                   is_compressed_tensors_dir, is_gptq_dir, is_lowbit_dir, load, load_compressed_tensors, load_gptq,
                   read_config, write_model_dir)
+from ..io.gguf_read import skeleton
 from .default import NAME as DEFAULT, converted_dir, default_gguf
 from .lazy import LazyBlocks, StreamedSource, load_lazy
 
@@ -149,10 +150,34 @@ def load_any(spec: str | os.PathLike | None, dtype: torch.dtype = torch.float32)
     if spec is not None and str(spec) != DEFAULT and is_gptq_dir(spec):
         model, tokenizer, quantization = load_gptq(spec)
         return Loaded(model, tokenizer, quantization["source"], quantization)
+    if spec is not None and str(spec) != DEFAULT and Path(spec).suffix == ".gguf" and Path(spec).is_file() \
+            and dtype == torch.float32:
+        loaded = _gguf_imported(Path(spec).absolute())
+        if loaded is not None:
+            return loaded
     loaded = load_source(spec, dtype)
     if loaded.source.endswith(".gguf"):  # its Q4_0/Q8_0 layers run as the file's own blocks
         loaded.quantization = import_gguf(Path(loaded.source), loaded.model)
     return loaded
+
+
+def _gguf_imported(path: Path) -> Loaded | None:
+    """A .gguf file whose layers lowbit imports (Q4_0/Q8_0, K-quants: io/gguf_read.py), built on the meta
+    device from the file's own metadata and filled from the file alone: the imported layers hold its
+    blocks and never exist as floats (transformers' load dequantizes every weight to fp32 first: a 7B
+    Q4_K_M would take ~28 GB before the import gave ~24 of them back); only the rest (norms, layers of
+    other types) is dequantized. None when nothing in it is imported (an F16 file, an architecture
+    lowbit does not map): the caller loads it through transformers."""
+    from transformers import AutoTokenizer
+
+    check_gguf(path)
+    with _loading(path):
+        model = skeleton(path)
+        quantization = import_gguf(path, model)
+        if quantization is None:
+            return None
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return Loaded(model, tokenizer, str(path), quantization)
 
 
 def fingerprint(source: str) -> str:
