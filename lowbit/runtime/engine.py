@@ -224,7 +224,9 @@ def _fused(modules: list[nn.Module]) -> QuantLinear | ActQuantLinear | None:
     if any(p is None for p in perms) != all(p is None for p in perms) or \
             (perms[0] is not None and not all(torch.equal(p, perms[0]) for p in perms)):
         return None
-    first, rows = qts[0], sum(q.shape[0] for q in qts) if all(q is not None for q in qts) else 0
+    if not all(isinstance(q, (UniformQ, KQuant)) for q in qts):
+        return None
+    first, rows = qts[0], sum(q.shape[0] for q in qts)
     if all(isinstance(q, UniformQ) for q in qts):
         if len({(q.bits, q.group_size, q.shape[1], q.zeros is None) for q in qts}) != 1:
             return None
@@ -236,7 +238,7 @@ def _fused(modules: list[nn.Module]) -> QuantLinear | ActQuantLinear | None:
             return None
         qt = KQuant(torch.cat([q.blocks for q in qts]), first.qtype, (rows, first.shape[1]))
     else:
-        return None
+        return None  # UniformQ beside KQuant
     biases = [m.bias for m in modules]
     bias = None if all(b is None for b in biases) else \
         torch.cat([torch.zeros(q.shape[0]) if b is None else b.detach().float() for b, q in zip(biases, qts)])
