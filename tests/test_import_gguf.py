@@ -76,3 +76,23 @@ def test_fuzz_blocks(qtype, rows, blocks, raw, cols_off):
         return
     theirs = quants.dequantize(data.reshape(rows, -1), qtype)
     assert np.array_equal(qt.dequantize().numpy(), theirs)
+
+
+@pytest.mark.parametrize("edges", [EDGE, None])
+def test_a_tied_head_the_file_does_not_hold_is_the_embedding(tiny_model_dir, tmp_path, edges):
+    """A tied model's GGUF has no output.weight (llama.cpp ties it to token_embd): the imported model's
+    head is its embedding, quantized (shared QTensor) or float, and gives the exported model's logits."""
+    src = tiny_model_dir("llama", tie_word_embeddings=True)
+    extra = dict(lm_head=edges, embeddings=edges) if edges else {}
+    exported = lowbit.quantize(lowbit.load(src), lowbit.RTN(bits=4, group_size=32, sym=True), progress=False, **extra)
+    path = exported.export(tmp_path / "tied.gguf")
+    assert "output.weight" not in {t.name for t in GGUFReader(str(path)).tensors}
+    q = lowbit.load(path)
+    head, embed = q.model.get_output_embeddings(), q.model.get_input_embeddings()
+    if edges:
+        assert isinstance(head, QuantLinear) and torch.equal(head.qtensor.dequantize(), embed.qtensor.dequantize())
+    else:
+        assert head.weight is embed.weight and not head.weight.is_meta
+    x = torch.tensor([q.tokenizer("for i in range(10):").input_ids])
+    with torch.inference_mode():
+        assert torch.allclose(q.model(x).logits, exported.model(x).logits, atol=1e-4, rtol=0)

@@ -74,10 +74,13 @@ def import_gguf(path: Path, model: nn.Module) -> dict | None:
     tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     modules, state, shared, specs = {}, {}, {}, {}
     by_weight = {}  # a tied head holds its embedding's weight: it shares the embedding's QTensor
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
         owner = by_weight.get(id(module.weight))
+        if owner is None and module is head and gguf_name(names, f"{name}.weight") not in tensors:
+            owner = by_weight.get(id(embed.weight))  # no output.weight: llama.cpp ties it (a meta skeleton may not)
         if owner is not None:
             modules[name], shared[name], specs[name] = modules[owner], owner, specs[owner]
             continue
@@ -106,12 +109,17 @@ def import_gguf(path: Path, model: nn.Module) -> dict | None:
 
 
 def _fill_floats(path: Path, model: nn.Module, names: gguf.TensorNameMap, tensors: dict) -> None:
-    """Every parameter of `model` still on meta, from its GGUF tensor dequantized (transformers' layout)."""
+    """Every parameter of `model` still on meta, from its GGUF tensor dequantized (transformers' layout).
+    A float head the file does not hold is the input embedding's weight, as llama.cpp reads such a
+    file (a tied model's GGUF has no output.weight)."""
     config = model.config
-    for hf_name, p in list(model.named_parameters()):
+    head = model.get_output_embeddings()
+    for hf_name, p in list(model.named_parameters(remove_duplicate=False)):
         if not p.is_meta:
             continue
         t = tensors.get(gguf_name(names, hf_name))
+        if t is None and head is not None and p is head.weight:
+            continue
         if t is None:
             raise LowbitError(f"{path} lacks tensor {gguf_name(names, hf_name)} ({hf_name})")
         value = torch.from_numpy(np.array(_rows_in_hf_order(  # a copy: an F32 tensor is the file's read-only map
@@ -122,6 +130,8 @@ def _fill_floats(path: Path, model: nn.Module, names: gguf.TensorNameMap, tensor
             value = value - NORM_SHIFT[config.model_type]
         parent, attr = hf_name.rsplit(".", 1) if "." in hf_name else ("", hf_name)
         setattr(model.get_submodule(parent), attr, nn.Parameter(value.reshape(p.shape).to(p.dtype), requires_grad=False))
+    if head is not None and isinstance(head, nn.Linear) and head.weight.is_meta:
+        head.weight = model.get_input_embeddings().weight
 
 
 def skeleton(path: Path) -> nn.Module:
