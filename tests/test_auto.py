@@ -6,6 +6,7 @@ import torch
 
 import lowbit
 from lowbit.calib import builtin
+from lowbit.calib import load as load_text
 from lowbit.cli import main
 from lowbit.eval import evaluate
 from lowbit.methods import config_for
@@ -28,7 +29,7 @@ def test_auto_keeps_the_closest_method(tiny_model_dir):
     opts = dict(calib_samples=6, calib_seq_len=48, progress=False)
     auto = lowbit.Auto(bits=3, group_size=32, candidates=("rtn", "gptq", "awq"))
     q = lowbit.quantize(path, auto, **opts)
-    fit, held_out = split_holdout(builtin("calib"))
+    fit, held_out = split_holdout(load_text("calib"))  # the default calibration text, which auto splits
     source, ids = lowbit.load(path), torch.arange(3, 60).unsqueeze(0)
     alone, kld = {}, {}
     for name in auto.candidates:
