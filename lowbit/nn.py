@@ -5,9 +5,6 @@ The QTensor's tensors are registered as buffers, so `state_dict()` is exactly wh
 ActQuantLinear also quantizes its input at run time (an ActQ, formats/activation.py: W·A· models).
 """
 
-import contextlib
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,24 +73,6 @@ class QuantLinear(_LinearBase):
         return self._matmul(x if self.in_perm is None else x.index_select(-1, self.in_perm))
 
 
-_UNQUANTIZED = threading.local()
-
-
-@contextlib.contextmanager
-def unquantized_activations():
-    """Inside, every ActQuantLinear (of this thread) runs as its A16 self: x → ActQ.transform(x) (the
-    stored channel order, Tender's bias off) times the same quantized weights, plus the folded bias,
-    which is x·Ŵᵀ + bias exactly; the input is not rounded. The block runner (calib/runner.py) feeds
-    the next block these outputs, so a W·A· model's weights are fitted on the very inputs, and come
-    out the very weights, of the weight-only model with the same spec."""
-    before = getattr(_UNQUANTIZED, "on", False)
-    _UNQUANTIZED.on = True
-    try:
-        yield
-    finally:
-        _UNQUANTIZED.on = before
-
-
 class ActQuantLinear(_LinearBase):
     """A linear layer whose input is quantized too (W·A·, formats/activation.py): the integer kernel
     (kernels.prepare_act: Tender's, on VNNI CPUs) or x → x̂ (the ActQ's fake quantization, in the
@@ -117,9 +96,6 @@ class ActQuantLinear(_LinearBase):
         return kernels.prepare_act(self.qtensor, self.act, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(_UNQUANTIZED, "on", False):
-            y = kernels.linear(self.act.transform(x), self.qtensor, self.bias)
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return self._matmul(x)
 
     def extra_repr(self) -> str:

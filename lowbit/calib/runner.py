@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from ..errors import LowbitError
 from ..models import LazyBlocks
 from ..models.blocks import capture_inputs, decoder_layers, run_block
-from ..nn import unquantized_activations
 
 SAMPLE_TOKENS = 2048  # input rows kept per layer for methods that search on activations (AWQ, TEQ)
 
@@ -115,8 +114,7 @@ def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_bloc
     """Quantize the model block by block. `quantize_block(block, inputs, kwargs, targets, stats)`
     replaces the block's linears in place and returns {layer name: ‖WX−ŴX‖/‖WX‖}; the returned
     errors add, per block, "i.block": the relative error of the quantized block's output. `inputs`
-    come from the blocks already quantized (GPTQ's sequential order; W·A· blocks pass on their outputs
-    with unrounded activations, so weights are fitted as the weight-only model's are); `targets` are the float block's
+    come from the blocks already quantized (GPTQ's sequential order); `targets` are the float block's
     outputs on them, or with `fp_targets` the float model's own outputs (a second, float stream of
     activations, as auto-round's enable_quanted_input: a block trained to them also undoes the error
     of the blocks before it). A lazy model (its loader `lazy`, models/lazy.py) has each block's float
@@ -142,8 +140,7 @@ def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_bloc
         targets = run_block(block, fp_inputs, layer_kwargs[i]) if fp_targets else fp_outputs
         block_errors = quantize_block(block, inputs, layer_kwargs[i], targets, stats)
         errors.update({f"{i}.{k}": v for k, v in block_errors.items()})
-        with unquantized_activations():  # a W·A· block passes on its A16 outputs (nn.unquantized_activations)
-            inputs = run_block(block, inputs, layer_kwargs[i])
+        inputs = run_block(block, inputs, layer_kwargs[i])
         errors[f"{i}.block"] = relative_error(fp_outputs, inputs)
         fp_inputs = targets if fp_targets else None
         if lazy is not None:
