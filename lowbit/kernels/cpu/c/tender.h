@@ -178,6 +178,22 @@ static inline __attribute__((always_inline)) void lb_tender_out(const lb_tender_
     int64_t S = a->zs[(size_t)t * a->groups + j];
     float s0 = a->s0[t], *y = a->y + (size_t)t * a->n + (size_t)tile * LB_TL;
     int rows = a->n - tile * LB_TL < LB_TL ? a->n - tile * LB_TL : LB_TL;
+#if LB_TL == 16
+    __mmask16 mk = (__mmask16)((1u << rows) - 1);
+    if (acc64) {  /* 16 lanes of int64: two halves of 8, z * S in int64, converted to fp32 (AVX-512 DQ) */
+        __m512i z = a->zw ? _mm512_loadu_si512(a->zw + at) : _mm512_set1_epi32(a->zdef), s = _mm512_set1_epi64(S);
+        __m512i lo = _mm512_sub_epi64(_mm512_load_si512(acc64), _mm512_mullo_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(z)), s));
+        __m512i hi = _mm512_sub_epi64(_mm512_load_si512(acc64 + 8), _mm512_mullo_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(z, 1)), s));
+        __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(lo)), _mm512_cvtepi64_ps(hi), 1);
+        __m512 sc = _mm512_mul_ps(_mm512_set1_ps(s0), _mm512_loadu_ps(a->sw + at));
+        _mm512_mask_storeu_ps(y, mk, _mm512_fmadd_ps(f, sc, _mm512_maskz_loadu_ps(mk, y)));
+        return;
+    }
+    __m512i z = a->zw ? _mm512_loadu_si512(a->zw + at) : _mm512_set1_epi32(a->zdef);
+    __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_mullo_epi32(z, _mm512_set1_epi32((int32_t)S))));
+    __m512 sc = _mm512_mul_ps(_mm512_set1_ps(s0), _mm512_loadu_ps(a->sw + at));
+    _mm512_mask_storeu_ps(y, mk, _mm512_fmadd_ps(f, sc, _mm512_maskz_loadu_ps(mk, y)));
+#else
     if (acc64) {
         for (int l = 0; l < rows; l++) {
             int64_t z = a->zw ? a->zw[at + l] : a->zdef;
@@ -185,13 +201,6 @@ static inline __attribute__((always_inline)) void lb_tender_out(const lb_tender_
         }
         return;
     }
-#if LB_TL == 16
-    __mmask16 mk = (__mmask16)((1u << rows) - 1);
-    __m512i z = a->zw ? _mm512_loadu_si512(a->zw + at) : _mm512_set1_epi32(a->zdef);
-    __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_mullo_epi32(z, _mm512_set1_epi32((int32_t)S))));
-    __m512 sc = _mm512_mul_ps(_mm512_set1_ps(s0), _mm512_loadu_ps(a->sw + at));
-    _mm512_mask_storeu_ps(y, mk, _mm512_fmadd_ps(f, sc, _mm512_maskz_loadu_ps(mk, y)));
-#else
     __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     __m256i z = a->zw ? _mm256_loadu_si256((const __m256i *)(a->zw + at)) : _mm256_set1_epi32(a->zdef);
     __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc, _mm256_mullo_epi32(z, _mm256_set1_epi32((int32_t)S))));
