@@ -237,8 +237,9 @@ def quantize(model_or_source, how, calib: str | os.PathLike | None = None, *,
     """
     how = _how(how)
     search = isinstance(how, (Auto, QuantX))  # the searches run the whole model: they need it in memory
-    text = calib_text if calib_text is not None else \
-        texts.load("calib", calib) if calib is not None or how.needs_calib else None
+    if calib is None and calib_text is None and how.needs_calib:
+        calib = texts.default_corpus("calib")  # saved by name: which built-in text (mixed or pydoc) ran
+    text = calib_text if calib_text is not None else texts.load("calib", calib) if calib is not None else None
     start = _start(model_or_source, tokenizer, lazy=not search)
     calibration = {"samples": calib_samples, "seq_len": calib_seq_len, "text": str(calib) if calib else "builtin"}
     if isinstance(how, Auto):

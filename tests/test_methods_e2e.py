@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.calib import builtin
+from lowbit.calib import builtin, default_corpus
 from lowbit.calib.runner import calibration_batches
 from lowbit.methods import AWQ, GPTQ, RTN, SignRound
 
@@ -30,6 +30,6 @@ def test_calibrated_method_beats_rtn(tiny_model_dir, tiny_tokenizer, tmp_path, m
     q.save(tmp_path / "q")
     loaded = lowbit.load(tmp_path / "q")
     assert loaded.plan == q.plan and set(loaded.plan.layers.values()) == {cfg}
-    assert loaded.info["calibration"] == {"samples": 8, "seq_len": 48, "text": "builtin"}
+    assert loaded.info["calibration"] == {"samples": 8, "seq_len": 48, "text": default_corpus("calib")}  # mixed or pydoc
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, q.model(ids).logits)

@@ -1,5 +1,5 @@
 """Calibration: text sources and (later) the block-by-block runner."""
 
-from .text import builtin, load, read_file
+from .text import builtin, default_corpus, load, read_file
 
-__all__ = ["builtin", "load", "read_file"]
+__all__ = ["builtin", "default_corpus", "load", "read_file"]
