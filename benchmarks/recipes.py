@@ -2,7 +2,7 @@
 
     python benchmarks/recipes.py [--targets 2.5 3 3.5 4 4.5] [--candidates default] [--samples 128]
         [--sensitivity-samples 32] [--sensitivity FILE] [--rows recipes uniform llamacpp] [--all-uniform]
-        [--windows N] [--png recipes.png] [--reports DIR] [--proxy] [--domains] [--tps N] [--quick]
+        [--windows N] [--png recipes.png] [--reports DIR] [--save DIR] [--proxy] [--domains] [--tps N] [--quick]
     python benchmarks/recipes.py --merge LOG... [--targets ...] [--png recipes.png]
 
 Main table: one sensitivity pass (`--sensitivity-samples` x 512, QuantX's default 32: timed, in wall and
@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--proxy", action="store_true", help="only the proxy-vs-KLD table")
     ap.add_argument("--domains", action="store_true", help="only the in/out-of-domain method table")
     ap.add_argument("--tps", type=float, help="also a --target-tps recipe, its decode speed measured")
+    ap.add_argument("--save", help="save every recipe and uniform model into this directory (to re-bench it later)")
     ap.add_argument("--quick", action="store_true", help="a short run that proves the script works")
     a = ap.parse_args()
     if a.quick:
@@ -207,6 +208,7 @@ def main() -> None:
                      "predicted": {**recipe.summary["predicted"], "tokens_per_s": predicted["tokens_per_s"]},
                      "choices": _count(r["choice"] for r in recipe.rows),
                      "solve_s": solve_s, "decode_tps": decode_tps(q), **score(q.model, src, texts, a.windows)})
+        _save(q, a, qx.target)
         if a.reports:
             report = recipe_report.measured(predicted, measured)
             recipe_report.write(Path(a.reports) / f"recipe-{qx.target[0]}-{qx.target[1]:g}.md",
@@ -216,6 +218,7 @@ def main() -> None:
     uniform = [s for s in specs if s.name != "ganq" and (a.all_uniform or _bpw(s, shapes) <= max(a.targets) + 1e-9)]
     for spec in uniform if "uniform" in a.rows else []:
         q, _ = quantized(src, with_edges(src, Plan.over(src.model, spec, block_linears(src.model)).layers), a)
+        _save(q, a, candidates.name(spec))
         rows.append({"model": f"uniform {candidates.name(spec)}", "bpw": body_bpw(q.model),
                      "decode_tps": decode_tps(q), **score(q.model, src, texts, a.windows)})
         print("ROW", json.dumps(rows[-1]), flush=True)
@@ -224,6 +227,12 @@ def main() -> None:
     report(rows, a.targets if "recipes" in a.rows else [], search_s)
     if a.png:
         draw(rows, a.png)
+
+
+def _save(q, a, name) -> None:
+    if a.save:
+        slug = re.sub(r"[^A-Za-z0-9.-]+", "-", str(name)).strip("-")
+        q.save(Path(a.save) / slug, overwrite=True)
 
 
 def _count(tokens) -> dict[str, int]:
