@@ -1,6 +1,7 @@
 """Activation-quantized models end to end (tiny llama): quantize, save, reload exactly, run on the
 universal path and the native engine (the same integer kernel), inspect, the CLI's scheme strings, bad input."""
 
+import copy
 import json
 import shutil
 
@@ -148,3 +149,25 @@ def test_fuzz_activation_specs(tender_dir, tmp_path_factory, changes):
     else:
         with torch.no_grad():
             assert torch.isfinite(q.model(tender_dir[1]).logits).all()
+
+
+def test_gptq_weights_of_a_tender_model_are_the_weight_only_models(tiny_tokenizer):
+    """A Tender layer stays its weight-only self until the block runner has passed the block's outputs
+    on (recipes/apply.py: `pending`, `finished`), so GPTQ fits every block on the weight-only model's
+    inputs: the codes are that model's, columns moved by the ActQ's permutation, in every block (fitted
+    on the W·A· model's own inputs they part from block 1 on)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY, vocab_size=len(tiny_tokenizer)))
+    both = [lowbit.quantize(copy.deepcopy(model), lowbit.GPTQ(bits=4, group_size=32, **acts), tokenizer=tiny_tokenizer,
+                            **OPTS).model for acts in ({}, {"act_bits": 8, "act_groups": 6})]
+    pairs = [(m, dict(both[1].named_modules())[n]) for n, m in both[0].named_modules() if hasattr(m, "qtensor")]
+    acts = [(w, a) for w, a in pairs if isinstance(a, ActQuantLinear)]
+    assert len(acts) == 7 * TINY["num_hidden_layers"]
+    for w, a in acts:
+        perm = a.act.perm.long()
+        assert torch.equal(a.qtensor.codes(), w.qtensor.codes()[:, perm])
+        assert torch.equal(a.qtensor.scales, w.qtensor.scales)

@@ -7,7 +7,9 @@
 3. For each block i: run it in float over the samples while hooks gather, per linear layer, the
    statistics a method needs (H = Σ x xᵀ, mean |x|, each channel's min and max, a sample of inputs);
    NaN or Inf among them is refused (nothing is fitted to them); let the method quantize the
-   block's linears; re-run the quantized block to produce block i+1's inputs.
+   block's linears; re-run the quantized block to produce block i+1's inputs; then `finish` the block
+   (a W·A· model's Tender layers take their activation quantizers only here, recipes/apply.py: the
+   stream stays the weight-only model's, so its weights are fitted, and come out, as that model's).
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ BlockQuantizer = Callable[[nn.Module, list, dict, list, dict], dict]
 
 def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_block: BlockQuantizer,
                     progress: bool = True, checkpoint=None, fp_targets: bool = False,
-                    lazy: LazyBlocks | None = None) -> dict[str, float]:
+                    lazy: LazyBlocks | None = None,
+                    finish: Callable[[nn.Module], None] | None = None) -> dict[str, float]:
     """Quantize the model block by block. `quantize_block(block, inputs, kwargs, targets, stats)`
     replaces the block's linears in place and returns {layer name: ‖WX−ŴX‖/‖WX‖}; the returned
     errors add, per block, "i.block": the relative error of the quantized block's output. `inputs`
@@ -118,7 +121,8 @@ def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_bloc
     outputs on them, or with `fp_targets` the float model's own outputs (a second, float stream of
     activations, as auto-round's enable_quanted_input: a block trained to them also undoes the error
     of the blocks before it). A lazy model (its loader `lazy`, models/lazy.py) has each block's float
-    weights read just before the block is quantized.
+    weights read just before the block is quantized. `finish(block)`, if given, runs after the block's
+    outputs were passed on and before it is checkpointed.
     With a `checkpoint` (io.BlockCheckpoint), each finished block is written there and dropped from
     memory (its tensors on meta): io.save writes the model from those files, the checkpoint's `reload` brings
     them back to run it."""
@@ -142,6 +146,8 @@ def quantize_blocks(model: nn.Module, batches: list[torch.Tensor], quantize_bloc
         errors.update({f"{i}.{k}": v for k, v in block_errors.items()})
         inputs = run_block(block, inputs, layer_kwargs[i])
         errors[f"{i}.block"] = relative_error(fp_outputs, inputs)
+        if finish is not None:
+            finish(block)
         fp_inputs = targets if fp_targets else None
         if lazy is not None:
             lazy.finish(i)

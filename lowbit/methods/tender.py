@@ -74,6 +74,10 @@ class Fit:
             return method.quantize(self.weight, self.stats, spec)
         return columns_permuted(method.quantize(*self.source, spec), self.act.perm.long())
 
+    def weight_only(self, qt):
+        """The stored-order `qt` of a Tender layer back in the input order: the weight-only model's QTensor."""
+        return columns_permuted(qt, torch.argsort(self.act.perm.long()))
+
     def finish(self, qt, bias: torch.Tensor | None) -> tuple[ActQ, torch.Tensor | None]:
         """(the ActQ, the layer's new bias): Tender's b·Ŵᵀ folded into the bias, with the quantized Ŵ
         (nothing to fold where b = 0)."""
