@@ -112,6 +112,29 @@ def test_int8_activation_gemv_gemm(name, bits, group_size, sym, thread_count, in
 
 
 @pytest.mark.parametrize("name", ("avx2", "avx512", "avx512vnni"))
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_int8_tile_kernels_batch_independent(name, bits, sym, thread_count, int8_activations):
+    """A decode batch (up to TILE_TOKENS tokens: the tile kernels, codegen._tileq) gives each token
+    exactly what it gets alone, at every count that splits into token groups differently (8 = 8, 9 = 5 + 4,
+    17 = 6 + 6 + 5 on AVX-512 VNNI), and matches the reference on the rounded activations; one token past
+    TILE_TOKENS takes the GEMM and still matches."""
+    name = _isa(name)
+    g = torch.Generator().manual_seed(bits + 11 * sym)
+    n, k = 40, 232  # 3 tiles (the last partly padding) × 8 blocks (the last ragged), g64: 2-block groups
+    qt = UniformQ.from_float(torch.randn(n, k, generator=g), bits, 64, sym)
+    packed = uniform.prepare(qt, name)
+    x = torch.randn(perf_model.TILE_TOKENS + 1, k, generator=g)
+    alone = torch.cat([packed(x[i:i + 1]) for i in range(len(x))])
+    for t in (1, 2):
+        thread_count(t)
+        for m in (2, 3, 8, 9, 17, perf_model.TILE_TOKENS):
+            assert torch.equal(packed(x[:m]), alone[:m]), m
+        _close(packed(x), reference.linear(uniform.quantize_activations(x), qt), k)
+    _close(alone, reference.linear(uniform.quantize_activations(x), qt), k)
+
+
+@pytest.mark.parametrize("name", ("avx2", "avx512", "avx512vnni"))
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_int8_gemm_chunks_tiles_and_threads(name, bits, thread_count, int8_activations):
     """The int8 GEMM over several K chunks (unequal last group), tile pairs with a lone last tile, and

@@ -61,9 +61,9 @@ MAX_CHUNK = 512
 SOURCE = Path(__file__).with_name("engine.c")
 MAX_DEFAULT_SLOTS = 32  # 16 decoding together (past that, a few cores gain no throughput) + 16 parked prefixes
 # Steps of fewer tokens than this run quantized linears row by row through the one-token GEMV, by
-# whether activations are int8. The int8 GEMM (codes unpacked to bytes once per chunk, VNNI) costs
-# 1.2-1.5 GEMVs at 2 rows (SmolLM2 W4 shapes, 1 thread: 20 vs 17 us for 960x576, 49 vs 40 for
-# 3072x576), so every step of 2+ takes it; the fp32 GEMM (dequantized tiles, built for prefill) costs
+# whether activations are int8. On int8 one call takes every token of a step from 2 on (up to 32 the
+# tile kernels, codegen._tileq: each block's codes unpacked once for all the rows, 1.3x one row's time
+# for 2 rows, 4x for 8 on SmolLM2's W4 shapes); the fp32 GEMM (dequantized tiles, built for prefill) costs
 # ~2.5 GEMVs at 2 rows and wins from ~4 (2 threads, shared machine: 145 ms for 2 rows vs 110 row by
 # row; 159 vs 218 at 4; 190 vs 417 at 8).
 GEMM_FROM_ROWS = {True: 2, False: 4}

@@ -22,10 +22,13 @@ through per-group sums of x (computed once per call). GEMM dequantizes (q − z)
 reference does, into an fp32 tile and runs a register-blocked dot-product micro-kernel over it.
 UniformQ's rows are interleaved in tiles of L (layout.interleave), and its GEMVs keep the L rows of
 a tile in the L lanes (`_rows_frame`): one vector load holds a word of every row, the mask and
-shift that extract a lane group's codes serve all L rows, and no sum runs across lanes. The int8
-GEMV (x86) does the sums as u8 × s8 integer dot products (maddubs or VNNI; 8-bit codes in signed
-form, see dot8s). Every GEMV prefetches ahead in software: a decode step streams its weights from
-DRAM, and a tile is one sequential run.
+shift that extract a lane group's codes serve all L rows, and no sum runs across lanes. On int8
+activations (x86) the sums are u8 × s8 integer dot products (maddubs or VNNI; 8-bit codes in signed
+form, see dot8s): a decode step's tokens (one, or one per sequence of a batch: `_tileq`) meet each
+block's codes unpacked to bytes in registers once for all of them, 4 codes a lane (`_byte_codes`);
+prefill's many tokens go through a GEMM over tiles unpacked to bytes in memory (`_unpackq`). Every
+GEMV prefetches ahead in software: a decode step streams its weights from DRAM, and a tile is one
+sequential run.
 
 CodebookQ's indices are packed like UniformQ's codes, so both share the unpacking and the loops; only
 the dequantization differs: "s·(q − z)" becomes "T[q]", a lookup in the row's (or group's) table held
@@ -43,7 +46,7 @@ from pathlib import Path
 from ...formats import CODEBOOK_BITS
 from ...formats.kquant import BY_BITS as KQUANT_BITS
 from .layout import plane_bits, pre_shifts
-from .perf_model import GEMMQ_KBLOCKS, GEMMQ_TILE, GEMV_ROWS, MICRO_TILE, VECTOR_LANES
+from .perf_model import GEMMQ_KBLOCKS, GEMMQ_TILE, GEMV_ROWS, MICRO_TILE, TILE_TOKENS, TOKEN_TILE, VECTOR_LANES
 
 BITS = (2, 3, 4, 8)
 C_DIR = Path(__file__).with_name("c")  # the fixed C: driver.h, pool.h, args.h, one header of helpers per ISA
@@ -143,14 +146,15 @@ OPS["avx2"].update(ldh="_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)({a})))
 OPS["avx512"].update(ldh="_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)({a})))",
                      ldz="_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)({a}))))",
                      mul="_mm512_mul_ps({a}, {b})", sub="_mm512_sub_ps({a}, {b})")
-# The rows-in-lanes int8 GEMV (_gemvq_rows): int16 pair products summed over a block, then to int32.
+# The int8 tile kernels and GEMM without VNNI (_tileq, _gemmq_micro): int16 pair products summed over a block,
+# then to int32; the zero point's share (madd: (z, 0)·(−Σ x_q, 0) per lane).
 OPS["avx2"].update(maddubs="_mm256_maddubs_epi16({a}, {b})", add16="_mm256_add_epi16({a}, {b})",
                    add32="_mm256_add_epi32({a}, {b})", madd1="_mm256_madd_epi16({a}, _mm256_set1_epi16(1))",
-                   sub32="_mm256_sub_epi32({a}, {b})", mullo="_mm256_mullo_epi32({a}, {b})",
+                   sub32="_mm256_sub_epi32({a}, {b})", madd="_mm256_madd_epi16({a}, {b})", mullo="_mm256_mullo_epi32({a}, {b})",
                    ldzi="_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)({a})))")
 OPS["avx512"].update(maddubs="_mm512_maddubs_epi16({a}, {b})", add16="_mm512_add_epi16({a}, {b})",
                      add32="_mm512_add_epi32({a}, {b})", madd1="_mm512_madd_epi16({a}, _mm512_set1_epi16(1))",
-                     sub32="_mm512_sub_epi32({a}, {b})", mullo="_mm512_mullo_epi32({a}, {b})",
+                     sub32="_mm512_sub_epi32({a}, {b})", madd="_mm512_madd_epi16({a}, {b})", mullo="_mm512_mullo_epi32({a}, {b})",
                      ldzi="_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)({a})))")
 OPS["avx2"]["storei"] = "_mm256_storeu_si256((__m256i *)({a}), {b})"
 OPS["avx512"]["storei"] = "_mm512_storeu_si512((void *)({a}), {b})"
@@ -461,141 +465,104 @@ def _gemv_rows(e: _Emit, bits: int) -> str:
     return _rows_frame(e, bits, body, lanes)
 
 
-def _gemvq_rows(e: _Emit, bits: int) -> str:
-    """GEMV on int8 activations over a tile: lane group l of the L rows (u8 codes f·L + l) times x's
-    int32 word l (its s8 codes f·L + l, see lb_linear_q) in one maddubs, summed in int16 over the
-    block (|sum| ≤ 16·15·127 < 2^15 for ≤ 4-bit codes), then to int32; 8-bit codes take the signed
-    dot and int32 sums; VNNI's dpbusd sums in int32 directly. One FMA per block applies x's scale."""
-    vi, lanes = e.ops["vi"], e.lanes
-    dot, offset = _int8_dot(e, bits)
-    xw = [f"{e.seti(f'x[{lane}]')}" for lane in range(lanes)]
-    codes = [_lane_codes(e, bits, lane) for lane in range(lanes)]
-    body = ["const int32_t *x = (const int32_t *)a->xq + (size_t)blk * " + str(lanes) + ";"]
-    if "dpbusd" in e.ops:
-        body.append(f"{vi} d = {dot(codes[0], xw[0])};")
-        body += [f"d = {e.dpbusd(c, x, 'd')};" for c, x in zip(codes[1:], xw[1:])]
-    elif bits == 8:
-        body.append(f"{vi} d = {dot(codes[0], xw[0])};")
-        body += [f"d = {e.add32('d', dot(c, x))};" for c, x in zip(codes[1:], xw[1:])]
-    else:
-        body.append(f"{vi} h = {e.maddubs(codes[0], xw[0])};")
-        body += [f"h = {e.add16('h', e.maddubs(c, x))};" for c, x in zip(codes[1:], xw[1:])]
-        body.append(f"{vi} d = {e.madd1('h')};")
-    return _gemvq_frame(e, bits, body, offset)
+def _byte_codes(e: _Emit, bits: int, i: int) -> str:
+    """Codes 8·by + i of the tile block's L rows (words in w0, w1, ...) as u8 in byte by (0..3) of each
+    lane. In a plane of pb bits (layout.py) word j holds code pb·p + j at bit pb·p, so byte by of
+    (w_j >> pb·k) & (2^pb − 1 per byte) is code 8·by + pb·k + j: one shift and one AND per vector
+    (8-bit codes: none), and the 8 vectors i = pb·k + j hold the block's 32 codes. 3-bit: the 2-bit
+    plane's vector OR the 1-bit plane's bit c (word 2 holds code c at bit c) moved to bit 2 of its byte."""
+    def plane(word: str, pb: int, shift: int, to: int = 0) -> str:
+        v = word if shift == to else e.srli(word, shift - to) if shift > to else e.slli(word, to - shift)
+        mask = sum(((1 << pb) - 1) << (8 * by + to) for by in range(4))
+        return v if mask == 0xFFFFFFFF else e.band(v, e.seti(f"(int){mask:#x}u"))
+    if bits == 3:
+        return e.bor(plane(f"w{i % 2}", 2, 2 * (i // 2)), plane("w2", 1, i, 2))
+    return plane(f"w{i % bits}", bits, bits * (i // bits))
 
 
-def _gemvq_frame(e: _Emit, bits: int, body: list[str], offset: int) -> str:
-    """The int8 GEMV over one tile around `body` (block blk's integer dots of the L rows into d): the
-    zero point comes off in integers per block (d − (z − offset)·Σ x_q), so a group only scales;
-    one-block groups (g32, llama.cpp's Q4_0 shape) scale per block in a loop of their own."""
-    vf, vi, lanes = e.ops["vf"], e.ops["vi"], e.lanes
-    nl = "\n            "
-    zp = e.sub32(e.ldzi(f"zp + (size_t)(blk / a->bpg) * {lanes}"), "voff")
-    zsum = f"(zp ? {e.mullo(zp, e.seti('a->xi[blk]'))} : {e.seti('zdef * a->xi[blk]')})"
-    block = nl.join(_tile_block(e, bits) + body + [f"d = {e.sub32('d', zsum)};"])
-    return f"""
-static void gemvqr_b{bits}(const lb_args *a, int row) {{
-    const uint32_t *q = a->qw + (size_t)row * a->nblocks * {bits};  /* row: a tile's first */
-    const uint16_t *sc = a->sc + (size_t)row * a->groups;
-    const uint8_t *zp = a->zp ? a->zp + (size_t)row * a->groups : NULL;
-    int zdef = a->zdef - {offset};
-    {vi} voff = {e.seti(str(offset))};
-    {vf} res = {e.zero()};
-    float out[{lanes}];
-    if (a->bpg == 1) {{
-        for (int blk = 0; blk < a->nblocks; blk++) {{
-            {block}
-            res = {e.fma(e.cvt('d'), e.mul(e.ldh(f'sc + (size_t)blk * {lanes}'), e.setf('a->xd[blk]')), 'res')};
-        }}
-    }} else {{
-        for (int g = 0; g < a->groups; g++) {{
-            int b1 = (g + 1) * a->bpg < a->nblocks ? (g + 1) * a->bpg : a->nblocks;
-            {vf} acc = {e.zero()};
-            for (int blk = g * a->bpg; blk < b1; blk++) {{
-                {block}
-                acc = {e.fma(e.cvt('d'), e.setf('a->xd[blk]'), 'acc')};
-            }}
-            res = {e.fma(e.ldh(f'sc + (size_t)g * {lanes}'), 'acc', 'res')};
-        }}
-    }}
-    {e.store("out", "res")};
-    lb_store_rows(a, row, out);
-}}
-"""
-
-
-
-# The multi-token int8 GEMV's token count (lb_linear_q: LB_GEMVQ_TOKENS, for exactly that many). Measured
-# (1 thread, SmolLM2 shapes, W4 g32, loaded machine): at 2 tokens it costs 0.85x the GEMM (VNNI, 3072x576)
-# and 0.4-0.6x on the 49152x576 head and on AVX2; at 4 tokens they tie and at 8 the GEMM wins by 1.4x (VNNI):
-# its codes, unpacked to full bytes, fill every dpbusd lane where the GEMV's 32-bit lanes are half empty.
-GEMVQ_TOKENS = 2
-
-
-def _gemvq_tokens(e: _Emit, bits: int, tokens: int) -> str:
-    """The int8 GEMV over one tile for `tokens` tokens at once (m0 ..): each block's codes are taken
-    out of their words once (_lane_codes) and meet every token's x word (_gemvq_rows' dot, per token),
-    so a batched decode step (a few tokens) reads and unpacks the weights once and pays no unpacking
-    into a buffer, as the GEMM does (_unpackq: as much work as the dots themselves at 8 tokens)."""
+def _tileq(e: _Emit, bits: int, tokens: int) -> str:
+    """The int8 kernel over one interleaved tile (L rows in the L lanes) for `tokens` tokens (m0 ..): each
+    block's 32 codes of the L rows are taken out of their words once into 8 byte vectors (_byte_codes,
+    a shift and an AND each) and meet every token's x, 4 activations to a dpbusd (x in the matching
+    order, block-major: see lb_xq_task), so the weights are read and unpacked once for all tokens and
+    the dots fill every byte lane. Per token and block d starts at the zero point's share, (z − offset)
+    ·(−Σ x_q): symmetric weights read it ready-made (xz), asymmetric ones take one pmaddwd (the int16
+    halves of a lane are (z, 0) and (−Σ x_q, 0)); then 8 dots in two chains (VNNI: half the latency
+    to wait on, the add is cheap), and d's float value meets x's scale; per group, the weights' scale.
+    The integer sums are exact (|Σ| ≤ 32·255·128 + 255·4064 < 2^31)."""
     vf, vi, lanes = e.ops["vf"], e.ops["vi"], e.lanes
     dot, offset = _int8_dot(e, bits)
     T = range(tokens)
-    xw = lambda t, lane: e.seti(f"x{t}[{lane}]")  # noqa: E731
-    body = [" ".join(f"const int32_t *x{t} = xq{t} + (size_t)blk * {lanes};" for t in T)]
-    for lane in range(lanes):
-        c = f"{vi} c = {_lane_codes(e, bits, lane)};"
+    xw = lambda t, i: e.seti(f"xb[{8 * t + i}]")  # noqa: E731
+
+    def token(t: int, start: str) -> str:
         if "dpbusd" in e.ops:
-            step = [f"d{t} = {dot('c', xw(t, 0))};" if lane == 0 else f"d{t} = {e.dpbusd('c', xw(t, lane), f'd{t}')};" for t in T]
+            dots = [f"{vi} d = {start}, d2 = {e.dpbusd('c4', xw(t, 4), e.seti('0'))};"]
+            dots += [f"d = {e.dpbusd(f'c{i}', xw(t, i), 'd')};" for i in range(4)]
+            dots += [f"d2 = {e.dpbusd(f'c{i}', xw(t, i), 'd2')};" for i in range(5, 8)]
+            dots.append(f"d = {e.add32('d', 'd2')};")
         elif bits == 8:
-            step = [f"d{t} = {dot('c', xw(t, lane))};" if lane == 0 else f"d{t} = {e.add32(f'd{t}', dot('c', xw(t, lane)))};" for t in T]
-        else:
-            step = [f"h{t} = {e.maddubs('c', xw(t, lane))};" if lane == 0 else f"h{t} = {e.add16(f'h{t}', e.maddubs('c', xw(t, lane)))};" for t in T]
-        body.append("{ " + c + " " + " ".join(step) + " }")
-    if "dpbusd" not in e.ops and bits != 8:
-        body.append(" ".join(f"d{t} = {e.madd1(f'h{t}')};" for t in T))
-    zp = e.sub32(e.ldzi(f"zp + (size_t)g * {lanes}"), "voff")
-    body.append("if (zp) { " + f"{vi} z = {zp}; " + " ".join(f"d{t} = {e.sub32(f'd{t}', e.mullo('z', e.seti(f'xi{t}[blk]')))};" for t in T)
-                + " } else { " + " ".join(f"d{t} = {e.sub32(f'd{t}', e.seti(f'zdef * xi{t}[blk]'))};" for t in T) + " }")
-    body += [f"acc{t} = {e.fma(e.cvt(f'd{t}'), e.setf(f'xd{t}[blk]'), f'acc{t}')};" for t in T]
-    nl = "\n            "
+            dots = [f"{vi} d = {start};"] + [f"d = {e.add32('d', dot(f'c{i}', xw(t, i)))};" for i in range(8)]
+        else:  # u8 × s8 pairs summed in int16 over the block (|Σ| ≤ 8·2·15·127 < 2^15), then to int32
+            dots = [f"{vi} h = {e.maddubs('c0', xw(t, 0))};"]
+            dots += [f"h = {e.add16('h', e.maddubs(f'c{i}', xw(t, i)))};" for i in range(1, 8)]
+            dots.append(f"{vi} d = {e.add32(start, e.madd1('h'))};")
+        return f"{{ {' '.join(dots)} acc{t} = {e.fma(e.cvt('d'), e.setf(f'xd[{t}]'), f'acc{t}')}; }}"
+
+    def groups(start, z: str) -> str:
+        nl = "\n                "
+        block = _tile_block(e, bits) + [
+            "const int32_t *xb = (const int32_t *)a->xq + ((size_t)blk * a->m + m0) * 8, *xz = a->xi + (size_t)blk * a->m + m0;",
+            "const float *xd = a->xd + (size_t)blk * a->m + m0;"]
+        block += [f"{vi} c{i} = {_byte_codes(e, bits, i)};" for i in range(8)] + [token(t, start(t)) for t in T]
+        return f"""for (int g = 0; g < a->groups; g++) {{
+            int b1 = (g + 1) * a->bpg < a->nblocks ? (g + 1) * a->bpg : a->nblocks;
+            {z}{" ".join(f"{vf} acc{t} = {e.zero()};" for t in T)}
+            for (int blk = g * a->bpg; blk < b1; blk++) {{
+                {nl.join(block)}
+            }}
+            {vf} s = {e.ldh(f"sc + (size_t)g * {lanes}")};
+            {" ".join(f"res{t} = {e.fma('s', f'acc{t}', f'res{t}')};" for t in T)}
+        }}"""
+    zp = f"{vi} z = {e.sub32(e.ldzi(f'zp + (size_t)g * {lanes}'), e.seti(str(offset)))}; "
     return f"""
-static void gemvqr{tokens}_b{bits}(const lb_args *a, int row, int m0) {{
+static void tileq{tokens}_b{bits}(const lb_args *a, int row, int m0) {{
     const uint32_t *q = a->qw + (size_t)row * a->nblocks * {bits};  /* row: a tile's first */
     const uint16_t *sc = a->sc + (size_t)row * a->groups;
     const uint8_t *zp = a->zp ? a->zp + (size_t)row * a->groups : NULL;
-    int zdef = a->zdef - {offset};
-    {vi} voff = {e.seti(str(offset))};
-    {" ".join(f"const int32_t *xq{t} = (const int32_t *)a->xq + (size_t)(m0 + {t}) * a->nblocks * {lanes}; "
-              f"const int32_t *xi{t} = a->xi + (size_t)(m0 + {t}) * a->nblocks; "
-              f"const float *xd{t} = a->xd + (size_t)(m0 + {t}) * a->nblocks;" for t in T)}
     {" ".join(f"{vf} res{t} = {e.zero()};" for t in T)}
-    {" ".join(f"{vi} d{t};" for t in T)} {" ".join(f"{vi} h{t};" for t in T) if "dpbusd" not in e.ops and bits != 8 else ""}
     float out[{lanes}];
-    for (int g = 0; g < a->groups; g++) {{
-        int b1 = (g + 1) * a->bpg < a->nblocks ? (g + 1) * a->bpg : a->nblocks;
-        {" ".join(f"{vf} acc{t} = {e.zero()};" for t in T)}
-        for (int blk = g * a->bpg; blk < b1; blk++) {{
-            {nl.join(_tile_block(e, bits) + body)}
-        }}
-        {vf} s = {e.ldh(f"sc + (size_t)g * {lanes}")};
-        {" ".join(f"res{t} = {e.fma('s', f'acc{t}', f'res{t}')};" for t in T)}
+    if (zp) {{
+        {groups(lambda t: e.madd("z", e.seti(f"xz[{t}]")), zp)}
+    }} else {{
+        {groups(lambda t: e.seti(f"xz[{t}]"), "")}
     }}
     {" ".join(f"{e.store('out', f'res{t}')}; lb_store_token(a, m0 + {t}, row, out);" for t in T)}
-    (void)voff;
 }}
 """
 
 
-def _gemvqm_task(e: _Emit, bits: int) -> str:
-    """Thread tid's band of tiles against the GEMVQ_TOKENS tokens (lb_linear_q calls it for that many)."""
-    return _gemvq_tokens(e, bits, GEMVQ_TOKENS) + f"""
-static void gemvqm_task_b{bits}(void *p, int tid, int nthr) {{
+def _tileq_task(e: _Emit, bits: int) -> str:
+    """Thread tid's band of tiles, each against every token, TOKEN_TILE tokens at a time (the tokens split
+    evenly: 9 = 5 + 4, not 8 + 1): the tile's codes stay in L1 for the later token groups."""
+    most = TOKEN_TILE[e.isa]
+    table = ", ".join(f"tileq{t}_b{bits}" for t in range(1, most + 1))
+    return "".join(_tileq(e, bits, t) for t in range(1, most + 1)) + f"""
+static void (*const TILEQ_B{bits}[{most}])(const lb_args *, int, int) = {{{table}}};
+
+static void tileq_task_b{bits}(void *p, int tid, int nthr) {{
     const lb_args *a = p;
     int lo, hi; lb_band(a, tid, LB_LANES, &lo, &hi);
-    for (int row = lo; row < hi; row += LB_LANES) gemvqr{GEMVQ_TOKENS}_b{bits}(a, row, 0);
+    for (int row = lo; row < hi; row += LB_LANES)
+        for (int m = 0; m < a->m;) {{
+            int left = a->m - m, parts = (left + {most - 1}) / {most}, t = (left + parts - 1) / parts;
+            TILEQ_B{bits}[t - 1](a, row, m);
+            m += t;
+        }}
     (void)nthr;
 }}
 """
+
 
 def _unpackq(e: _Emit, bits: int) -> str:
     """One interleaved tile's blocks [kb, kb + nkb) as u8 codes for the int8 GEMM: vector 8·b + j holds,
@@ -748,10 +715,10 @@ static void {name}_task_b{bits}(void *p, int tid, int nthr) {{
 """
 
 
-def _per_bits_int8(entry: Entry) -> str:
+def _per_bits_int8(entry: Entry, offset: int) -> str:
     bits = entry.bits
-    return _gemv_task("gemvq", bits, tiles=True) + f"""
-LB_EXPORT void {entry.symbol}(lb_args *a) {{ lb_linear_q(a, gemvq_task_b{bits}, gemvqm_task_b{bits}, gemmq_task_b{bits}); }}
+    return f"""
+LB_EXPORT void {entry.symbol}(lb_args *a) {{ lb_linear_q(a, tileq_task_b{bits}, gemmq_task_b{bits}, {offset}); }}
 """
 
 
@@ -884,8 +851,8 @@ def _kernel(e: _Emit, tiled: _Emit, entry: Entry) -> str:
     """The C of one entry point and of what only it uses."""
     b = entry.bits
     if entry.activations == "int8":
-        return (_gemvq_rows(tiled, b) + _gemvqm_task(tiled, b) + _unpackq(tiled, b) + _gemmq_task(tiled, b)
-                + _per_bits_int8(entry))
+        return (_tileq_task(tiled, b) + _unpackq(tiled, b) + _gemmq_task(tiled, b)
+                + _per_bits_int8(entry, _int8_dot(tiled, b)[1]))
     if entry.kind == FLOAT16:
         return _float16(e) + _per_bits(entry)
     if entry.kind == "uniform":
@@ -905,7 +872,7 @@ def generate(isa: str) -> str:
     t16 = _t16_xorder(e.lanes) if any(x.activations == "int16-T16" for x in ents) else ""
     return "\n".join([
         f"/* Generated by lowbit.kernels.cpu.codegen for {isa}; do not edit. */",
-        f"#define MICRO_MR {mr}\n#define MICRO_NR {nr}\n#define LB_LANES {e.lanes}\n#define LB_GEMVQ_TOKENS {GEMVQ_TOKENS}",
+        f"#define MICRO_MR {mr}\n#define MICRO_NR {nr}\n#define LB_LANES {e.lanes}\n#define LB_TILE_TOKENS {TILE_TOKENS}",
         '#include "driver.h"', f'#include "{e.ops["header"]}"',
         micro, f"static const lb_micro MICRO[{mr}][{nr}] = {{{table}}};", t16,
         "".join(_kernel(e, tiled, x) for x in ents if x.activations != "tender" and x.kind != "kquant"),

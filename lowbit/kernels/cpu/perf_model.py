@@ -42,6 +42,11 @@ MICRO_TILE = {"avx512vnni": (4, 4), "avx512": (4, 4), "avx2": (4, 3), "scalar": 
 # tiles unpacked to u8 (NR·L·32 bytes a block: 32 KiB at AVX-512, L1's size) serve every token.
 GEMMQ_TILE = {"avx512vnni": (4, 2), "avx512": (4, 2), "avx2": (2, 2)}
 GEMMQ_KBLOCKS = 32
+# The int8 tile kernels (codegen._tileq), up to TILE_TOKENS tokens a call (the GEMM above): one tile's
+# block of codes unpacked in registers (8 vectors) meets TOKEN_TILE tokens at a time, each with its
+# int32 and fp32 accumulators: what the register file holds (32 zmm: 8 tokens; 16 ymm: 2).
+TILE_TOKENS = 32
+TOKEN_TILE = {"avx512vnni": 8, "avx512": 4, "avx2": 2}
 GEMV_ROWS = 4
 TUNE_VERSION = 2  # 2: the GEMV winner is timed on int8 and fp32 activations
 

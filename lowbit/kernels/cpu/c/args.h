@@ -36,5 +36,5 @@ typedef struct {
     float *xd;       /* and their scales */
     const float *xs; /* fp32 GEMV: x times 2^-(bit offset of its code), see _lane_field
                         (codebook GEMVs on T16 tables read xq as int16, see lb_x16) */
-    int32_t *xi;     /* int8 GEMV: sum of each block's s8 activations */
+    int32_t *xi;     /* int8 GEMM: sum of each block's s8 activations; tile kernels: see lb_xq_tiles */
 } lb_args;

@@ -41,3 +41,8 @@ static int lb_quant32(const float *x, int8_t *q, float *d) {
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
     return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
 }
+static __attribute__((unused)) int lb_quant32t(const float *x, int8_t *q, float *d) {
+    float t[32];
+    lb_order32(x, t);
+    return lb_quant32(t, q, d);
+}

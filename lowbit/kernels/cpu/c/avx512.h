@@ -17,3 +17,11 @@ static int lb_quant32(const float *x, int8_t *q, float *d) {
     _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(qb));
     return _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
 }
+static int lb_quant32t(const float *x, int8_t *q, float *d) {  /* lb_order32 as two permutes */
+    const __m512i lo = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
+    __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+    float t[32];
+    _mm512_storeu_ps(t, _mm512_permutex2var_ps(a, lo, b));
+    _mm512_storeu_ps(t + 16, _mm512_permutex2var_ps(a, _mm512_add_epi32(lo, _mm512_set1_epi32(4)), b));
+    return lb_quant32(t, q, d);
+}

@@ -174,7 +174,7 @@ LB_EXPORT uint64_t lb_read(const void *p, size_t bytes, int threads) {
 static int lb_quant32(const float *x, int8_t *q, float *d);
 
 /* int8 GEMM: x -> s8 per 32-block in natural order (xq [m][nblocks·32]), scale amax/127 (round half
-   to even: the same numbers as the GEMV's), xi = Σ x_q per block; thread tid takes a share of tokens. */
+   to even: the same numbers as the tile kernels'), xi = Σ x_q per block; thread tid takes a share of tokens. */
 static void lb_xq_rows_task(void *p, int tid, int nthr) {
     lb_args *a = p;
     int per = (a->m + nthr - 1) / nthr, lo = tid * per, hi = lo + per < a->m ? lo + per : a->m;
@@ -201,42 +201,51 @@ static inline void lb_addq(const lb_args *a, int m, int row, const float *out, i
     }
 }
 
-/* The multi-token GEMV's results for token m: the tile's rows that exist, plus bias. */
+/* A tile kernel's results for token m: the tile's rows that exist, plus bias. */
 static inline void lb_store_token(const lb_args *a, int m, int row, const float *out) {
     float *y = a->y + (size_t)m * a->n;
     for (int l = 0; l < LB_LANES && row + l < a->n; l++) y[row + l] = out[l] + (a->bias ? a->bias[row + l] : 0.0f);
 }
 
-/* The int8 path. One token, or LB_GEMVQ_TOKENS (codegen.GEMVQ_TOKENS; from 3 on, the GEMM wins): each
-   token's x -> s8 per 32-block with scale amax/127 (lb_quant32: round half to even), code f·L + l at
-   byte 4·l + f·L/8 of the block's 4·L bytes
-   to meet the GEMV's SIMD layout; xi[blk] = Σ x_q over the block (the zero-point fold); then the
-   one-token GEMV, or the multi-token one (codes taken out of their words once for both tokens). Other
-   counts: lb_xq_rows (natural order), then the GEMM over every token. */
-__attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task gemvq, lb_task gemvqm, lb_task gemmq) {
+/* The tile kernels' order of a block's 32 activations (codegen._byte_codes): x[8·by + i] at 4·i + by. */
+static inline void lb_order32(const float *x, float *out) {
+    for (int i = 0; i < 8; i++)
+        for (int by = 0; by < 4; by++) out[4 * i + by] = x[8 * by + i];
+}
+
+/* lb_quant32 of the block in lb_order32's order (the same scale, rounding and sum). Each ISA's header
+   defines it. */
+static int lb_quant32t(const float *x, int8_t *q, float *d);
+
+/* The tile kernels' x, block-major (token m's block blk at b = blk·m_all + m): s8 in lb_order32's order
+   (lb_quant32t), its scale xd[b], and in xi[b] the zero point's share of its dots: symmetric weights (zp
+   NULL) (zdef − offset)·(−Σ x_q), asymmetric ones −Σ x_q as the low int16 (high half 0: pmaddwd meets
+   it with each row's zero point). `offset`: see codegen.SIGNED_DOT. */
+static void lb_xq_tiles(lb_args *a, int offset) {
+    for (int m = 0; m < a->m; m++)
+        for (int blk = 0; blk < a->nblocks; blk++) {
+            size_t b = (size_t)blk * a->m + m;
+            int sum = lb_quant32t(a->x + ((size_t)m * a->nblocks + blk) * 32, a->xq + b * 32, a->xd + b);
+            a->xi[b] = a->zp ? (int32_t)(uint16_t)-sum : (a->zdef - offset) * -sum;
+        }
+}
+
+/* The int8 path: up to LB_TILE_TOKENS tokens (decode steps, a few sequences' worth) through the tile
+   kernels (codegen._tileq: each block's codes unpacked in registers once for all the tokens), more
+   (prefill) through the GEMM, which unpacks a chunk of tiles to bytes once for every token (x in natural
+   order, lb_xq_rows_task): from ~64 tokens the tile kernels' passes over x, once per tile, cost more. */
+__attribute__((unused)) static void lb_linear_q(lb_args *a, lb_task tileq, lb_task gemmq, int offset) {
     if (a->threads > lb_pool.n) a->threads = lb_pool.n;
-    if (a->m != 1 && a->m != LB_GEMVQ_TOKENS) {
-        size_t blocks = (size_t)a->m * a->nblocks;
-        a->xq = (int8_t *)lb_alloc(blocks * 8);
-        a->xd = lb_alloc(blocks);
-        a->xi = (int32_t *)lb_alloc(blocks);
+    size_t blocks = (size_t)a->m * a->nblocks;
+    a->xq = (int8_t *)lb_alloc(blocks * 8);
+    a->xd = lb_alloc(blocks);
+    a->xi = (int32_t *)lb_alloc(blocks);
+    if (a->m <= LB_TILE_TOKENS) {
+        lb_xq_tiles(a, offset);
+        lb_pool_run(tileq, a, a->threads);
+    } else {
         lb_pool_run(lb_xq_rows_task, a, a->threads);
         lb_pool_run(gemmq, a, a->threads);
-        free(a->xq); free(a->xd); free(a->xi);
-        return;
     }
-    int bb = 4 * LB_LANES;
-    size_t blocks = (size_t)a->m * a->nblocks;
-    int8_t *xq = calloc(blocks * bb, 1);
-    float *xd = malloc(sizeof(float) * blocks);
-    int32_t *xi = malloc(sizeof(int32_t) * blocks);
-    if (!xq || !xd || !xi) abort();
-    for (size_t b = 0; b < blocks; b++) {
-        int8_t nat[32];
-        xi[b] = lb_quant32(a->x + b * 32, nat, xd + b);  /* token b / nblocks, block b % nblocks: x rows are nblocks·32 long */
-        for (int c = 0; c < 32; c++) xq[b * bb + 4 * (c % LB_LANES) + (c / LB_LANES) * (LB_LANES / 8)] = nat[c];
-    }
-    a->xq = xq; a->xd = xd; a->xi = xi;
-    lb_pool_run(a->m == 1 ? gemvq : gemvqm, a, a->threads);
-    free(xq); free(xd); free(xi);
+    free(a->xq); free(a->xd); free(a->xi);
 }

@@ -34,3 +34,8 @@ static __attribute__((unused)) int lb_quant32(const float *x, int8_t *q, float *
     for (int c = 0; c < 32; c++) { int v = (int)nearbyintf(x[c] * inv); q[c] = (int8_t)v; s += v; }
     return s;
 }
+static __attribute__((unused)) int lb_quant32t(const float *x, int8_t *q, float *d) {
+    float t[32];
+    lb_order32(x, t);
+    return lb_quant32(t, q, d);
+}
