@@ -294,10 +294,11 @@ def recipe(source, qx: QuantX, out: str | os.PathLike | None = None, calib: str 
     return found
 
 
-def load(path: str | os.PathLike | None) -> QuantizedModel:
+def load(path: str | os.PathLike | None, shell: bool = False) -> QuantizedModel:
     """A quantized directory (its plan rebuilt from config.json, old directories included), or any
-    source (a float model: plan None)."""
-    loaded = load_any(path)
+    source (a float model: plan None). `shell`: to evaluate only: a lowbit directory of a plain Llama
+    is built without transformers (io/shell.py; ~2 s less), enough for the native engine."""
+    loaded = load_any(path, shell=shell)
     qc = loaded.quantization
     if qc is None:
         return QuantizedModel(loaded.model, loaded.tokenizer, None, loaded.source)

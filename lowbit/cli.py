@@ -188,8 +188,9 @@ def cmd_bench(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    r = api.load(a.model).evaluate(a.text, kld=a.kld, ctx=a.ctx, stride=a.stride, max_windows=a.max_windows,
-                                   progress=not a.json, exact=a.exact, scoring=a.scoring)
+    r = api.load(a.model, shell=True).evaluate(a.text, kld=a.kld, ctx=a.ctx, stride=a.stride,
+                                               max_windows=a.max_windows, progress=not a.json, exact=a.exact,
+                                               scoring=a.scoring)
     if a.json:
         print(json.dumps(r.to_dict()))
         return

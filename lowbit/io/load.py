@@ -1,4 +1,5 @@
-"""Load a directory written by save.py into a transformers model with QuantLinear modules.
+"""Load a directory written by save.py into a transformers model with QuantLinear modules (or, for the
+native engine only, a shell of one built without transformers: io/shell.py, io/tokenizer_file.py).
 
 Nothing is trusted before it is checked: quantization_config's every field (formats.check), the
 config's dimensions and every shape against the safetensors headers (only headers are read, the model
@@ -11,13 +12,14 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from safetensors.torch import load_file
 
 from ..errors import LowbitError
 from ..formats import check, from_tensors
 from ..formats.activation import ActQ
 from ..nn import ActQuantLinear, QuantEmbedding, QuantLinear, embedding_scale
+from . import shell as engine_shell
+from . import tokenizer_file
 from .check import checked_shards
 from .save import FORMAT_VERSION
 
@@ -41,6 +43,7 @@ def skeleton(config: dict, where) -> torch.nn.Module:
     """The causal LM that config.json (`config`, without its quantization_config) describes, built on
     meta (no memory); transformers validates the config its own way: any of its errors means a damaged
     config.json."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -215,11 +218,12 @@ def _activations(qc: dict, modules: dict[str, dict], shared: dict[str, str], whe
     return acts
 
 
-def load(path: str | Path):
+def load(path: str | Path, shell: bool = False):
     """(model, tokenizer, quantization_config) from a lowbit directory; the model is in eval mode and
-    generates."""
-    from transformers import AutoTokenizer, GenerationConfig
-
+    generates. `shell`: for the native engine only (evaluation): where io/shell.py builds the model
+    (a plain Llama), its shell without transformers, and where io/tokenizer_file.py reads the
+    tokenizer, that one (else transformers' model and tokenizer, as without it); a shell's forward
+    loads the transformers model on first use."""
     path = Path(path)
     raw = read_config(path)
     qc = raw.pop("quantization_config", None) or {}
@@ -234,7 +238,8 @@ def load(path: str | Path):
     shared = _shared(qc, modules, path)
     activations = _activations(qc, modules, shared, path)
     files, header = checked_shards(path, raw, _weight_files(path))
-    model = skeleton(raw, path)
+    shell = shell and engine_shell.fits(raw, set(modules), set(header))
+    model = engine_shell.build(raw, lambda: load(path)[0]) if shell else skeleton(raw, path)
     _check_structure(model, modules, header, path, shared, activations)
     del header
     state = {}
@@ -246,7 +251,16 @@ def load(path: str | Path):
         raise LowbitError(f"{path}: {bad} holds NaN or Inf (a damaged file: quantize it again)")
     assign_state(model, state, path)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
-    if (path / "generation_config.json").is_file():
+    tokenizer = (tokenizer_file.read(path) if shell else None) or _tokenizer(path)
+    if not shell and (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model, tokenizer, qc
+
+
+def _tokenizer(path: Path):
+    """transformers' tokenizer of the directory (None without a tokenizer_config.json)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None

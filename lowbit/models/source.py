@@ -136,13 +136,13 @@ def load_reference(source: str):
     return StreamedSource(loaded.lazy) if loaded.lazy is not None else loaded.model
 
 
-def load_any(spec: str | os.PathLike | None, dtype: torch.dtype = torch.float32) -> Loaded:
+def load_any(spec: str | os.PathLike | None, dtype: torch.dtype = torch.float32, shell: bool = False) -> Loaded:
     """A lowbit directory, a compressed-tensors pack-quantized directory (io/compressed_tensors.py), a
     GPTQ or AWQ checkpoint (io/gptq.py), or
     any source accepted by `load_source` (a .gguf file's Q4_0 and Q8_0 layers imported as quantized
-    layers: io/gguf_read.py)."""
+    layers: io/gguf_read.py). `shell`: a lowbit directory for the native engine only (io.load)."""
     if spec is not None and str(spec) != DEFAULT and is_lowbit_dir(spec):
-        model, tokenizer, quantization = load(spec)
+        model, tokenizer, quantization = load(spec, shell=shell)
         return Loaded(model, tokenizer, str(Path(spec).absolute()), quantization)
     if spec is not None and str(spec) != DEFAULT and is_compressed_tensors_dir(spec):
         model, tokenizer, quantization = load_compressed_tensors(spec)
