@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 
 from .blocks import capture_inputs, decoder_layers, run_block
@@ -105,6 +104,7 @@ def load_lazy(path: Path, dtype: torch.dtype) -> LazyBlocks | None:
     """The loader of a model whose decoder blocks stay on meta until `.load(i)` (the model is its
     `.model`), or None when the checkpoint's tensor names do not match the model's (then only
     transformers' own loader, which renames, can read it)."""
+    from accelerate import init_empty_weights  # with boto3, ~0.3 s: for loaders that build with transformers
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     shards = Shards(path)
