@@ -382,13 +382,31 @@ static size_t kv_off(const eng *E, int slot, int layer, int g) {
     return (((size_t)slot * E->layers + layer) * E->kvh + g) * E->max_ctx * E->hd;
 }
 
+/* Item `it` of a decode attention job (token it / kvh, KV group it % kvh): prefetch its cached K and V
+   rows into L2. A sequence's cache (a few MB over the layers) is read from DRAM every step in runs of a
+   few KB per (layer, KV group), too short for the hardware prefetchers to ramp up on and cut at every
+   4 KiB page: the thread asks for the next item's rows while it computes this one's (their first
+   KV_PREFETCH bytes each: a long context's runs are long enough for the hardware, and L2 keeps this
+   item's rows). */
+#define KV_PREFETCH (32 << 10)
+static void att_prefetch(const att_job *J, int it) {
+    const eng *E = J->E; const eng_layer *Y = &E->L[J->layer];
+    int i = J->rows[it / E->kvh], p = E->tpos[i], lo = Y->window > 0 && p - Y->window + 1 > 0 ? p - Y->window + 1 : 0;
+    size_t elt = kv_elt(E->kvdt), off = (kv_off(E, E->tslot[i], J->layer, it % E->kvh) + (size_t)lo * E->hd) * elt;
+    size_t bytes = (size_t)(p - lo + 1) * E->hd * elt;
+    if (bytes > KV_PREFETCH) bytes = KV_PREFETCH;
+    for (size_t b = 0; b < bytes; b += 64) { __builtin_prefetch(E->kc + off + b, 0, 2); __builtin_prefetch(E->vc + off + b, 0, 2); }
+}
+
 static void att_task(void *p, int tid, int nthr) {
     const att_job *J = p; const eng *E = J->E; const eng_layer *Y = &E->L[J->layer];
     int nt = nthr < E->max_threads ? nthr : E->max_threads;  /* one scores block per thread */
     if (tid >= nt) return;
     int items = J->m * E->kvh, hd = E->hd, grp = E->heads / E->kvh;
     float *sc = E->scores + (size_t)tid * E->scores_per_thread;
+    if (tid < items) att_prefetch(J, tid);
     for (int it = tid; it < items; it += nt) {  /* interleaved: later tokens attend to more positions */
+        if (it + nt < items) att_prefetch(J, it + nt);
         int i = J->rows[it / E->kvh], g = it % E->kvh;
         size_t off = kv_off(E, E->tslot[i], J->layer, g) * kv_elt(E->kvdt);
         const float *q = J->q + (size_t)i * J->ldq + (size_t)g * grp * hd;
