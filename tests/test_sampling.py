@@ -104,3 +104,24 @@ def test_draw_never_picks_a_token_of_probability_zero():
     picks = torch.tensor([draw(probs, g) for _ in range(2000)])
     assert set(picks.tolist()) == {1, 3}
     assert abs(float((picks == 3).float().mean()) - 0.7) < 0.04
+
+
+def test_draw_over_blocks_is_the_inverse_cdf():
+    """The two-level draw (block sums, then one block's cumulative sum) picks the token the plain inverse
+    CDF over the whole vocabulary picks for the same uniform: a vocabulary of several blocks and a ragged
+    last one, mass on block edges, zero blocks, and the one token of a block."""
+    from lowbit.runtime.sampling import CDF_BLOCK, draw
+    g = torch.Generator().manual_seed(5)
+    n = 3 * CDF_BLOCK + 37
+    probs = torch.rand(n, generator=g) ** 8
+    probs[CDF_BLOCK:2 * CDF_BLOCK] = 0.0  # a block with no mass
+    probs[[CDF_BLOCK - 1, 2 * CDF_BLOCK, n - 1]] = 2.0  # heavy tokens at block edges and at the end
+    probs /= probs.sum()
+    cdf = probs.double().cumsum(0)
+    ours, theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    picks = []
+    for _ in range(3000):
+        u = torch.rand((), dtype=torch.float64, generator=theirs)
+        picks.append(draw(probs, ours))
+        assert picks[-1] == int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    assert all(probs[i] > 0 for i in picks) and {CDF_BLOCK - 1, 2 * CDF_BLOCK, n - 1} <= set(picks)
