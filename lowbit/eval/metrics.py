@@ -25,9 +25,12 @@ UniformQ matmuls (engine and head) on activations rounded to int8 per 32-block (
 which changes the numbers a little and runs the GEMMs 3-4x faster. Anything the engine does not run goes through the model's own forward
 (transformers), under the same switch. What the scores need of the source is cached between
 evaluations (SourceScores, eval/source_cache.py): a second evaluation against one source and text
-neither loads nor runs it, and costs one model, not two.
+neither loads nor runs it, and costs one model, not two. Its windows are then independent: with T
+kernel threads they run T at a time, each on its own engine and one thread (eval/streams.py), and
+are summed in window order: the numbers of one thread, bit for bit, without the pool's barriers.
 """
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable
@@ -39,10 +42,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
+from ..kernels.cpu import threads as kernel_threads
 from ..kernels.cpu.logit_scores import records, row_scores
 from ..kernels.switches import int8_activations_set
-from ..runtime.engine import load_decoder
-from . import source_cache
+from ..runtime.engine import SCRATCH_BYTES, available_memory, load_decoder
+from . import source_cache, streams
 
 CACHE_VERSION = 2  # of SourceScores' cache files: bump when what they hold changes
 SCORINGS = ("lowbit", "llama.cpp")
@@ -191,6 +195,7 @@ def logit_scorer(model, ctx: int, engine: bool = True, exact: bool = True) -> Ca
                 return _logits(model, ids)[first - 1:]
             decoder.truncate(0)
             return head.logits(decoder.states(ids[:-1])[first - 1:])
+    run.decoder = decoder
     return run
 
 
@@ -215,7 +220,7 @@ class SourceScores:
     def __init__(self, source, ctx: int, engine: bool, scored: list[tuple[torch.Tensor, int]], key: str | None):
         self.source, self.ctx, self.engine, self.scored = source, ctx, engine, scored
         self.decoder = self.head = self.cached = self.writer = self.buffers = None
-        self.row, self.ready = 0, False
+        self.ready = False
         if key is not None:
             digest = hashlib.sha256(f"{CACHE_VERSION}|{key}|{ctx}|{[first for _, first in scored]}|{engine}|".encode()
                                     + b"".join(w.numpy().tobytes() for w, _ in scored)).hexdigest()
@@ -237,14 +242,14 @@ class SourceScores:
             self.head, self.decoder = _Head(self.source), _decoder(self.source, self.ctx, self.engine)
 
     @torch.inference_mode()
-    def scores(self, logits: torch.Tensor, window: torch.Tensor, first: int) -> torch.Tensor:
+    def scores(self, logits: torch.Tensor, window: torch.Tensor, first: int, row: int) -> torch.Tensor:
         """row_scores of the model's logits [len(window) − first, vocab] against the source on the
-        window's scored positions (the source exact: fp32 activations, whatever the process-wide int8
-        switch says)."""
+        window's scored positions, rows `row` .. of all windows' (the source exact: fp32 activations,
+        whatever the process-wide int8 switch says). Cached records are read in any order (from
+        several streams at once); records being written, in window order only."""
         target, n = window[first:], len(window) - first
         if self.cached is not None:
-            self.row += n
-            return row_scores(logits, None, target, self.cached.record(self.row - n, n))
+            return row_scores(logits, None, target, self.cached.record(row, n))
         self._load()
         with int8_activations_set(False):
             source = self._logits(window, first)
@@ -281,15 +286,31 @@ def evaluate(model, tokenizer, text: str, ctx: int = 512, stride: int | None = N
     False: on int8 activations, as the engine generates (the source is always exact). `scoring`: whose
     windows and scored positions (SCORINGS: ours, or llama-perplexity's)."""
     scored = scored_windows(tokenizer, text, ctx, stride, max_windows, scoring)
-    score = logit_scorer(model, ctx, engine, exact)
     score_source = None if source is None else SourceScores(source, ctx, engine, scored, source_key)
-    sums = torch.zeros(3, dtype=torch.float64)  # the model's log-loss, the source's, KL(source ‖ model)
-    tokens = 0
-    for window, first in tqdm(scored, desc="evaluating", unit="window", disable=not progress):
+    rows = [0]  # each window's first row among all windows' scored positions
+    for window, first in scored:
+        rows.append(rows[-1] + len(window) - first)
+
+    def window_sums(score, i: int) -> torch.Tensor:  # the model's log-loss, the source's, KL(source ‖ model)
+        window, first = scored[i]
         logits = score(window, first)
-        sums += (row_scores(logits, None, window[first:]) if source is None else
-                 score_source.scores(logits, window, first)).sum(0)
-        tokens += len(window) - first
+        return (row_scores(logits, None, window[first:]) if source is None else
+                score_source.scores(logits, window, first, rows[i])).sum(0)
+
+    # several streams where the windows are independent: the source's records cached (or no source)
+    independent = engine and (source is None or score_source.cached is not None)
+    count = _streams(model, ctx, min(kernel_threads.get(), len(scored))) if independent else 1
+    with tqdm(total=len(scored), desc="evaluating", unit="window", disable=not progress) as bar, \
+            int8_activations_set(not exact), _one_thread_each(count > 1) as restore:
+        score = logit_scorer(model, ctx, engine, exact)
+        if score.decoder is None:  # the universal path: no engine to copy, the threads back
+            count = restore()
+        per_window = streams.run(len(scored), score, lambda: logit_scorer(model, ctx, engine, exact),
+                                 window_sums, count, bar.update)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for s in per_window:  # in window order: the sums of one stream, bit for bit
+        sums += s
+    tokens = rows[-1]
     nll, src_nll, kld = sums.tolist()
     result = EvalResult(_perplexity(nll / tokens, "the model"), tokens, len(scored), ctx, exact=exact, scoring=scoring)
     if source is not None:
@@ -299,6 +320,40 @@ def evaluate(model, tokenizer, text: str, ctx: int = 512, stride: int | None = N
                               "log-probabilities (damaged weights, or activations that overflow their dtype)")
         score_source.save()
     return result
+
+
+def _streams(model, ctx: int, most: int) -> int:
+    """How many windows to score at once, each on its own engine and one thread (eval/streams.py): up
+    to `most`, as many as half the memory available now holds, a stream costing about its weights
+    (the engine's copy), fp32 embedding, logits buffer and scratch."""
+    if most <= 1:
+        return 1
+    config = model.config
+    per_stream = sum(t.nbytes for t in model.state_dict().values()) + SCRATCH_BYTES \
+        + 4 * config.vocab_size * (config.hidden_size + ctx)
+    return max(1, min(most, int(available_memory() // 2 // per_stream)))
+
+
+@contextlib.contextmanager
+def _one_thread_each(on: bool):
+    """With `on`, the kernels' pool and torch at one thread inside the block (each stream is one
+    thread: one shared pool would serialize them); yields a function that gives the threads back
+    early (and returns 1, the streams left); their counts as before after the block either way."""
+    kernels, intra = kernel_threads.get(), torch.get_num_threads()
+
+    def restore() -> int:
+        kernel_threads.set_threads(kernels)
+        torch.set_num_threads(intra)
+        return 1
+
+    if on:
+        kernel_threads.set_threads(1)
+        torch.set_num_threads(1)
+    try:
+        yield restore
+    finally:
+        if on:
+            restore()
 
 
 def _perplexity(mean_nll: float, who: str) -> float:
