@@ -83,7 +83,12 @@ def test_proxy_ranks_like_the_single_layer_kld():
         model.set_submodule(name, float_layer)
     for i in range(0, len(LAYERS) * 3, 3):  # within a layer: fewer bits, more loss, in both
         assert predicted[i] > predicted[i + 1] > predicted[i + 2] and measured[i] > measured[i + 1] > measured[i + 2]
-    unscaled = [p / sens.propagation[name] for p, name in zip(predicted, [n for n in LAYERS for _ in specs])]
+    owners = [n for n in LAYERS for _ in specs]
+    blocks = [str(int(n.split(".")[2])) for n in owners]
+    unscaled = [p / sens.propagation[n] / sens.amplification[b] for p, n, b in zip(predicted, owners, blocks)]
     rho, rho_unscaled = rank_correlation(predicted, measured), rank_correlation(unscaled, measured)
-    print(f"Spearman: with propagation {rho:.3f}, layer output error alone {rho_unscaled:.3f}")
+    ratios = sorted(p / m for p, m in zip(predicted, measured))
+    print(f"Spearman: proxy {rho:.3f}, layer output error alone {rho_unscaled:.3f}; "
+          f"predicted / measured KLD {ratios[0]:.2f} .. {ratios[-1]:.2f}, median {ratios[len(ratios) // 2]:.2f}")
     assert rho >= 0.85 and rho > rho_unscaled + 0.05, (rho, rho_unscaled, predicted, measured)
+    assert 0.2 < ratios[len(ratios) // 2] < 5, ratios  # the proxy is in nats of KLD, to first order

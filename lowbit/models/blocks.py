@@ -3,7 +3,8 @@
 `decoder_layers` finds the blocks; `capture_inputs` runs the model once with every block replaced by
 a recorder, keeping block 0's input hidden states per sample and each block's keyword arguments (masks,
 rotary embeddings: they differ between sliding and full attention blocks); `run_block` runs one block
-over those inputs. The block runner of calibration (calib/runner.py) and the lazy and streamed models
+over those inputs; `finish_forward` turns a last block's output into the model's logits (the model's own
+final norm, head and logit transforms, whatever the architecture). The block runner of calibration (calib/runner.py) and the lazy and streamed models
 (models/lazy.py) are both built on these three.
 """
 
@@ -67,3 +68,19 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> lis
         out = block(x, **kwargs)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
+
+
+@torch.no_grad()
+def finish_forward(model: nn.Module, ids: torch.Tensor, final: torch.Tensor):
+    """The model's output (`.logits`) for window `ids` [1, T] given its last block's output `final`: the
+    model runs with every block passing its input through and the last one returning `final`."""
+    layers = decoder_layers(model)
+    originals = [layer.forward for layer in layers]
+    try:
+        for layer in layers[:-1]:
+            layer.forward = lambda hidden_states, *a, **kw: hidden_states
+        layers[-1].forward = lambda hidden_states, *a, **kw: final
+        return model(ids, use_cache=False)
+    finally:
+        for layer, forward in zip(layers, originals):
+            layer.forward = forward

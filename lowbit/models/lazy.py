@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .blocks import capture_inputs, decoder_layers, run_block
+from .blocks import capture_inputs, decoder_layers, finish_forward, run_block
 from ..errors import LowbitError
 from ..io import BlockCheckpoint, Shards
 
@@ -161,13 +161,4 @@ class StreamedSource:
         final = self.finals.get(ids[0].numpy().tobytes())
         if final is None:
             raise RuntimeError("StreamedSource called on a window it did not prefetch")
-        layers = self.lazy.layers
-        originals = [layer.forward for layer in layers]
-        try:
-            for layer in layers[:-1]:
-                layer.forward = lambda hidden_states, *a, **kw: hidden_states
-            layers[-1].forward = lambda hidden_states, *a, **kw: final
-            return self.model(ids, use_cache=False)
-        finally:
-            for layer, forward in zip(layers, originals):
-                layer.forward = forward
+        return finish_forward(self.model, ids, final)

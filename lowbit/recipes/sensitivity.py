@@ -3,23 +3,32 @@
 For a layer W with calibration inputs X (H = XXᵀ, what the block runner already gathers for GPTQ) and
 a candidate's quantized Ŵ, ΔW = W − Ŵ:
 
-    loss(layer, candidate) = p(layer) · tr(ΔW · H · ΔWᵀ) / tokens = p(layer) · mean over tokens of ‖ΔW x‖²
+    loss(layer, candidate) = a(block) · p(layer) · tr(ΔW · H · ΔWᵀ) / tokens
 
-the squared error the candidate adds to the layer's output, per token (the quantity GPTQ and GANQ
-minimise: it ranks a layer's candidates against each other), times the layer's propagation p: how
-much of an error at this layer's output reaches the block's output (the residual stream), measured
-once per layer on PROPAGATION_SAMPLES windows as ‖ΔY_block‖² / ‖ΔW x‖² with the layer alone rounded
-to REFERENCE. Without p the proxy compares layers wrongly (SmolLM2, RTN W2-W4: Spearman rank
-correlation with the single-layer KLD 0.74 over 18 (layer, candidate) pairs; with p from one rounding
-0.89-0.94): an error in v_proj reaches the residual through attention and o_proj 4-10x larger, one
-in gate_proj ~3x, the last block's up_proj 60-90x, one in q_proj through the softmax 11-14x smaller,
-and o_proj/down_proj write the residual directly (p ~ 1). Across layers the sum
-is the recipe's predicted loss: errors of different layers treated as independent and additive, the
-first-order assumption of every mixed-precision allocator from HAWQ to llama.cpp's imatrix.
+tr(ΔW H ΔWᵀ)/tokens = mean over tokens of ‖ΔW x‖², the squared error the candidate adds to the layer's
+output per token (the quantity GPTQ and GANQ minimise: it ranks a layer's candidates against each
+other). p is the layer's propagation: how much of an error at this layer's output reaches the block's
+output (the residual stream), measured once per layer on PROPAGATION_SAMPLES windows as
+‖ΔY_block‖² / ‖ΔW x‖² with the layer alone rounded to REFERENCE: an error in v_proj reaches the
+residual through attention and o_proj 4-10x larger, one in gate_proj ~3x, the last block's up_proj
+60-90x, one in q_proj through the softmax 11-14x smaller, and o_proj/down_proj write the residual
+directly (p ~ 1). a is the block's amplification: the KL divergence of the model's output per unit of
+squared error at the block's output (per token), measured once per block on AMPLIFICATION_SAMPLES
+windows with the block's layers all rounded to REFERENCE and every later block float, so the loss is
+in nats of KLD. Without a, layers of different blocks were compared by the absolute size of their
+errors in the residual stream, whose typical ‖h‖² grows ~300x from SmolLM2's first block to its last:
+an early block's error counted as cheap, where the later blocks read it through their norms at full
+relative size and amplify it (a falls ~10x over the first 9 blocks there). The recipes put 2-bit rows
+in the early blocks and 3-4 bits in the late ones, and at 2.5 bpw that model scored ppl 32,799 where
+uniform W2-g64 scores ~8,600 (BENCHMARKS.md, issue 18).
+Across layers the sum is the recipe's predicted loss: errors of different layers treated as
+independent and additive, the first-order assumption of every mixed-precision allocator from HAWQ to
+llama.cpp's imatrix.
 Each candidate is made by its own method on the layer's float inputs (the float model's, block after
 block: what a layer's error costs with the rest exact), so the loss is that of the QTensor the recipe
-would store. Streaming: one decoder block, its inputs and its Hessians at a time; a lazy model's
-block is read before and dropped (to meta) after. The work is shared as far as the maths allows:
+would store. Streaming: one decoder block, its inputs and its Hessians at a time, plus one stream of
+AMPLIFICATION_SAMPLES windows per block carried (block i rounded, the rest float) to the output; a
+lazy model's block is read before and dropped (to meta) after. The work is shared as far as the maths allows:
   - one H per distinct layer input (q/k/v read one tensor, gate/up another): 3 Hessians a block, not 7;
   - the float block runs once (its outputs are the next block's inputs: nothing is quantized);
   - GPTQ candidates of the layers that share an H are one stacked GPTQ pass (methods/gptq.py
@@ -27,14 +36,15 @@ block is read before and dropped (to meta) after. The work is shared as far as t
     Python-bound column loop runs once per input, not once per layer and candidate (bit-identical to
     quantizing each alone);
   - the losses of a stack are one matmul: the row sums of (ΔW H) ∘ ΔW, summed per layer;
-  - the propagation runs the block once per layer on a few windows (its layer's output error by a hook).
+  - the propagation runs the block once per layer on a few windows (its layer's output error by a hook);
+  - every block's amplification stream advances through each later block once, on AMPLIFICATION_SAMPLES windows.
 benchmarks/recipes.py checks the proxy against the model-level KL divergence of quantizing one
 layer alone (Spearman rank correlation).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -46,12 +56,13 @@ from ..errors import LowbitError
 from ..methods import METHODS, RTN, MethodConfig
 from ..methods.gptq import quantize_many
 from ..models import LazyBlocks
-from ..models.blocks import capture_inputs, decoder_layers, run_block
+from ..models.blocks import capture_inputs, decoder_layers, finish_forward, run_block
 from .candidates import fits, name
 from .plan import block_prefix
 
 STACK = 2**24  # weights quantized in one stacked GPTQ pass (64 MB of fp32 per copy; a 7B layer goes alone)
 PROPAGATION_SAMPLES = 4  # calibration windows that measure each layer's propagation to the block output
+AMPLIFICATION_SAMPLES = 2  # windows that carry each block's rounded output to the model's logits
 REFERENCE = RTN(bits=3, group_size=-1, sym=False)  # the rounding that measures it (fits every layer)
 
 
@@ -60,11 +71,12 @@ class Sensitivity:
     shapes: dict[str, tuple[int, int]]  # layer name -> [out, in], in the model's order
     loss: dict[str, dict[str, float]]  # layer name -> candidate token -> predicted loss (fitting ones only)
     tokens: int  # calibration tokens behind every number
-    propagation: dict[str, float]  # layer name -> p, the factor inside its losses
+    propagation: dict[str, float]  # layer name -> p, a factor inside its losses
+    amplification: dict[str, float] = field(default_factory=dict)  # block index -> a, the other factor
 
     def to_dict(self) -> dict:
         return {"shapes": {n: list(s) for n, s in self.shapes.items()}, "loss": self.loss, "tokens": self.tokens,
-                "propagation": self.propagation}
+                "propagation": self.propagation, "amplification": self.amplification}
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, stats: LayerStats) -> float:
@@ -181,6 +193,29 @@ def propagation(block: nn.Module, module: nn.Linear, inputs: list[torch.Tensor],
     return float(block_err / layer_err) if layer_err > 0 else 1.0
 
 
+def _rounded(block: nn.Module, modules: list[nn.Linear], inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    """The block's outputs on `inputs` with `modules` (its linears) all rounded to REFERENCE."""
+    weights = [m.weight.data for m in modules]
+    try:
+        for m, w in zip(modules, weights):
+            m.weight.data = METHODS[REFERENCE.name].quantize(w, None, REFERENCE).dequantize().to(w.dtype)
+        return run_block(block, inputs, kwargs)
+    finally:
+        for m, w in zip(modules, weights):
+            m.weight.data = w
+
+
+def _kld(model: nn.Module, ids: list[torch.Tensor], reference: list[torch.Tensor], final: list[torch.Tensor]) -> float:
+    """Mean KL divergence per token of the model's output from its last block's `final` states against
+    the `reference` log-probabilities, over the windows `ids`."""
+    total = tokens = 0.0
+    for window, ref, h in zip(ids, reference, final):
+        logq = torch.log_softmax(finish_forward(model, window, h).logits[0].float(), -1)
+        total += float((ref.exp() * (ref - logq)).sum())
+        tokens += ref.shape[0]
+    return total / max(tokens, 1)
+
+
 @torch.no_grad()
 def measure(model: nn.Module, tokenizer, text: str, candidates: tuple[MethodConfig, ...],
             layers: list[str] | None = None, samples: int = 32, seq_len: int = 512, progress: bool = True,
@@ -198,30 +233,51 @@ def measure(model: nn.Module, tokenizer, text: str, candidates: tuple[MethodConf
     loss: dict[str, dict[str, float]] = {n: {} for n in names}
     factor: dict[str, float] = {}
     tokens = 0
-    inputs, kwargs = capture_inputs(model, calibration_batches(tokenizer, text, samples, seq_len))
+    batches = calibration_batches(tokenizer, text, samples, seq_len)
+    inputs, kwargs = capture_inputs(model, batches)
     blocks = decoder_layers(model)
-    wanted = [any(id(m) in by_id for m in block.modules()) for block in blocks]
+    wanted = [[m for m in block.modules() if id(m) in by_id] for block in blocks]
     last = max(i for i, w in enumerate(wanted) if w) if any(wanted) else -1
-    for i, block in enumerate(tqdm(blocks[:last + 1], desc="sensitivity", unit="block", disable=not progress)):
+    few, amp = slice(0, PROPAGATION_SAMPLES), slice(0, AMPLIFICATION_SAMPLES)
+    streams: dict[int, list[torch.Tensor]] = {}  # block -> its rounded output carried on through the float blocks
+    errors: dict[int, float] = {}  # block -> squared error per token at its output, rounded
+    for i, block in enumerate(tqdm(blocks, desc="sensitivity", unit="block", disable=not progress or last < 0)):
+        if last < 0:
+            break
         if lazy is not None:
             lazy.load(i)
+        for k in streams:
+            streams[k] = run_block(block, streams[k], kwargs[i])
         if not wanted[i]:
             inputs = run_block(block, inputs, kwargs[i])
-            continue
-        groups, outputs = shared_stats(block, inputs, kwargs[i], by_id)
-        few = slice(0, PROPAGATION_SAMPLES)
-        for members, stats in groups:
-            cols = shapes[members[0]][1]
-            fitting = tuple(s for s in candidates if fits(s, cols))
-            stacked = sum(shapes[n][0] for n in members) * cols <= STACK
-            for part in [members] if stacked else [[n] for n in members]:
-                for n, found in zip(part, group_losses([modules[n].weight for n in part], stats, fitting)):
-                    factor[n] = propagation(block, modules[n], inputs[few], outputs[few], kwargs[i])
-                    loss[n].update({c: factor[n] * v for c, v in found.items()})
-            tokens = max(tokens, stats.tokens)
-        del groups
-        inputs = outputs
+        else:
+            groups, outputs = shared_stats(block, inputs, kwargs[i], by_id)
+            for members, stats in groups:
+                cols = shapes[members[0]][1]
+                fitting = tuple(s for s in candidates if fits(s, cols))
+                stacked = sum(shapes[n][0] for n in members) * cols <= STACK
+                for part in [members] if stacked else [[n] for n in members]:
+                    for n, found in zip(part, group_losses([modules[n].weight for n in part], stats, fitting)):
+                        factor[n] = propagation(block, modules[n], inputs[few], outputs[few], kwargs[i])
+                        loss[n].update({c: factor[n] * v for c, v in found.items()})
+                tokens = max(tokens, stats.tokens)
+            del groups
+            streams[i] = _rounded(block, wanted[i], inputs[amp], kwargs[i])
+            errors[i] = sum(float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(streams[i], outputs[amp])) \
+                / sum(x.shape[0] * x.shape[1] for x in outputs[amp])
+            inputs = outputs
+        if i == last:
+            inputs = inputs[amp]  # past the last wanted block only the amplification windows go on
         if lazy is not None:  # back to meta: the next read of this block is from the shards again
             block.to("meta")
             lazy.loaded.discard(i)
-    return Sensitivity(shapes, loss, tokens, factor)
+    gain: dict[str, float] = {}
+    if streams:
+        ids = batches[amp]
+        reference = [torch.log_softmax(finish_forward(model, w, h).logits[0].float(), -1) for w, h in zip(ids, inputs)]
+        for i, final in streams.items():
+            gain[str(i)] = _kld(model, ids, reference, final) / errors[i] if errors[i] > 0 else 0.0
+            for m in wanted[i]:
+                n = by_id[id(m)]
+                loss[n] = {c: gain[str(i)] * v for c, v in loss[n].items()}
+    return Sensitivity(shapes, loss, tokens, factor, gain)
