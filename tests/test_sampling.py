@@ -125,3 +125,15 @@ def test_draw_over_blocks_is_the_inverse_cdf():
         picks.append(draw(probs, ours))
         assert picks[-1] == int(torch.searchsorted(cdf, u * cdf[-1], right=True))
     assert all(probs[i] > 0 for i in picks) and {CDF_BLOCK - 1, 2 * CDF_BLOCK, n - 1} <= set(picks)
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.7), dict(temperature=1.5, top_k=5, top_p=0.9, min_p=0.05),
+                                    dict(temperature=0), dict(temperature=1.0, repetition_penalty=1.3,
+                                                              presence_penalty=0.5)])
+def test_sampling_leaves_the_callers_logits_alone(params):
+    """The server samples several choices from one row of logits: no sampler may change it (only a
+    penalty or a grammar mask takes a copy; temperature and truncations work on their own result)."""
+    x = _logits(3)
+    before = x.clone()
+    Sampler(SamplingParams(seed=1, **params))(x, [1, 2, 3], [3, 4])
+    assert torch.equal(x, before)

@@ -122,7 +122,9 @@ class Sampler:
                  allowed: np.ndarray | None = None) -> int:
         """The next token; `allowed` (numpy bool, one per logit): only those tokens may be drawn."""
         p = self.params
-        logits = apply_penalties(logits.float().clone(), context, generated, p)
+        logits = logits.float()
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or allowed is not None:
+            logits = apply_penalties(logits.clone(), context, generated, p)  # the caller's row stays as it is
         if allowed is not None:  # in numpy: one pass, no thread hand-off (runtime/constrained.py)
             np.putmask(logits.numpy(), ~allowed, -np.inf)
         if p.temperature == 0:
