@@ -67,7 +67,7 @@ def test_two_streams_give_the_one_stream_numbers(tiny_model_dir, tiny_tokenizer,
     run, build = streams.run, metrics.load_decoder
     monkeypatch.setattr(streams, "run", lambda *a: counts.append(a[4]) or run(*a))
     monkeypatch.setattr(metrics, "load_decoder", lambda *a, **k: builds.append(1) or build(*a, **k))
-    text, kw = load_text("eval"), dict(ctx=128, max_windows=6, progress=False, exact=False)
+    text, kw = load_text("eval"), dict(ctx=128, max_windows=8, progress=False, exact=False)
     thread_count(2)
     intra = torch.get_num_threads()
     cold = evaluate(q.model, src.tokenizer, text, source=src.model, source_key="tiny", **kw)

@@ -50,6 +50,7 @@ from . import source_cache, streams
 
 CACHE_VERSION = 2  # of SourceScores' cache files: bump when what they hold changes
 SCORINGS = ("lowbit", "llama.cpp")
+WINDOWS_PER_STREAM = 4  # a stream builds its own engine: worth it for a few windows, not for one
 
 
 @dataclass
@@ -299,7 +300,7 @@ def evaluate(model, tokenizer, text: str, ctx: int = 512, stride: int | None = N
 
     # several streams where the windows are independent: the source's records cached (or no source)
     independent = engine and (source is None or score_source.cached is not None)
-    count = _streams(model, ctx, min(kernel_threads.get(), len(scored))) if independent else 1
+    count = _streams(model, ctx, min(kernel_threads.get(), len(scored) // WINDOWS_PER_STREAM)) if independent else 1
     with tqdm(total=len(scored), desc="evaluating", unit="window", disable=not progress) as bar, \
             int8_activations_set(not exact), _one_thread_each(count > 1) as restore:
         score = logit_scorer(model, ctx, engine, exact)
