@@ -159,7 +159,7 @@ def test_recipe_file_round_trip_edit_apply_and_refusals(tiny, tmp_path, capsys):
     assert lowbit.load(out).plan.layers == read.plan(lowbit.load(tiny).model).layers
     eager = lowbit.load(tiny)  # the command read the blocks lazily, one at a time: the same recipe
     same = plan(eager.model, QuantX(target_bpw=3.5, candidates=FAST, sensitivity_samples=4), eager.tokenizer,
-                lowbit.calib.builtin("calib"), {n: lowbit.RTN(bits=8, group_size=32) for n in read.layers
+                lowbit.calib.load("calib"), {n: lowbit.RTN(bits=8, group_size=32) for n in read.layers
                                                if not n.startswith("model.layers.")}, 48, progress=False)
     assert {n: candidates.name(s) for n, s in same.plan.layers.items() if n.startswith("model.layers.")} == \
         {n: candidates.name(s) for n, s in read.layers.items() if n.startswith("model.layers.")}

@@ -84,8 +84,8 @@ def test_proxy_ranks_like_the_single_layer_kld():
     for i in range(0, len(LAYERS) * 3, 3):  # within a layer: fewer bits, more loss, in both
         assert predicted[i] > predicted[i + 1] > predicted[i + 2] and measured[i] > measured[i + 1] > measured[i + 2]
     owners = [n for n in LAYERS for _ in specs]
-    blocks = [str(int(n.split(".")[2])) for n in owners]
-    unscaled = [p / sens.propagation[n] / sens.amplification[b] for p, n, b in zip(predicted, owners, blocks)]
+    unscaled = [sens.raw(n, candidates.name(s)) for n in LAYERS for s in specs]
+    assert unscaled == pytest.approx([p / sens.propagation[n] / sens.amplification[n] for p, n in zip(predicted, owners)])
     rho, rho_unscaled = rank_correlation(predicted, measured), rank_correlation(unscaled, measured)
     ratios = sorted(p / m for p, m in zip(predicted, measured))
     print(f"Spearman: proxy {rho:.3f}, layer output error alone {rho_unscaled:.3f}; "

@@ -210,9 +210,10 @@ def plan(model: nn.Module, qx: QuantX, tokenizer, text: str, edges: dict[str, Me
     choice = {m: s for option in chosen for m, s in option.choice.items()}
     ordered = {n: choice[n] for n in names}
     # loss: the layer's own output error (what the block runner measures as it applies the recipe, the
-    # report's comparison); weighted: times its propagation to the block output, what the solver minimised
-    rows = [{"layer": n, "choice": name(s), "loss": sens.loss[n][name(s)] / sens.propagation.get(n, 1.0),
-             "propagation": sens.propagation.get(n, 1.0), "weighted": sens.loss[n][name(s)],
+    # report's comparison); weighted: times its propagation to the block output and its block's
+    # amplification to the model's output (nats of KLD), what the solver minimised
+    rows = [{"layer": n, "choice": name(s), "loss": sens.raw(n, name(s)), "propagation": sens.propagation.get(n, 1.0),
+             "amplification": sens.amplification.get(n, 1.0), "weighted": sens.loss[n][name(s)],
              "bpw": bits_per_weight(s, shapes[n]), "bytes": stored_bytes(s, shapes[n])} for n, s in ordered.items()]
     body = sum(r["bytes"] for r in rows)
     seconds = sum(o.cost for o in chosen) + fixed_seconds if kind == "tps" else None

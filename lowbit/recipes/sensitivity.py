@@ -72,7 +72,11 @@ class Sensitivity:
     loss: dict[str, dict[str, float]]  # layer name -> candidate token -> predicted loss (fitting ones only)
     tokens: int  # calibration tokens behind every number
     propagation: dict[str, float]  # layer name -> p, a factor inside its losses
-    amplification: dict[str, float] = field(default_factory=dict)  # block index -> a, the other factor
+    amplification: dict[str, float] = field(default_factory=dict)  # layer name -> a of its block, the other factor
+
+    def raw(self, layer: str, candidate: str) -> float:
+        """The candidate's loss without the two factors: tr(ΔW H ΔWᵀ)/tokens, what apply measures."""
+        return self.loss[layer][candidate] / self.propagation.get(layer, 1.0) / self.amplification.get(layer, 1.0)
 
     def to_dict(self) -> dict:
         return {"shapes": {n: list(s) for n, s in self.shapes.items()}, "loss": self.loss, "tokens": self.tokens,
@@ -276,8 +280,8 @@ def measure(model: nn.Module, tokenizer, text: str, candidates: tuple[MethodConf
         ids = batches[amp]
         reference = [torch.log_softmax(finish_forward(model, w, h).logits[0].float(), -1) for w, h in zip(ids, inputs)]
         for i, final in streams.items():
-            gain[str(i)] = _kld(model, ids, reference, final) / errors[i] if errors[i] > 0 else 0.0
-            for m in wanted[i]:
-                n = by_id[id(m)]
-                loss[n] = {c: gain[str(i)] * v for c, v in loss[n].items()}
+            a = _kld(model, ids, reference, final) / errors[i] if errors[i] > 0 else 0.0
+            for n in (by_id[id(m)] for m in wanted[i]):
+                gain[n] = a
+                loss[n] = {c: a * v for c, v in loss[n].items()}
     return Sensitivity(shapes, loss, tokens, factor, gain)
