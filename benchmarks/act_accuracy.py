@@ -13,10 +13,10 @@ Usage: python benchmarks/act_accuracy.py [--weights W8-g128 W4-g128 W4-row] [--a
        [--a16 W4-row=23.5616 ...] [--same-weights]
 The issue's table: the defaults (rtn), then `--method gptq --weights W4-g128 --acts 8 4 --baselines`; its
 rows were calibrated on pydoc (`--calib pydoc`; lowbit's default became mixed at f8d3735). Tender's
-weights are the A16 row's weights with their columns moved within each weight group (methods/tender.py);
-a calibrated weight method (GPTQ) still sees other inputs from the second block on (the blocks before
-quantize their activations too): `--same-weights` scores each Tender row a second time ("same W") with
-the A16 model's own weights put in (columns moved, b·Ŵᵀ folded again), the activations' share alone.
+weights are the A16 row's weights with their columns moved within each weight group (methods/tender.py),
+for a calibrated weight method (GPTQ) too: the block runner passes the weight-only outputs on
+(recipes/apply.py). `--same-weights` scores each Tender row a second time ("same W") with the A16 model's
+own weights put in (columns moved, b·Ŵᵀ folded again): the same numbers since 196cf86, a check of that.
 """
 
 import argparse

@@ -15,8 +15,8 @@ Per linear layer, from the block runner's statistics of its input x (each channe
                input order, as the weight-only model does, and its codes are permuted after (`Fit`):
                each group's scale, zero point or codebook stays, so Ŵ is the weight-only model's Ŵ
                with its columns moved, whatever the method, given the same statistics (GPTQ's error
-               feedback, too, runs in the input order; its later blocks see inputs of blocks that
-               quantize activations). Sorting by group alone mixed columns of different weight groups
+               feedback, too, runs in the input order; and the block runner passes the weight-only
+               outputs on, recipes/apply.py, so later blocks get the weight-only model's inputs). Sorting by group alone mixed columns of different weight groups
                (W4-g128 GPTQ A8: +5.8% over A16, BENCHMARKS.md). b·Ŵᵀ is added to the layer's bias:
                with float activations the layer is then exactly the weight-only one,
                x·Ŵᵀ = (x − b)·Ŵᵀ + b·Ŵᵀ.
