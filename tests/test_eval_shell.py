@@ -90,7 +90,8 @@ def test_eval_command_imports_no_transformers_modeling(tiny_quantized_dir):
     code = ("import sys; from lowbit.cli import main; main(['eval', sys.argv[1], '--max-windows', '1', '--json']); "
             "print([m for m in ('transformers.modeling_utils', 'torch._dynamo', 'transformers.tokenization_utils_base')"
             " if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code, str(tiny_quantized_dir)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_quantized_dir)], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     result, imported = out.stdout.strip().splitlines()
     assert json.loads(result)["windows"] == 1 and imported == "[]"
@@ -104,7 +105,8 @@ def test_smollm2_shell_is_bit_identical(smollm_w4_dir):
     quick, full = lowbit.load(smollm_w4_dir, shell=True), lowbit.load(smollm_w4_dir)
     assert isinstance(quick.model, shell.ShellForCausalLM) and isinstance(quick.tokenizer, tokenizer_file.FileTokenizer)
     text = load_text("eval")
-    assert quick.tokenizer(text, add_special_tokens=False)["input_ids"] == full.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = [t(text, add_special_tokens=False)["input_ids"] for t in (quick.tokenizer, full.tokenizer)]
+    assert ids[0] == ids[1]
     assert metrics._bos(quick.tokenizer) == metrics._bos(full.tokenizer)
     _same_model(quick.model, full.model)
     _same_logits(quick.model, full.model, full.tokenizer, windows=1, modes=(False,))

@@ -57,7 +57,7 @@ def _number(value) -> bool:
 
 
 def _pad_fits(pad, vocab) -> bool:
-    return pad is None or (isinstance(pad, int) and not isinstance(pad, bool) and isinstance(vocab, int) and 0 <= pad < vocab)
+    return pad is None or (isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < vocab)
 
 
 def _dtype_name(config: dict) -> str | None:
