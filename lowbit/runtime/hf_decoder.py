@@ -10,7 +10,6 @@ import inspect
 import sys
 
 import torch
-from transformers import DynamicCache
 
 from ..errors import LowbitError
 from ..kernels.cpu import threads
@@ -31,6 +30,8 @@ class HFDecoder:
         self.device = next(model.parameters(), torch.empty(0)).device
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.ids: list[int] = []  # the tokens whose keys and values are cached
+        from transformers import DynamicCache  # here: `lowbit eval` on the native engine imports no transformers
+
         self.cache = DynamicCache(config=model.config)
 
     @property
@@ -60,7 +61,7 @@ class HFDecoder:
             self.cache.crop(n - self.position)  # a negative count: tokens to drop from the end
             self.ids = self.ids[:n]
             return
-        keep, self.ids, self.cache = self.ids[:n], [], DynamicCache(config=self.model.config)
+        keep, self.ids, self.cache = self.ids[:n], [], type(self.cache)(config=self.model.config)
         if keep:  # a cache that cannot roll back (sliding windows): recompute the kept prefix
             self.forward(keep)
 
