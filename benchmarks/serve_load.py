@@ -9,7 +9,7 @@ counted, and the server's peak RSS. The server runs as its own process (so the c
 its interpreter), started once for all counts.
 
     python benchmarks/serve_load.py MODEL [--clients 1,4,8,16,32] [--max-tokens 64] [--threads 2]
-                                          [--parallel 8] [--llama-server BIN --gguf FILE]
+                                          [--parallel 8] [--kv-cache int8] [--llama-server BIN --gguf FILE]
 
 With --llama-server, the same load then runs against `BIN -m FILE -np PARALLEL -cb -t THREADS`
 (continuous batching, PARALLEL slots of the same context each). Targets (issue 20): at 8 clients
@@ -102,11 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--parallel", type=int, default=8, help="the server's slots (both servers)")
     p.add_argument("--max-context", type=int, default=1024, help="tokens per slot (both servers)")
+    p.add_argument("--kv-cache", help="lowbit serve's --kv-cache (default: the server's own)")
     p.add_argument("--llama-server", help="llama.cpp's llama-server binary: run the same load against it")
     p.add_argument("--gguf", help="the model file llama-server loads (e.g. SmolLM2's Q4_0)")
     a = p.parse_args(argv)
     counts = [int(c) for c in a.clients.split(",")]
-    extra = ["--parallel", str(a.parallel), "--max-context", str(a.max_context)]
+    extra = ["--parallel", str(a.parallel), "--max-context", str(a.max_context)] + (["--kv-cache", a.kv_cache] if a.kv_cache else [])
     with running_server(a.model, "m", a.threads, extra) as (server, port):
         for n in counts:
             result = run_load(f"http://127.0.0.1:{port}/v1", "m", n, a.max_tokens, prompt_words=a.prompt_words)
