@@ -180,7 +180,7 @@ def propagation(block: nn.Module, module: nn.Linear, inputs: list[torch.Tensor],
     """‖ΔY_block‖² / ‖ΔW x‖² over `inputs` with `module` alone rounded to REFERENCE (`outputs`: the float
     block's): the share of one layer's output error that reaches the block's output."""
     w = module.weight.data
-    rounded = METHODS[REFERENCE.name].quantize(w, None, REFERENCE).dequantize().to(w.dtype)
+    rounded = _reference(w)
     layer_err = torch.zeros((), dtype=torch.float64)
 
     def hook(mod, args, out):
@@ -197,12 +197,17 @@ def propagation(block: nn.Module, module: nn.Linear, inputs: list[torch.Tensor],
     return float(block_err / layer_err) if layer_err > 0 else 1.0
 
 
+def _reference(w: torch.Tensor) -> torch.Tensor:
+    """`w` rounded to REFERENCE, in its own dtype: the error that propagation and amplification measure with."""
+    return METHODS[REFERENCE.name].quantize(w, None, REFERENCE).dequantize().to(w.dtype)
+
+
 def _rounded(block: nn.Module, modules: list[nn.Linear], inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
     """The block's outputs on `inputs` with `modules` (its linears) all rounded to REFERENCE."""
     weights = [m.weight.data for m in modules]
     try:
         for m, w in zip(modules, weights):
-            m.weight.data = METHODS[REFERENCE.name].quantize(w, None, REFERENCE).dequantize().to(w.dtype)
+            m.weight.data = _reference(w)
         return run_block(block, inputs, kwargs)
     finally:
         for m, w in zip(modules, weights):
@@ -245,9 +250,7 @@ def measure(model: nn.Module, tokenizer, text: str, candidates: tuple[MethodConf
     few, amp = slice(0, PROPAGATION_SAMPLES), slice(0, AMPLIFICATION_SAMPLES)
     streams: dict[int, list[torch.Tensor]] = {}  # block -> its rounded output carried on through the float blocks
     errors: dict[int, float] = {}  # block -> squared error per token at its output, rounded
-    for i, block in enumerate(tqdm(blocks, desc="sensitivity", unit="block", disable=not progress or last < 0)):
-        if last < 0:
-            break
+    for i, block in enumerate(tqdm(blocks if last >= 0 else [], desc="sensitivity", unit="block", disable=not progress)):
         if lazy is not None:
             lazy.load(i)
         for k in streams:
